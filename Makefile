@@ -1,0 +1,54 @@
+# Every task a person runs. `make run` and `make test` work on a fresh machine (they install the
+# musl target and musl-tools when missing).
+SHELL := /bin/bash
+MUSL_TARGET := x86_64-unknown-linux-musl
+BIN := target/$(MUSL_TARGET)/min/waypost-entrypoint
+# Seconds each fuzz target runs under `make fuzz`.
+FUZZ_SECONDS ?= 60
+
+.PHONY: build setup run test unit size-report fuzz clean
+
+## build: the static musl entrypoint binary, optimised for size
+build: setup
+	cargo build --profile min --target $(MUSL_TARGET) -p waypost-entrypoint
+	@echo "built $(BIN): $$(stat -c %s $(BIN)) bytes"
+
+## setup: the musl target and musl-tools (needed by ring), installed when missing
+setup:
+	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	@command -v musl-gcc >/dev/null || { echo "installing musl-tools"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q musl-tools; else sudo apt-get install -y -q musl-tools; fi; }
+
+## run: the demo app under the entrypoint (Ctrl-C to stop it)
+run: build
+	@echo "Running examples/demo.sh under $(BIN). Try, from another terminal:"
+	@echo "  kill -USR1 \$$(pgrep -f 'waypost-entrypoint examples/demo.sh')   # forwarded to the app"
+	@echo "  kill -TERM \$$(pgrep -f 'waypost-entrypoint examples/demo.sh')   # app exits 0, so do we"
+	@echo "  Ctrl-C here: SIGINT reaches the app (exit 0)."
+	$(BIN) examples/demo.sh
+
+## test: everything CI checks: dependency boundary, size budget, unit and integration tests
+test: build
+	scripts/check-deps.sh
+	size-report/check-budget.sh $(BIN)
+	WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) cargo nextest run --workspace --no-fail-fast
+	cargo test --workspace --doc -q
+
+## unit: only the fast sans-IO unit tests
+unit:
+	cargo nextest run --workspace --lib
+
+## size-report: size and idle memory of the binary next to tini-static; appends to the history
+size-report:
+	size-report/report.sh
+
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (needs nightly; installs cargo-fuzz)
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && for t in $$(cargo +nightly fuzz list); do \
+	  echo "== fuzz target $$t ($(FUZZ_SECONDS)s)"; \
+	  cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
+
+clean:
+	cargo clean

@@ -1,0 +1,513 @@
+//! The entrypoint's settings, parsed from environment variables only (containers set env, not
+//! flags). Sans-IO: [`Settings::from_vars`] takes the variables as pairs, so every rule here is
+//! unit-tested without touching the process environment.
+//!
+//! Rules (CONTRACT.md): a malformed value of a known variable is an error before anything is
+//! spawned (exit 2); an unknown `WAYPOST_*` variable is a warning; an empty value counts as unset
+//! (compose files and `docker run -e X=` produce those); legacy `WAYPOINT_*` names are aliases
+//! and the `WAYPOST_*` name wins when both are set.
+
+use crate::error::Error;
+use crate::logger::Level;
+use std::ffi::{OsStr, OsString};
+use std::time::Duration;
+
+/// Default `PORT` given to the child when it has none (CONTRACT.md).
+pub const DEFAULT_PORT: u16 = 5000;
+/// Upper bound for `WAYPOST_LOG_BUFFER`: more would only hide a server that never reads.
+pub const MAX_LOG_BUFFER: u64 = 1 << 30;
+
+/// Variables that carry credentials: never passed to the child or to exec sessions.
+pub const SECRET_VARS: [&str; 3] = ["WAYPOST_TOKEN", "WAYPOINT_CEB_INVITE_TOKEN", "WAYPOINT_CEB_TOKEN"];
+
+/// Where trust anchors for the server's certificate come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// `WAYPOST_CA` holds PEM text itself (so a `FROM scratch` image needs no file).
+    Pem(String),
+    /// `WAYPOST_CA` is a path to a PEM file.
+    Path(String),
+    /// Unset: the system bundle, if there is one.
+    System,
+}
+
+/// `host:port` of the server, split and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP literal, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+/// Everything the environment configures. Field docs name the variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `WAYPOST_SERVER` (`WAYPOINT_SERVER_ADDR`). `None`: no server features.
+    pub server: Option<HostPort>,
+    /// `WAYPOST_TOKEN`.
+    pub token: Option<String>,
+    /// `WAYPOST_CA`.
+    pub ca: CaSource,
+    /// `WAYPOST_TLS_SKIP_VERIFY` (`WAYPOINT_SERVER_TLS_SKIP_VERIFY`).
+    pub tls_skip_verify: bool,
+    /// `WAYPOST_DISABLE` (`WAYPOINT_CEB_DISABLE`): init duties only.
+    pub disable: bool,
+    /// `WAYPOST_DISABLE_CONFIG`.
+    pub disable_config: bool,
+    /// `WAYPOST_DISABLE_LOGS`.
+    pub disable_logs: bool,
+    /// `WAYPOST_DISABLE_EXEC` (`WAYPOINT_CEB_DISABLE_EXEC`).
+    pub disable_exec: bool,
+    /// `WAYPOST_DISABLE_URL`.
+    pub disable_url: bool,
+    /// `WAYPOST_EXEC_ALLOW`: program names or absolute paths exec may run; `None` = any.
+    pub exec_allow: Option<Vec<String>>,
+    /// `WAYPOST_SERVER_REQUIRED` (`WAYPOINT_CEB_SERVER_REQUIRED`).
+    pub server_required: bool,
+    /// `WAYPOST_STARTUP_TIMEOUT`.
+    pub startup_timeout: Duration,
+    /// `WAYPOST_STOP_TIMEOUT`.
+    pub stop_timeout: Duration,
+    /// `WAYPOST_SIGNAL_GROUP`.
+    pub signal_group: bool,
+    /// `WAYPOST_LOG_LEVEL` (`WAYPOINT_LOG_LEVEL`).
+    pub log_level: Level,
+    /// `WAYPOST_LOG_BUFFER`, bytes.
+    pub log_buffer: u64,
+    /// `PORT`: the app's port for the URL service.
+    pub port: u16,
+    /// Whether `PORT` was set; if not, the child gets `PORT=5000`.
+    pub port_set: bool,
+    /// `HTTPS_PROXY` / `https_proxy`.
+    pub https_proxy: Option<HostPort>,
+    /// `NO_PROXY` / `no_proxy`: comma-separated hosts or domain suffixes that bypass the proxy.
+    pub no_proxy: Vec<String>,
+    /// Unknown `WAYPOST_*` variables, to be warned about once logging is up.
+    pub unknown: Vec<String>,
+}
+
+impl Settings {
+    /// Whether the server connection is wanted at all.
+    pub fn server_enabled(&self) -> bool {
+        self.server.is_some() && !self.disable
+    }
+
+    /// Parses the variables (typically `std::env::vars_os()`).
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Settings, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let vars: Vec<(OsString, OsString)> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+            .collect();
+        let env = Env { vars: &vars };
+        let mut unknown: Vec<String> = vars
+            .iter()
+            .filter_map(|(k, _)| k.to_str())
+            .filter(|k| k.starts_with("WAYPOST_") && !KNOWN.contains(k))
+            .map(str::to_owned)
+            .collect();
+        unknown.sort();
+
+        let server = env.get("WAYPOST_SERVER", Some("WAYPOINT_SERVER_ADDR"))?;
+        let server = server.map(|(name, v)| parse_host_port(&v).map_err(|why| Error::Env { name, why })).transpose()?;
+        let ca = match env.get("WAYPOST_CA", None)? {
+            None => CaSource::System,
+            Some((_, v)) if v.trim_start().starts_with("-----BEGIN") => CaSource::Pem(v),
+            Some((_, v)) => CaSource::Path(v),
+        };
+        let exec_allow = env.get("WAYPOST_EXEC_ALLOW", None)?.map(|(name, v)| {
+            let list: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            if list.is_empty() {
+                Err(Error::Env { name, why: "lists no program".into() })
+            } else {
+                Ok(list)
+            }
+        });
+        let (port, port_set) = match env.get("PORT", None)? {
+            None => (DEFAULT_PORT, false),
+            Some((name, v)) => match v.trim().parse::<u16>() {
+                Ok(p) if p > 0 => (p, true),
+                _ => return Err(Error::Env { name, why: format!("{v:?} is not a TCP port (1-65535)") }),
+            },
+        };
+        let https_proxy = match env.get("HTTPS_PROXY", Some("https_proxy"))? {
+            None => None,
+            Some((name, v)) => Some(parse_proxy(&v).map_err(|why| Error::Env { name, why })?),
+        };
+        let no_proxy = env
+            .get("NO_PROXY", Some("no_proxy"))?
+            .map(|(_, v)| v.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default();
+
+        Ok(Settings {
+            server,
+            token: env.get("WAYPOST_TOKEN", None)?.map(|(_, v)| v),
+            ca,
+            tls_skip_verify: env.flag("WAYPOST_TLS_SKIP_VERIFY", Some("WAYPOINT_SERVER_TLS_SKIP_VERIFY"))?,
+            disable: env.flag("WAYPOST_DISABLE", Some("WAYPOINT_CEB_DISABLE"))?,
+            disable_config: env.flag("WAYPOST_DISABLE_CONFIG", None)?,
+            disable_logs: env.flag("WAYPOST_DISABLE_LOGS", None)?,
+            disable_exec: env.flag("WAYPOST_DISABLE_EXEC", Some("WAYPOINT_CEB_DISABLE_EXEC"))?,
+            disable_url: env.flag("WAYPOST_DISABLE_URL", None)?,
+            exec_allow: exec_allow.transpose()?,
+            server_required: env.flag("WAYPOST_SERVER_REQUIRED", Some("WAYPOINT_CEB_SERVER_REQUIRED"))?,
+            startup_timeout: env.duration("WAYPOST_STARTUP_TIMEOUT", Duration::from_secs(5))?,
+            stop_timeout: env.duration("WAYPOST_STOP_TIMEOUT", Duration::from_secs(30))?,
+            signal_group: env.flag("WAYPOST_SIGNAL_GROUP", None)?,
+            log_level: match env.get("WAYPOST_LOG_LEVEL", Some("WAYPOINT_LOG_LEVEL"))? {
+                None => Level::Debug,
+                Some((name, v)) => Level::parse(&v).ok_or_else(|| Error::Env {
+                    name,
+                    why: format!("{v:?} is not one of TRACE, DEBUG, INFO, WARN, ERROR"),
+                })?,
+            },
+            log_buffer: match env.get("WAYPOST_LOG_BUFFER", None)? {
+                None => 1 << 20,
+                Some((name, v)) => match parse_size(&v) {
+                    Ok(n) if n <= MAX_LOG_BUFFER => n,
+                    Ok(_) => return Err(Error::Env { name, why: format!("{v:?} is over the 1GiB limit") }),
+                    Err(why) => return Err(Error::Env { name, why }),
+                },
+            },
+            port,
+            port_set,
+            https_proxy,
+            no_proxy,
+            unknown,
+        })
+    }
+
+    /// Whether `NO_PROXY` exempts `host` from the proxy (exact match, domain suffix, or `*`).
+    pub fn bypasses_proxy(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.no_proxy.iter().any(|rule| {
+            let rule = rule.trim_start_matches('.');
+            rule == "*" || host == rule || host.strip_suffix(rule).is_some_and(|head| head.ends_with('.'))
+        })
+    }
+}
+
+/// Every variable this version reads, for the unknown-variable warning.
+const KNOWN: [&str; 17] = [
+    "WAYPOST_SERVER",
+    "WAYPOST_TOKEN",
+    "WAYPOST_CA",
+    "WAYPOST_TLS_SKIP_VERIFY",
+    "WAYPOST_DISABLE",
+    "WAYPOST_DISABLE_CONFIG",
+    "WAYPOST_DISABLE_LOGS",
+    "WAYPOST_DISABLE_EXEC",
+    "WAYPOST_DISABLE_URL",
+    "WAYPOST_EXEC_ALLOW",
+    "WAYPOST_SERVER_REQUIRED",
+    "WAYPOST_STARTUP_TIMEOUT",
+    "WAYPOST_STOP_TIMEOUT",
+    "WAYPOST_SIGNAL_GROUP",
+    "WAYPOST_LOG_LEVEL",
+    "WAYPOST_LOG_BUFFER",
+    // Read by the server-side CLI, harmless here; not worth a warning.
+    "WAYPOST_DATA_DIR",
+];
+
+struct Env<'a> {
+    vars: &'a [(OsString, OsString)],
+}
+
+impl Env<'_> {
+    fn raw(&self, name: &str) -> Option<&OsStr> {
+        // The last occurrence wins, as with getenv on a duplicated environment.
+        self.vars.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_os_str())
+    }
+
+    /// The value of `name`, else of its legacy `alias`, with the name actually used. Empty = unset.
+    fn get(&self, name: &'static str, alias: Option<&'static str>) -> Result<Option<(&'static str, String)>, Error> {
+        for n in std::iter::once(name).chain(alias) {
+            if let Some(v) = self.raw(n) {
+                if v.is_empty() {
+                    continue;
+                }
+                let v = v.to_str().ok_or(Error::Env { name: n, why: "is not valid UTF-8".into() })?;
+                return Ok(Some((n, v.to_owned())));
+            }
+        }
+        Ok(None)
+    }
+
+    fn flag(&self, name: &'static str, alias: Option<&'static str>) -> Result<bool, Error> {
+        match self.get(name, alias)? {
+            None => Ok(false),
+            Some((n, v)) => parse_bool(&v).ok_or_else(|| Error::Env { name: n, why: format!("{v:?} is not a boolean (1/0, true/false)") }),
+        }
+    }
+
+    fn duration(&self, name: &'static str, default: Duration) -> Result<Duration, Error> {
+        match self.get(name, None)? {
+            None => Ok(default),
+            Some((n, v)) => parse_duration(&v).map_err(|why| Error::Env { name: n, why }),
+        }
+    }
+}
+
+/// `1/0`, `true/false`, `yes/no`, `on/off`, any case.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Durations like `500ms`, `5s`, `2m`, `1h`, `1m30s`, `1.5s`; a bare integer is seconds (as in
+/// `docker stop -t 30`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1m30s)");
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().map(Duration::from_secs).map_err(|_| bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(num_end);
+        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(n * scale).map_err(|_| bad())?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+/// Sizes like `4MiB`, `512KiB`, `1GiB`, `64k`, `1MB`; a bare number is bytes. `K`/`M`/`G` alone
+/// are binary units; `KB`/`MB`/`GB` are decimal.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a size (examples: 1MiB, 512KiB, 65536)");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
+/// `host:port`, `[v6]:port`.
+pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    let t = s.trim();
+    let bad = |what: &str| format!("{s:?} is not host:port ({what})");
+    let (host, port) = if let Some(rest) = t.strip_prefix('[') {
+        let (h, p) = rest.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+        (h, p.strip_prefix(':').ok_or_else(|| bad("no port"))?)
+    } else {
+        t.rsplit_once(':').ok_or_else(|| bad("no port"))?
+    };
+    if host.is_empty() || host.contains(['/', ' ']) || (host.contains(':') && !t.starts_with('[')) {
+        return Err(bad("bad host"));
+    }
+    let port = port.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| bad("bad port"))?;
+    Ok(HostPort { host: host.to_owned(), port })
+}
+
+/// `http://host:port`, `host:port` (and a trailing `/`). Only plain-HTTP CONNECT proxies.
+fn parse_proxy(s: &str) -> Result<HostPort, String> {
+    let t = s.trim();
+    if t.starts_with("https://") || t.starts_with("socks") {
+        return Err(format!("{s:?}: only http:// CONNECT proxies are supported"));
+    }
+    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
+    if t.contains('@') {
+        return Err(format!("{s:?}: proxy credentials are not supported"));
+    }
+    // A proxy without a port means the HTTP default.
+    if !t.contains(':') || t.ends_with(']') {
+        return parse_host_port(&format!("{t}:80"));
+    }
+    parse_host_port(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Settings, Error> {
+        Settings::from_vars(vars.iter().copied())
+    }
+
+    fn env_error(vars: &[(&str, &str)]) -> String {
+        match parse(vars) {
+            Err(e @ Error::Env { .. }) => e.to_string(),
+            other => panic!("expected an env error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse(&[("HOME", "/root")]).unwrap();
+        assert_eq!(s.server, None);
+        assert!(!s.server_enabled());
+        assert_eq!(s.startup_timeout, Duration::from_secs(5));
+        assert_eq!(s.stop_timeout, Duration::from_secs(30));
+        assert_eq!(s.log_level, Level::Debug);
+        assert_eq!(s.log_buffer, 1 << 20);
+        assert_eq!((s.port, s.port_set), (5000, false));
+        assert_eq!(s.ca, CaSource::System);
+        assert_eq!(s.exec_allow, None);
+        assert!(s.unknown.is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("500ms", 500),
+            ("5s", 5000),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+            ("30", 30_000),
+            (" 0s ", 0),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for s in ["abc", "", "5x", "ms", "-1s", "1.2.3s", "s5", "5 s"] {
+            assert!(parse_duration(s).is_err(), "{s:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let ok = [("4MiB", 4 << 20), ("1MiB", 1 << 20), ("512KiB", 512 << 10), ("64k", 64 << 10), ("1GiB", 1 << 30), ("1MB", 1_000_000), ("65536", 65536), ("10b", 10)];
+        for (s, n) in ok {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for s in ["", "MiB", "1.5MiB", "4 XB", "-1", "99999999999999999999"] {
+            assert!(parse_size(s).is_err(), "{s:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        for s in ["1", "true", "TRUE", "yes", "on"] {
+            assert_eq!(parse_bool(s), Some(true));
+        }
+        for s in ["0", "false", "False", "no", "off"] {
+            assert_eq!(parse_bool(s), Some(false));
+        }
+        assert_eq!(parse_bool("2"), None);
+        assert!(env_error(&[("WAYPOST_SIGNAL_GROUP", "maybe")]).contains("WAYPOST_SIGNAL_GROUP"));
+    }
+
+    #[test]
+    fn malformed_values_name_the_variable() {
+        let e = env_error(&[("WAYPOST_STARTUP_TIMEOUT", "abc")]);
+        assert!(e.contains("WAYPOST_STARTUP_TIMEOUT") && e.contains("abc"), "{e}");
+        assert!(env_error(&[("WAYPOST_STOP_TIMEOUT", "forever")]).contains("WAYPOST_STOP_TIMEOUT"));
+        assert!(env_error(&[("WAYPOST_LOG_LEVEL", "LOUD")]).contains("TRACE"));
+        assert!(env_error(&[("WAYPOST_LOG_BUFFER", "lots")]).contains("WAYPOST_LOG_BUFFER"));
+        assert!(env_error(&[("WAYPOST_LOG_BUFFER", "2GiB")]).contains("limit"));
+        assert!(env_error(&[("WAYPOST_SERVER", "nohost")]).contains("host:port"));
+        assert!(env_error(&[("WAYPOST_SERVER", "h:99999")]).contains("port"));
+        assert!(env_error(&[("PORT", "http")]).contains("PORT"));
+        assert!(env_error(&[("PORT", "0")]).contains("PORT"));
+        assert!(env_error(&[("WAYPOST_EXEC_ALLOW", " , ")]).contains("WAYPOST_EXEC_ALLOW"));
+        assert!(env_error(&[("HTTPS_PROXY", "socks5://p:1080")]).contains("HTTPS_PROXY"));
+    }
+
+    #[test]
+    fn legacy_aliases_and_precedence() {
+        let s = parse(&[
+            ("WAYPOINT_SERVER_ADDR", "old:1"),
+            ("WAYPOINT_SERVER_TLS_SKIP_VERIFY", "true"),
+            ("WAYPOINT_CEB_DISABLE_EXEC", "1"),
+            ("WAYPOINT_CEB_SERVER_REQUIRED", "1"),
+            ("WAYPOINT_LOG_LEVEL", "warn"),
+        ])
+        .unwrap();
+        assert_eq!(s.server, Some(HostPort { host: "old".into(), port: 1 }));
+        assert!(s.tls_skip_verify && s.disable_exec && s.server_required);
+        assert_eq!(s.log_level, Level::Warn);
+        assert!(parse(&[("WAYPOINT_CEB_DISABLE", "1")]).unwrap().disable);
+
+        let s = parse(&[("WAYPOINT_SERVER_ADDR", "old:1"), ("WAYPOST_SERVER", "new:2"), ("WAYPOINT_LOG_LEVEL", "warn"), ("WAYPOST_LOG_LEVEL", "error")]).unwrap();
+        assert_eq!(s.server, Some(HostPort { host: "new".into(), port: 2 }));
+        assert_eq!(s.log_level, Level::Error);
+        // A malformed legacy value is still an error, named by its own name.
+        assert!(env_error(&[("WAYPOINT_CEB_DISABLE", "sure")]).contains("WAYPOINT_CEB_DISABLE"));
+    }
+
+    #[test]
+    fn empty_is_unset() {
+        let s = parse(&[("WAYPOST_SERVER", ""), ("WAYPOST_STOP_TIMEOUT", ""), ("PORT", "")]).unwrap();
+        assert_eq!(s.server, None);
+        assert_eq!(s.stop_timeout, Duration::from_secs(30));
+        assert!(!s.port_set);
+    }
+
+    #[test]
+    fn unknown_waypost_variables_are_collected() {
+        let s = parse(&[("WAYPOST_SERVR", "x:1"), ("WAYPOST_STOP_TIMEOUT", "1s"), ("WAYPOINT_SOMETHING", "1")]).unwrap();
+        assert_eq!(s.unknown, vec!["WAYPOST_SERVR".to_string()]);
+    }
+
+    #[test]
+    fn server_addresses() {
+        assert_eq!(parse_host_port("127.0.0.1:9701"), Ok(HostPort { host: "127.0.0.1".into(), port: 9701 }));
+        assert_eq!(parse_host_port("[::1]:9701"), Ok(HostPort { host: "::1".into(), port: 9701 }));
+        assert_eq!(parse_host_port("waypost.example.com:443"), Ok(HostPort { host: "waypost.example.com".into(), port: 443 }));
+        for bad in ["::1:9701", ":9701", "host:", "host", "[::1]", "a b:1", "h:0"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ca_inline_or_path() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
+        assert_eq!(parse(&[("WAYPOST_CA", pem)]).unwrap().ca, CaSource::Pem(pem.into()));
+        assert_eq!(parse(&[("WAYPOST_CA", "/etc/ca.pem")]).unwrap().ca, CaSource::Path("/etc/ca.pem".into()));
+    }
+
+    #[test]
+    fn exec_allow_and_proxy() {
+        let s = parse(&[("WAYPOST_EXEC_ALLOW", "sh, /bin/ls,,"), ("HTTPS_PROXY", "http://proxy:3128/"), ("NO_PROXY", "localhost, .internal")]).unwrap();
+        assert_eq!(s.exec_allow, Some(vec!["sh".into(), "/bin/ls".into()]));
+        assert_eq!(s.https_proxy, Some(HostPort { host: "proxy".into(), port: 3128 }));
+        assert!(s.bypasses_proxy("localhost"));
+        assert!(s.bypasses_proxy("svc.internal"));
+        assert!(!s.bypasses_proxy("internal.example"));
+        assert!(!s.bypasses_proxy("example.com"));
+        assert_eq!(parse(&[("https_proxy", "proxy")]).unwrap().https_proxy, Some(HostPort { host: "proxy".into(), port: 80 }));
+    }
+
+    #[test]
+    fn non_utf8_value_is_a_clear_error() {
+        use std::os::unix::ffi::OsStrExt;
+        let v = OsStr::from_bytes(b"\xff5s");
+        let e = Settings::from_vars([(OsStr::new("WAYPOST_STOP_TIMEOUT"), v)]).unwrap_err();
+        assert!(e.to_string().contains("UTF-8"), "{e}");
+    }
+}

@@ -1,0 +1,351 @@
+//! Child policy, sans-IO: what to do with the main child when signals arrive, when it exits, and
+//! when timers fire. The reactor feeds events in (`handle_*`, each with `now`) and carries out the
+//! [`Action`]s it takes out with [`Supervisor::poll_action`]; [`Supervisor::poll_timeout`] says
+//! when to call [`Supervisor::handle_timeout`] next.
+//!
+//! Lifecycle: `Waiting` (not started) → `Running` → `Cleanup` (the child is gone; its descendants
+//! get SIGTERM, then SIGKILL after [`CLEANUP_GRACE`]; outputs are drained) → `Done` (exit code
+//! decided, [`Action::Exit`] emitted once).
+
+use heapless::Deque;
+use std::time::{Duration, Instant};
+
+/// After the child exits, how long its leftover descendants get between SIGTERM and SIGKILL.
+pub const CLEANUP_GRACE: Duration = Duration::from_secs(2);
+/// After that SIGKILL, how long we still wait for the last pipes to close before exiting anyway
+/// (a descendant stuck in uninterruptible sleep must not keep a container alive forever).
+pub const FINAL_GRACE: Duration = Duration::from_secs(1);
+
+/// Whom a signal goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The main child's pid.
+    Child,
+    /// The main child's process group.
+    Group,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Start the child now.
+    Spawn,
+    /// Send a signal.
+    Signal(Target, i32),
+    /// Send a signal to every descendant still alive: the child's process group and every
+    /// orphan we adopted.
+    SignalDescendants(i32),
+    /// Everything is finished: exit with this code.
+    Exit(i32),
+}
+
+/// What the reactor observes each round while cleaning up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leftovers {
+    /// Some descendant is still alive (we still have children, or the child's group is not empty).
+    pub descendants: bool,
+    /// A captured stdout/stderr pipe is still open or has bytes not yet written out.
+    pub output: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running {
+        pid: i32,
+        /// Set when a terminating signal was forwarded: SIGKILL at this time.
+        kill_at: Option<Instant>,
+    },
+    Cleanup {
+        code: i32,
+        /// SIGKILL the leftovers at this time (None once sent).
+        kill_at: Option<Instant>,
+        /// Exit even if pipes are still open at this time (set once SIGKILL was sent).
+        give_up_at: Option<Instant>,
+    },
+    Done,
+}
+
+/// Action queue capacity: one event yields at most three actions, and the reactor drains the
+/// queue after every event.
+const ACTIONS: usize = 8;
+
+pub struct Supervisor {
+    state: State,
+    stop_timeout: Duration,
+    signal_group: bool,
+    actions: Deque<Action, ACTIONS>,
+}
+
+/// Signals after which a child that has not exited is killed at the stop timeout (what
+/// `docker stop`, systemd and Ctrl-C send). HUP is not among them: many apps reload on it.
+pub fn is_terminating(sig: i32) -> bool {
+    matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)
+}
+
+/// The exit code for a child that exited with `code` or was killed by `signal` (128 + N).
+pub fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
+    match (code, signal) {
+        (Some(c), _) => c & 0xff,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 1,
+    }
+}
+
+impl Supervisor {
+    pub fn new(stop_timeout: Duration, signal_group: bool) -> Supervisor {
+        Supervisor { state: State::Waiting, stop_timeout, signal_group, actions: Deque::new() }
+    }
+
+    fn push(&mut self, a: Action) {
+        // INVARIANT: the reactor drains after every handle_* call and no call pushes more than
+        // three actions, so the queue never fills.
+        let _ = self.actions.push_back(a);
+    }
+
+    /// The main child's pid while it runs.
+    pub fn child_pid(&self) -> Option<i32> {
+        match self.state {
+            State::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// Whether the child has not been started yet.
+    pub fn waiting(&self) -> bool {
+        self.state == State::Waiting
+    }
+
+    /// Whether the child has exited and we are on our way out.
+    pub fn finishing(&self) -> bool {
+        matches!(self.state, State::Cleanup { .. } | State::Done)
+    }
+
+    /// The child may start now (no server, or config arrived, or the startup timeout passed).
+    pub fn start(&mut self) {
+        if self.state == State::Waiting {
+            self.push(Action::Spawn);
+        }
+    }
+
+    /// The child was started with `pid`.
+    pub fn handle_spawned(&mut self, pid: i32) {
+        self.state = State::Running { pid, kill_at: None };
+    }
+
+    /// Starting the child failed after the entrypoint was already up (exit 126/127).
+    pub fn handle_spawn_failed(&mut self, code: i32, now: Instant) {
+        self.enter_cleanup(code, now);
+    }
+
+    /// A signal arrived at the entrypoint (never SIGCHLD: the reactor reaps on that).
+    pub fn handle_signal(&mut self, sig: i32, now: Instant) {
+        match &mut self.state {
+            State::Waiting => {
+                // Stopped before the child ever ran: leave as if killed by it, like the child would.
+                if is_terminating(sig) {
+                    self.enter_cleanup(128 + sig, now);
+                }
+            }
+            State::Running { kill_at, .. } => {
+                if is_terminating(sig) && kill_at.is_none() {
+                    *kill_at = Some(now + self.stop_timeout);
+                }
+                let target = if self.signal_group { Target::Group } else { Target::Child };
+                self.push(Action::Signal(target, sig));
+            }
+            // Leftovers are being terminated already; the child is gone.
+            State::Cleanup { .. } | State::Done => {}
+        }
+    }
+
+    /// Some process `pid` was reaped. Only the main child matters here.
+    pub fn handle_exit(&mut self, pid: i32, code: i32, now: Instant) {
+        if let State::Running { pid: child, .. } = self.state {
+            if child == pid {
+                self.enter_cleanup(code, now);
+            }
+        }
+    }
+
+    fn enter_cleanup(&mut self, code: i32, now: Instant) {
+        self.state = State::Cleanup { code, kill_at: Some(now + CLEANUP_GRACE), give_up_at: None };
+        self.push(Action::SignalDescendants(libc::SIGTERM));
+    }
+
+    /// During cleanup, what is still around. When nothing is, the exit is decided.
+    pub fn handle_leftovers(&mut self, left: Leftovers) {
+        if let State::Cleanup { code, .. } = self.state {
+            if !left.descendants && !left.output {
+                self.finish(code);
+            }
+        }
+    }
+
+    fn finish(&mut self, code: i32) {
+        self.state = State::Done;
+        self.push(Action::Exit(code));
+    }
+
+    /// The earliest time [`Supervisor::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Running { kill_at, .. } => kill_at,
+            State::Cleanup { kill_at, give_up_at, .. } => kill_at.or(give_up_at),
+            State::Waiting | State::Done => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, left: Leftovers) {
+        match self.state {
+            State::Running { pid, kill_at: Some(at) } if now >= at => {
+                self.state = State::Running { pid, kill_at: None };
+                // The child ignored the stop signal: kill it and everything in its group.
+                self.push(Action::Signal(Target::Group, libc::SIGKILL));
+                self.push(Action::Signal(Target::Child, libc::SIGKILL));
+            }
+            State::Cleanup { code, kill_at: Some(at), .. } if now >= at => {
+                self.state = State::Cleanup { code, kill_at: None, give_up_at: Some(now + FINAL_GRACE) };
+                if left.descendants {
+                    self.push(Action::SignalDescendants(libc::SIGKILL));
+                } else if !left.output {
+                    self.finish(code);
+                }
+            }
+            State::Cleanup { code, kill_at: None, give_up_at: Some(at) } if now >= at => self.finish(code),
+            _ => {}
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TERM: i32 = libc::SIGTERM;
+    const KILL: i32 = libc::SIGKILL;
+
+    fn drain(s: &mut Supervisor) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn running(stop: u64, group: bool) -> (Supervisor, Instant) {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(stop), group);
+        s.start();
+        assert_eq!(drain(&mut s), [Action::Spawn]);
+        s.handle_spawned(100);
+        (s, t0)
+    }
+
+    const NONE: Leftovers = Leftovers { descendants: false, output: false };
+
+    #[test]
+    fn exit_codes() {
+        for c in 0..=255 {
+            assert_eq!(exit_code(Some(c), None), c);
+        }
+        assert_eq!(exit_code(None, Some(15)), 143);
+        assert_eq!(exit_code(None, Some(9)), 137);
+    }
+
+    #[test]
+    fn signals_are_forwarded_to_child_or_group() {
+        let (mut s, t0) = running(30, false);
+        s.handle_signal(libc::SIGUSR1, t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, libc::SIGUSR1)]);
+        assert_eq!(s.poll_timeout(), None, "USR1 arms no stop timer");
+
+        let (mut s, t0) = running(30, true);
+        s.handle_signal(libc::SIGHUP, t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, libc::SIGHUP)]);
+    }
+
+    #[test]
+    fn ignored_term_is_followed_by_kill_at_the_stop_timeout() {
+        let (mut s, t0) = running(30, false);
+        s.handle_signal(TERM, t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, TERM)]);
+        let at = t0 + Duration::from_secs(30);
+        assert_eq!(s.poll_timeout(), Some(at));
+        // A second TERM does not push the deadline back.
+        s.handle_signal(TERM, t0 + Duration::from_secs(10));
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(at));
+        // Early timeout: nothing.
+        s.handle_timeout(at - Duration::from_millis(1), NONE);
+        assert_eq!(drain(&mut s), []);
+        s.handle_timeout(at, NONE);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
+        assert_eq!(s.poll_timeout(), None);
+        // The child dies of it: 137.
+        s.handle_exit(100, 137, at);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.handle_leftovers(NONE);
+        assert_eq!(drain(&mut s), [Action::Exit(137)]);
+    }
+
+    #[test]
+    fn child_exit_cleans_up_descendants_then_exits() {
+        let (mut s, t0) = running(30, false);
+        s.handle_exit(999, 0, t0); // not the child (an adopted orphan): nothing happens
+        assert_eq!(drain(&mut s), []);
+        s.handle_exit(100, 3, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        assert!(s.finishing());
+        // Descendants still alive: wait.
+        s.handle_leftovers(Leftovers { descendants: true, output: true });
+        assert_eq!(drain(&mut s), []);
+        let kill_at = t0 + CLEANUP_GRACE;
+        assert_eq!(s.poll_timeout(), Some(kill_at));
+        s.handle_timeout(kill_at, Leftovers { descendants: true, output: true });
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(KILL)]);
+        assert_eq!(s.poll_timeout(), Some(kill_at + FINAL_GRACE));
+        // They die, the pipes close: exit with the child's code.
+        s.handle_leftovers(NONE);
+        assert_eq!(drain(&mut s), [Action::Exit(3)]);
+        // Exit is decided once.
+        s.handle_leftovers(NONE);
+        s.handle_timeout(kill_at + FINAL_GRACE, NONE);
+        assert_eq!(drain(&mut s), []);
+    }
+
+    #[test]
+    fn stuck_pipe_does_not_keep_us_forever() {
+        let (mut s, t0) = running(30, false);
+        s.handle_exit(100, 0, t0);
+        drain(&mut s);
+        let stuck = Leftovers { descendants: false, output: true };
+        s.handle_leftovers(stuck);
+        s.handle_timeout(t0 + CLEANUP_GRACE, stuck);
+        assert_eq!(drain(&mut s), [], "no one left to kill");
+        s.handle_timeout(t0 + CLEANUP_GRACE + FINAL_GRACE, stuck);
+        assert_eq!(drain(&mut s), [Action::Exit(0)]);
+    }
+
+    #[test]
+    fn term_before_start_exits_143_without_spawning() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        s.handle_signal(libc::SIGUSR1, t0);
+        assert_eq!(drain(&mut s), []);
+        s.handle_signal(TERM, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.start();
+        assert_eq!(drain(&mut s), [], "never spawned after a stop");
+        s.handle_leftovers(NONE);
+        assert_eq!(drain(&mut s), [Action::Exit(143)]);
+    }
+
+    #[test]
+    fn signals_after_exit_are_not_forwarded() {
+        let (mut s, t0) = running(30, false);
+        s.handle_exit(100, 0, t0);
+        drain(&mut s);
+        s.handle_signal(TERM, t0);
+        assert_eq!(drain(&mut s), []);
+    }
+}

@@ -1,0 +1,197 @@
+//! Signals arrive on one signalfd: every catchable signal is blocked and read from it, so the
+//! reactor sees them as ordinary readable events and never runs code in a signal handler.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+/// Signals the entrypoint does not take over:
+/// - faults raised synchronously by our own code (FPE, ILL, SEGV, BUS, ABRT, TRAP, SYS) keep their
+///   default action, so a bug in the entrypoint crashes loudly instead of being swallowed;
+/// - TTIN/TTOU are ignored: a background entrypoint touching its terminal must not be stopped;
+/// - KILL and STOP cannot be caught.
+const NOT_HANDLED: [i32; 11] = [
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGABRT,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGKILL,
+    libc::SIGSTOP,
+];
+
+/// The set of handled signals.
+pub struct SigSet(libc::sigset_t);
+
+impl SigSet {
+    /// Every signal except [`NOT_HANDLED`].
+    pub fn handled() -> SigSet {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigfillset initialises the set it is given; sigdelset only modifies an
+        // initialised set; the signal numbers are valid.
+        unsafe {
+            libc::sigfillset(set.as_mut_ptr());
+            for sig in NOT_HANDLED {
+                libc::sigdelset(set.as_mut_ptr(), sig);
+            }
+            SigSet(set.assume_init())
+        }
+    }
+}
+
+/// Blocks `set` for the calling thread (before any other thread exists, so for the process).
+pub fn block(set: &SigSet) -> io::Result<()> {
+    // SAFETY: `set` is an initialised sigset; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set.0, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: setting a disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+        libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+    }
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec signalfd for `set` (which must be blocked).
+pub fn signalfd(set: &SigSet) -> io::Result<OwnedFd> {
+    // SAFETY: -1 asks for a new fd; `set` is initialised; the flags are valid.
+    let fd = unsafe { libc::signalfd(-1, &set.0, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Signals read per call of [`read_batch`].
+pub const BATCH: usize = 8;
+
+/// Reads up to [`BATCH`] pending signal numbers from `fd` into `out`; returns how many (0: none
+/// pending).
+pub fn read_batch(fd: impl AsFd, out: &mut [i32; BATCH]) -> io::Result<usize> {
+    let rec = std::mem::size_of::<libc::signalfd_siginfo>();
+    let mut buf = [MaybeUninit::<libc::signalfd_siginfo>::uninit(); BATCH];
+    loop {
+        // SAFETY: the buffer is valid for BATCH records of writes; the kernel writes whole records.
+        let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), buf.as_mut_ptr().cast(), BATCH * rec) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+        let count = n as usize / rec;
+        for (slot, r) in out.iter_mut().zip(&buf[..count]) {
+            // SAFETY: the first `count` records were written by the kernel.
+            *slot = unsafe { r.assume_init_ref() }.ssi_signo as i32;
+        }
+        return Ok(count);
+    }
+}
+
+/// In a freshly forked child, before exec: the default state every program expects — nothing
+/// blocked, TTIN/TTOU back to default (ignored dispositions survive exec).
+///
+/// Only async-signal-safe calls: it runs between fork and exec.
+pub fn reset_for_exec() -> io::Result<()> {
+    let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigprocmask and signal are async-signal-safe.
+    unsafe {
+        libc::sigemptyset(empty.as_mut_ptr());
+        libc::signal(libc::SIGTTIN, libc::SIG_DFL);
+        libc::signal(libc::SIGTTOU, libc::SIG_DFL);
+        if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `kill(2)`: `pid > 0` a process, `pid < 0` the process group `-pid`. Any signal number, including
+/// real-time ones (which rustix's named `Signal` type does not cover).
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Human name of a signal for log lines ("SIGTERM"), or its number.
+pub fn name(sig: i32) -> String {
+    let known = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSTKFLT => "SIGSTKFLT",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSYS => "SIGSYS",
+        _ => return format!("signal {sig}"),
+    };
+    known.to_owned()
+}
+
+/// Signal number for a name like `HUP`, `SIGHUP`, `sighup` or a number `1`.
+pub fn from_name(s: &str) -> Option<i32> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = t.to_ascii_uppercase();
+    let want = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    (1..32).find(|&n| name(n) == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for sig in 1..32 {
+            let n = name(sig);
+            if n.starts_with("SIG") {
+                assert_eq!(from_name(&n), Some(sig), "{n}");
+                assert_eq!(from_name(&n[3..].to_lowercase()), Some(sig), "{n}");
+            }
+        }
+        assert_eq!(from_name("HUP"), Some(libc::SIGHUP));
+        assert_eq!(from_name("15"), Some(15));
+        assert_eq!(from_name("SIGNOPE"), None);
+        assert_eq!(from_name("0"), None);
+        assert_eq!(name(40), "signal 40");
+    }
+}
