@@ -132,5 +132,8 @@ impl From<Kind> for Frame {
     }
 }
 
+#[doc(hidden)]
+pub mod samples;
+
 #[cfg(test)]
 mod tests;
