@@ -117,6 +117,12 @@ impl Settings {
         let ca = match env.get("WAYPOST_CA", None)? {
             None => CaSource::System,
             Some((_, v)) if v.trim_start().starts_with("-----BEGIN") => CaSource::Pem(v),
+            // The one-line form `waypost token create -o env` prints: base64 of the PEM text
+            // ("-----BEGIN" encodes to "LS0tLS1CRUdJTi"), safe in env files and shells alike.
+            Some((name, v)) if v.trim_start().starts_with("LS0tLS1CRUdJTi") => {
+                let pem = base64_decode(v.trim()).and_then(|b| String::from_utf8(b).ok());
+                CaSource::Pem(pem.ok_or(Error::Env { name, why: "looks like base64-encoded PEM but does not decode".into() })?)
+            }
             Some((_, v)) => CaSource::Path(v),
         };
         let exec_allow = env.get("WAYPOST_EXEC_ALLOW", None)?.map(|(name, v)| {
@@ -315,6 +321,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(scale).ok_or_else(bad)
 }
 
+/// Standard base64 (padding optional, whitespace ignored); `None` on any other character.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
 /// `host:port`, `[v6]:port`.
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     let t = s.trim();
@@ -489,6 +519,18 @@ mod tests {
         let pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
         assert_eq!(parse(&[("WAYPOST_CA", pem)]).unwrap().ca, CaSource::Pem(pem.into()));
         assert_eq!(parse(&[("WAYPOST_CA", "/etc/ca.pem")]).unwrap().ca, CaSource::Path("/etc/ca.pem".into()));
+    }
+
+    #[test]
+    fn ca_as_base64_of_pem() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        // base64 of `pem`, as `waypost token create -o env` prints it.
+        let b64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=";
+        assert_eq!(parse(&[("WAYPOST_CA", b64)]).unwrap().ca, CaSource::Pem(pem.into()));
+        assert!(env_error(&[("WAYPOST_CA", "LS0tLS1CRUdJTi!!")]).contains("base64"));
+        assert_eq!(base64_decode("aGk="), Some(b"hi".to_vec()));
+        assert_eq!(base64_decode("aGk"), Some(b"hi".to_vec()));
+        assert_eq!(base64_decode("a G\nk ="), Some(b"hi".to_vec()));
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub enum Error {
     NotFound(String),
     /// The command was found but could not be executed (exit 126).
     NotExecutable(String, io::Error),
+    /// TLS failed (handshake, certificate, or a corrupt record); `context` says where.
+    Tls(&'static str, rustls::Error),
+    /// The HTTP proxy refused or garbled the tunnel.
+    Proxy(String),
+    /// The server broke the protocol (corrupt or oversized frame).
+    Protocol(waypost_proto::Error),
     /// A system call failed; `context` says what we were doing.
     Io {
         /// What the entrypoint was doing.
@@ -40,8 +46,8 @@ impl Error {
             Error::Usage(_) | Error::Env { .. } => 2,
             Error::NotFound(_) => 127,
             Error::NotExecutable(..) => 126,
-            // Could not set up (signalfd, epoll, ...): treat like a command that cannot run.
-            Error::Io { .. } => 126,
+            // Could not set up (signalfd, epoll, TLS, ...): treat like a command that cannot run.
+            Error::Io { .. } | Error::Tls(..) | Error::Proxy(_) | Error::Protocol(_) => 126,
         }
     }
 }
@@ -53,6 +59,9 @@ impl fmt::Display for Error {
             Error::Env { name, why } => write!(f, "{name}: {why}"),
             Error::NotFound(cmd) => write!(f, "{cmd}: command not found"),
             Error::NotExecutable(cmd, e) => write!(f, "{cmd}: cannot execute: {e}"),
+            Error::Tls(context, e) => write!(f, "{context}: {e}"),
+            Error::Proxy(m) => f.write_str(m),
+            Error::Protocol(e) => write!(f, "protocol error: {e}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

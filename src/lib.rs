@@ -13,8 +13,11 @@ pub mod config;
 pub mod error;
 pub mod reactor;
 pub mod relay;
+pub mod session;
 pub mod supervisor;
 pub mod sys;
+pub mod tls;
+pub mod wire;
 
 use std::ffi::OsString;
 

@@ -5,22 +5,29 @@
 //! mio is edge-triggered: every ready fd is drained until `WouldBlock` (house rule 3), and a
 //! stream that stopped reading because its buffer was full is resumed by hand once there is room.
 
-use crate::config::{SECRET_VARS, Settings};
+use crate::config::{HostPort, SECRET_VARS, Settings};
 use crate::error::Error;
 use crate::logger::{self, Record};
 use crate::relay::Relay;
-use crate::supervisor::{Action, Leftovers, Supervisor, Target};
+use crate::session::{self, Session};
+use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
+use crate::tls::{Conn, Received};
+use crate::wire::{RecvBuf, SendBuf};
 use crate::sys::signals::{self, SigSet};
 use crate::sys::spawn::{self, Placement, Spec, Stdio};
-use crate::{debug, error, info, warn};
+use crate::{debug, error, info, trace, warn};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::ffi::OsString;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use waypost_proto::{status, Features, Frame, Hello, Kind, Status};
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
 pub fn wall_ms() -> u64 {
@@ -51,6 +58,10 @@ enum Tok {
     ChildPipe(Out),
     /// Our own stdout/stderr, when writes to it can block.
     Sink(Out),
+    /// The connection to the server (or its proxy).
+    Control,
+    /// Wake-ups from the DNS helper thread.
+    Waker,
 }
 
 impl Tok {
@@ -59,6 +70,8 @@ impl Tok {
             Tok::Signals => 0,
             Tok::ChildPipe(o) => 1 + o as usize,
             Tok::Sink(o) => 3 + o as usize,
+            Tok::Control => 5,
+            Tok::Waker => 6,
         })
     }
 
@@ -69,6 +82,8 @@ impl Tok {
             2 => Tok::ChildPipe(Out::Stderr),
             3 => Tok::Sink(Out::Stdout),
             4 => Tok::Sink(Out::Stderr),
+            5 => Tok::Control,
+            6 => Tok::Waker,
             _ => return None,
         })
     }
@@ -174,6 +189,33 @@ const OWN_LOG_CAP: usize = 16 * 1024;
 /// does not raise SIGCHLD here).
 const CLEANUP_TICK: Duration = Duration::from_millis(50);
 
+/// DNS answers from the helper thread.
+type Resolved = Result<Vec<SocketAddr>, String>;
+
+/// Stack for the DNS helper thread: getaddrinfo needs a few KiB (musl) to tens of KiB (glibc NSS).
+const DNS_STACK: usize = 256 * 1024;
+
+/// The server side: the session core and the connection it rides on.
+struct Control {
+    session: Session,
+    tls: Arc<rustls::ClientConfig>,
+    server: HostPort,
+    /// The HTTP proxy to go through, unless NO_PROXY exempts the server.
+    proxy: Option<HostPort>,
+    conn: Option<Conn>,
+    /// What `conn`'s socket is registered for.
+    interest: Option<Interest>,
+    /// Addresses of the current attempt, tried in order.
+    addrs: Vec<SocketAddr>,
+    /// An answer from the DNS thread, while one is outstanding.
+    dns: Option<Receiver<Resolved>>,
+    waker: Arc<Waker>,
+    rbuf: RecvBuf,
+    wbuf: SendBuf,
+    /// The fixed part of our Hello.
+    hello: Hello,
+}
+
 pub struct Reactor {
     poll: Poll,
     events: Events,
@@ -192,6 +234,7 @@ pub struct Reactor {
     own_log: Vec<u8>,
     reap_pending: bool,
     exit: Option<i32>,
+    control: Option<Control>,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -242,9 +285,68 @@ impl Reactor {
             }
         }
 
+        let now = Instant::now();
         let mut sup = Supervisor::new(settings.stop_timeout, settings.signal_group);
-        // Without a server there is nothing to wait for.
-        sup.start();
+        let control = match &settings.server {
+            Some(server) if settings.server_enabled() => {
+                if settings.token.is_none() {
+                    return Err(Error::Env { name: "WAYPOST_TOKEN", why: "is not set, but WAYPOST_SERVER is".into() });
+                }
+                if settings.tls_skip_verify {
+                    warn!("WAYPOST_TLS_SKIP_VERIFY=1: the server's certificate is not checked (development only)");
+                }
+                let tls = crate::tls::client_config(&settings.ca, settings.tls_skip_verify)?;
+                let waker = Arc::new(Waker::new(poll.registry(), Tok::Waker.token()).map_err(Error::io("creating the waker"))?);
+                let mut instance_id = vec![0u8; 16];
+                crate::sys::random::fill(&mut instance_id).map_err(Error::io("reading random bytes"))?;
+                let hello = Hello {
+                    protocol_version: waypost_proto::PROTOCOL_VERSION,
+                    token: settings.token.clone().unwrap_or_default(),
+                    instance_id,
+                    entrypoint_version: env!("CARGO_PKG_VERSION").into(),
+                    hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+                    pid: own_pid as u32,
+                    disabled: Some(Features {
+                        config: settings.disable_config,
+                        logs: settings.disable_logs,
+                        exec: settings.disable_exec,
+                        url: settings.disable_url,
+                    }),
+                    ..Default::default()
+                };
+                let proxy = settings.https_proxy.clone().filter(|_| !settings.bypasses_proxy(&server.host));
+                let mut session = Session::new(crate::sys::random::u64());
+                session.start(now);
+                // Fail open: start at the startup timeout even without the server's config;
+                // WAYPOST_SERVER_REQUIRED waits for it (the Welcome) as long as it takes.
+                if settings.server_required {
+                    sup.wait_for_config(None);
+                } else if settings.disable_config {
+                    sup.start();
+                } else {
+                    sup.wait_for_config(Some(now + settings.startup_timeout));
+                }
+                Some(Control {
+                    session,
+                    tls,
+                    server: server.clone(),
+                    proxy,
+                    conn: None,
+                    interest: None,
+                    addrs: Vec::new(),
+                    dns: None,
+                    waker,
+                    rbuf: RecvBuf::new(),
+                    wbuf: SendBuf::default(),
+                    hello,
+                })
+            }
+            _ => {
+                // Without a server there is nothing to wait for.
+                sup.start();
+                None
+            }
+        };
         Ok(Reactor {
             poll,
             events: Events::with_capacity(32),
@@ -260,6 +362,7 @@ impl Reactor {
             own_log: Vec::new(),
             reap_pending: false,
             exit: None,
+            control,
         })
     }
 
@@ -272,6 +375,9 @@ impl Reactor {
                 return code;
             }
             let mut deadline = self.sup.poll_timeout();
+            if let Some(c) = &self.control {
+                deadline = earliest(deadline, c.session.poll_timeout());
+            }
             if self.sup.finishing() {
                 deadline = Some(deadline.map_or(now + CLEANUP_TICK, |d| d.min(now + CLEANUP_TICK)));
             }
@@ -302,6 +408,8 @@ impl Reactor {
                             self.sinks[o as usize].writable = true;
                         }
                     }
+                    Some(Tok::Control) => self.on_control(now),
+                    Some(Tok::Waker) => self.on_resolved(now),
                     None => debug!("event for unknown token {}", event.token().0),
                 }
             }
@@ -309,6 +417,11 @@ impl Reactor {
             if self.sup.poll_timeout().is_some_and(|d| d <= now) {
                 let left = self.leftovers();
                 self.sup.handle_timeout(now, left);
+            }
+            if let Some(c) = &mut self.control {
+                if c.session.poll_timeout().is_some_and(|d| d <= now) {
+                    c.session.handle_timeout(now);
+                }
             }
         }
     }
@@ -321,10 +434,13 @@ impl Reactor {
         self.apply_actions(now);
         self.pump(Out::Stdout);
         self.pump(Out::Stderr);
+        self.session_events(now);
+        self.apply_actions(now);
+        self.write_control();
         self.flush_own_log();
         if self.sup.finishing() {
             let left = self.leftovers();
-            self.sup.handle_leftovers(left);
+            self.sup.handle_leftovers(left, now);
         }
         self.apply_actions(now);
         self.flush_own_log();
@@ -367,6 +483,7 @@ impl Reactor {
                 debug!("started {} (pid {})", self.argv[0].to_string_lossy(), child.pid);
                 self.child_pgid = Some(child.pid);
                 self.sup.handle_spawned(child.pid);
+                self.send_status();
                 for (out, pipe) in [(Out::Stdout, child.stdout), (Out::Stderr, child.stderr)] {
                     if let Some(pipe) = pipe {
                         self.add_pipe(out, pipe);
@@ -424,16 +541,17 @@ impl Reactor {
             match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
                     let pid = pid.as_raw_nonzero().get();
-                    let code = crate::supervisor::exit_code(status.exit_status(), status.terminating_signal());
+                    let (code, signal) = (status.exit_status(), status.terminating_signal());
                     if Some(pid) == self.sup.child_pid() {
-                        match status.terminating_signal() {
+                        match signal {
                             Some(sig) => info!("child (pid {pid}) killed by {}", signals::name(sig)),
-                            None => debug!("child (pid {pid}) exited with code {code}"),
+                            None => debug!("child (pid {pid}) exited with code {}", code.unwrap_or(0)),
                         }
+                        self.sup.handle_exit(pid, code, signal, now);
+                        self.send_status();
                     } else {
                         debug!("reaped pid {pid}");
                     }
-                    self.sup.handle_exit(pid, code, now);
                 }
                 Ok(None) | Err(Errno::CHILD) => return,
                 Err(Errno::INTR) => continue,
@@ -564,20 +682,321 @@ impl Reactor {
             Err(Errno::CHILD)
         );
         let group = self.child_pgid.is_some_and(|pgid| signals::kill(-pgid, 0).is_ok());
+        let server = self.control.as_ref().is_some_and(|c| {
+            c.session.is_ready() && (c.session.has_transmit() || !c.wbuf.is_empty() || c.conn.as_ref().is_some_and(Conn::has_unsent))
+        });
         let output = self
             .streams
             .iter()
             .zip(&self.sinks)
             .any(|(s, sink)| s.pipe.is_some() || (!s.relay.is_empty() && !sink.broken));
-        Leftovers { descendants: children || group, output }
+        Leftovers { descendants: children || group, output, server }
     }
 
     fn shutdown(&mut self) {
+        if let Some(conn) = self.control.as_mut().and_then(|c| c.conn.as_mut()) {
+            conn.close();
+        }
         self.flush_own_log();
         for sink in &self.sinks {
             sink.restore();
         }
     }
+}
+
+
+impl Reactor {
+    /// Carries out what the session asks for.
+    fn session_events(&mut self, now: Instant) {
+        loop {
+            let Some(c) = &mut self.control else { return };
+            let Some(event) = c.session.poll_event() else { return };
+            match event {
+                session::Event::Connect => self.begin_connect(now),
+                session::Event::Disconnect(why) => {
+                    debug!("closing the server connection: {why}");
+                    self.drop_conn(true);
+                }
+                session::Event::Lost => self.drop_conn(false),
+                session::Event::Welcome(_welcome) => {
+                    // The first config (issue: config) is applied here before the child starts.
+                    self.sup.start();
+                }
+                session::Event::Heartbeat => self.send_status(),
+                session::Event::Frame(kind) => debug!("ignoring a {} frame (feature not available)", session::kind_name(&kind)),
+            }
+        }
+    }
+
+    /// Resolves (off the loop unless the host is an IP literal) and starts connecting.
+    fn begin_connect(&mut self, now: Instant) {
+        let Some(c) = &mut self.control else { return };
+        let target = c.proxy.as_ref().unwrap_or(&c.server).clone();
+        c.addrs.clear();
+        if let Some(ips) = literal_addrs(&target.host) {
+            c.addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, target.port)).collect();
+            self.connect_next(now);
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        let waker = Arc::clone(&c.waker);
+        let spawned = std::thread::Builder::new().name("dns".into()).stack_size(DNS_STACK).spawn(move || {
+            let answer = (target.host.as_str(), target.port)
+                .to_socket_addrs()
+                .map(|a| a.collect())
+                .map_err(|e| format!("cannot resolve {}: {e}", target.host));
+            let _ = tx.send(answer);
+            let _ = waker.wake();
+        });
+        match spawned {
+            Ok(_) => c.dns = Some(rx),
+            Err(e) => c.session.handle_closed(&format!("cannot start the DNS thread: {e}"), now),
+        }
+    }
+
+    fn on_resolved(&mut self, now: Instant) {
+        let Some(c) = &mut self.control else { return };
+        let Some(answer) = c.dns.as_ref().and_then(|rx| rx.try_recv().ok()) else { return };
+        c.dns = None;
+        if !c.session.has_connection() || c.conn.is_some() {
+            return; // the attempt was abandoned meanwhile
+        }
+        match answer {
+            Ok(addrs) if !addrs.is_empty() => {
+                c.addrs = addrs;
+                self.connect_next(now);
+            }
+            Ok(_) => c.session.handle_closed("the name has no addresses", now),
+            Err(why) => c.session.handle_closed(&why, now),
+        }
+    }
+
+    /// Starts a TCP connect to the next address of the attempt.
+    fn connect_next(&mut self, now: Instant) {
+        let Some(c) = &mut self.control else { return };
+        let mut last_err = String::from("no address to connect to");
+        while !c.addrs.is_empty() {
+            let addr = c.addrs.remove(0);
+            let target = c.proxy.is_some().then(|| format_host_port(&c.server));
+            let conn = mio::net::TcpStream::connect(addr)
+                .map_err(Error::io("connecting"))
+                .and_then(|sock| Conn::new(sock, Arc::clone(&c.tls), &c.server.host, target.as_deref()));
+            match conn {
+                Ok(mut conn) => {
+                    let interest = conn.interest();
+                    if let Err(e) = self.poll.registry().register(conn.socket(), Tok::Control.token(), interest) {
+                        last_err = format!("registering the connection: {e}");
+                        continue;
+                    }
+                    trace!("connecting to {addr}");
+                    c.conn = Some(conn);
+                    c.interest = Some(interest);
+                    return;
+                }
+                Err(e) => last_err = format!("{addr}: {e}"),
+            }
+        }
+        c.session.handle_closed(&last_err, now);
+    }
+
+    /// Closes the connection (`polite`: TLS close_notify first) and forgets its buffers.
+    fn drop_conn(&mut self, polite: bool) {
+        let Some(c) = &mut self.control else { return };
+        if let Some(mut conn) = c.conn.take() {
+            if polite {
+                conn.close();
+            }
+            let _ = self.poll.registry().deregister(conn.socket());
+        }
+        c.interest = None;
+        c.addrs.clear();
+        c.rbuf.clear();
+        c.wbuf.clear();
+    }
+
+    /// The connection's socket is ready: advance setup, read frames, write.
+    fn on_control(&mut self, now: Instant) {
+        let Some(c) = &mut self.control else { return };
+        let Some(conn) = &mut c.conn else { return };
+        if !conn.is_open() {
+            match conn.drive() {
+                Ok(true) => {
+                    let hello = self.hello();
+                    let Some(c) = &mut self.control else { return };
+                    c.session.handle_connected(hello, now);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // A refused connection may have other addresses to try.
+                    let more = !c.addrs.is_empty() && matches!(e, Error::Io { context: "connecting", .. });
+                    self.drop_conn_keep_addrs();
+                    if more {
+                        self.connect_next(now);
+                    } else if let Some(c) = &mut self.control {
+                        c.session.handle_closed(&e.to_string(), now);
+                    }
+                    return;
+                }
+            }
+        }
+        self.read_control(now);
+        self.write_control();
+    }
+
+    fn drop_conn_keep_addrs(&mut self) {
+        let Some(c) = &mut self.control else { return };
+        if let Some(mut conn) = c.conn.take() {
+            let _ = self.poll.registry().deregister(conn.socket());
+        }
+        c.interest = None;
+    }
+
+    /// Reads and dispatches every complete frame until the socket would block.
+    fn read_control(&mut self, now: Instant) {
+        let Some(c) = &mut self.control else { return };
+        let Some(conn) = &mut c.conn else { return };
+        if !conn.is_open() {
+            return;
+        }
+        let why: String = 'read: loop {
+            match conn.read(c.rbuf.space()) {
+                Ok(Received::Data(n)) => {
+                    c.rbuf.filled(n);
+                    while let Some(frame) = c.rbuf.next_frame() {
+                        match frame {
+                            Ok(Frame { kind: Some(kind) }) => c.session.handle_frame(kind, now),
+                            Ok(Frame { kind: None }) => trace!("ignoring a frame of an unknown kind"),
+                            Err(e) => break 'read format!("the server sent a bad frame: {e}"),
+                        }
+                    }
+                }
+                Ok(Received::Blocked) => return,
+                Ok(Received::Closed) => break "closed by the server".into(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        self.drop_conn(false);
+        if let Some(c) = &mut self.control {
+            c.session.handle_closed(&why, now);
+        }
+    }
+
+    /// Moves queued frames into TLS and TLS into the socket, highest priority first, until
+    /// either side is full; then keeps the socket's interest in step.
+    fn write_control(&mut self) {
+        let Some(c) = &mut self.control else { return };
+        let Some(conn) = &mut c.conn else { return };
+        if conn.is_open() {
+            loop {
+                while c.wbuf.wants_more() {
+                    let Some(kind) = c.session.poll_transmit() else { break };
+                    if let Err(e) = c.wbuf.push(&Frame::from(kind)) {
+                        error!("dropping a frame that cannot be sent: {e}");
+                    }
+                }
+                let n = if c.wbuf.is_empty() { 0 } else { conn.write(c.wbuf.pending()) };
+                c.wbuf.consume(n);
+                let drained = match conn.flush() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        debug!("write failed: {e}");
+                        // The read side will see the connection close; leave it to that path.
+                        break;
+                    }
+                };
+                if c.wbuf.is_empty() || (n == 0 && !drained) {
+                    break;
+                }
+            }
+        }
+        let want = conn.interest();
+        if c.interest != Some(want) {
+            if self.poll.registry().reregister(conn.socket(), Tok::Control.token(), want).is_ok() {
+                c.interest = Some(want);
+            }
+        }
+    }
+
+    /// Our Hello for a new connection: the fixed part plus what we know right now.
+    fn hello(&self) -> Hello {
+        let Some(c) = &self.control else { return Hello::default() };
+        Hello { status: Some(self.status()), ..c.hello.clone() }
+    }
+
+    /// The child's state for the server.
+    fn status(&self) -> Status {
+        let mut st = Status { starts: self.sup.starts(), entrypoint_rss_bytes: proc_rss(self.own_pid), ..Default::default() };
+        match self.sup.child_state() {
+            ChildState::Starting => st.state = status::State::Starting as i32,
+            ChildState::Running(pid) => {
+                st.state = status::State::Running as i32;
+                st.child_pid = pid as u32;
+                st.child_rss_bytes = proc_rss(pid);
+                st.child_cpu_ms = proc_cpu_ms(pid);
+            }
+            ChildState::Exited(ended) => {
+                st.state = status::State::Exited as i32;
+                if let Some(e) = ended {
+                    st.exit_code = e.code;
+                    st.exit_signal = e.signal.unwrap_or(0);
+                }
+            }
+        }
+        st
+    }
+
+    /// Sends a Status now (heartbeat, or a change of the child's state).
+    fn send_status(&mut self) {
+        if self.control.as_ref().is_some_and(|c| c.session.is_ready()) {
+            let st = self.status();
+            if let Some(c) = &mut self.control {
+                c.session.send(Kind::Status(st));
+            }
+        }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Addresses for a host that needs no DNS: an IP literal, or `localhost` (musl resolves it only
+/// through /etc/hosts, which a scratch image may lack).
+fn literal_addrs(host: &str) -> Option<Vec<IpAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(vec![ip]);
+    }
+    host.eq_ignore_ascii_case("localhost").then(|| vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)])
+}
+
+fn format_host_port(hp: &HostPort) -> String {
+    if hp.host.contains(':') { format!("[{}]:{}", hp.host, hp.port) } else { format!("{}:{}", hp.host, hp.port) }
+}
+
+/// Resident set size of `pid` in bytes (0 if unknown).
+fn proc_rss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// User + system CPU time of `pid` in milliseconds (0 if unknown).
+fn proc_cpu_ms(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    let Some(close) = stat.rfind(')') else { return 0 };
+    // After "pid (comm)": state is field 3, utime field 14, stime field 15.
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|x| x.parse::<u64>().ok()).sum());
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    ticks * 1000 / hz
 }
 
 /// The child's environment: ours, minus credentials, plus `PORT` if unset.
@@ -613,7 +1032,7 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr)] {
+        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr), Tok::Control, Tok::Waker] {
             assert_eq!(Tok::from_token(t.token()), Some(t));
         }
         assert_eq!(Tok::from_token(Token(999)), None);

@@ -15,6 +15,9 @@ pub const CLEANUP_GRACE: Duration = Duration::from_secs(2);
 /// After that SIGKILL, how long we still wait for the last pipes to close before exiting anyway
 /// (a descendant stuck in uninterruptible sleep must not keep a container alive forever).
 pub const FINAL_GRACE: Duration = Duration::from_secs(1);
+/// Once the child's output is all out, how long we wait for the server to take the last of it
+/// (CONTRACT.md: at most 2 s more).
+pub const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
 /// Whom a signal goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,11 +48,33 @@ pub struct Leftovers {
     pub descendants: bool,
     /// A captured stdout/stderr pipe is still open or has bytes not yet written out.
     pub output: bool,
+    /// The server connection is up and still has our last words to take (final status, logs).
+    pub server: bool,
+}
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The exit code we will exit with (the child's, or 128+N).
+    pub code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+}
+
+/// The child's state as the server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildState {
+    /// Not started yet (waiting for the server's config).
+    Starting,
+    Running(i32),
+    /// Gone; `None` if it never ran (stopped or failed before it started).
+    Exited(Option<Ended>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Waiting,
+    /// Not started; start at `start_at` even without the server's config (None: wait forever).
+    Waiting { start_at: Option<Instant> },
     Running {
         pid: i32,
         /// Set when a terminating signal was forwarded: SIGKILL at this time.
@@ -61,6 +86,9 @@ enum State {
         kill_at: Option<Instant>,
         /// Exit even if pipes are still open at this time (set once SIGKILL was sent).
         give_up_at: Option<Instant>,
+        /// Exit even if the server has not taken everything at this time (set once the local
+        /// cleanup is done).
+        flush_until: Option<Instant>,
     },
     Done,
 }
@@ -74,6 +102,10 @@ pub struct Supervisor {
     stop_timeout: Duration,
     signal_group: bool,
     actions: Deque<Action, ACTIONS>,
+    /// How the child ended, once it has.
+    ended: Option<Ended>,
+    /// Times the child was started.
+    starts: u32,
 }
 
 /// Signals after which a child that has not exited is killed at the stop timeout (what
@@ -93,7 +125,14 @@ pub fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
 
 impl Supervisor {
     pub fn new(stop_timeout: Duration, signal_group: bool) -> Supervisor {
-        Supervisor { state: State::Waiting, stop_timeout, signal_group, actions: Deque::new() }
+        Supervisor {
+            state: State::Waiting { start_at: None },
+            stop_timeout,
+            signal_group,
+            actions: Deque::new(),
+            ended: None,
+            starts: 0,
+        }
     }
 
     fn push(&mut self, a: Action) {
@@ -112,7 +151,21 @@ impl Supervisor {
 
     /// Whether the child has not been started yet.
     pub fn waiting(&self) -> bool {
-        self.state == State::Waiting
+        matches!(self.state, State::Waiting { .. })
+    }
+
+    /// The child's state, for Status frames.
+    pub fn child_state(&self) -> ChildState {
+        match self.state {
+            State::Waiting { .. } => ChildState::Starting,
+            State::Running { pid, .. } => ChildState::Running(pid),
+            State::Cleanup { .. } | State::Done => ChildState::Exited(self.ended),
+        }
+    }
+
+    /// How many times the child was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
     }
 
     /// Whether the child has exited and we are on our way out.
@@ -122,14 +175,23 @@ impl Supervisor {
 
     /// The child may start now (no server, or config arrived, or the startup timeout passed).
     pub fn start(&mut self) {
-        if self.state == State::Waiting {
+        if self.waiting() {
             self.push(Action::Spawn);
+        }
+    }
+
+    /// Do not start before the server's config arrives ([`Supervisor::start`]), but at
+    /// `start_at` at the latest (fail open); `None`: wait as long as it takes.
+    pub fn wait_for_config(&mut self, start_at: Option<Instant>) {
+        if self.waiting() {
+            self.state = State::Waiting { start_at };
         }
     }
 
     /// The child was started with `pid`.
     pub fn handle_spawned(&mut self, pid: i32) {
         self.state = State::Running { pid, kill_at: None };
+        self.starts += 1;
     }
 
     /// Starting the child failed after the entrypoint was already up (exit 126/127).
@@ -140,7 +202,7 @@ impl Supervisor {
     /// A signal arrived at the entrypoint (never SIGCHLD: the reactor reaps on that).
     pub fn handle_signal(&mut self, sig: i32, now: Instant) {
         match &mut self.state {
-            State::Waiting => {
+            State::Waiting { .. } => {
                 // Stopped before the child ever ran: leave as if killed by it, like the child would.
                 if is_terminating(sig) {
                     self.enter_cleanup(128 + sig, now);
@@ -158,25 +220,33 @@ impl Supervisor {
         }
     }
 
-    /// Some process `pid` was reaped. Only the main child matters here.
-    pub fn handle_exit(&mut self, pid: i32, code: i32, now: Instant) {
+    /// Some process `pid` was reaped, having exited with `code` or been killed by `signal`.
+    /// Only the main child matters here.
+    pub fn handle_exit(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, now: Instant) {
         if let State::Running { pid: child, .. } = self.state {
             if child == pid {
-                self.enter_cleanup(code, now);
+                let ended = Ended { code: exit_code(code, signal), signal };
+                self.ended = Some(ended);
+                self.enter_cleanup(ended.code, now);
             }
         }
     }
 
     fn enter_cleanup(&mut self, code: i32, now: Instant) {
-        self.state = State::Cleanup { code, kill_at: Some(now + CLEANUP_GRACE), give_up_at: None };
+        self.state = State::Cleanup { code, kill_at: Some(now + CLEANUP_GRACE), give_up_at: None, flush_until: None };
         self.push(Action::SignalDescendants(libc::SIGTERM));
     }
 
     /// During cleanup, what is still around. When nothing is, the exit is decided.
-    pub fn handle_leftovers(&mut self, left: Leftovers) {
-        if let State::Cleanup { code, .. } = self.state {
-            if !left.descendants && !left.output {
+    pub fn handle_leftovers(&mut self, left: Leftovers, now: Instant) {
+        if let State::Cleanup { code, kill_at, give_up_at, flush_until } = self.state {
+            if left.descendants || left.output {
+                return;
+            }
+            if !left.server {
                 self.finish(code);
+            } else if flush_until.is_none() {
+                self.state = State::Cleanup { code, kill_at, give_up_at, flush_until: Some(now + FLUSH_GRACE) };
             }
         }
     }
@@ -189,29 +259,51 @@ impl Supervisor {
     /// The earliest time [`Supervisor::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
+            State::Waiting { start_at } => start_at,
             State::Running { kill_at, .. } => kill_at,
-            State::Cleanup { kill_at, give_up_at, .. } => kill_at.or(give_up_at),
-            State::Waiting | State::Done => None,
+            State::Cleanup { kill_at, give_up_at, flush_until, .. } => [kill_at, give_up_at, flush_until].into_iter().flatten().min(),
+            State::Done => None,
         }
     }
 
+    /// Acts on every timer that is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant, left: Leftovers) {
+        // Several timers can be due at once (e.g. the cleanup grace and the flush grace).
+        loop {
+            let before = self.state;
+            self.timeout_step(now, left);
+            if self.state == before {
+                return;
+            }
+        }
+    }
+
+    fn timeout_step(&mut self, now: Instant, left: Leftovers) {
         match self.state {
+            State::Waiting { start_at: Some(at) } if now >= at => {
+                crate::warn!("no config from the server yet; starting without it (WAYPOST_STARTUP_TIMEOUT)");
+                self.state = State::Waiting { start_at: None };
+                self.push(Action::Spawn);
+            }
             State::Running { pid, kill_at: Some(at) } if now >= at => {
                 self.state = State::Running { pid, kill_at: None };
                 // The child ignored the stop signal: kill it and everything in its group.
                 self.push(Action::Signal(Target::Group, libc::SIGKILL));
                 self.push(Action::Signal(Target::Child, libc::SIGKILL));
             }
-            State::Cleanup { code, kill_at: Some(at), .. } if now >= at => {
-                self.state = State::Cleanup { code, kill_at: None, give_up_at: Some(now + FINAL_GRACE) };
+            State::Cleanup { code, kill_at: Some(at), flush_until, .. } if now >= at => {
+                self.state = State::Cleanup { code, kill_at: None, give_up_at: Some(now + FINAL_GRACE), flush_until };
                 if left.descendants {
                     self.push(Action::SignalDescendants(libc::SIGKILL));
-                } else if !left.output {
-                    self.finish(code);
+                } else {
+                    self.handle_leftovers(left, now);
                 }
             }
-            State::Cleanup { code, kill_at: None, give_up_at: Some(at) } if now >= at => self.finish(code),
+            State::Cleanup { code, give_up_at: Some(at), .. } if now >= at => self.finish(code),
+            State::Cleanup { code, flush_until: Some(at), .. } if now >= at => {
+                crate::warn!("the server did not take our last log lines and status in time");
+                self.finish(code);
+            }
             _ => {}
         }
     }
@@ -241,7 +333,7 @@ mod tests {
         (s, t0)
     }
 
-    const NONE: Leftovers = Leftovers { descendants: false, output: false };
+    const NONE: Leftovers = Leftovers { descendants: false, output: false, server: false };
 
     #[test]
     fn exit_codes() {
@@ -282,33 +374,33 @@ mod tests {
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
         assert_eq!(s.poll_timeout(), None);
         // The child dies of it: 137.
-        s.handle_exit(100, 137, at);
+        s.handle_exit(100, None, Some(9), at);
         assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
-        s.handle_leftovers(NONE);
+        s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(137)]);
     }
 
     #[test]
     fn child_exit_cleans_up_descendants_then_exits() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(999, 0, t0); // not the child (an adopted orphan): nothing happens
+        s.handle_exit(999, Some(0), None, t0); // not the child (an adopted orphan): nothing happens
         assert_eq!(drain(&mut s), []);
-        s.handle_exit(100, 3, t0);
+        s.handle_exit(100, Some(3), None, t0);
         assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
         assert!(s.finishing());
         // Descendants still alive: wait.
-        s.handle_leftovers(Leftovers { descendants: true, output: true });
+        s.handle_leftovers(Leftovers { descendants: true, output: true, server: false }, t0);
         assert_eq!(drain(&mut s), []);
         let kill_at = t0 + CLEANUP_GRACE;
         assert_eq!(s.poll_timeout(), Some(kill_at));
-        s.handle_timeout(kill_at, Leftovers { descendants: true, output: true });
+        s.handle_timeout(kill_at, Leftovers { descendants: true, output: true, server: false });
         assert_eq!(drain(&mut s), [Action::SignalDescendants(KILL)]);
         assert_eq!(s.poll_timeout(), Some(kill_at + FINAL_GRACE));
         // They die, the pipes close: exit with the child's code.
-        s.handle_leftovers(NONE);
+        s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(3)]);
         // Exit is decided once.
-        s.handle_leftovers(NONE);
+        s.handle_leftovers(NONE, t0);
         s.handle_timeout(kill_at + FINAL_GRACE, NONE);
         assert_eq!(drain(&mut s), []);
     }
@@ -316,10 +408,10 @@ mod tests {
     #[test]
     fn stuck_pipe_does_not_keep_us_forever() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, 0, t0);
+        s.handle_exit(100, Some(0), None, t0);
         drain(&mut s);
-        let stuck = Leftovers { descendants: false, output: true };
-        s.handle_leftovers(stuck);
+        let stuck = Leftovers { descendants: false, output: true, server: false };
+        s.handle_leftovers(stuck, t0);
         s.handle_timeout(t0 + CLEANUP_GRACE, stuck);
         assert_eq!(drain(&mut s), [], "no one left to kill");
         s.handle_timeout(t0 + CLEANUP_GRACE + FINAL_GRACE, stuck);
@@ -336,16 +428,77 @@ mod tests {
         assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
         s.start();
         assert_eq!(drain(&mut s), [], "never spawned after a stop");
-        s.handle_leftovers(NONE);
+        s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
     }
 
     #[test]
     fn signals_after_exit_are_not_forwarded() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, 0, t0);
+        s.handle_exit(100, Some(0), None, t0);
         drain(&mut s);
         s.handle_signal(TERM, t0);
         assert_eq!(drain(&mut s), []);
+    }
+
+    #[test]
+    fn waits_for_config_then_fails_open_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        s.wait_for_config(Some(t0 + Duration::from_secs(5)));
+        assert_eq!(s.child_state(), ChildState::Starting);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        s.handle_timeout(t0 + Duration::from_secs(4), NONE);
+        assert_eq!(drain(&mut s), []);
+        s.handle_timeout(t0 + Duration::from_secs(5), NONE);
+        assert_eq!(drain(&mut s), [Action::Spawn]);
+        // Config arriving later does not spawn a second child.
+        s.handle_spawned(7);
+        s.start();
+        assert_eq!(drain(&mut s), []);
+        assert_eq!(s.child_state(), ChildState::Running(7));
+        assert_eq!(s.starts(), 1);
+    }
+
+    #[test]
+    fn config_before_the_deadline_starts_at_once() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        s.wait_for_config(Some(t0 + Duration::from_secs(5)));
+        s.start();
+        assert_eq!(drain(&mut s), [Action::Spawn]);
+    }
+
+    #[test]
+    fn server_required_waits_forever() {
+        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        s.wait_for_config(None);
+        assert_eq!(s.poll_timeout(), None);
+        s.start();
+        assert_eq!(drain(&mut s), [Action::Spawn]);
+    }
+
+    #[test]
+    fn last_words_to_the_server_get_at_most_the_flush_grace() {
+        let (mut s, t0) = running(30, false);
+        s.handle_exit(100, None, Some(15), t0);
+        drain(&mut s);
+        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 143, signal: Some(15) })));
+        let pending = Leftovers { descendants: false, output: false, server: true };
+        let t1 = t0 + Duration::from_millis(10);
+        s.handle_leftovers(pending, t1);
+        assert_eq!(drain(&mut s), [], "waits for the server");
+        assert_eq!(s.poll_timeout(), Some(t1 + FLUSH_GRACE).min(Some(t0 + CLEANUP_GRACE)));
+        // Flushed in time: exit at once.
+        s.handle_leftovers(NONE, t1 + Duration::from_millis(500));
+        assert_eq!(drain(&mut s), [Action::Exit(143)]);
+
+        // Never flushed: exit at the grace.
+        let (mut s, t0) = running(30, false);
+        s.handle_exit(100, Some(1), None, t0);
+        drain(&mut s);
+        s.handle_leftovers(pending, t0);
+        s.handle_timeout(t0 + FLUSH_GRACE, pending);
+        assert_eq!(drain(&mut s), [Action::Exit(1)]);
     }
 }

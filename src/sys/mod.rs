@@ -5,3 +5,4 @@
 
 pub mod signals;
 pub mod spawn;
+pub mod random;

@@ -1,0 +1,502 @@
+//! The control connection's state machine, sans-IO: when to connect, what to say first, when to
+//! beat the heart, when to give up on a silent server, how long to back off.
+//!
+//! `Idle → Connecting → AwaitingWelcome → Ready`, and from any of the last three to `Backoff`
+//! when the connection fails or closes; `Backoff → Connecting` when the delay is over. The reactor
+//! opens the connection when asked (`Event::Connect`: DNS, TCP, proxy, TLS — all off-loop or
+//! non-blocking), reports the outcome with `handle_connected` / `handle_closed`, feeds received
+//! frames to `handle_frame`, and writes what `poll_transmit` returns. Frames meant for other cores
+//! (config, logs, exec, tunnel) come back out as `Event::Frame`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use waypost_proto::{reject, Hello, Kind, Ping, Pong, Reject, Welcome};
+
+/// First reconnect delay; doubles per failed attempt (CONTRACT.md).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// DNS + TCP + proxy + TLS handshake must finish within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After sending Hello, the server must answer within this.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat interval until the server's Welcome says otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Smallest heartbeat we accept from a server (a bad value must not make us spin).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Control frames waiting to be written. They are small and the writer drains them first; a
+/// backlog this long means the connection is stuck, and the liveness check will replace it.
+const TRANSMIT_CAP: usize = 64;
+
+/// What the reactor must do, or learn.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Open a connection to the server now.
+    Connect,
+    /// Close the connection now (the session has already moved on to `Backoff`).
+    Disconnect(&'static str),
+    /// The server accepted us (possibly with a first config).
+    Welcome(Welcome),
+    /// The connection is gone (closed, failed, or abandoned): sessions riding on it must end.
+    Lost,
+    /// Time to send a Status (the heartbeat carries one).
+    Heartbeat,
+    /// A frame for another core.
+    Frame(Kind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Backoff { until: Instant },
+    Connecting { deadline: Instant },
+    AwaitingWelcome { deadline: Instant },
+    Ready { next_beat: Instant, dead_at: Instant },
+}
+
+pub struct Session {
+    state: State,
+    /// Failed attempts since the last Welcome.
+    attempts: u32,
+    heartbeat: Duration,
+    rng: u64,
+    nonce: u64,
+    transmit: VecDeque<Kind>,
+    events: VecDeque<Event>,
+    /// Rejections in a row, for logging once per cause.
+    rejected: bool,
+}
+
+impl Session {
+    /// `seed` makes the backoff jitter deterministic in tests; use a random one in production.
+    pub fn new(seed: u64) -> Session {
+        Session {
+            state: State::Idle,
+            attempts: 0,
+            heartbeat: DEFAULT_HEARTBEAT,
+            rng: seed | 1,
+            nonce: 0,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            rejected: false,
+        }
+    }
+
+    /// Starts connecting (once, at startup).
+    pub fn start(&mut self, now: Instant) {
+        if self.state == State::Idle {
+            self.connect(now);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    /// Whether a connection is open or being opened (the reactor holds a socket).
+    pub fn has_connection(&self) -> bool {
+        matches!(self.state, State::Connecting { .. } | State::AwaitingWelcome { .. } | State::Ready { .. })
+    }
+
+    /// The server's heartbeat interval (ours until the Welcome).
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    fn connect(&mut self, now: Instant) {
+        self.state = State::Connecting { deadline: now + CONNECT_TIMEOUT };
+        self.transmit.clear();
+        self.events.push_back(Event::Connect);
+    }
+
+    /// The connection is open (TLS handshake done); `hello` is what we tell the server.
+    pub fn handle_connected(&mut self, hello: Hello, now: Instant) {
+        if let State::Connecting { .. } = self.state {
+            self.state = State::AwaitingWelcome { deadline: now + WELCOME_TIMEOUT };
+            self.transmit.push_back(Kind::Hello(hello));
+        }
+    }
+
+    /// The connection failed to open, or closed. `why` is for the log.
+    pub fn handle_closed(&mut self, why: &str, now: Instant) {
+        match self.state {
+            State::Idle | State::Backoff { .. } => return,
+            State::Ready { .. } => crate::warn!("lost the connection to the server: {why}; reconnecting"),
+            State::Connecting { .. } | State::AwaitingWelcome { .. } => {
+                if self.attempts == 0 && !self.rejected {
+                    crate::warn!("cannot reach the server: {why}; retrying with backoff")
+                } else {
+                    crate::debug!("connection attempt {} failed: {why}", self.attempts + 1)
+                }
+            }
+        }
+        self.events.push_back(Event::Lost);
+        self.back_off(now, Duration::ZERO);
+    }
+
+    fn back_off(&mut self, now: Instant, at_least: Duration) {
+        let delay = backoff_delay(self.attempts, &mut self.rng).max(at_least);
+        self.attempts = self.attempts.saturating_add(1);
+        self.state = State::Backoff { until: now + delay };
+        self.transmit.clear();
+    }
+
+    /// Gives up on the current connection: the reactor closes it, we retry after the backoff.
+    fn abandon(&mut self, why: &'static str, now: Instant, at_least: Duration) {
+        self.events.push_back(Event::Disconnect(why));
+        self.events.push_back(Event::Lost);
+        self.back_off(now, at_least);
+    }
+
+    /// A frame arrived from the server.
+    pub fn handle_frame(&mut self, kind: Kind, now: Instant) {
+        match (self.state, kind) {
+            (State::AwaitingWelcome { .. }, Kind::Welcome(w)) => {
+                if w.heartbeat_interval_ms > 0 {
+                    self.heartbeat = Duration::from_millis(u64::from(w.heartbeat_interval_ms)).max(MIN_HEARTBEAT);
+                }
+                crate::info!(
+                    "connected to the server as app {:?}{}",
+                    w.app,
+                    if w.deployment.is_empty() { String::new() } else { format!(", deployment {:?}", w.deployment) }
+                );
+                self.attempts = 0;
+                self.rejected = false;
+                self.state = State::Ready { next_beat: now + self.heartbeat, dead_at: now + self.dead_after() };
+                self.events.push_back(Event::Welcome(w));
+                // Tell the server right away what the child is doing.
+                self.events.push_back(Event::Heartbeat);
+            }
+            (State::AwaitingWelcome { .. } | State::Ready { .. }, Kind::Reject(r)) => self.rejected(r, now),
+            (State::AwaitingWelcome { .. }, other) => {
+                crate::debug!("ignoring {} before the Welcome", kind_name(&other));
+            }
+            (State::Ready { next_beat, .. }, kind) => {
+                self.state = State::Ready { next_beat, dead_at: now + self.dead_after() };
+                match kind {
+                    Kind::Ping(p) => self.transmit.push_back(Kind::Pong(Pong { nonce: p.nonce })),
+                    Kind::Pong(_) | Kind::Welcome(_) => {}
+                    other => self.events.push_back(Event::Frame(other)),
+                }
+            }
+            (State::Idle | State::Backoff { .. } | State::Connecting { .. }, _) => {}
+        }
+    }
+
+    fn rejected(&mut self, r: Reject, now: Instant) {
+        let reason = reject::Reason::try_from(r.reason).map_or("UNKNOWN", |x| x.as_str_name());
+        if !self.rejected {
+            crate::error!("the server refused this entrypoint ({reason}): {}; retrying with backoff", r.message);
+        }
+        self.rejected = true;
+        self.abandon("rejected", now, Duration::from_millis(u64::from(r.retry_after_ms)));
+    }
+
+    /// Silence longer than this means the server (or the path to it) is gone: two heartbeats,
+    /// each answered by a Pong, plus one interval of slack.
+    fn dead_after(&self) -> Duration {
+        self.heartbeat * 3
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle => None,
+            State::Backoff { until } => Some(until),
+            State::Connecting { deadline } | State::AwaitingWelcome { deadline } => Some(deadline),
+            State::Ready { next_beat, dead_at } => Some(next_beat.min(dead_at)),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Backoff { until } if now >= until => self.connect(now),
+            State::Connecting { deadline } if now >= deadline => {
+                crate::debug!("connecting to the server timed out");
+                self.abandon("connect timeout", now, Duration::ZERO);
+            }
+            State::AwaitingWelcome { deadline } if now >= deadline => {
+                if self.attempts == 0 {
+                    crate::warn!("the server accepted the connection but did not answer; retrying with backoff");
+                }
+                self.abandon("no welcome", now, Duration::ZERO);
+            }
+            State::Ready { dead_at, .. } if now >= dead_at => {
+                crate::warn!("the server went silent; reconnecting");
+                self.abandon("server silent", now, Duration::ZERO);
+            }
+            State::Ready { next_beat, dead_at } if now >= next_beat => {
+                self.nonce = self.nonce.wrapping_add(1);
+                self.transmit.push_back(Kind::Ping(Ping { nonce: self.nonce }));
+                self.events.push_back(Event::Heartbeat);
+                // Beats are spaced from the last one, not from now: no drift, no catch-up burst.
+                let mut next = next_beat + self.heartbeat;
+                if next <= now {
+                    next = now + self.heartbeat;
+                }
+                self.state = State::Ready { next_beat: next, dead_at };
+            }
+            _ => {}
+        }
+    }
+
+    /// Queues a control frame (Status, ConfigApplied, ...) if connected and welcomed.
+    pub fn send(&mut self, kind: Kind) {
+        if self.is_ready() && self.transmit.len() < TRANSMIT_CAP {
+            self.transmit.push_back(kind);
+        }
+    }
+
+    /// Whether control frames are waiting to be written.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Kind> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
+/// lost its server at the same moment does not come back at the same moment.
+pub fn backoff_delay(attempts: u32, rng: &mut u64) -> Duration {
+    let base = BACKOFF_MIN.saturating_mul(1u32 << attempts.min(16)).min(BACKOFF_MAX);
+    let half = base / 2;
+    let jitter = (next_random(rng) % (half.as_micros() as u64 + 1)) as u64;
+    half + Duration::from_micros(jitter)
+}
+
+/// xorshift64*: plenty for jitter, and deterministic under test.
+fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// A frame kind's name for log lines.
+pub fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Hello(_) => "Hello",
+        Kind::Welcome(_) => "Welcome",
+        Kind::Reject(_) => "Reject",
+        Kind::Config(_) => "Config",
+        Kind::ConfigApplied(_) => "ConfigApplied",
+        Kind::LogBatch(_) => "LogBatch",
+        Kind::LogAck(_) => "LogAck",
+        Kind::ExecStart(_) => "ExecStart",
+        Kind::ExecInput(_) => "ExecInput",
+        Kind::ExecResize(_) => "ExecResize",
+        Kind::ExecSignal(_) => "ExecSignal",
+        Kind::ExecStdinClose(_) => "ExecStdinClose",
+        Kind::ExecStarted(_) => "ExecStarted",
+        Kind::ExecOutput(_) => "ExecOutput",
+        Kind::ExecExit(_) => "ExecExit",
+        Kind::StreamOpen(_) => "StreamOpen",
+        Kind::StreamData(_) => "StreamData",
+        Kind::StreamClose(_) => "StreamClose",
+        Kind::WindowUpdate(_) => "WindowUpdate",
+        Kind::Ping(_) => "Ping",
+        Kind::Pong(_) => "Pong",
+        Kind::Status(_) => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waypost_proto::{LogAck, Status};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn sent(s: &mut Session) -> Vec<Kind> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    fn welcome(hb_ms: u32) -> Kind {
+        Kind::Welcome(Welcome { heartbeat_interval_ms: hb_ms, app: "web".into(), ..Default::default() })
+    }
+
+    /// A session that is Ready at `t0` with a 1 s heartbeat.
+    fn ready() -> (Session, Instant) {
+        let t0 = Instant::now();
+        let mut s = Session::new(7);
+        s.start(t0);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        s.handle_connected(Hello { token: "t".into(), ..Default::default() }, t0);
+        assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]));
+        s.handle_frame(welcome(1000), t0);
+        let ev = events(&mut s);
+        assert!(matches!(ev[..], [Event::Welcome(_), Event::Heartbeat]), "{ev:?}");
+        assert!(s.is_ready());
+        (s, t0)
+    }
+
+    #[test]
+    fn connect_hello_welcome_ready() {
+        let (s, t0) = ready();
+        assert_eq!(s.heartbeat(), ms(1000));
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(1000)));
+    }
+
+    #[test]
+    fn heartbeats_are_regular_and_answered_pings_keep_us_alive() {
+        let (mut s, t0) = ready();
+        for i in 1..=10u64 {
+            let t = t0 + ms(1000 * i);
+            assert_eq!(s.poll_timeout(), Some(t));
+            s.handle_timeout(t);
+            assert_eq!(events(&mut s), [Event::Heartbeat]);
+            assert_eq!(sent(&mut s), [Kind::Ping(Ping { nonce: i })]);
+            s.handle_frame(Kind::Pong(Pong { nonce: i }), t + ms(5));
+        }
+        assert!(s.is_ready());
+    }
+
+    #[test]
+    fn a_silent_server_is_abandoned_after_three_intervals() {
+        let (mut s, t0) = ready();
+        let mut t = t0;
+        loop {
+            t = s.poll_timeout().unwrap();
+            s.handle_timeout(t);
+            let ev = events(&mut s);
+            sent(&mut s);
+            if ev.contains(&Event::Lost) {
+                assert_eq!(ev, [Event::Disconnect("server silent"), Event::Lost]);
+                break;
+            }
+        }
+        assert_eq!(t, t0 + ms(3000));
+        assert!(!s.is_ready());
+    }
+
+    #[test]
+    fn server_pings_are_answered() {
+        let (mut s, t0) = ready();
+        s.handle_frame(Kind::Ping(Ping { nonce: 42 }), t0 + ms(10));
+        assert_eq!(sent(&mut s), [Kind::Pong(Pong { nonce: 42 })]);
+    }
+
+    #[test]
+    fn other_frames_go_to_the_other_cores() {
+        let (mut s, t0) = ready();
+        s.handle_frame(Kind::LogAck(LogAck { up_to_seq: 9 }), t0);
+        assert_eq!(events(&mut s), [Event::Frame(Kind::LogAck(LogAck { up_to_seq: 9 }))]);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_30s() {
+        let t0 = Instant::now();
+        let mut s = Session::new(99);
+        s.start(t0);
+        events(&mut s);
+        let mut t = t0;
+        let mut delays = Vec::new();
+        for _ in 0..14 {
+            s.handle_closed("refused", t);
+            assert_eq!(events(&mut s), [Event::Lost]);
+            let until = s.poll_timeout().unwrap();
+            delays.push(until - t);
+            s.handle_timeout(until - ms(1));
+            assert_eq!(events(&mut s), [], "not before the delay");
+            s.handle_timeout(until);
+            assert_eq!(events(&mut s), [Event::Connect]);
+            t = until;
+        }
+        for (n, d) in delays.iter().enumerate() {
+            let base = (BACKOFF_MIN * (1 << n)).min(BACKOFF_MAX);
+            assert!(*d >= base / 2 && *d <= base, "attempt {n}: {d:?} outside [{:?}, {base:?}]", base / 2);
+        }
+        assert!(delays[13] >= ms(15_000), "capped at 30 s, at least half of it");
+        // Jitter: two sessions with different seeds do not retry in lockstep.
+        let mut a = 1u64;
+        let mut b = 2u64;
+        let da: Vec<_> = (0..8).map(|n| backoff_delay(n, &mut a)).collect();
+        let db: Vec<_> = (0..8).map(|n| backoff_delay(n, &mut b)).collect();
+        assert_ne!(da, db);
+    }
+
+    #[test]
+    fn welcome_resets_the_backoff() {
+        let t0 = Instant::now();
+        let mut s = Session::new(5);
+        s.start(t0);
+        for _ in 0..6 {
+            s.handle_closed("refused", t0);
+            let until = s.poll_timeout().unwrap();
+            s.handle_timeout(until);
+        }
+        events(&mut s);
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(welcome(1000), t0);
+        events(&mut s);
+        // Lost again: the first retry is quick again.
+        s.handle_closed("reset", t0);
+        assert!(s.poll_timeout().unwrap() <= t0 + BACKOFF_MIN);
+    }
+
+    #[test]
+    fn accepts_but_never_answers() {
+        let t0 = Instant::now();
+        let mut s = Session::new(1);
+        s.start(t0);
+        events(&mut s);
+        s.handle_connected(Hello::default(), t0);
+        sent(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t0 + WELCOME_TIMEOUT));
+        s.handle_timeout(t0 + WELCOME_TIMEOUT);
+        assert_eq!(events(&mut s), [Event::Disconnect("no welcome"), Event::Lost]);
+        // A connection that never completes is abandoned too.
+        let t1 = s.poll_timeout().unwrap();
+        s.handle_timeout(t1);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        s.handle_timeout(t1 + CONNECT_TIMEOUT);
+        assert_eq!(events(&mut s), [Event::Disconnect("connect timeout"), Event::Lost]);
+    }
+
+    #[test]
+    fn reject_backs_off_at_least_the_hint() {
+        let t0 = Instant::now();
+        let mut s = Session::new(3);
+        s.start(t0);
+        events(&mut s);
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(Kind::Reject(Reject { reason: reject::Reason::BadToken as i32, message: "invalid token".into(), retry_after_ms: 5000 }), t0);
+        assert_eq!(events(&mut s), [Event::Disconnect("rejected"), Event::Lost]);
+        assert!(s.poll_timeout().unwrap() >= t0 + ms(5000));
+    }
+
+    #[test]
+    fn nothing_is_sent_unless_ready() {
+        let t0 = Instant::now();
+        let mut s = Session::new(3);
+        s.send(Kind::Status(Status::default()));
+        assert_eq!(sent(&mut s), []);
+        s.start(t0);
+        s.handle_connected(Hello::default(), t0);
+        s.send(Kind::Status(Status::default()));
+        assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]), "Status waits for the Welcome");
+    }
+
+    #[test]
+    fn a_tiny_heartbeat_from_the_server_is_clamped() {
+        let t0 = Instant::now();
+        let mut s = Session::new(3);
+        s.start(t0);
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(welcome(1), t0);
+        assert_eq!(s.heartbeat(), MIN_HEARTBEAT);
+    }
+}
