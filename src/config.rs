@@ -104,13 +104,12 @@ impl Settings {
             .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
             .collect();
         let env = Env { vars: &vars };
-        let mut unknown: Vec<String> = vars
+        let unknown: Vec<String> = vars
             .iter()
             .filter_map(|(k, _)| k.to_str())
             .filter(|k| k.starts_with("WAYPOST_") && !KNOWN.contains(k))
             .map(str::to_owned)
             .collect();
-        unknown.sort();
 
         let server = env.get("WAYPOST_SERVER", Some("WAYPOINT_SERVER_ADDR"))?;
         let server = server.map(|(name, v)| parse_host_port(&v).map_err(|why| Error::Env { name, why })).transpose()?;
@@ -268,7 +267,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// Durations like `500ms`, `5s`, `2m`, `1h`, `1m30s`, `1.5s`; a bare integer is seconds (as in
-/// `docker stop -t 30`).
+/// `docker stop -t 30`). Millisecond precision.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let bad = || format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1m30s)");
@@ -278,26 +277,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if t.bytes().all(|b| b.is_ascii_digit()) {
         return t.parse::<u64>().map(Duration::from_secs).map_err(|_| bad());
     }
-    let mut total = Duration::ZERO;
+    let mut total_ms: u64 = 0;
     let mut rest = t;
     while !rest.is_empty() {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
         let (num, tail) = rest.split_at(num_end);
         let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
-        let scale = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit_ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
             _ => return Err(bad()),
         };
-        let n: f64 = num.parse().map_err(|_| bad())?;
-        let part = Duration::try_from_secs_f64(n * scale).map_err(|_| bad())?;
-        total = total.checked_add(part).ok_or_else(bad)?;
+        // Fixed point with three decimals, so `1.5s` is exact without floating point.
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if int.is_empty() && frac.is_empty() || frac.len() > 3 || frac.contains('.') {
+            return Err(bad());
+        }
+        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+        let frac_thousandths: u64 = if frac.is_empty() { 0 } else { format!("{frac:0<3}").parse().map_err(|_| bad())? };
+        let part = int
+            .checked_mul(1000)
+            .and_then(|x| x.checked_add(frac_thousandths))
+            .and_then(|x| x.checked_mul(unit_ms))
+            .ok_or_else(bad)?
+            / 1000;
+        total_ms = total_ms.checked_add(part).ok_or_else(bad)?;
         rest = tail;
     }
-    Ok(total)
+    Ok(Duration::from_millis(total_ms))
 }
 
 /// Sizes like `4MiB`, `512KiB`, `1GiB`, `64k`, `1MB`; a bare number is bytes. `K`/`M`/`G` alone
@@ -418,13 +428,15 @@ mod tests {
             ("1h", 3_600_000),
             ("1m30s", 90_000),
             ("1.5s", 1500),
+            ("0.25m", 15_000),
+            ("1.5ms", 1),
             ("30", 30_000),
             (" 0s ", 0),
         ];
         for (s, ms) in ok {
             assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
         }
-        for s in ["abc", "", "5x", "ms", "-1s", "1.2.3s", "s5", "5 s"] {
+        for s in ["abc", "", "5x", "ms", "-1s", "1.2.3s", "s5", "5 s", ".s", "1.2345s", "99999999999999999h"] {
             assert!(parse_duration(s).is_err(), "{s:?} should be refused");
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod logger;
 
+pub mod appconfig;
 pub mod config;
 pub mod error;
 pub mod reactor;

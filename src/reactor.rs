@@ -5,6 +5,7 @@
 //! mio is edge-triggered: every ready fd is drained until `WouldBlock` (house rule 3), and a
 //! stream that stopped reading because its buffer was full is resumed by hand once there is room.
 
+use crate::appconfig::{ConfigCore, Step};
 use crate::config::{HostPort, SECRET_VARS, Settings};
 use crate::error::Error;
 use crate::logger::{self, Record};
@@ -27,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use waypost_proto::{status, Features, Frame, Hello, Kind, Status};
+use waypost_proto::{status, ConfigApplied, ConfigFile, Features, Frame, Hello, Kind, Status};
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
 pub fn wall_ms() -> u64 {
@@ -235,6 +236,10 @@ pub struct Reactor {
     reap_pending: bool,
     exit: Option<i32>,
     control: Option<Control>,
+    /// The server's configuration for the app.
+    cfg: ConfigCore,
+    /// WAYPOST_DISABLE_CONFIG: configuration from the server is ignored.
+    config_disabled: bool,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -363,6 +368,8 @@ impl Reactor {
             reap_pending: false,
             exit: None,
             control,
+            cfg: ConfigCore::new(crate::sys::random::u64()),
+            config_disabled: settings.disable_config,
         })
     }
 
@@ -378,6 +385,7 @@ impl Reactor {
             if let Some(c) = &self.control {
                 deadline = earliest(deadline, c.session.poll_timeout());
             }
+            deadline = earliest(deadline, self.cfg.poll_timeout());
             if self.sup.finishing() {
                 deadline = Some(deadline.map_or(now + CLEANUP_TICK, |d| d.min(now + CLEANUP_TICK)));
             }
@@ -422,6 +430,10 @@ impl Reactor {
                 if c.session.poll_timeout().is_some_and(|d| d <= now) {
                     c.session.handle_timeout(now);
                 }
+            }
+            if self.cfg.poll_timeout().is_some_and(|d| d <= now) {
+                self.cfg.handle_timeout(now);
+                self.config_steps(now);
             }
         }
     }
@@ -470,9 +482,12 @@ impl Reactor {
 
     fn spawn_child(&mut self, now: Instant) {
         let stdio = |captured: bool| if captured { Stdio::Pipe } else { Stdio::Inherit };
+        // The container's environment, overridden by the server's config.
+        let mut env: Vec<(OsString, OsString)> = self.child_env.iter().filter(|(k, _)| !self.cfg.child_env().any(|(c, _)| k == c.as_str())).cloned().collect();
+        env.extend(self.cfg.child_env().map(|(k, v)| (k.into(), v.into())));
         let spec = Spec {
             argv: &self.argv,
-            env: &self.child_env,
+            env: &env,
             stdin: Stdio::Inherit,
             stdout: stdio(self.capture[0]),
             stderr: stdio(self.capture[1]),
@@ -718,14 +733,64 @@ impl Reactor {
                     self.drop_conn(true);
                 }
                 session::Event::Lost => self.drop_conn(false),
-                session::Event::Welcome(_welcome) => {
-                    // The first config (issue: config) is applied here before the child starts.
+                session::Event::Welcome(welcome) => {
+                    // The first config is in force (files written) before the child starts.
+                    if let Some(config) = welcome.config {
+                        self.on_config(config, now);
+                    }
                     self.sup.start();
                 }
                 session::Event::Heartbeat => self.send_status(),
+                session::Event::Frame(Kind::Config(config)) => self.on_config(config, now),
                 session::Event::Frame(kind) => debug!("ignoring a {} frame (feature not available)", session::kind_name(&kind)),
             }
         }
+    }
+
+    fn on_config(&mut self, config: waypost_proto::Config, now: Instant) {
+        if self.config_disabled {
+            debug!("ignoring config version {} (WAYPOST_DISABLE_CONFIG)", config.version);
+            return;
+        }
+        let running = matches!(self.sup.child_state(), ChildState::Running(_));
+        self.cfg.handle_config(config, running, now);
+        self.config_steps(now);
+    }
+
+    /// Carries out what the config core decided.
+    fn config_steps(&mut self, now: Instant) {
+        while let Some(step) = self.cfg.poll_step() {
+            match step {
+                Step::Apply { version, write, remove } => {
+                    let result = apply_files(&write, &remove);
+                    if let Err(e) = &result {
+                        error!("config version {version} not applied: {e}");
+                    } else if !write.is_empty() || !remove.is_empty() {
+                        info!("config version {version}: wrote {} files, removed {}", write.len(), remove.len());
+                    }
+                    self.cfg.handle_applied(result.is_ok());
+                    let error = result.err().unwrap_or_default();
+                    if let Some(c) = &mut self.control {
+                        c.session.send(Kind::ConfigApplied(ConfigApplied { version, error }));
+                    }
+                }
+                Step::Restart => {
+                    info!("config changed: restarting the app");
+                    let grace = self.cfg.stop_grace();
+                    self.sup.restart(grace, now);
+                    self.send_status();
+                }
+                Step::Signal(sig) => {
+                    info!("config files changed: sending {} to the app", signals::name(sig));
+                    self.sup.signal_child(sig);
+                }
+                Step::LogLevel(level) => {
+                    logger::set_level(level);
+                    info!("log level set to {} by the server's config", level.as_str());
+                }
+            }
+        }
+        self.apply_actions(now);
     }
 
     /// Resolves (off the loop unless the host is an IP literal) and starts connecting.
@@ -920,16 +985,21 @@ impl Reactor {
     /// Our Hello for a new connection: the fixed part plus what we know right now.
     fn hello(&self) -> Hello {
         let Some(c) = &self.control else { return Hello::default() };
-        Hello { status: Some(self.status()), ..c.hello.clone() }
+        Hello { status: Some(self.status()), config_version: self.cfg.version(), ..c.hello.clone() }
     }
 
     /// The child's state for the server.
     fn status(&self) -> Status {
-        let mut st = Status { starts: self.sup.starts(), entrypoint_rss_bytes: proc_rss(self.own_pid), ..Default::default() };
+        let mut st = Status {
+            starts: self.sup.starts(),
+            entrypoint_rss_bytes: proc_rss(self.own_pid),
+            config_version: self.cfg.version(),
+            ..Default::default()
+        };
         match self.sup.child_state() {
             ChildState::Starting => st.state = status::State::Starting as i32,
-            ChildState::Running(pid) => {
-                st.state = status::State::Running as i32;
+            ChildState::Running(pid) | ChildState::Restarting(pid) => {
+                st.state = if matches!(self.sup.child_state(), ChildState::Running(_)) { status::State::Running } else { status::State::Restarting } as i32;
                 st.child_pid = pid as u32;
                 st.child_rss_bytes = proc_rss(pid);
                 st.child_cpu_ms = proc_cpu_ms(pid);
@@ -954,6 +1024,46 @@ impl Reactor {
             }
         }
     }
+}
+
+/// Writes config files atomically (temp file + rename in the same directory, parents created,
+/// mode set regardless of umask) and removes the ones no longer configured.
+fn apply_files(write: &[ConfigFile], remove: &[String]) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    for f in write {
+        let path = std::path::Path::new(&f.path);
+        let (Some(dir), Some(name), true) = (path.parent(), path.file_name(), path.is_absolute()) else {
+            return Err(format!("{:?} is not an absolute file path", f.path));
+        };
+        let fail = |what: &str, e: io::Error| format!("{what} {}: {e}", f.path);
+        std::fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
+        let tmp = dir.join(format!(".{}.waypost-tmp", name.to_string_lossy()));
+        let mode = f.mode & 0o7777;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.write_all(&f.contents)?;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail("writing", e));
+        }
+    }
+    for path in remove {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(format!("removing {path}: {e}")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The earlier of two optional deadlines.

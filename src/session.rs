@@ -367,17 +367,16 @@ mod tests {
     #[test]
     fn a_silent_server_is_abandoned_after_three_intervals() {
         let (mut s, t0) = ready();
-        let mut t = t0;
-        loop {
-            t = s.poll_timeout().unwrap();
+        let t = loop {
+            let t = s.poll_timeout().unwrap();
             s.handle_timeout(t);
             let ev = events(&mut s);
             sent(&mut s);
             if ev.contains(&Event::Lost) {
                 assert_eq!(ev, [Event::Disconnect("server silent"), Event::Lost]);
-                break;
+                break t;
             }
-        }
+        };
         assert_eq!(t, t0 + ms(3000));
         assert!(!s.is_ready());
     }

@@ -67,6 +67,8 @@ pub enum ChildState {
     /// Not started yet (waiting for the server's config).
     Starting,
     Running(i32),
+    /// Being stopped to start again with new config.
+    Restarting(i32),
     /// Gone; `None` if it never ran (stopped or failed before it started).
     Exited(Option<Ended>),
 }
@@ -79,6 +81,14 @@ enum State {
         pid: i32,
         /// Set when a terminating signal was forwarded: SIGKILL at this time.
         kill_at: Option<Instant>,
+    },
+    /// Stopping the child to start it again (new config).
+    Restarting {
+        pid: i32,
+        /// SIGKILL at this time if it has not exited.
+        kill_at: Option<Instant>,
+        /// A terminating signal arrived meanwhile: do not start it again, exit.
+        then_exit: bool,
     },
     Cleanup {
         code: i32,
@@ -144,9 +154,30 @@ impl Supervisor {
     /// The main child's pid while it runs.
     pub fn child_pid(&self) -> Option<i32> {
         match self.state {
-            State::Running { pid, .. } => Some(pid),
+            State::Running { pid, .. } | State::Restarting { pid, .. } => Some(pid),
             _ => None,
         }
+    }
+
+    /// Stops the child (SIGTERM, then SIGKILL after `grace` or the stop timeout) and starts it
+    /// again. Ignored unless it is running normally.
+    pub fn restart(&mut self, grace: Option<Duration>, now: Instant) {
+        if let State::Running { pid, kill_at: None } = self.state {
+            let grace = grace.unwrap_or(self.stop_timeout);
+            self.state = State::Restarting { pid, kill_at: Some(now + grace), then_exit: false };
+            self.push(Action::Signal(self.target(), libc::SIGTERM));
+        }
+    }
+
+    /// Sends `sig` to the running child (the config policy's reload signal).
+    pub fn signal_child(&mut self, sig: i32) {
+        if let State::Running { .. } = self.state {
+            self.push(Action::Signal(self.target(), sig));
+        }
+    }
+
+    fn target(&self) -> Target {
+        if self.signal_group { Target::Group } else { Target::Child }
     }
 
     /// Whether the child has not been started yet.
@@ -159,6 +190,7 @@ impl Supervisor {
         match self.state {
             State::Waiting { .. } => ChildState::Starting,
             State::Running { pid, .. } => ChildState::Running(pid),
+            State::Restarting { pid, .. } => ChildState::Restarting(pid),
             State::Cleanup { .. } | State::Done => ChildState::Exited(self.ended),
         }
     }
@@ -212,8 +244,13 @@ impl Supervisor {
                 if is_terminating(sig) && kill_at.is_none() {
                     *kill_at = Some(now + self.stop_timeout);
                 }
-                let target = if self.signal_group { Target::Group } else { Target::Child };
-                self.push(Action::Signal(target, sig));
+                self.push(Action::Signal(self.target(), sig));
+            }
+            State::Restarting { then_exit, .. } => {
+                if is_terminating(sig) {
+                    *then_exit = true;
+                }
+                self.push(Action::Signal(self.target(), sig));
             }
             // Leftovers are being terminated already; the child is gone.
             State::Cleanup { .. } | State::Done => {}
@@ -223,12 +260,19 @@ impl Supervisor {
     /// Some process `pid` was reaped, having exited with `code` or been killed by `signal`.
     /// Only the main child matters here.
     pub fn handle_exit(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, now: Instant) {
-        if let State::Running { pid: child, .. } = self.state {
-            if child == pid {
+        match self.state {
+            State::Running { pid: child, .. } | State::Restarting { pid: child, then_exit: true, .. } if child == pid => {
                 let ended = Ended { code: exit_code(code, signal), signal };
                 self.ended = Some(ended);
                 self.enter_cleanup(ended.code, now);
             }
+            State::Restarting { pid: child, then_exit: false, .. } if child == pid => {
+                // Whatever the old child left in its group goes too, then the new one starts.
+                self.push(Action::Signal(Target::Group, libc::SIGTERM));
+                self.state = State::Waiting { start_at: None };
+                self.push(Action::Spawn);
+            }
+            _ => {}
         }
     }
 
@@ -260,7 +304,7 @@ impl Supervisor {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Waiting { start_at } => start_at,
-            State::Running { kill_at, .. } => kill_at,
+            State::Running { kill_at, .. } | State::Restarting { kill_at, .. } => kill_at,
             State::Cleanup { kill_at, give_up_at, flush_until, .. } => [kill_at, give_up_at, flush_until].into_iter().flatten().min(),
             State::Done => None,
         }
@@ -288,6 +332,11 @@ impl Supervisor {
             State::Running { pid, kill_at: Some(at) } if now >= at => {
                 self.state = State::Running { pid, kill_at: None };
                 // The child ignored the stop signal: kill it and everything in its group.
+                self.push(Action::Signal(Target::Group, libc::SIGKILL));
+                self.push(Action::Signal(Target::Child, libc::SIGKILL));
+            }
+            State::Restarting { pid, kill_at: Some(at), then_exit } if now >= at => {
+                self.state = State::Restarting { pid, kill_at: None, then_exit };
                 self.push(Action::Signal(Target::Group, libc::SIGKILL));
                 self.push(Action::Signal(Target::Child, libc::SIGKILL));
             }
@@ -500,5 +549,54 @@ mod tests {
         s.handle_leftovers(pending, t0);
         s.handle_timeout(t0 + FLUSH_GRACE, pending);
         assert_eq!(drain(&mut s), [Action::Exit(1)]);
+    }
+
+    #[test]
+    fn restart_stops_then_starts_again() {
+        let (mut s, t0) = running(30, false);
+        s.restart(Some(Duration::from_secs(5)), t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, TERM)]);
+        assert_eq!(s.child_state(), ChildState::Restarting(100));
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        // A second restart request while restarting changes nothing.
+        s.restart(None, t0);
+        assert_eq!(drain(&mut s), []);
+        s.handle_exit(100, None, Some(15), t0 + Duration::from_secs(1));
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
+        assert!(!s.finishing(), "a restart is not an exit");
+        s.handle_spawned(101);
+        assert_eq!(s.child_state(), ChildState::Running(101));
+        assert_eq!(s.starts(), 2);
+    }
+
+    #[test]
+    fn restart_of_a_stubborn_child_kills_it_at_the_grace() {
+        let (mut s, t0) = running(30, true);
+        s.restart(None, t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM)]);
+        s.handle_timeout(t0 + Duration::from_secs(30), NONE);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
+        s.handle_exit(100, None, Some(9), t0 + Duration::from_secs(30));
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
+    }
+
+    #[test]
+    fn term_during_a_restart_means_exit() {
+        let (mut s, t0) = running(30, false);
+        s.restart(None, t0);
+        drain(&mut s);
+        s.handle_signal(TERM, t0);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, TERM)]);
+        s.handle_exit(100, None, Some(15), t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.handle_leftovers(NONE, t0);
+        assert_eq!(drain(&mut s), [Action::Exit(143)]);
+    }
+
+    #[test]
+    fn reload_signal_goes_to_the_child() {
+        let (mut s, _) = running(30, false);
+        s.signal_child(libc::SIGHUP);
+        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, libc::SIGHUP)]);
     }
 }

@@ -4,6 +4,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Signals the entrypoint does not take over:
 /// - faults raised synchronously by our own code (FPE, ILL, SEGV, BUS, ABRT, TRAP, SYS) keep their
@@ -43,8 +44,19 @@ impl SigSet {
     }
 }
 
+/// Signals that were ignored when we started (bit N-1 = signal N), minus SIGPIPE, which Rust's
+/// runtime ignores before `main`. The child gets exactly these ignored, like a direct child would.
+static INHERITED_IGNORED: AtomicU64 = AtomicU64::new(0);
+
 /// Blocks `set` for the calling thread (before any other thread exists, so for the process).
 pub fn block(set: &SigSet) -> io::Result<()> {
+    let mut ignored = 0u64;
+    for sig in 1..=64 {
+        if sig != libc::SIGPIPE && kernel_disposition(sig, None) == Some(libc::SIG_IGN) {
+            ignored |= 1 << (sig - 1);
+        }
+    }
+    INHERITED_IGNORED.store(ignored, Ordering::Relaxed);
     // SAFETY: `set` is an initialised sigset; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set.0, std::ptr::null_mut()) };
     if rc != 0 {
@@ -97,22 +109,50 @@ pub fn read_batch(fd: impl AsFd, out: &mut [i32; BATCH]) -> io::Result<usize> {
     }
 }
 
-/// In a freshly forked child, before exec: the default state every program expects — nothing
-/// blocked, TTIN/TTOU back to default (ignored dispositions survive exec).
+/// In a freshly forked child, before exec: the state it would have had as a direct child of our
+/// parent — nothing blocked, and only the signals our parent ignored still ignored (ignored
+/// dispositions survive exec; we ignore TTIN/TTOU, Rust's runtime ignores PIPE).
 ///
 /// Only async-signal-safe calls: it runs between fork and exec.
 pub fn reset_for_exec() -> io::Result<()> {
+    let inherited = INHERITED_IGNORED.load(Ordering::Relaxed);
     let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigemptyset initialises the set; sigprocmask and signal are async-signal-safe.
+    // Handlers are reset by exec anyway; signal() refuses KILL, STOP and libc-internal signals.
     unsafe {
         libc::sigemptyset(empty.as_mut_ptr());
-        libc::signal(libc::SIGTTIN, libc::SIG_DFL);
-        libc::signal(libc::SIGTTOU, libc::SIG_DFL);
+        for sig in 1..=64 {
+            if inherited & (1 << (sig - 1)) == 0 {
+                kernel_disposition(sig, Some(libc::SIG_DFL));
+            }
+        }
         if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) != 0 {
             return Err(io::Error::last_os_error());
         }
     }
     Ok(())
+}
+
+/// The kernel's `struct sigaction` (x86_64 and aarch64 layout), for the raw system call.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Queries (and with `set`, replaces by a plain handler value such as SIG_DFL) the disposition
+/// of `sig` with the raw `rt_sigaction` call: libc wrappers refuse or hide the signals they use
+/// internally, and those must be reset for the child too. Async-signal-safe.
+fn kernel_disposition(sig: i32, set: Option<libc::sighandler_t>) -> Option<libc::sighandler_t> {
+    let new = set.map(|h| KernelSigaction { handler: h, flags: 0, restorer: 0, mask: 0 });
+    let mut old = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
+    let new_ptr = new.as_ref().map_or(std::ptr::null(), |n| n as *const KernelSigaction);
+    // SAFETY: both pointers are null or point at valid structs of the kernel's layout; the size
+    // argument is the kernel's sigset size (8 bytes).
+    let rc = unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, new_ptr, &mut old as *mut KernelSigaction, 8usize) };
+    (rc == 0).then_some(old.handler)
 }
 
 /// `kill(2)`: `pid > 0` a process, `pid < 0` the process group `-pid`. Any signal number, including
