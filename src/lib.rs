@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod logger;
+pub mod logs;
 
 pub mod appconfig;
 pub mod config;

@@ -9,6 +9,7 @@ use crate::appconfig::{ConfigCore, Step};
 use crate::config::{HostPort, SECRET_VARS, Settings};
 use crate::error::Error;
 use crate::logger::{self, Record};
+use crate::logs::Logs;
 use crate::relay::Relay;
 use crate::session::{self, Session};
 use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
@@ -28,11 +29,16 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use waypost_proto::{status, ConfigApplied, ConfigFile, Features, Frame, Hello, Kind, Status};
+use waypost_proto::{status, ConfigApplied, ConfigFile, Features, Frame, Hello, Kind, LogStream, Status};
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
 pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock microseconds since the Unix epoch (for log entries).
+fn wall_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Reports an error that ends the entrypoint before the loop runs, and gives its exit code.
@@ -240,6 +246,8 @@ pub struct Reactor {
     cfg: ConfigCore,
     /// WAYPOST_DISABLE_CONFIG: configuration from the server is ignored.
     config_disabled: bool,
+    /// Log shipping (with a server, unless WAYPOST_DISABLE_LOGS).
+    logs: Option<Logs>,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -370,6 +378,7 @@ impl Reactor {
             control,
             cfg: ConfigCore::new(crate::sys::random::u64()),
             config_disabled: settings.disable_config,
+            logs: (settings.server_enabled() && !settings.disable_logs).then(|| Logs::new(settings.log_buffer as usize)),
         })
     }
 
@@ -386,6 +395,10 @@ impl Reactor {
                 deadline = earliest(deadline, c.session.poll_timeout());
             }
             deadline = earliest(deadline, self.cfg.poll_timeout());
+            if let Some(logs) = &self.logs {
+                let connected = self.control.as_ref().is_some_and(|c| c.session.is_ready());
+                deadline = earliest(deadline, logs.poll_timeout(connected));
+            }
             if self.sup.finishing() {
                 deadline = Some(deadline.map_or(now + CLEANUP_TICK, |d| d.min(now + CLEANUP_TICK)));
             }
@@ -435,6 +448,9 @@ impl Reactor {
                 self.cfg.handle_timeout(now);
                 self.config_steps(now);
             }
+            if let Some(logs) = &mut self.logs {
+                logs.handle_timeout(now);
+            }
         }
     }
 
@@ -444,12 +460,12 @@ impl Reactor {
             self.reap(now);
         }
         self.apply_actions(now);
-        self.pump(Out::Stdout);
-        self.pump(Out::Stderr);
+        self.pump(Out::Stdout, now);
+        self.pump(Out::Stderr, now);
         self.session_events(now);
         self.apply_actions(now);
-        self.write_control();
         self.flush_own_log();
+        self.write_control(now);
         if self.sup.finishing() {
             let left = self.leftovers();
             self.sup.handle_leftovers(left, now);
@@ -579,8 +595,9 @@ impl Reactor {
     }
 
     /// Moves bytes from the child's pipe to our fd until neither side can make progress.
-    fn pump(&mut self, out: Out) {
+    fn pump(&mut self, out: Out, now: Instant) {
         let i = out as usize;
+        let stream = if out == Out::Stdout { LogStream::Stdout } else { LogStream::Stderr };
         loop {
             let mut progress = false;
             let s = &mut self.streams[i];
@@ -589,10 +606,17 @@ impl Reactor {
                     match rustix::io::read(pipe, s.relay.space()) {
                         Ok(0) => {
                             self.close_pipe(out);
+                            if let Some(logs) = &mut self.logs {
+                                logs.handle_eof(stream, now);
+                            }
                             progress = true;
                         }
                         Ok(n) => {
                             s.relay.filled(n);
+                            if let Some(logs) = &mut self.logs {
+                                let fresh = s.relay.pending();
+                                logs.handle_output(stream, &fresh[fresh.len() - n..], wall_us(), now);
+                            }
                             progress = true;
                         }
                         Err(Errno::AGAIN) => s.readable = false,
@@ -650,7 +674,12 @@ impl Reactor {
         if logger::pending() {
             let ms = wall_ms();
             let own = &mut self.own_log;
+            let logs = &mut self.logs;
+            let now = Instant::now();
             logger::drain(|rec| {
+                if let Some(logs) = logs {
+                    logs.handle_own(format!("{} {}", rec.level.as_str(), rec.msg).as_bytes(), ms as i64 * 1000, now);
+                }
                 if own.len() < OWN_LOG_CAP {
                     logger::format_line(&rec, ms, own);
                 }
@@ -698,7 +727,11 @@ impl Reactor {
         );
         let group = self.child_pgid.is_some_and(|pgid| signals::kill(-pgid, 0).is_ok());
         let server = self.control.as_ref().is_some_and(|c| {
-            c.session.is_ready() && (c.session.has_transmit() || !c.wbuf.is_empty() || c.conn.as_ref().is_some_and(Conn::has_unsent))
+            c.session.is_ready()
+                && (c.session.has_transmit()
+                    || !c.wbuf.is_empty()
+                    || c.conn.as_ref().is_some_and(Conn::has_unsent)
+                    || self.logs.as_ref().is_some_and(Logs::unacked))
         });
         let output = self
             .streams
@@ -734,6 +767,9 @@ impl Reactor {
                 }
                 session::Event::Lost => self.drop_conn(false),
                 session::Event::Welcome(welcome) => {
+                    if let Some(logs) = &mut self.logs {
+                        logs.handle_reconnect(welcome.log_acked_seq, now);
+                    }
                     // The first config is in force (files written) before the child starts.
                     if let Some(config) = welcome.config {
                         self.on_config(config, now);
@@ -742,6 +778,11 @@ impl Reactor {
                 }
                 session::Event::Heartbeat => self.send_status(),
                 session::Event::Frame(Kind::Config(config)) => self.on_config(config, now),
+                session::Event::Frame(Kind::LogAck(ack)) => {
+                    if let Some(logs) = &mut self.logs {
+                        logs.handle_ack(ack.up_to_seq);
+                    }
+                }
                 session::Event::Frame(kind) => debug!("ignoring a {} frame (feature not available)", session::kind_name(&kind)),
             }
         }
@@ -905,7 +946,7 @@ impl Reactor {
             }
         }
         self.read_control(now);
-        self.write_control();
+        self.write_control(now);
     }
 
     fn drop_conn_keep_addrs(&mut self) {
@@ -948,15 +989,25 @@ impl Reactor {
 
     /// Moves queued frames into TLS and TLS into the socket, highest priority first, until
     /// either side is full; then keeps the socket's interest in step.
-    fn write_control(&mut self) {
+    fn write_control(&mut self, now: Instant) {
         let Some(c) = &mut self.control else { return };
         let Some(conn) = &mut c.conn else { return };
+        let urgent = self.sup.finishing();
         if conn.is_open() {
             loop {
                 while c.wbuf.wants_more() {
-                    let Some(kind) = c.session.poll_transmit() else { break };
-                    if let Err(e) = c.wbuf.push(&Frame::from(kind)) {
-                        error!("dropping a frame that cannot be sent: {e}");
+                    if let Some(kind) = c.session.poll_transmit() {
+                        if let Err(e) = c.wbuf.push(&Frame::from(kind)) {
+                            error!("dropping a frame that cannot be sent: {e}");
+                        }
+                        continue;
+                    }
+                    // Lowest priority: logs, only once everything else is out.
+                    match &mut self.logs {
+                        Some(logs) if c.session.is_ready() && logs.batch_due(now, urgent) => {
+                            c.wbuf.append(|out| logs.encode_batch(out, now));
+                        }
+                        _ => break,
                     }
                 }
                 let n = if c.wbuf.is_empty() { 0 } else { conn.write(c.wbuf.pending()) };
@@ -985,7 +1036,12 @@ impl Reactor {
     /// Our Hello for a new connection: the fixed part plus what we know right now.
     fn hello(&self) -> Hello {
         let Some(c) = &self.control else { return Hello::default() };
-        Hello { status: Some(self.status()), config_version: self.cfg.version(), ..c.hello.clone() }
+        Hello {
+            status: Some(self.status()),
+            config_version: self.cfg.version(),
+            next_log_seq: self.logs.as_ref().map_or(0, Logs::next_seq),
+            ..c.hello.clone()
+        }
     }
 
     /// The child's state for the server.

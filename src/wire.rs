@@ -116,6 +116,16 @@ impl SendBuf {
         waypost_proto::encode(frame, &mut self.buf)
     }
 
+    /// Lets `f` append encoded frames itself (the log shipper writes batches straight from its
+    /// ring); returns what `f` returned.
+    pub fn append<R>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        f(&mut self.buf)
+    }
+
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.start..]
     }

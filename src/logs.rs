@@ -1,0 +1,636 @@
+//! Log shipping, sans-IO: the child's stdout and stderr (and our own lines) become numbered log
+//! entries, kept in one bounded ring until the server acknowledges them, and go out in batches.
+//!
+//! - Lines are split per stream at `\n`; a line longer than [`LINE_CAP`] is cut into pieces
+//!   flagged `truncated` (all but the last); a partial line is shipped (flagged) after
+//!   [`LINE_IDLE`] without more bytes, so prompts and progress bars show.
+//! - Entry `i` has sequence number `i`; batches say their first sequence number, so the server
+//!   can de-duplicate a batch resent after a reconnect and see gaps.
+//! - The ring holds at most `cap` bytes (`WAYPOST_LOG_BUFFER`); when a new entry does not fit,
+//!   the oldest go (even if sent but unacknowledged) and are counted; the count travels with the
+//!   next batch. The child is never slowed down by the server.
+//! - Batches are encoded straight from the ring into the connection's send buffer (no per-line
+//!   allocation on the hot path), in exactly the bytes prost would produce for a `LogBatch`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use waypost_proto::LogStream;
+
+/// Longest log entry; longer lines are split (CONTRACT.md: 64 KiB).
+pub const LINE_CAP: usize = 64 * 1024;
+/// A partial line is shipped after this long without more output on its stream.
+pub const LINE_IDLE: Duration = Duration::from_millis(250);
+/// A batch goes out once its oldest entry is this old...
+pub const BATCH_AGE: Duration = Duration::from_millis(50);
+/// ...or once this many bytes are waiting, and never holds more than that.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// Ring bytes per entry beyond its data: stream, truncated, length, timestamp.
+const HEADER: usize = 1 + 1 + 4 + 8;
+
+/// One stream's line being assembled.
+#[derive(Default)]
+struct Partial {
+    buf: Vec<u8>,
+    /// Wall-clock time (Unix µs) of the line's first byte.
+    ts: i64,
+    /// When the last byte arrived (for the idle flush).
+    last: Option<Instant>,
+}
+
+pub struct Logs {
+    /// Encoded entries `[front_seq, next_seq)`: header then data, back to back.
+    ring: VecDeque<u8>,
+    cap: usize,
+    front_seq: u64,
+    next_seq: u64,
+    /// Next entry to send and its byte offset in `ring`.
+    send_seq: u64,
+    send_off: usize,
+    /// When the oldest unsent entry was added (None: nothing unsent).
+    unsent_since: Option<Instant>,
+    /// Entries dropped since the last batch was encoded, never sent.
+    dropped_unsent: u64,
+    /// All entries ever dropped (for the entrypoint's own accounting).
+    dropped_total: u64,
+    partial: [Partial; 2],
+}
+
+impl Logs {
+    /// `cap`: `WAYPOST_LOG_BUFFER`, bytes.
+    pub fn new(cap: usize) -> Logs {
+        Logs {
+            ring: VecDeque::new(),
+            cap: cap.max(HEADER + 1),
+            front_seq: 0,
+            next_seq: 0,
+            send_seq: 0,
+            send_off: 0,
+            unsent_since: None,
+            dropped_unsent: 0,
+            dropped_total: 0,
+            partial: Default::default(),
+        }
+    }
+
+    /// Sequence number the next entry will get (for Hello).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Entries dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_total
+    }
+
+    /// Whether entries wait for the server's acknowledgement (so an exit should wait a little).
+    pub fn unacked(&self) -> bool {
+        self.front_seq < self.next_seq || self.partial.iter().any(|p| !p.buf.is_empty())
+    }
+
+    /// Bytes held (for tests of the memory bound).
+    pub fn held(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Bytes the child wrote on `stream` (Stdout or Stderr). `wall_us`: now, Unix µs.
+    pub fn handle_output(&mut self, stream: LogStream, mut bytes: &[u8], wall_us: i64, now: Instant) {
+        let i = if stream == LogStream::Stderr { 1 } else { 0 };
+        while !bytes.is_empty() {
+            if self.partial[i].buf.is_empty() {
+                self.partial[i].ts = wall_us;
+            }
+            // A newline right after a full LINE_CAP still ends the line there: look one further.
+            let room = LINE_CAP - self.partial[i].buf.len();
+            match find_newline(&bytes[..bytes.len().min(room + 1)]) {
+                Some(n) => {
+                    let p = &mut self.partial[i];
+                    if p.buf.is_empty() {
+                        // The common case: a whole line in one read, no copy into `partial`.
+                        let ts = p.ts;
+                        self.push(stream, ts, &bytes[..n], false, now);
+                    } else {
+                        p.buf.extend_from_slice(&bytes[..n]);
+                        let line = std::mem::take(&mut p.buf);
+                        let ts = p.ts;
+                        self.push(stream, ts, &line, false, now);
+                        self.partial[i].buf = line;
+                        self.partial[i].buf.clear();
+                    }
+                    bytes = &bytes[n + 1..];
+                }
+                None if bytes.len() > room => {
+                    // A full LINE_CAP without newline: ship this piece, flagged.
+                    let p = &mut self.partial[i];
+                    p.buf.extend_from_slice(&bytes[..room]);
+                    let piece = std::mem::take(&mut p.buf);
+                    let ts = p.ts;
+                    self.push(stream, ts, &piece, true, now);
+                    self.partial[i].buf = piece;
+                    self.partial[i].buf.clear();
+                    bytes = &bytes[room..];
+                }
+                None => {
+                    self.partial[i].buf.extend_from_slice(bytes);
+                    bytes = &[];
+                }
+            }
+        }
+        self.partial[i].last = Some(now);
+    }
+
+    /// The stream closed: whatever partial line is left is shipped.
+    pub fn handle_eof(&mut self, stream: LogStream, now: Instant) {
+        self.flush_partial(if stream == LogStream::Stderr { 1 } else { 0 }, now);
+    }
+
+    /// One of the entrypoint's own log lines.
+    pub fn handle_own(&mut self, line: &[u8], wall_us: i64, now: Instant) {
+        self.push(LogStream::Entrypoint, wall_us, &line[..line.len().min(LINE_CAP)], false, now);
+    }
+
+    fn flush_partial(&mut self, i: usize, now: Instant) {
+        if self.partial[i].buf.is_empty() {
+            return;
+        }
+        let stream = if i == 1 { LogStream::Stderr } else { LogStream::Stdout };
+        let piece = std::mem::take(&mut self.partial[i].buf);
+        let ts = self.partial[i].ts;
+        self.push(stream, ts, &piece, true, now);
+        self.partial[i].buf = piece;
+        self.partial[i].buf.clear();
+        self.partial[i].last = None;
+    }
+
+    fn push(&mut self, stream: LogStream, ts: i64, data: &[u8], truncated: bool, now: Instant) {
+        let size = HEADER + data.len();
+        // Make room: the oldest entries go first.
+        while self.ring.len() + size > self.cap && self.front_seq < self.next_seq {
+            self.drop_front();
+        }
+        if self.ring.len() + size > self.cap {
+            // Larger than the whole buffer by itself (a tiny WAYPOST_LOG_BUFFER): dropped.
+            self.next_seq += 1;
+            self.front_seq = self.next_seq;
+            self.send_seq = self.next_seq;
+            self.dropped_unsent += 1;
+            self.dropped_total += 1;
+            return;
+        }
+        self.ring.push_back(stream as u8);
+        self.ring.push_back(u8::from(truncated));
+        self.ring.extend((data.len() as u32).to_le_bytes());
+        self.ring.extend(ts.to_le_bytes());
+        self.ring.extend(data);
+        self.next_seq += 1;
+        if self.unsent_since.is_none() {
+            self.unsent_since = Some(now);
+        }
+    }
+
+    fn entry_len(&self, off: usize) -> usize {
+        let b = |k: usize| self.ring[off + 2 + k];
+        HEADER + u32::from_le_bytes([b(0), b(1), b(2), b(3)]) as usize
+    }
+
+    fn drop_front(&mut self) {
+        let len = self.entry_len(0);
+        self.ring.drain(..len);
+        if self.send_seq == self.front_seq {
+            // Never sent.
+            self.dropped_unsent += 1;
+            self.send_seq += 1;
+        } else {
+            self.send_off -= len;
+        }
+        self.front_seq += 1;
+        self.dropped_total += 1;
+        if self.send_seq == self.next_seq {
+            self.unsent_since = None;
+        }
+    }
+
+    /// The server has every entry below `up_to_seq`.
+    pub fn handle_ack(&mut self, up_to_seq: u64) {
+        while self.front_seq < up_to_seq.min(self.next_seq) {
+            let len = self.entry_len(0);
+            self.ring.drain(..len);
+            if self.send_seq > self.front_seq {
+                self.send_off -= len;
+            } else {
+                // Acknowledged without being sent on this connection (the server had it).
+                self.send_seq += 1;
+            }
+            self.front_seq += 1;
+        }
+        if self.send_seq == self.next_seq {
+            self.unsent_since = None;
+        }
+    }
+
+    /// A new connection: the server has everything below `acked`; the rest is sent again.
+    pub fn handle_reconnect(&mut self, acked: u64, now: Instant) {
+        self.send_seq = self.front_seq;
+        self.send_off = 0;
+        self.handle_ack(acked);
+        if self.send_seq < self.next_seq {
+            self.unsent_since = Some(now);
+        }
+    }
+
+    /// When to ship partial lines or (only when `connected`: no wake-ups while the server is
+    /// away) a young batch.
+    pub fn poll_timeout(&self, connected: bool) -> Option<Instant> {
+        let partial = self.partial.iter().filter(|p| !p.buf.is_empty()).filter_map(|p| p.last).map(|t| t + LINE_IDLE).min();
+        let batch = self.unsent_since.filter(|_| connected).map(|t| t + BATCH_AGE);
+        match (partial, batch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..2 {
+            if self.partial[i].last.is_some_and(|t| now >= t + LINE_IDLE) {
+                self.flush_partial(i, now);
+            }
+        }
+    }
+
+    /// Whether a batch is due: old enough, big enough, or `urgent` (we are exiting).
+    pub fn batch_due(&self, now: Instant, urgent: bool) -> bool {
+        self.send_seq < self.next_seq
+            && (urgent || self.ring.len() - self.send_off >= BATCH_BYTES || self.unsent_since.is_some_and(|t| now >= t + BATCH_AGE))
+    }
+
+    /// Appends one `LogBatch` frame (length prefix included) of unsent entries to `out`.
+    /// Returns whether one was written.
+    pub fn encode_batch(&mut self, out: &mut Vec<u8>, now: Instant) -> bool {
+        if self.send_seq >= self.next_seq {
+            return false;
+        }
+        // Pick entries: at least one, then up to BATCH_BYTES of data.
+        let (mut seq, mut off, mut entries_len, mut data) = (self.send_seq, self.send_off, 0usize, 0usize);
+        while seq < self.next_seq {
+            let len = self.entry_len(off);
+            let d = len - HEADER;
+            if data > 0 && data + d > BATCH_BYTES {
+                break;
+            }
+            let e = self.entry_body_len(off);
+            entries_len += 1 + varint_len(e as u64) + e;
+            data += d;
+            off += len;
+            seq += 1;
+        }
+        let mut batch_len = entries_len;
+        if self.send_seq > 0 {
+            batch_len += 1 + varint_len(self.send_seq);
+        }
+        if self.dropped_unsent > 0 {
+            batch_len += 1 + varint_len(self.dropped_unsent);
+        }
+        // Frame { log_batch = 6 (LEN) { first_seq = 1, entries = 2*, dropped = 3 } }
+        let body = 1 + varint_len(batch_len as u64) + batch_len;
+        out.extend_from_slice(&(body as u32).to_be_bytes());
+        out.push(6 << 3 | 2);
+        put_varint(out, batch_len as u64);
+        if self.send_seq > 0 {
+            out.push(1 << 3);
+            put_varint(out, self.send_seq);
+        }
+        let mut o = self.send_off;
+        while o < off {
+            let len = self.entry_len(o);
+            out.push(2 << 3 | 2);
+            put_varint(out, self.entry_body_len(o) as u64);
+            self.put_entry(o, out);
+            o += len;
+        }
+        if self.dropped_unsent > 0 {
+            out.push(3 << 3);
+            put_varint(out, self.dropped_unsent);
+        }
+        self.dropped_unsent = 0;
+        self.send_seq = seq;
+        self.send_off = off;
+        self.unsent_since = (seq < self.next_seq).then_some(now);
+        true
+    }
+
+    fn header(&self, off: usize) -> (u8, bool, usize, i64) {
+        let b = |k: usize| self.ring[off + k];
+        let len = u32::from_le_bytes([b(2), b(3), b(4), b(5)]) as usize;
+        let ts = i64::from_le_bytes([b(6), b(7), b(8), b(9), b(10), b(11), b(12), b(13)]);
+        (b(0), b(1) != 0, len, ts)
+    }
+
+    /// Encoded length of the LogEntry message at `off` (proto3: defaults omitted).
+    fn entry_body_len(&self, off: usize) -> usize {
+        let (stream, truncated, len, ts) = self.header(off);
+        let mut n = 0;
+        if stream != 0 {
+            n += 1 + varint_len(u64::from(stream));
+        }
+        if ts != 0 {
+            n += 1 + varint_len(ts as u64);
+        }
+        if len > 0 {
+            n += 1 + varint_len(len as u64) + len;
+        }
+        if truncated {
+            n += 2;
+        }
+        n
+    }
+
+    fn put_entry(&self, off: usize, out: &mut Vec<u8>) {
+        let (stream, truncated, len, ts) = self.header(off);
+        if stream != 0 {
+            out.push(1 << 3);
+            put_varint(out, u64::from(stream));
+        }
+        if ts != 0 {
+            out.push(2 << 3);
+            put_varint(out, ts as u64);
+        }
+        if len > 0 {
+            out.push(3 << 3 | 2);
+            put_varint(out, len as u64);
+            let start = off + HEADER;
+            let (a, b) = self.ring.as_slices();
+            if start + len <= a.len() {
+                out.extend_from_slice(&a[start..start + len]);
+            } else if start >= a.len() {
+                out.extend_from_slice(&b[start - a.len()..start - a.len() + len]);
+            } else {
+                out.extend_from_slice(&a[start..]);
+                out.extend_from_slice(&b[..len - (a.len() - start)]);
+            }
+        }
+        if truncated {
+            out.push(4 << 3);
+            out.push(1);
+        }
+    }
+}
+
+/// Position of the first `\n`, eight bytes at a time (SWAR): the hot loop of log shipping.
+pub fn find_newline(s: &[u8]) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const NL: u64 = LO * b'\n' as u64;
+    let mut chunks = s.chunks_exact(8);
+    let mut i = 0;
+    for c in &mut chunks {
+        let x = u64::from_le_bytes(c.try_into().expect("8 bytes")) ^ NL;
+        let found = x.wrapping_sub(LO) & !x & HI;
+        if found != 0 {
+            return Some(i + (found.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    chunks.remainder().iter().position(|&b| b == b'\n').map(|p| i + p)
+}
+
+fn varint_len(v: u64) -> usize {
+    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waypost_proto::{Kind, LogBatch, LogEntry};
+
+    fn t(ms: u64, t0: Instant) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// Encodes every due batch and decodes them with prost (so the hand encoder is checked
+    /// against the schema on every test).
+    fn ship(l: &mut Logs, now: Instant) -> Vec<LogBatch> {
+        let mut out = Vec::new();
+        let mut batches = Vec::new();
+        while l.encode_batch(&mut out, now) {
+            let mut input = &out[..];
+            let frame = waypost_proto::decode(&mut input).expect("whole").expect("valid");
+            assert!(input.is_empty());
+            // The bytes are exactly what prost produces for the same message.
+            let mut again = Vec::new();
+            waypost_proto::encode(&frame, &mut again).unwrap();
+            assert_eq!(again, out);
+            let Some(Kind::LogBatch(b)) = frame.kind else { panic!("not a LogBatch") };
+            batches.push(b);
+            out.clear();
+        }
+        batches
+    }
+
+    fn lines(batches: &[LogBatch]) -> Vec<(LogStream, String, bool)> {
+        batches
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .map(|e| (LogStream::try_from(e.stream).unwrap(), String::from_utf8_lossy(&e.data).into_owned(), e.truncated))
+            .collect()
+    }
+
+    #[test]
+    fn newline_search_matches_the_naive_one() {
+        let mut s = vec![b'x'; 100];
+        assert_eq!(find_newline(&s), None);
+        for at in 0..100 {
+            s[at] = b'\n';
+            assert_eq!(find_newline(&s), Some(at));
+            assert_eq!(find_newline(&s[..at]), None);
+            s[at] = 0x8a; // high bit set with the low bits of '\n': no false positive
+            assert_eq!(find_newline(&s), None);
+            s[at] = b'x';
+        }
+    }
+
+    #[test]
+    fn lines_per_stream_split_at_every_byte_boundary() {
+        let t0 = Instant::now();
+        let text = b"alpha\nbeta gamma\n\ndelta\n";
+        for split in 0..=text.len() {
+            let mut l = Logs::new(1 << 20);
+            l.handle_output(LogStream::Stdout, &text[..split], 1, t0);
+            l.handle_output(LogStream::Stderr, b"err 1\n", 2, t0);
+            l.handle_output(LogStream::Stdout, &text[split..], 3, t0);
+            let got = lines(&ship(&mut l, t0));
+            let out: Vec<_> = got.iter().filter(|x| x.0 == LogStream::Stdout).map(|x| x.1.as_str()).collect();
+            assert_eq!(out, ["alpha", "beta gamma", "", "delta"], "split at {split}");
+            assert!(got.contains(&(LogStream::Stderr, "err 1".into(), false)));
+            assert!(got.iter().all(|x| !x.2));
+        }
+    }
+
+    #[test]
+    fn timestamps_are_of_the_first_byte() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        l.handle_output(LogStream::Stdout, b"sl", 100, t0);
+        l.handle_output(LogStream::Stdout, b"ow\n", 200, t0);
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].entries[0].timestamp_unix_us, 100);
+    }
+
+    #[test]
+    fn long_lines_are_split_and_flagged() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(4 << 20);
+        let line: Vec<u8> = (0..(1 << 20)).map(|i| b'a' + (i % 26) as u8).collect();
+        for chunk in line.chunks(10_000) {
+            l.handle_output(LogStream::Stdout, chunk, 1, t0);
+        }
+        l.handle_output(LogStream::Stdout, b"\n", 1, t0);
+        let batches = ship(&mut l, t0);
+        let entries: Vec<&LogEntry> = batches.iter().flat_map(|b| b.entries.iter()).collect();
+        assert_eq!(entries.len(), 16);
+        assert!(entries[..15].iter().all(|e| e.truncated && e.data.len() == LINE_CAP));
+        assert!(!entries[15].truncated);
+        let joined: Vec<u8> = entries.iter().flat_map(|e| e.data.iter().copied()).collect();
+        assert_eq!(joined, line);
+    }
+
+    #[test]
+    fn a_partial_line_ships_after_idle_and_at_eof() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        l.handle_output(LogStream::Stdout, b"Password: ", 1, t0);
+        assert!(!l.batch_due(t0, false));
+        assert_eq!(l.poll_timeout(true), Some(t0 + LINE_IDLE));
+        l.handle_timeout(t(100, t0));
+        assert!(ship(&mut l, t(100, t0)).is_empty(), "not idle yet");
+        l.handle_timeout(t0 + LINE_IDLE);
+        assert_eq!(lines(&ship(&mut l, t0 + LINE_IDLE)), [(LogStream::Stdout, "Password: ".into(), true)]);
+        l.handle_output(LogStream::Stderr, b"bye", 1, t0);
+        l.handle_eof(LogStream::Stderr, t0);
+        assert_eq!(lines(&ship(&mut l, t0)), [(LogStream::Stderr, "bye".into(), true)]);
+    }
+
+    #[test]
+    fn batches_wait_for_age_or_size() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(4 << 20);
+        l.handle_output(LogStream::Stdout, b"one\n", 1, t0);
+        assert!(!l.batch_due(t0, false));
+        assert!(l.batch_due(t0, true), "urgent (exiting) sends at once");
+        assert_eq!(l.poll_timeout(true), Some(t0 + BATCH_AGE));
+        assert_eq!(l.poll_timeout(false), None, "no wake-ups while disconnected");
+        assert!(l.batch_due(t0 + BATCH_AGE, false));
+        let line = vec![b'x'; 1000];
+        let mut l = Logs::new(4 << 20);
+        while !l.batch_due(t0, false) {
+            l.handle_output(LogStream::Stdout, &line, 1, t0);
+            l.handle_output(LogStream::Stdout, b"\n", 1, t0);
+        }
+        let b = ship(&mut l, t0);
+        assert!(b.iter().all(|b| b.entries.iter().map(|e| e.data.len()).sum::<usize>() <= BATCH_BYTES));
+    }
+
+    #[test]
+    fn sequence_numbers_acks_and_resend_after_reconnect() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        for i in 0..10 {
+            l.handle_output(LogStream::Stdout, format!("line {i}\n").as_bytes(), 1, t0);
+        }
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].first_seq, 0);
+        assert_eq!(b[0].entries.len(), 10);
+        l.handle_ack(4);
+        assert!(l.unacked());
+        for i in 10..12 {
+            l.handle_output(LogStream::Stdout, format!("line {i}\n").as_bytes(), 1, t0);
+        }
+        let b = ship(&mut l, t0);
+        assert_eq!((b[0].first_seq, b[0].entries.len()), (10, 2));
+        // Connection lost before more acks: everything unacknowledged goes again.
+        l.handle_reconnect(6, t0);
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].first_seq, 6);
+        assert_eq!(lines(&b).iter().map(|x| x.1.clone()).collect::<Vec<_>>(), (6..12).map(|i| format!("line {i}")).collect::<Vec<_>>());
+        l.handle_ack(12);
+        assert!(!l.unacked());
+        assert_eq!(l.held(), 0);
+        assert_eq!(l.next_seq(), 12);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest_and_counts_exactly() {
+        let t0 = Instant::now();
+        // Room for 10 entries of 10 data bytes.
+        let mut l = Logs::new(10 * (HEADER + 10));
+        for i in 0..25 {
+            l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
+        }
+        assert!(l.held() <= 10 * (HEADER + 10));
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].first_seq, 15);
+        assert_eq!(b[0].dropped, 15, "dropped before ever being sent");
+        assert_eq!(lines(&b).len(), 10);
+        assert_eq!(l.dropped(), 15);
+        // Sent but unacknowledged entries are dropped too when space is needed; the next batch
+        // starts after the gap, and the counter only counts the never-sent.
+        for i in 25..30 {
+            l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
+        }
+        l.handle_reconnect(0, t0);
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].first_seq, 20, "entries 15..20 were dropped to make room");
+        assert_eq!(b[0].dropped, 0);
+        assert_eq!(l.dropped(), 20);
+    }
+
+    #[test]
+    fn own_lines_are_a_third_stream() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        l.handle_own(b"[waypost] connected", 5, t0);
+        let b = ship(&mut l, t0);
+        assert_eq!(lines(&b), [(LogStream::Entrypoint, "[waypost] connected".into(), false)]);
+    }
+
+    #[test]
+    fn bytes_survive_exactly() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        let raw: Vec<u8> = (0..=255u8).filter(|&b| b != b'\n').collect();
+        l.handle_output(LogStream::Stdout, &raw, -5, t0);
+        l.handle_output(LogStream::Stdout, b"\n", 0, t0);
+        let b = ship(&mut l, t0);
+        assert_eq!(b[0].entries[0].data, raw);
+        assert_eq!(b[0].entries[0].timestamp_unix_us, -5);
+    }
+
+    #[test]
+    fn ring_wraparound_keeps_entries_intact() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(2000);
+        let mut expect = Vec::new();
+        for i in 0..500 {
+            let line = format!("entry number {i} {}", "z".repeat(i % 37));
+            l.handle_output(LogStream::Stderr, line.as_bytes(), 1, t0);
+            l.handle_output(LogStream::Stderr, b"\n", 1, t0);
+            expect.push(line);
+            if i % 7 == 0 {
+                let b = ship(&mut l, t0);
+                for batch in &b {
+                    let n = batch.entries.len() as u64;
+                    l.handle_ack(batch.first_seq + n);
+                    for (k, e) in batch.entries.iter().enumerate() {
+                        assert_eq!(e.data, expect[(batch.first_seq as usize) + k].as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
