@@ -13,6 +13,7 @@ pub mod logs;
 pub mod appconfig;
 pub mod config;
 pub mod error;
+pub mod exec;
 pub mod reactor;
 pub mod relay;
 pub mod session;

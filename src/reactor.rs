@@ -8,6 +8,7 @@
 use crate::appconfig::{ConfigCore, Step};
 use crate::config::{HostPort, SECRET_VARS, Settings};
 use crate::error::Error;
+use crate::exec::{self, MAX_SESSIONS};
 use crate::logger::{self, Record};
 use crate::logs::Logs;
 use crate::relay::Relay;
@@ -29,7 +30,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use waypost_proto::{status, ConfigApplied, ConfigFile, Features, Frame, Hello, Kind, LogStream, Status};
+use waypost_proto::{
+    status, window_update, ConfigApplied, ConfigFile, ExecExit, ExecOutput, ExecStart, ExecStarted, Features, Frame, Hello, Kind, LogStream,
+    OutputStream, Status, WindowUpdate,
+};
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
 pub fn wall_ms() -> u64 {
@@ -56,6 +60,9 @@ enum Out {
     Stderr = 1,
 }
 
+/// First token number of exec sessions (4 per slot).
+const EXEC_TOKENS: usize = 0x100;
+
 /// Every registered fd, as one enum (DESIGN.md); dispatch is an exhaustive match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tok {
@@ -69,6 +76,8 @@ enum Tok {
     Control,
     /// Wake-ups from the DNS helper thread.
     Waker,
+    /// An exec session's fd: slot, and which (0 stdin or PTY master, 1 stdout, 2 stderr).
+    Exec(u8, u8),
 }
 
 impl Tok {
@@ -79,6 +88,7 @@ impl Tok {
             Tok::Sink(o) => 3 + o as usize,
             Tok::Control => 5,
             Tok::Waker => 6,
+            Tok::Exec(slot, which) => EXEC_TOKENS + 4 * slot as usize + which as usize,
         })
     }
 
@@ -91,6 +101,9 @@ impl Tok {
             4 => Tok::Sink(Out::Stderr),
             5 => Tok::Control,
             6 => Tok::Waker,
+            t if (EXEC_TOKENS..EXEC_TOKENS + 4 * MAX_SESSIONS).contains(&t) && (t - EXEC_TOKENS) % 4 < 3 => {
+                Tok::Exec(((t - EXEC_TOKENS) / 4) as u8, ((t - EXEC_TOKENS) % 4) as u8)
+            }
             _ => return None,
         })
     }
@@ -199,6 +212,16 @@ const CLEANUP_TICK: Duration = Duration::from_millis(50);
 /// DNS answers from the helper thread.
 type Resolved = Result<Vec<SocketAddr>, String>;
 
+/// An exec session's file descriptors: `fds[0]` is stdin (or the PTY master, which carries
+/// both directions), `fds[1]`/`fds[2]` stdout/stderr pipes.
+struct ExecIo {
+    state: exec::Session,
+    fds: [Option<OwnedFd>; 3],
+    /// Readiness seen and not yet drained: readable for 0 (PTY), 1, 2.
+    readable: [bool; 3],
+    writable: bool,
+}
+
 /// Stack for the DNS helper thread: getaddrinfo needs a few KiB (musl) to tens of KiB (glibc NSS).
 const DNS_STACK: usize = 256 * 1024;
 
@@ -248,6 +271,12 @@ pub struct Reactor {
     config_disabled: bool,
     /// Log shipping (with a server, unless WAYPOST_DISABLE_LOGS).
     logs: Option<Logs>,
+    /// Exec sessions by slot.
+    exec: [Option<ExecIo>; MAX_SESSIONS],
+    /// Where to start looking for exec output next (round robin, so no session starves).
+    exec_next: usize,
+    exec_disabled: bool,
+    exec_allow: Option<Vec<String>>,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -379,6 +408,10 @@ impl Reactor {
             cfg: ConfigCore::new(crate::sys::random::u64()),
             config_disabled: settings.disable_config,
             logs: (settings.server_enabled() && !settings.disable_logs).then(|| Logs::new(settings.log_buffer as usize)),
+            exec: std::array::from_fn(|_| None),
+            exec_next: 0,
+            exec_disabled: settings.disable_exec,
+            exec_allow: settings.exec_allow.clone(),
         })
     }
 
@@ -398,6 +431,9 @@ impl Reactor {
             if let Some(logs) = &self.logs {
                 let connected = self.control.as_ref().is_some_and(|c| c.session.is_ready());
                 deadline = earliest(deadline, logs.poll_timeout(connected));
+            }
+            for e in self.exec.iter().flatten() {
+                deadline = earliest(deadline, e.state.poll_timeout());
             }
             if self.sup.finishing() {
                 deadline = Some(deadline.map_or(now + CLEANUP_TICK, |d| d.min(now + CLEANUP_TICK)));
@@ -431,6 +467,16 @@ impl Reactor {
                     }
                     Some(Tok::Control) => self.on_control(now),
                     Some(Tok::Waker) => self.on_resolved(now),
+                    Some(Tok::Exec(slot, which)) => {
+                        if let Some(e) = &mut self.exec[slot as usize] {
+                            if readable {
+                                e.readable[which as usize] = true;
+                            }
+                            if writable && which == 0 {
+                                e.writable = true;
+                            }
+                        }
+                    }
                     None => debug!("event for unknown token {}", event.token().0),
                 }
             }
@@ -464,6 +510,7 @@ impl Reactor {
         self.pump(Out::Stderr, now);
         self.session_events(now);
         self.apply_actions(now);
+        self.exec_input(now);
         self.flush_own_log();
         self.write_control(now);
         if self.sup.finishing() {
@@ -580,6 +627,9 @@ impl Reactor {
                         }
                         self.sup.handle_exit(pid, code, signal, now);
                         self.send_status();
+                    } else if let Some(e) = self.exec.iter_mut().flatten().find(|e| e.state.pid == pid && !e.state.has_exited()) {
+                        debug!("exec session {} (pid {pid}) ended", e.state.id);
+                        e.state.handle_exit(code, signal, now);
                     } else {
                         debug!("reaped pid {pid}");
                     }
@@ -765,7 +815,10 @@ impl Reactor {
                     debug!("closing the server connection: {why}");
                     self.drop_conn(true);
                 }
-                session::Event::Lost => self.drop_conn(false),
+                session::Event::Lost => {
+                    self.drop_conn(false);
+                    self.exec_hang_up(now);
+                }
                 session::Event::Welcome(welcome) => {
                     if let Some(logs) = &mut self.logs {
                         logs.handle_reconnect(welcome.log_acked_seq, now);
@@ -778,6 +831,36 @@ impl Reactor {
                 }
                 session::Event::Heartbeat => self.send_status(),
                 session::Event::Frame(Kind::Config(config)) => self.on_config(config, now),
+                session::Event::Frame(Kind::ExecStart(start)) => self.exec_start(start),
+                session::Event::Frame(Kind::ExecInput(input)) => {
+                    let violated = self.exec_by_id(input.session).is_some_and(|e| e.state.handle_input(&input.data).is_err());
+                    if violated {
+                        self.exec_abort(input.session, "the server sent input beyond its window");
+                    }
+                }
+                session::Event::Frame(Kind::ExecStdinClose(close)) => {
+                    if let Some(e) = self.exec_by_id(close.session) {
+                        e.state.handle_stdin_close();
+                    }
+                }
+                session::Event::Frame(Kind::ExecResize(r)) => {
+                    if let Some(Some(master)) = self.exec_by_id(r.session).filter(|e| e.state.pty).map(|e| e.fds[0].as_ref()) {
+                        let size = rustix::termios::Winsize { ws_row: r.rows as u16, ws_col: r.cols as u16, ws_xpixel: 0, ws_ypixel: 0 };
+                        // The kernel sends SIGWINCH to the terminal's foreground group.
+                        let _ = rustix::termios::tcsetwinsize(master, size);
+                    }
+                }
+                session::Event::Frame(Kind::ExecSignal(sig)) => {
+                    if let Some(e) = self.exec_by_id(sig.session) {
+                        // The session leads its own process group (setsid).
+                        let _ = signals::kill(-e.state.pid, sig.signal);
+                    }
+                }
+                session::Event::Frame(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::ExecSession(id)), credits })) => {
+                    if let Some(e) = self.exec_by_id(id) {
+                        e.state.handle_window(credits);
+                    }
+                }
                 session::Event::Frame(Kind::LogAck(ack)) => {
                     if let Some(logs) = &mut self.logs {
                         logs.handle_ack(ack.up_to_seq);
@@ -1002,6 +1085,15 @@ impl Reactor {
                         }
                         continue;
                     }
+                    // Then exec output (and exit reports, after the last output).
+                    if c.session.is_ready() {
+                        if let Some(frame) = next_exec_frame(&mut self.exec, &mut self.exec_next, &self.poll, now) {
+                            if let Err(e) = c.wbuf.push(&frame) {
+                                error!("dropping an exec frame: {e}");
+                            }
+                            continue;
+                        }
+                    }
                     // Lowest priority: logs, only once everything else is out.
                     match &mut self.logs {
                         Some(logs) if c.session.is_ready() && logs.batch_due(now, urgent) => {
@@ -1080,6 +1172,242 @@ impl Reactor {
             }
         }
     }
+}
+
+
+impl Reactor {
+    fn exec_by_id(&mut self, id: u64) -> Option<&mut ExecIo> {
+        self.exec.iter_mut().flatten().find(|e| e.state.id == id)
+    }
+
+    /// Sends a frame on the control connection, if it is up.
+    fn control_send(&mut self, kind: Kind) {
+        if let Some(c) = &mut self.control {
+            c.session.send(kind);
+        }
+    }
+
+    /// The server asks to run a command: check, spawn on a PTY or pipes, register, report.
+    fn exec_start(&mut self, start: ExecStart) {
+        let active = self.exec.iter().flatten().count();
+        let refuse = |code: i32, error: String| Kind::ExecExit(ExecExit { session: start.session, code, signal: 0, error });
+        if let Err(why) = exec::admit(&start, self.exec_disabled, self.exec_allow.as_deref(), active) {
+            info!("exec refused: {why}");
+            self.control_send(refuse(126, why));
+            return;
+        }
+        if self.exec_by_id(start.session).is_some() {
+            self.control_send(refuse(126, "duplicate session id".into()));
+            return;
+        }
+        let slot = self.exec.iter().position(Option::is_none).expect("admit checked the cap");
+        // The app's environment (config applied, tokens removed), plus the session's own.
+        let mut env: Vec<(OsString, OsString)> = self.child_env.iter().filter(|(k, _)| !self.cfg.child_env().any(|(c, _)| k == c.as_str())).cloned().collect();
+        env.extend(self.cfg.child_env().map(|(k, v)| (k.into(), v.into())));
+        let mut extra: Vec<(OsString, OsString)> = start.env.iter().filter(|(k, _)| !SECRET_VARS.contains(&k.as_str())).map(|(k, v)| (k.into(), v.into())).collect();
+        if let Some(pty) = &start.pty {
+            if !pty.term.is_empty() {
+                extra.push(("TERM".into(), pty.term.clone().into()));
+            }
+        }
+        env.retain(|(k, _)| !extra.iter().any(|(x, _)| x == k));
+        env.extend(extra);
+        let argv: Vec<OsString> = start.argv.iter().map(OsString::from).collect();
+
+        let (spawned, master) = match &start.pty {
+            Some(pty) => match open_pty(pty.rows, pty.cols) {
+                Ok((master, slave)) => {
+                    let fds = (slave.try_clone(), slave.try_clone());
+                    let (Ok(a), Ok(b)) = fds else {
+                        self.control_send(refuse(126, "cannot duplicate the terminal".into()));
+                        return;
+                    };
+                    let spec = Spec { argv: &argv, env: &env, stdin: Stdio::Fd(a), stdout: Stdio::Fd(b), stderr: Stdio::Fd(slave), placement: Placement::Terminal };
+                    (spawn::spawn(spec), Some(master))
+                }
+                Err(e) => {
+                    self.control_send(refuse(126, format!("cannot open a terminal: {e}")));
+                    return;
+                }
+            },
+            None => {
+                let stdin = if start.stdin { Stdio::Pipe } else { Stdio::Null };
+                let spec = Spec { argv: &argv, env: &env, stdin, stdout: Stdio::Pipe, stderr: Stdio::Pipe, placement: Placement::Session };
+                (spawn::spawn(spec), None)
+            }
+        };
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                info!("exec {:?} failed: {e}", start.argv[0]);
+                self.control_send(refuse(e.exit_code(), e.to_string()));
+                return;
+            }
+        };
+        let pty = master.is_some();
+        let fds = [master.or(child.stdin), child.stdout, child.stderr];
+        for (which, fd) in fds.iter().enumerate() {
+            if let Some(fd) = fd {
+                let interest = match (which, pty) {
+                    (0, true) => Interest::READABLE | Interest::WRITABLE,
+                    (0, false) => Interest::WRITABLE,
+                    _ => Interest::READABLE,
+                };
+                let nonblocking = rustix::fs::fcntl_getfl(fd).and_then(|f| rustix::fs::fcntl_setfl(fd, f | OFlags::NONBLOCK));
+                let reg = self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Tok::Exec(slot as u8, which as u8).token(), interest);
+                if nonblocking.is_err() || reg.is_err() {
+                    error!("cannot watch exec session {}'s fds", start.session);
+                }
+            }
+        }
+        debug!("exec session {} started {:?} (pid {}{})", start.session, start.argv[0], child.pid, if pty { ", on a terminal" } else { "" });
+        self.exec[slot] = Some(ExecIo { state: exec::Session::new(start.session, child.pid, pty), fds, readable: [true; 3], writable: true });
+        self.control_send(Kind::ExecStarted(ExecStarted { session: start.session, pid: child.pid as u32 }));
+    }
+
+    /// Writes pending input to each session's process; grants credits back; closes stdin at EOF;
+    /// kills sessions whose hang-up grace is over.
+    fn exec_input(&mut self, now: Instant) {
+        let mut grants: Vec<(u64, u32)> = Vec::new();
+        for slot in 0..MAX_SESSIONS {
+            let Some(e) = &mut self.exec[slot] else { continue };
+            if e.state.kill_due(now) {
+                let _ = signals::kill(-e.state.pid, libc::SIGKILL);
+            }
+            while e.writable && !e.state.pending_input().is_empty() {
+                let Some(fd) = &e.fds[0] else { break };
+                match rustix::io::write(fd, e.state.pending_input()) {
+                    Ok(n) => {
+                        if let Some(credits) = e.state.wrote_input(n) {
+                            grants.push((e.state.id, credits));
+                        }
+                    }
+                    Err(Errno::AGAIN) => e.writable = false,
+                    Err(Errno::INTR) => {}
+                    Err(_) => {
+                        // The process closed its stdin: what it did not read is dropped.
+                        let n = e.state.pending_input().len();
+                        e.state.wrote_input(n);
+                        break;
+                    }
+                }
+            }
+            if e.state.stdin_done() {
+                if e.state.pty {
+                    // A terminal has no half-close: end of input is the EOF character (^D), sent
+                    // once, on an empty line as a shell expects.
+                    if let Some(master) = &e.fds[0] {
+                        if e.writable && rustix::io::write(master, &[4]).is_ok() {
+                            e.state.mark_eof_sent();
+                        }
+                    }
+                } else if let Some(stdin) = e.fds[0].take() {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&stdin.as_raw_fd()));
+                }
+            }
+        }
+        for (id, credits) in grants {
+            self.control_send(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::ExecSession(id)), credits }));
+        }
+    }
+
+    /// The connection is gone: every session's process group gets SIGHUP (SIGKILL after the
+    /// grace); sessions whose process is already gone are dropped.
+    fn exec_hang_up(&mut self, now: Instant) {
+        for slot in 0..MAX_SESSIONS {
+            let Some(e) = &mut self.exec[slot] else { continue };
+            if e.state.has_exited() {
+                self.exec_remove(slot);
+            } else if e.state.hang_up(now) {
+                debug!("connection lost: hanging up exec session {}", e.state.id);
+                let _ = signals::kill(-e.state.pid, libc::SIGHUP);
+            }
+        }
+    }
+
+    /// Ends a misbehaving session at once.
+    fn exec_abort(&mut self, id: u64, why: &str) {
+        if let Some(slot) = self.exec.iter().position(|e| e.as_ref().is_some_and(|e| e.state.id == id)) {
+            warn!("exec session {id}: {why}; killing it");
+            if let Some(e) = &self.exec[slot] {
+                let _ = signals::kill(-e.state.pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn exec_remove(&mut self, slot: usize) {
+        if let Some(e) = self.exec[slot].take() {
+            for fd in e.fds.iter().flatten() {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+        }
+    }
+}
+
+/// The next exec frame to send: output from a session that has credits (round robin), or the
+/// exit report of one whose process is gone and whose output is all out. Sessions reported (or
+/// hung up and exited) are removed here.
+fn next_exec_frame(table: &mut [Option<ExecIo>; MAX_SESSIONS], next: &mut usize, poll: &Poll, now: Instant) -> Option<Frame> {
+    for k in 0..MAX_SESSIONS {
+        let slot = (*next + k) % MAX_SESSIONS;
+        let Some(e) = &mut table[slot] else { continue };
+        for which in 0..3 {
+            let budget = e.state.readable_budget();
+            let is_output = which > 0 || e.state.pty;
+            if !is_output || !e.readable[which] || budget == 0 {
+                continue;
+            }
+            let Some(fd) = &e.fds[which] else { continue };
+            let mut buf = [0u8; exec::CHUNK];
+            match rustix::io::read(fd, &mut buf[..budget]) {
+                Ok(0) | Err(Errno::IO) => {
+                    // EOF (a PTY master says EIO once the terminal side is closed everywhere).
+                    e.readable[which] = false;
+                    if which > 0 {
+                        if let Some(fd) = e.fds[which].take() {
+                            let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+                        }
+                    } else {
+                        e.state.mark_output_closed();
+                    }
+                }
+                Ok(n) => {
+                    e.state.sent(n);
+                    *next = (slot + 1) % MAX_SESSIONS;
+                    let stream = if which == 2 { OutputStream::Err } else { OutputStream::Out } as i32;
+                    return Some(Frame::from(Kind::ExecOutput(ExecOutput { session: e.state.id, stream, data: buf[..n].to_vec() })));
+                }
+                Err(Errno::AGAIN) => e.readable[which] = false,
+                Err(_) => e.readable[which] = false,
+            }
+        }
+        let outputs_open = if e.state.pty { !e.state.output_closed() } else { e.fds[1].is_some() || e.fds[2].is_some() };
+        if let Some(report) = e.state.exit_report(outputs_open, now) {
+            let hung_up = e.state.is_hung_up();
+            if let Some(e) = table[slot].take() {
+                for fd in e.fds.iter().flatten() {
+                    let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+                }
+            }
+            if !hung_up {
+                return Some(Frame::from(Kind::ExecExit(report)));
+            }
+        }
+    }
+    None
+}
+
+/// A new pseudo-terminal of `rows`×`cols`: (master, terminal side).
+fn open_pty(rows: u32, cols: u32) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{grantpt, ioctl_tiocgptpeer, openpt, unlockpt, OpenptFlags};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let slave = ioctl_tiocgptpeer(&master, flags)?;
+    let size = rustix::termios::Winsize { ws_row: rows.clamp(1, 4096) as u16, ws_col: cols.clamp(1, 4096) as u16, ws_xpixel: 0, ws_ypixel: 0 };
+    rustix::termios::tcsetwinsize(&master, size)?;
+    Ok((master, slave))
 }
 
 /// Writes config files atomically (temp file + rename in the same directory, parents created,
@@ -1198,7 +1526,7 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr), Tok::Control, Tok::Waker] {
+        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr), Tok::Control, Tok::Waker, Tok::Exec(0, 0), Tok::Exec(15, 2), Tok::Exec(7, 1)] {
             assert_eq!(Tok::from_token(t.token()), Some(t));
         }
         assert_eq!(Tok::from_token(Token(999)), None);
