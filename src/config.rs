@@ -60,6 +60,9 @@ pub struct Settings {
     pub disable_exec: bool,
     /// `WAYPOST_DISABLE_URL`.
     pub disable_url: bool,
+    /// `WAYPOST_URL_HOLD` (default on): during a config restart, hold new URL-service streams
+    /// until the new child listens, and stop the old one only after its streams finish.
+    pub url_hold: bool,
     /// `WAYPOST_EXEC_ALLOW`: program names or absolute paths exec may run; `None` = any.
     pub exec_allow: Option<Vec<String>>,
     /// `WAYPOST_SERVER_REQUIRED` (`WAYPOINT_CEB_SERVER_REQUIRED`).
@@ -158,6 +161,7 @@ impl Settings {
             disable_logs: env.flag("WAYPOST_DISABLE_LOGS", None)?,
             disable_exec: env.flag("WAYPOST_DISABLE_EXEC", Some("WAYPOINT_CEB_DISABLE_EXEC"))?,
             disable_url: env.flag("WAYPOST_DISABLE_URL", None)?,
+            url_hold: env.get("WAYPOST_URL_HOLD", None)?.is_none() || env.flag("WAYPOST_URL_HOLD", None)?,
             exec_allow: exec_allow.transpose()?,
             server_required: env.flag("WAYPOST_SERVER_REQUIRED", Some("WAYPOINT_CEB_SERVER_REQUIRED"))?,
             startup_timeout: env.duration("WAYPOST_STARTUP_TIMEOUT", Duration::from_secs(5))?,
@@ -197,7 +201,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-const KNOWN: [&str; 17] = [
+const KNOWN: [&str; 18] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
@@ -207,6 +211,7 @@ const KNOWN: [&str; 17] = [
     "WAYPOST_DISABLE_LOGS",
     "WAYPOST_DISABLE_EXEC",
     "WAYPOST_DISABLE_URL",
+    "WAYPOST_URL_HOLD",
     "WAYPOST_EXEC_ALLOW",
     "WAYPOST_SERVER_REQUIRED",
     "WAYPOST_STARTUP_TIMEOUT",
@@ -416,7 +421,9 @@ mod tests {
         assert_eq!((s.port, s.port_set), (5000, false));
         assert_eq!(s.ca, CaSource::System);
         assert_eq!(s.exec_allow, None);
+        assert!(s.url_hold);
         assert!(s.unknown.is_empty());
+        assert!(!parse(&[("WAYPOST_URL_HOLD", "0")]).unwrap().url_hold);
     }
 
     #[test]

@@ -14,12 +14,14 @@ pub mod appconfig;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod flow;
 pub mod reactor;
 pub mod relay;
 pub mod session;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;
+pub mod tunnel;
 pub mod wire;
 
 use std::ffi::OsString;

@@ -15,6 +15,7 @@ use crate::relay::Relay;
 use crate::session::{self, Session};
 use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
 use crate::tls::{Conn, Received};
+use crate::tunnel::{self, MAX_STREAMS};
 use crate::wire::{RecvBuf, SendBuf};
 use crate::sys::signals::{self, SigSet};
 use crate::sys::spawn::{self, Placement, Spec, Stdio};
@@ -24,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::ffi::OsString;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use waypost_proto::{
     status, window_update, ConfigApplied, ConfigFile, ExecExit, ExecOutput, ExecStart, ExecStarted, Features, Frame, Hello, Kind, LogStream,
-    OutputStream, Status, WindowUpdate,
+    OutputStream, Status, StreamClose, StreamData, StreamOpen, WindowUpdate,
 };
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
@@ -62,6 +63,8 @@ enum Out {
 
 /// First token number of exec sessions (4 per slot).
 const EXEC_TOKENS: usize = 0x100;
+/// First token number of URL-service streams (1 per slot).
+const TUNNEL_TOKENS: usize = 0x1000;
 
 /// Every registered fd, as one enum (DESIGN.md); dispatch is an exhaustive match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,8 @@ enum Tok {
     Waker,
     /// An exec session's fd: slot, and which (0 stdin or PTY master, 1 stdout, 2 stderr).
     Exec(u8, u8),
+    /// A URL-service stream's socket to the app, by slot.
+    Tunnel(u16),
 }
 
 impl Tok {
@@ -89,6 +94,7 @@ impl Tok {
             Tok::Control => 5,
             Tok::Waker => 6,
             Tok::Exec(slot, which) => EXEC_TOKENS + 4 * slot as usize + which as usize,
+            Tok::Tunnel(slot) => TUNNEL_TOKENS + slot as usize,
         })
     }
 
@@ -104,6 +110,7 @@ impl Tok {
             t if (EXEC_TOKENS..EXEC_TOKENS + 4 * MAX_SESSIONS).contains(&t) && (t - EXEC_TOKENS) % 4 < 3 => {
                 Tok::Exec(((t - EXEC_TOKENS) / 4) as u8, ((t - EXEC_TOKENS) % 4) as u8)
             }
+            t if (TUNNEL_TOKENS..TUNNEL_TOKENS + MAX_STREAMS).contains(&t) => Tok::Tunnel((t - TUNNEL_TOKENS) as u16),
             _ => return None,
         })
     }
@@ -212,6 +219,16 @@ const CLEANUP_TICK: Duration = Duration::from_millis(50);
 /// DNS answers from the helper thread.
 type Resolved = Result<Vec<SocketAddr>, String>;
 
+/// A URL-service stream: its state and its socket to the app (None while held or retrying).
+struct TunnelIo {
+    state: tunnel::Stream,
+    sock: Option<mio::net::TcpStream>,
+    /// The address to try next if this connect is refused (::1 after 127.0.0.1).
+    fallback: Option<SocketAddr>,
+    readable: bool,
+    writable: bool,
+}
+
 /// An exec session's file descriptors: `fds[0]` is stdin (or the PTY master, which carries
 /// both directions), `fds[1]`/`fds[2]` stdout/stderr pipes.
 struct ExecIo {
@@ -277,6 +294,18 @@ pub struct Reactor {
     exec_next: usize,
     exec_disabled: bool,
     exec_allow: Option<Vec<String>>,
+    /// URL-service streams by slot (grows up to MAX_STREAMS).
+    tunnels: Vec<Option<TunnelIo>>,
+    tunnel_next: usize,
+    url_disabled: bool,
+    url_hold: bool,
+    /// The app's port (`PORT`).
+    app_port: u16,
+    stop_timeout: Duration,
+    /// A config restart waiting for the app's in-flight streams to finish: (grace, deadline).
+    restart_pending: Option<(Option<Duration>, Instant)>,
+    /// Streams opened around a restart are retried until the new child listens, up to this.
+    hold_until: Option<Instant>,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -412,6 +441,14 @@ impl Reactor {
             exec_next: 0,
             exec_disabled: settings.disable_exec,
             exec_allow: settings.exec_allow.clone(),
+            tunnels: Vec::new(),
+            tunnel_next: 0,
+            url_disabled: settings.disable_url,
+            url_hold: settings.url_hold,
+            app_port: settings.port,
+            stop_timeout: settings.stop_timeout,
+            restart_pending: None,
+            hold_until: None,
         })
     }
 
@@ -435,6 +472,10 @@ impl Reactor {
             for e in self.exec.iter().flatten() {
                 deadline = earliest(deadline, e.state.poll_timeout());
             }
+            for t in self.tunnels.iter().flatten() {
+                deadline = earliest(deadline, t.state.retry_at);
+            }
+            deadline = earliest(deadline, self.restart_pending.map(|(_, at)| at));
             if self.sup.finishing() {
                 deadline = Some(deadline.map_or(now + CLEANUP_TICK, |d| d.min(now + CLEANUP_TICK)));
             }
@@ -467,6 +508,12 @@ impl Reactor {
                     }
                     Some(Tok::Control) => self.on_control(now),
                     Some(Tok::Waker) => self.on_resolved(now),
+                    Some(Tok::Tunnel(slot)) => {
+                        if let Some(Some(t)) = self.tunnels.get_mut(slot as usize) {
+                            t.readable |= readable;
+                            t.writable |= writable;
+                        }
+                    }
                     Some(Tok::Exec(slot, which)) => {
                         if let Some(e) = &mut self.exec[slot as usize] {
                             if readable {
@@ -511,6 +558,7 @@ impl Reactor {
         self.session_events(now);
         self.apply_actions(now);
         self.exec_input(now);
+        self.tunnel_io(now);
         self.flush_own_log();
         self.write_control(now);
         if self.sup.finishing() {
@@ -818,6 +866,9 @@ impl Reactor {
                 session::Event::Lost => {
                     self.drop_conn(false);
                     self.exec_hang_up(now);
+                    for slot in 0..self.tunnels.len() {
+                        self.tunnel_remove(slot);
+                    }
                 }
                 session::Event::Welcome(welcome) => {
                     if let Some(logs) = &mut self.logs {
@@ -854,6 +905,29 @@ impl Reactor {
                     if let Some(e) = self.exec_by_id(sig.session) {
                         // The session leads its own process group (setsid).
                         let _ = signals::kill(-e.state.pid, sig.signal);
+                    }
+                }
+                session::Event::Frame(Kind::StreamOpen(open)) => self.tunnel_open(open, now),
+                session::Event::Frame(Kind::StreamData(data)) => {
+                    if let Some(slot) = self.tunnel_slot(data.stream) {
+                        let t = self.tunnels[slot].as_mut().expect("slot found");
+                        if t.state.input.push(&data.data).is_err() {
+                            self.tunnel_abort(slot, "the server sent data beyond its window");
+                        }
+                    }
+                }
+                session::Event::Frame(Kind::StreamClose(close)) => {
+                    if let Some(slot) = self.tunnel_slot(close.stream) {
+                        if close.half {
+                            self.tunnels[slot].as_mut().expect("slot found").state.input.close();
+                        } else {
+                            self.tunnel_remove(slot);
+                        }
+                    }
+                }
+                session::Event::Frame(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::Stream(id)), credits })) => {
+                    if let Some(slot) = self.tunnel_slot(id) {
+                        self.tunnels[slot].as_mut().expect("slot found").state.output.grant(credits);
                     }
                 }
                 session::Event::Frame(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::ExecSession(id)), credits })) => {
@@ -899,10 +973,18 @@ impl Reactor {
                     }
                 }
                 Step::Restart => {
-                    info!("config changed: restarting the app");
                     let grace = self.cfg.stop_grace();
-                    self.sup.restart(grace, now);
-                    self.send_status();
+                    if self.url_hold && self.control.is_some() && !self.url_disabled {
+                        // Zero-downtime: new visitors wait; the old child goes once its
+                        // streams are done (or at the stop timeout).
+                        info!("config changed: restarting the app once its open URL streams finish");
+                        self.restart_pending = Some((grace, now + grace.unwrap_or(self.stop_timeout)));
+                        self.restart_when_drained(now);
+                    } else {
+                        info!("config changed: restarting the app");
+                        self.sup.restart(grace, now);
+                        self.send_status();
+                    }
                 }
                 Step::Signal(sig) => {
                     info!("config files changed: sending {} to the app", signals::name(sig));
@@ -1090,6 +1172,15 @@ impl Reactor {
                         if let Some(frame) = next_exec_frame(&mut self.exec, &mut self.exec_next, &self.poll, now) {
                             if let Err(e) = c.wbuf.push(&frame) {
                                 error!("dropping an exec frame: {e}");
+                            }
+                            continue;
+                        }
+                    }
+                    // Then URL-service data.
+                    if c.session.is_ready() {
+                        if let Some(frame) = next_tunnel_frame(&mut self.tunnels, &mut self.tunnel_next, &self.poll) {
+                            if let Err(e) = c.wbuf.push(&frame) {
+                                error!("dropping a stream frame: {e}");
                             }
                             continue;
                         }
@@ -1410,6 +1501,216 @@ fn open_pty(rows: u32, cols: u32) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
+
+impl Reactor {
+    fn tunnel_slot(&self, id: u64) -> Option<usize> {
+        self.tunnels.iter().position(|t| t.as_ref().is_some_and(|t| t.state.id == id))
+    }
+
+    /// A visitor connected through the ingress: connect to the app (or hold, during a restart).
+    fn tunnel_open(&mut self, open: StreamOpen, now: Instant) {
+        let active = self.tunnels.iter().flatten().count();
+        if let Err(why) = tunnel::admit(self.url_disabled, active) {
+            self.control_send(Kind::StreamClose(StreamClose { stream: open.stream, half: false, error: why }));
+            return;
+        }
+        let slot = match self.tunnels.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.tunnels.push(None);
+                self.tunnels.len() - 1
+            }
+        };
+        let hold = self.hold_until.filter(|&t| t > now);
+        let port = if open.target_port != 0 { open.target_port as u16 } else { self.app_port };
+        trace!("stream {} from {} to port {port}", open.stream, open.client_addr);
+        let mut io = TunnelIo { state: tunnel::Stream::new(open.stream, hold), sock: None, fallback: None, readable: false, writable: false };
+        if self.restart_pending.is_some() {
+            // The old child is draining: this one waits for the new child.
+            io.state.retry_at = Some(now + tunnel::RETRY);
+            io.state.retry_until = Some(now + self.stop_timeout * 2);
+        } else {
+            io.fallback = Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
+            self.tunnel_connect(&mut io, slot, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        }
+        self.tunnels[slot] = Some(io);
+    }
+
+    fn tunnel_connect(&mut self, io: &mut TunnelIo, slot: usize, addr: SocketAddr) {
+        match mio::net::TcpStream::connect(addr) {
+            Ok(mut sock) => {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                if self.poll.registry().register(&mut sock, Tok::Tunnel(slot as u16).token(), interest).is_ok() {
+                    io.sock = Some(sock);
+                    io.readable = false;
+                    io.writable = false;
+                }
+            }
+            Err(e) => debug!("stream {}: connecting to {addr}: {e}", io.state.id),
+        }
+    }
+
+    /// Moves data between the server and the app sockets; finishes connects, half-closes and
+    /// retries; removes finished streams.
+    fn tunnel_io(&mut self, now: Instant) {
+        let mut grants: Vec<(u64, u32)> = Vec::new();
+        let mut closes: Vec<(usize, String)> = Vec::new();
+        for slot in 0..self.tunnels.len() {
+            let Some(mut io) = self.tunnels[slot].take() else { continue };
+            // A held or refused stream whose retry is due.
+            if io.sock.is_none() && io.state.retry_at.is_some_and(|t| now >= t) && self.restart_pending.is_none() {
+                io.state.retry_at = None;
+                let port = self.app_port;
+                io.fallback = Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
+                self.tunnel_connect(&mut io, slot, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+            }
+            if let Some(sock) = &io.sock {
+                if !io.state.connected && (io.writable || io.readable) {
+                    match sock.take_error().ok().flatten().map(Err).unwrap_or_else(|| sock.peer_addr().map(|_| ())) {
+                        Ok(()) => io.state.connected = true,
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                        Err(e) => {
+                            let mut old = io.sock.take().expect("checked");
+                            let _ = self.poll.registry().deregister(&mut old);
+                            if let Some(next) = io.fallback.take() {
+                                self.tunnel_connect(&mut io, slot, next);
+                            } else if !io.state.refused(now) {
+                                closes.push((slot, format!("cannot connect to the app on port {}: {e}", self.app_port)));
+                            }
+                        }
+                    }
+                }
+            }
+            if let (Some(sock), true) = (&mut io.sock, io.state.connected) {
+                while io.writable && !io.state.input.pending().is_empty() {
+                    match sock.write(io.state.input.pending()) {
+                        Ok(n) => {
+                            if let Some(credits) = io.state.input.took(n) {
+                                grants.push((io.state.id, credits));
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            closes.push((slot, format!("writing to the app: {e}")));
+                            break;
+                        }
+                    }
+                }
+                if io.state.should_shut_down() {
+                    let _ = sock.shutdown(std::net::Shutdown::Write);
+                    io.state.shut_down = true;
+                }
+            }
+            if io.state.finished() {
+                if let Some(mut sock) = io.sock.take() {
+                    let _ = self.poll.registry().deregister(&mut sock);
+                }
+                continue;
+            }
+            self.tunnels[slot] = Some(io);
+        }
+        for (id, credits) in grants {
+            self.control_send(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::Stream(id)), credits }));
+        }
+        for (slot, why) in closes {
+            self.tunnel_abort(slot, &why);
+        }
+        while self.tunnels.last().is_some_and(Option::is_none) {
+            self.tunnels.pop();
+        }
+        self.restart_when_drained(now);
+    }
+
+    /// A pending config restart goes ahead once no stream is connected to the old child, or at
+    /// its deadline.
+    fn restart_when_drained(&mut self, now: Instant) {
+        let Some((grace, deadline)) = self.restart_pending else { return };
+        let busy = self.tunnels.iter().flatten().any(|t| t.state.connected);
+        if busy && now < deadline {
+            return;
+        }
+        self.restart_pending = None;
+        info!("restarting the app");
+        self.sup.restart(grace, now);
+        self.send_status();
+        // Until the new child listens, refused connects are retried.
+        let until = now + grace.unwrap_or(self.stop_timeout) + self.stop_timeout;
+        self.hold_until = Some(until);
+        for t in self.tunnels.iter_mut().flatten() {
+            if !t.state.connected {
+                t.state.retry_until = Some(until);
+            }
+        }
+        self.apply_actions(now);
+    }
+
+    /// Ends a stream with an error both ways.
+    fn tunnel_abort(&mut self, slot: usize, why: &str) {
+        if let Some(Some(t)) = self.tunnels.get(slot) {
+            debug!("stream {}: {why}", t.state.id);
+            let id = t.state.id;
+            self.control_send(Kind::StreamClose(StreamClose { stream: id, half: false, error: why.to_owned() }));
+        }
+        self.tunnel_remove(slot);
+    }
+
+    fn tunnel_remove(&mut self, slot: usize) {
+        if let Some(Some(mut t)) = self.tunnels.get_mut(slot).map(Option::take) {
+            if let Some(mut sock) = t.sock.take() {
+                let _ = self.poll.registry().deregister(&mut sock);
+            }
+        }
+    }
+}
+
+/// The next URL-service frame: data read from an app socket that has credits (round robin), or
+/// the half-close after the app's EOF.
+fn next_tunnel_frame(table: &mut [Option<TunnelIo>], next: &mut usize, poll: &Poll) -> Option<Frame> {
+    let len = table.len();
+    for k in 0..len {
+        let slot = (*next + k) % len;
+        let Some(t) = &mut table[slot] else { continue };
+        let budget = t.state.budget();
+        if !t.readable || budget == 0 {
+            continue;
+        }
+        let Some(sock) = &mut t.sock else { continue };
+        let mut buf = [0u8; tunnel::CHUNK];
+        match sock.read(&mut buf[..budget]) {
+            Ok(0) => {
+                t.state.app_eof = true;
+                t.state.fin_sent = true;
+                *next = (slot + 1) % len;
+                let frame = Frame::from(Kind::StreamClose(StreamClose { stream: t.state.id, half: true, error: String::new() }));
+                if t.state.finished() {
+                    if let Some(mut sock) = t.sock.take() {
+                        let _ = poll.registry().deregister(&mut sock);
+                    }
+                    table[slot] = None;
+                }
+                return Some(frame);
+            }
+            Ok(n) => {
+                t.state.output.sent(n);
+                *next = (slot + 1) % len;
+                return Some(Frame::from(Kind::StreamData(StreamData { stream: t.state.id, data: buf[..n].to_vec() })));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => t.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let id = t.state.id;
+                if let Some(mut sock) = t.sock.take() {
+                    let _ = poll.registry().deregister(&mut sock);
+                }
+                table[slot] = None;
+                return Some(Frame::from(Kind::StreamClose(StreamClose { stream: id, half: false, error: format!("the app reset the connection: {e}") })));
+            }
+        }
+    }
+    None
+}
+
 /// Writes config files atomically (temp file + rename in the same directory, parents created,
 /// mode set regardless of umask) and removes the ones no longer configured.
 fn apply_files(write: &[ConfigFile], remove: &[String]) -> Result<(), String> {
@@ -1526,7 +1827,7 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr), Tok::Control, Tok::Waker, Tok::Exec(0, 0), Tok::Exec(15, 2), Tok::Exec(7, 1)] {
+        for t in [Tok::Signals, Tok::ChildPipe(Out::Stdout), Tok::ChildPipe(Out::Stderr), Tok::Sink(Out::Stdout), Tok::Sink(Out::Stderr), Tok::Control, Tok::Waker, Tok::Exec(0, 0), Tok::Exec(15, 2), Tok::Exec(7, 1), Tok::Tunnel(0), Tok::Tunnel(1023)] {
             assert_eq!(Tok::from_token(t.token()), Some(t));
         }
         assert_eq!(Tok::from_token(Token(999)), None);
