@@ -1,0 +1,560 @@
+//! The `waypost` command line. Everything except `server run` goes through the HTTPS API.
+//!
+//! The API is found through `WAYPOST_ADDR`, `WAYPOST_ADMIN_TOKEN`, `WAYPOST_CA` (each one
+//! overriding the matching field of the context file written by `waypost server run`).
+
+mod up;
+
+use crate::client::{ApiClient, ApiError};
+use crate::{context, util};
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "waypost",
+    version,
+    about = "waypost: run apps behind a tiny entrypoint and manage them from one server",
+    propagate_version = true,
+    after_help = "The CLI finds the server through WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN and WAYPOST_CA, \
+                  else the context file written by `waypost server run` \
+                  ($WAYPOST_CONTEXT, default ~/.config/waypost/context.json)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the waypost server.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Create and list apps.
+    #[command(subcommand)]
+    App(AppCmd),
+    /// Create entrypoint tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List instances (live ones; with --all also recently gone ones).
+    Instances(InstancesArgs),
+    /// One-command quickstart: start a server if none answers, create the app and a token, and
+    /// run CMD under the entrypoint in the foreground.
+    Up(up::UpArgs),
+    /// Internal (used by `up`): start `waypost ARGS...` detached, print its pid, exit.
+    #[command(name = "__detach", hide = true)]
+    Detach {
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Run the server in the foreground (SIGTERM or Ctrl-C stops it).
+    Run(RunArgs),
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    util::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(50) || d > Duration::from_secs(3600) {
+        return Err("must be between 50ms and 1h".into());
+    }
+    Ok(d)
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Data directory (database, CA, server.json).
+    #[arg(long, env = "WAYPOST_DATA_DIR", default_value = "./waypost-data")]
+    data_dir: PathBuf,
+    /// Address of the control listener (entrypoints connect here). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9701")]
+    control_addr: String,
+    /// Address of the HTTPS API listener (the CLI connects here). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9702")]
+    api_addr: String,
+    /// Domain under which apps get URLs (NAME.DOMAIN).
+    #[arg(long, default_value = "localhost")]
+    url_domain: String,
+    /// Extra subject alternative name for the server certificate (DNS name or IP); repeatable.
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_san: Vec<String>,
+    /// How often entrypoints send heartbeats; 3 missed intervals mark an instance lost.
+    #[arg(long, default_value = "15s", value_parser = parse_heartbeat)]
+    heartbeat_interval: Duration,
+    /// Address given to entrypoints with their tokens (default: the control listener's address;
+    /// the host name when it listens on 0.0.0.0 or ::).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_addr: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AppCmd {
+    /// Create an app (NAME: lowercase letters, digits, '-'; it becomes a host name).
+    Create { name: String },
+    /// List apps.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
+        output: TableOrJson,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an entrypoint token for an app (and optionally one deployment).
+    Create {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        deployment: Option<String>,
+        /// env: WAYPOST_SERVER/WAYPOST_TOKEN/WAYPOST_CA lines for `export` or `docker --env-file`;
+        /// json: the API's answer. Default: just the token.
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<TokenOutput>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenOutput {
+    Env,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum TableOrJson {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct InstancesArgs {
+    /// Only this app's instances.
+    #[arg(long)]
+    app: Option<String>,
+    /// Also show recently gone instances (the last 100 per app) and how they ended.
+    #[arg(long)]
+    all: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
+    output: TableOrJson,
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Server(ServerCmd::Run(a)) => crate::server::run(crate::server::Options {
+            data_dir: a.data_dir,
+            control_addr: a.control_addr,
+            api_addr: a.api_addr,
+            url_domain: a.url_domain,
+            tls_san: a.tls_san,
+            heartbeat: a.heartbeat_interval,
+            advertise_addr: a.advertise_addr,
+        })
+        .map(|()| 0),
+        Cmd::Up(a) => up::run(a),
+        Cmd::Detach { log, args } => up::detach(&log, &args),
+        cmd => block_on(async move {
+            match cmd {
+                Cmd::App(AppCmd::Create { name }) => app_create(&name).await,
+                Cmd::App(AppCmd::List { output }) => app_list(output).await,
+                Cmd::Token(TokenCmd::Create {
+                    app,
+                    deployment,
+                    output,
+                }) => token_create(&app, deployment, output).await,
+                Cmd::Instances(a) => instances(a).await,
+                Cmd::Server(_) | Cmd::Up(_) | Cmd::Detach { .. } => {
+                    unreachable!("handled above")
+                }
+            }
+        })
+        .and_then(|r| r)
+        .map(|()| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever the error chain holds.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("waypost: error: {msg}");
+            1
+        }
+    }
+}
+
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(rt.block_on(f))
+}
+
+// ---- finding the API ------------------------------------------------------------------------
+
+/// Where the API is and how to talk to it.
+pub(crate) struct Target {
+    pub addr: String,
+    pub token: String,
+    pub ca_pem: String,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `WAYPOST_CA` forms: PEM text, base64 of PEM text (what `token create -o env` prints), or a
+/// path to a PEM file.
+pub(crate) fn read_ca(v: &str) -> Result<String> {
+    let t = v.trim();
+    if t.starts_with("-----BEGIN") {
+        return Ok(t.to_string() + "\n");
+    }
+    if t.starts_with("LS0t") {
+        if let Some(pem) = util::base64_decode(t).and_then(|b| String::from_utf8(b).ok()) {
+            return Ok(pem);
+        }
+    }
+    std::fs::read_to_string(t).with_context(|| {
+        format!("WAYPOST_CA is neither PEM text, base64 PEM, nor a readable file ({t})")
+    })
+}
+
+/// Resolves the target from the environment and the context file.
+pub(crate) fn resolve_target() -> Result<Target> {
+    let ctx = context::load();
+    let ctx_ref = ctx.as_ref().ok().and_then(|c| c.as_ref());
+    let missing = || -> anyhow::Error {
+        let path = context::path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "~/.config/waypost/context.json".into());
+        match &ctx {
+            Err(e) => anyhow::anyhow!("{e:#}"),
+            Ok(_) => anyhow::anyhow!(
+                "no waypost server configured: start one with `waypost server run` (it writes {path}) \
+                 or set WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN and WAYPOST_CA"
+            ),
+        }
+    };
+    let addr = env("WAYPOST_ADDR")
+        .or_else(|| ctx_ref.map(|c| c.api_addr.clone()))
+        .ok_or_else(missing)?;
+    let token = env("WAYPOST_ADMIN_TOKEN")
+        .or_else(|| ctx_ref.map(|c| c.admin_token.clone()))
+        .ok_or_else(missing)?;
+    let ca_pem = match env("WAYPOST_CA") {
+        Some(v) => read_ca(&v)?,
+        None => ctx_ref.map(|c| c.ca_pem.clone()).ok_or_else(missing)?,
+    };
+    Ok(Target {
+        addr,
+        token,
+        ca_pem,
+    })
+}
+
+pub(crate) fn client_for(t: &Target) -> Result<ApiClient> {
+    ApiClient::new(&t.addr, Some(t.token.clone()), &t.ca_pem)
+}
+
+fn client() -> Result<ApiClient> {
+    client_for(&resolve_target()?)
+}
+
+// ---- commands --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct AppJson {
+    name: String,
+    created_at: String,
+}
+
+async fn app_create(name: &str) -> Result<()> {
+    if !util::valid_app_name(name) {
+        bail!(
+            "invalid app name {name:?}: use 1-63 lowercase letters, digits and '-', starting and \
+             ending with a letter or digit"
+        );
+    }
+    let c = client()?;
+    let app: AppJson = c.post("/v1/apps", &json!({ "name": name })).await?;
+    println!("created app {}", app.name);
+    Ok(())
+}
+
+async fn app_list(output: TableOrJson) -> Result<()> {
+    let c = client()?;
+    let v: serde_json::Value = c.get("/v1/apps").await?;
+    if output == TableOrJson::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let apps: Vec<AppJson> =
+        serde_json::from_value(v["apps"].clone()).context("unexpected response")?;
+    let mut rows = vec![vec!["NAME".to_string(), "CREATED".to_string()]];
+    for a in apps {
+        rows.push(vec![a.name, a.created_at]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+#[derive(Deserialize, serde::Serialize)]
+pub(crate) struct TokenJson {
+    pub token: String,
+    pub app: String,
+    pub deployment: Option<String>,
+    pub control_addr: String,
+    pub ca_pem: String,
+}
+
+pub(crate) async fn create_token(
+    c: &ApiClient,
+    app: &str,
+    deployment: Option<String>,
+) -> Result<TokenJson> {
+    c.post(
+        "/v1/tokens",
+        &json!({ "app": app, "deployment": deployment }),
+    )
+    .await
+}
+
+/// The `-o env` lines; every value is one line without spaces or quotes, so the output works
+/// both with `export $(...)`/`source` and as a docker `--env-file`.
+pub fn env_lines(control_addr: &str, token: &str, ca_pem: &str) -> String {
+    format!(
+        "WAYPOST_SERVER={control_addr}\nWAYPOST_TOKEN={token}\nWAYPOST_CA={}\n",
+        util::base64_encode(ca_pem.as_bytes())
+    )
+}
+
+async fn token_create(
+    app: &str,
+    deployment: Option<String>,
+    output: Option<TokenOutput>,
+) -> Result<()> {
+    let c = client()?;
+    let t = create_token(&c, app, deployment).await?;
+    match output {
+        Some(TokenOutput::Json) => println!("{}", serde_json::to_string_pretty(&t)?),
+        Some(TokenOutput::Env) => print!("{}", env_lines(&t.control_addr, &t.token, &t.ca_pem)),
+        None => {
+            println!("{}", t.token);
+            eprintln!(
+                "Entrypoint token for app {}{}. Give it to the entrypoint as WAYPOST_TOKEN with \
+                 WAYPOST_SERVER={}; `waypost token create --app {} -o env` prints all three variables.",
+                t.app,
+                t.deployment
+                    .as_deref()
+                    .map(|d| format!(" (deployment {d})"))
+                    .unwrap_or_default(),
+                t.control_addr,
+                t.app
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct InstanceJson {
+    id: String,
+    app: String,
+    deployment: String,
+    hostname: String,
+    live: bool,
+    ended: Option<String>,
+    connected_at: String,
+    disconnected_at: Option<String>,
+    child_state: Option<String>,
+    child_pid: Option<u32>,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    oom_killed: bool,
+    child_rss_bytes: u64,
+    child_cpu_ms: u64,
+}
+
+fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
+    let base = match (code, signal) {
+        (_, Some(sig)) => format!("killed by {}", util::signal_name(sig)),
+        (Some(code), None) => format!("exited {code}"),
+        (None, None) => "exited".to_string(),
+    };
+    if oom { format!("{base} (OOM)") } else { base }
+}
+
+fn state_text(i: &InstanceJson) -> String {
+    if !i.live {
+        return match i.ended.as_deref() {
+            Some("exited") => exit_text(i.exit_code, i.exit_signal, i.oom_killed),
+            Some(other) => other.to_string(),
+            None => "disconnected".to_string(),
+        };
+    }
+    match i.child_state.as_deref() {
+        Some("exited") => exit_text(i.exit_code, i.exit_signal, i.oom_killed),
+        Some(s) => s.to_string(),
+        None => "connected".to_string(),
+    }
+}
+
+fn cpu_text(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        util::fmt_age(Duration::from_millis(ms))
+    }
+}
+
+async fn instances(a: InstancesArgs) -> Result<()> {
+    let c = client()?;
+    let mut path = format!("/v1/instances?all={}", a.all);
+    if let Some(app) = &a.app {
+        if !util::valid_app_name(app) {
+            bail!("invalid app name {app:?}");
+        }
+        path.push_str(&format!("&app={app}"));
+    }
+    let v: serde_json::Value = c.get(&path).await?;
+    if a.output == TableOrJson::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let list: Vec<InstanceJson> =
+        serde_json::from_value(v["instances"].clone()).context("unexpected response")?;
+    if list.is_empty() {
+        eprintln!(
+            "no {}instances{}",
+            if a.all { "" } else { "live " },
+            a.app
+                .as_deref()
+                .map(|a| format!(" of app {a}"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let now = util::now_ms();
+    let age = |t: &str| {
+        util::parse_rfc3339(t)
+            .map(|ms| util::fmt_age(Duration::from_millis((now - ms).max(0) as u64)))
+            .unwrap_or_else(|| "?".into())
+    };
+    let mut rows = vec![
+        [
+            "ID",
+            "APP",
+            "DEPLOYMENT",
+            "HOST",
+            "STATE",
+            "CHILD PID",
+            "RSS",
+            "CPU",
+            "UP/SINCE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for i in &list {
+        let since = match (&i.disconnected_at, i.live) {
+            (Some(t), false) => format!("{} ago", age(t)),
+            _ => age(&i.connected_at),
+        };
+        let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+        rows.push(vec![
+            i.id.chars().take(8).collect(),
+            i.app.clone(),
+            dash(i.deployment.clone()),
+            dash(i.hostname.clone()),
+            state_text(i),
+            i.child_pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            if i.child_rss_bytes > 0 {
+                util::fmt_bytes(i.child_rss_bytes)
+            } else {
+                "-".into()
+            },
+            cpu_text(i.child_cpu_ms),
+            since,
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Left-aligned columns separated by three spaces (kubectl style).
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// Is this error "the API answered with status X"?
+pub(crate) fn api_status(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<ApiError>().map(|a| a.status.as_u16())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn env_lines_are_single_line_values() {
+        let out = env_lines(
+            "127.0.0.1:9701",
+            "wpe_x",
+            "-----BEGIN CERTIFICATE-----\nAB\n-----END CERTIFICATE-----\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[2].starts_with("WAYPOST_CA=LS0tLS1CRUdJTi"));
+        assert!(out.lines().all(|l| !l.contains(' ') && !l.contains('"')));
+        let ca = read_ca(lines[2].strip_prefix("WAYPOST_CA=").unwrap()).unwrap();
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn exit_texts() {
+        assert_eq!(exit_text(Some(3), None, false), "exited 3");
+        assert_eq!(exit_text(None, Some(15), false), "killed by SIGTERM");
+        assert_eq!(exit_text(None, Some(9), true), "killed by SIGKILL (OOM)");
+    }
+}

@@ -1,0 +1,14 @@
+//! waypost: the control server and the CLI (`waypost`), plus the pieces the integration tests
+//! reuse (the API client, the context file).
+//!
+//! Layout: `server/` is everything `waypost server run` does (listeners, store, PKI, live
+//! registry); `cli/` the other commands, which all go through the HTTPS API with `client`.
+
+pub mod cli;
+pub mod client;
+pub mod context;
+pub mod server;
+pub mod util;
+
+/// This build's version, reported in Welcome, `/v1/server` and `server.json`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,5 @@
+//! The `waypost` binary: see `waypost --help`.
+
+fn main() {
+    std::process::exit(waypost::cli::main());
+}

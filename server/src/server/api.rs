@@ -1,0 +1,408 @@
+//! The HTTPS JSON API under `/v1/`, for the CLI, curl and browsers. Every request needs
+//! `Authorization: Bearer <admin token>` (401 without a valid token, 403 for an entrypoint
+//! token). Errors are `{"error": "..."}` with the matching status.
+//!
+//! Served by hyper's HTTP/1.1 connection builder over tokio-rustls (same server certificate as
+//! the control listener), with axum's Router as the service.
+
+use super::Shared;
+use super::auth;
+use super::live;
+use super::store::{self, TokenScope};
+use crate::util;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+type AppState = Arc<Shared>;
+
+/// An API error: status + message, rendered as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError(status, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = format!("{e:#}"), "API request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(e.status(), e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::new(e.status(), e.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(shared: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/server", get(get_server))
+        .route("/apps", get(list_apps).post(create_app))
+        .route("/tokens", axum::routing::post(create_token))
+        .route("/instances", get(list_instances));
+    Router::new()
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        // Outermost: authentication runs before routing, so unknown paths also need a token.
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_admin,
+        ))
+        .with_state(shared)
+}
+
+async fn require_admin(State(shared): State<AppState>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string());
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <admin token>)",
+        )
+        .into_response();
+    };
+    let hash = auth::hash_token(&token);
+    match shared
+        .store
+        .call(move |c| store::lookup_token(c, &hash))
+        .await
+    {
+        Ok(Some(TokenScope::Admin)) => next.run(req).await,
+        Ok(Some(TokenScope::Entrypoint { .. })) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "an entrypoint token cannot use the API; use an admin token",
+        )
+        .into_response(),
+        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+// ---- /v1/server ----------------------------------------------------------------------------
+
+async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": crate::VERSION,
+        "control_addr": s.control_addr,
+        "api_addr": s.api_addr,
+        "ca_pem": s.ca_pem,
+        "url_domain": s.url_domain,
+        "live_instances": s.live.len(),
+    }))
+}
+
+// ---- /v1/apps ------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateApp {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct AppJson {
+    name: String,
+    created_at: String,
+}
+
+impl From<store::App> for AppJson {
+    fn from(a: store::App) -> Self {
+        AppJson {
+            name: a.name,
+            created_at: util::fmt_rfc3339(a.created_at),
+        }
+    }
+}
+
+async fn create_app(
+    State(s): State<AppState>,
+    body: Result<Json<CreateApp>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<AppJson>)> {
+    let Json(body) = body?;
+    if !util::valid_app_name(&body.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid app name {:?}: use 1-63 lowercase letters, digits and '-', \
+                 starting and ending with a letter or digit (it becomes a host name)",
+                body.name
+            ),
+        ));
+    }
+    let now = util::now_ms();
+    let name = body.name.clone();
+    if !s
+        .store
+        .call(move |c| store::create_app(c, &name, now))
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("app {} already exists", body.name),
+        ));
+    }
+    tracing::info!(app = body.name, "app created");
+    Ok((
+        StatusCode::CREATED,
+        Json(AppJson {
+            name: body.name,
+            created_at: util::fmt_rfc3339(now),
+        }),
+    ))
+}
+
+async fn list_apps(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let apps = s.store.call(|c| store::list_apps(c)).await?;
+    let apps: Vec<AppJson> = apps.into_iter().map(AppJson::from).collect();
+    Ok(Json(json!({ "apps": apps })))
+}
+
+async fn require_app(s: &Shared, app: &str) -> ApiResult<()> {
+    let name = app.to_string();
+    if s.store.call(move |c| store::app_exists(c, &name)).await? {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no app named {app}"),
+        ))
+    }
+}
+
+// ---- /v1/tokens ----------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateToken {
+    app: String,
+    #[serde(default)]
+    deployment: Option<String>,
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    body: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let Json(body) = body?;
+    let deployment = body.deployment.filter(|d| !d.is_empty());
+    if let Some(d) = &deployment {
+        if d.len() > 128 || d.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid deployment id: at most 128 characters, no whitespace",
+            ));
+        }
+    }
+    require_app(&s, &body.app).await?;
+    let token = auth::new_token(auth::ENTRYPOINT_PREFIX);
+    let hash = auth::hash_token(&token);
+    let scope = TokenScope::Entrypoint {
+        app: body.app.clone(),
+        deployment: deployment.clone(),
+    };
+    let now = util::now_ms();
+    s.store
+        .call(move |c| store::insert_token(c, &hash, &scope, now))
+        .await?;
+    tracing::info!(app = body.app, deployment, "entrypoint token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "app": body.app,
+            "deployment": deployment,
+            "control_addr": s.control_addr,
+            "ca_pem": s.ca_pem,
+        })),
+    ))
+}
+
+// ---- /v1/instances -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct InstancesQuery {
+    app: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// One instance as the API shows it.
+#[derive(Serialize)]
+struct InstanceJson {
+    id: String,
+    app: String,
+    deployment: String,
+    hostname: String,
+    entrypoint_pid: u32,
+    entrypoint_version: String,
+    live: bool,
+    /// "exited" | "lost" once disconnected, else null.
+    ended: Option<String>,
+    connected_at: String,
+    last_seen_at: String,
+    disconnected_at: Option<String>,
+    /// starting | running | restarting | exited (null before the first Status).
+    child_state: Option<&'static str>,
+    child_pid: Option<u32>,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    oom_killed: bool,
+    child_rss_bytes: u64,
+    child_cpu_ms: u64,
+    starts: u32,
+    config_version: u64,
+}
+
+async fn list_instances(
+    State(s): State<AppState>,
+    q: Result<Query<InstancesQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q?;
+    let app = q.app.filter(|a| !a.is_empty());
+    if let Some(app) = &app {
+        require_app(&s, app).await?;
+    }
+    let all = q.all;
+    let rows = s
+        .store
+        .call(move |c| store::list_instances(c, app.as_deref(), all))
+        .await?;
+    let instances: Vec<InstanceJson> = rows
+        .into_iter()
+        .map(|mut r| {
+            // A live instance's heartbeat data in memory is fresher than its row.
+            let snap = live::parse_id(&r.id).and_then(|id| s.live.snapshot(&id));
+            let live = snap.is_some() && r.disconnected_at.is_none();
+            if let (true, Some((last_seen, status))) = (live, snap) {
+                r.last_seen_at = last_seen;
+                r.status = status;
+            }
+            InstanceJson {
+                id: r.id,
+                app: r.app,
+                deployment: r.deployment,
+                hostname: r.hostname,
+                entrypoint_pid: r.entrypoint_pid,
+                entrypoint_version: r.entrypoint_version,
+                live,
+                ended: r.ended,
+                connected_at: util::fmt_rfc3339(r.connected_at),
+                last_seen_at: util::fmt_rfc3339(r.last_seen_at),
+                disconnected_at: r.disconnected_at.map(util::fmt_rfc3339),
+                child_state: r.status.state,
+                child_pid: r.status.child_pid,
+                exit_code: r.status.exit_code,
+                exit_signal: r.status.exit_signal,
+                oom_killed: r.status.oom_killed,
+                child_rss_bytes: r.status.child_rss_bytes,
+                child_cpu_ms: r.status.child_cpu_ms,
+                starts: r.status.starts,
+                config_version: r.status.config_version,
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "instances": instances })))
+}
+
+// ---- serving -------------------------------------------------------------------------------
+
+/// Time a client has to send its request headers (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, in-flight requests get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts API connections until shutdown. `done`: see `control::serve`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    done: mpsc::Sender<()>,
+) {
+    let app = router(shared.clone());
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let done = done.clone();
+        let mut shutdown = shared.shutdown.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "API TLS handshake timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = super::wait_shutdown(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(DRAIN_TIMEOUT, conn.as_mut()).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "API connection error");
+            }
+        });
+    }
+}

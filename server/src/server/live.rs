@@ -1,0 +1,234 @@
+//! The in-memory registry of live instances: one entry per connected instance id, holding what
+//! later features need to reach it (the sender of its connection's outgoing-frame queue) and its
+//! latest heartbeat data, which is flushed to SQLite every few seconds instead of on every frame.
+
+use super::store::ChildStatus;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, mpsc};
+use waypost_proto::Frame;
+
+/// The 16-byte id an entrypoint makes at start and keeps across reconnects.
+pub type InstanceId = [u8; 16];
+
+/// One live connection.
+pub struct LiveInstance {
+    /// Random per connection; also stored in the instance row, so a stale connection's late
+    /// database write can never touch a newer connection's row.
+    pub session: i64,
+    pub app: String,
+    pub deployment: String,
+    /// Outgoing frames for this connection; its writer task drains the queue.
+    pub tx: mpsc::Sender<Frame>,
+    /// Notified to make the connection close itself (superseded by a reconnect).
+    kick: Arc<Notify>,
+    pub last_seen_ms: i64,
+    pub status: ChildStatus,
+    /// Heartbeat data changed since the last flush.
+    dirty: bool,
+}
+
+/// What a flush writes for one instance: (id hex, session, last seen, status).
+pub type FlushRow = (String, i64, i64, ChildStatus);
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<InstanceId, LiveInstance>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, LiveInstance>> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection for `id`. If another connection of the same instance is still
+    /// registered, the new one wins and the old one is told to close. Returns the notifier the
+    /// new connection must watch.
+    pub fn register(
+        &self,
+        id: InstanceId,
+        session: i64,
+        app: String,
+        deployment: String,
+        tx: mpsc::Sender<Frame>,
+        now_ms: i64,
+    ) -> Arc<Notify> {
+        let kick = Arc::new(Notify::new());
+        let entry = LiveInstance {
+            session,
+            app,
+            deployment,
+            tx,
+            kick: kick.clone(),
+            last_seen_ms: now_ms,
+            status: ChildStatus::default(),
+            dirty: false,
+        };
+        if let Some(old) = self.lock().insert(id, entry) {
+            tracing::info!(
+                instance = crate::util::hex(&id),
+                "instance reconnected; closing its previous connection"
+            );
+            // notify_one stores a permit if the old task is not waiting right now.
+            old.kick.notify_one();
+        }
+        kick
+    }
+
+    /// Runs `f` on the entry if it still belongs to `session`.
+    fn with_own<R>(
+        &self,
+        id: &InstanceId,
+        session: i64,
+        f: impl FnOnce(&mut LiveInstance) -> R,
+    ) -> Option<R> {
+        let mut map = self.lock();
+        map.get_mut(id).filter(|e| e.session == session).map(f)
+    }
+
+    /// The connection received a frame.
+    pub fn touch(&self, id: &InstanceId, session: i64, now_ms: i64) {
+        self.with_own(id, session, |e| {
+            e.last_seen_ms = now_ms;
+            e.dirty = true;
+        });
+    }
+
+    /// Replaces the child status (e.g. with what the database row had at connect).
+    pub fn set_status(&self, id: &InstanceId, session: i64, status: ChildStatus) {
+        self.with_own(id, session, |e| {
+            e.status = status;
+            e.dirty = true;
+        });
+    }
+
+    /// Folds a Status frame in.
+    pub fn apply_status(
+        &self,
+        id: &InstanceId,
+        session: i64,
+        s: &waypost_proto::Status,
+        now_ms: i64,
+    ) {
+        self.with_own(id, session, |e| {
+            e.status.apply(s);
+            e.last_seen_ms = now_ms;
+            e.dirty = true;
+        });
+    }
+
+    /// Latest data of the entry if it still belongs to `session`: (last seen, status).
+    pub fn snapshot_own(&self, id: &InstanceId, session: i64) -> Option<(i64, ChildStatus)> {
+        self.with_own(id, session, |e| (e.last_seen_ms, e.status.clone()))
+    }
+
+    /// Removes the entry if it still belongs to `session` (not superseded by a reconnect).
+    pub fn remove(&self, id: &InstanceId, session: i64) -> Option<LiveInstance> {
+        let mut map = self.lock();
+        if map.get(id).is_some_and(|e| e.session == session) {
+            map.remove(id)
+        } else {
+            None
+        }
+    }
+
+    /// Entries changed since the last call, marked clean.
+    pub fn take_dirty(&self) -> Vec<FlushRow> {
+        let mut map = self.lock();
+        map.iter_mut()
+            .filter(|(_, e)| e.dirty)
+            .map(|(id, e)| {
+                e.dirty = false;
+                (
+                    crate::util::hex(id),
+                    e.session,
+                    e.last_seen_ms,
+                    e.status.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Latest in-memory data of a live instance (fresher than its row): (last seen, status).
+    pub fn snapshot(&self, id: &InstanceId) -> Option<(i64, ChildStatus)> {
+        self.lock()
+            .get(id)
+            .map(|e| (e.last_seen_ms, e.status.clone()))
+    }
+
+    /// The outgoing-frame queue of a live instance, for features that push frames
+    /// (config, exec, tunnel streams).
+    #[allow(dead_code)] // used by later features
+    pub fn sender(&self, id: &InstanceId) -> Option<mpsc::Sender<Frame>> {
+        self.lock().get(id).map(|e| e.tx.clone())
+    }
+
+    /// Live instances of an app (and deployment, if given): (id, sender).
+    #[allow(dead_code)] // used by later features
+    pub fn of_app(
+        &self,
+        app: &str,
+        deployment: Option<&str>,
+    ) -> Vec<(InstanceId, mpsc::Sender<Frame>)> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.app == app && deployment.is_none_or(|d| e.deployment == d))
+            .map(|(id, e)| (*id, e.tx.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// Parses the hex form back to an id.
+pub fn parse_id(hex: &str) -> Option<InstanceId> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reconnect_supersedes_and_old_session_cannot_touch() {
+        let reg = Registry::default();
+        let id = [7u8; 16];
+        let (tx1, _rx1) = mpsc::channel(1);
+        let kick1 = reg.register(id, 1, "a".into(), "".into(), tx1, 0);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let _kick2 = reg.register(id, 2, "a".into(), "".into(), tx2, 0);
+        // The old connection was told to close (the permit is stored).
+        tokio::time::timeout(std::time::Duration::from_secs(1), kick1.notified())
+            .await
+            .unwrap();
+        reg.touch(&id, 1, 99);
+        assert_eq!(reg.snapshot(&id).unwrap().0, 0, "stale session ignored");
+        assert!(reg.remove(&id, 1).is_none());
+        reg.touch(&id, 2, 5);
+        assert_eq!(reg.take_dirty().len(), 1);
+        assert!(reg.take_dirty().is_empty());
+        assert!(reg.remove(&id, 2).is_some());
+        assert_eq!(reg.len(), 0);
+    }
+
+    #[test]
+    fn id_hex_round_trip() {
+        let id: InstanceId = core::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(parse_id(&crate::util::hex(&id)), Some(id));
+        assert_eq!(parse_id("zz"), None);
+    }
+}

@@ -1,0 +1,348 @@
+//! `waypost server run`: one process, one SQLite file, two listeners (control, API).
+//!
+//! Start-up order: data dir → database (migrate; rows left live by a crash become "lost") →
+//! PKI → bind listeners → admin token + CLI context → `server.json` → serve until SIGTERM/SIGINT.
+
+pub mod api;
+pub mod auth;
+pub mod control;
+pub mod live;
+pub mod pki;
+pub mod store;
+
+use crate::{context, util};
+use anyhow::{Context as _, Result};
+use serde_json::json;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+/// How often live instances' heartbeat data is written to SQLite.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// On shutdown, connections get this long to close before the process exits anyway.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of `waypost server run`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub control_addr: String,
+    pub api_addr: String,
+    pub url_domain: String,
+    pub tls_san: Vec<String>,
+    pub heartbeat: Duration,
+    /// What entrypoints are told to connect to; default derived from the control listener.
+    pub advertise_addr: Option<String>,
+}
+
+/// State shared by every task of the server.
+pub struct Shared {
+    pub store: store::Store,
+    pub live: live::Registry,
+    pub heartbeat: Duration,
+    /// `host:port` entrypoints connect to (given out with tokens).
+    pub control_addr: String,
+    /// `host:port` of the API, as written to the context file.
+    pub api_addr: String,
+    pub ca_pem: String,
+    pub url_domain: String,
+    /// Flips to true once on SIGTERM/SIGINT.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
+fn local_connect_addr(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port()).to_string()
+}
+
+/// Address given to entrypoints: a specific bind address as it is; for 0.0.0.0/:: the machine's
+/// host name (which is in the certificate), since loopback would be wrong for remote instances.
+fn advertised_control_addr(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("{}:{}", util::hostname().to_ascii_lowercase(), addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what} listener)"))
+}
+
+fn create_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))
+}
+
+/// Raises the soft open-files limit to the hard limit: each instance holds one socket, and the
+/// usual soft default (1024) would cap a server at about a thousand instances.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live, properly typed struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                tracing::debug!(
+                    from = lim.rlim_cur,
+                    to = lim.rlim_max,
+                    "raised the open-files limit"
+                );
+            }
+        }
+    }
+}
+
+/// Takes an exclusive lock on `DATA_DIR/server.lock` for the life of the process, so two servers
+/// never share one database. The kernel drops the lock when the process dies, even by SIGKILL.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor we own for the duration of the call; no memory involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = std::fs::read_to_string(dir.join("server.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "another waypost server{pid} is already running with the data directory {}",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Makes sure the CLI context holds a working admin token and this server's addresses.
+/// Returns (token, context path, minted): a new admin token is minted on first start, or when the
+/// context file is missing or holds a token this server does not know (e.g. it belonged to
+/// another server) — whoever can start the server on this data dir may administer it.
+fn ensure_context(
+    st: &store::Store,
+    api_addr: &str,
+    control_addr: &str,
+    ca_pem: &str,
+) -> Result<(String, Option<PathBuf>, bool)> {
+    let existing = match context::load() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "ignoring the unreadable CLI context file"
+            );
+            None
+        }
+    };
+    let known = |token: &str| -> Result<bool> {
+        let h = auth::hash_token(token);
+        Ok(st.with(|c| store::lookup_token(c, &h))? == Some(store::TokenScope::Admin))
+    };
+    let (token, minted) = match existing {
+        Some(ctx) if known(&ctx.admin_token)? => (ctx.admin_token, false),
+        _ => {
+            let token = auth::new_token(auth::ADMIN_PREFIX);
+            let h = auth::hash_token(&token);
+            st.with(|c| store::insert_token(c, &h, &store::TokenScope::Admin, util::now_ms()))?;
+            (token, true)
+        }
+    };
+    let ctx = context::Context {
+        api_addr: api_addr.to_string(),
+        ca_pem: ca_pem.to_string(),
+        admin_token: token.clone(),
+        control_addr: control_addr.to_string(),
+    };
+    match context::save(&ctx) {
+        Ok(path) => Ok((token, Some(path), minted)),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not write the CLI context file"
+            );
+            Ok((token, None, minted))
+        }
+    }
+}
+
+/// Installs the tracing subscriber: stderr, filter from `RUST_LOG` (`info` by default; the
+/// syntax is `LEVEL` and/or `target=LEVEL` pairs, comma-separated).
+pub fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| match s.parse::<Targets>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("waypost: ignoring invalid RUST_LOG {s:?}: {e}");
+                None
+            }
+        })
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
+}
+
+/// Resolves once shutdown has begun.
+pub async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|&down| down).await;
+}
+
+/// Runs the server until SIGTERM/SIGINT.
+pub fn run(opts: Options) -> Result<()> {
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("waypost-server")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(opts))
+}
+
+async fn run_async(opts: Options) -> Result<()> {
+    // Signals first, so a SIGTERM during start-up is not lost (default action would kill us
+    // halfway through writing files).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    raise_fd_limit();
+    create_data_dir(&opts.data_dir)?;
+    let _lock = lock_data_dir(&opts.data_dir)?;
+    let db_path = opts.data_dir.join("waypost.db");
+    let st = store::Store::open(&db_path)?;
+    let now = util::now_ms();
+    let lost = st.with(|c| store::mark_all_lost(c, now))?;
+    if lost > 0 {
+        tracing::info!(
+            count = lost,
+            "marked instances left live by the previous run as lost"
+        );
+    }
+    let pki = st.with(|c| pki::load_or_create(c, &pki::wanted_sans(&opts.tls_san)))?;
+    util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o644)?;
+
+    let control_tls = TlsAcceptor::from(pki::server_config(&pki, &[waypost_proto::ALPN])?);
+    let api_tls = TlsAcceptor::from(pki::server_config(&pki, &[b"http/1.1"])?);
+    let control_listener = bind("control", &opts.control_addr).await?;
+    let api_listener = bind("API", &opts.api_addr).await?;
+    let control_local = control_listener.local_addr()?;
+    let api_local = api_listener.local_addr()?;
+    let control_addr = opts
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| advertised_control_addr(control_local));
+    let api_addr = local_connect_addr(api_local);
+
+    let (admin_token, ctx_path, minted) =
+        ensure_context(&st, &api_addr, &control_addr, &pki.ca_pem)?;
+
+    println!("waypost: control listening on {control_local}");
+    println!("waypost: api listening on {api_local}");
+    if minted {
+        println!("waypost: admin token: {admin_token}");
+        match &ctx_path {
+            Some(p) => println!(
+                "waypost: CLI context written to {} (the CLI needs no setup)",
+                p.display()
+            ),
+            None => println!(
+                "waypost: no CLI context written; set WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN, WAYPOST_CA"
+            ),
+        }
+    }
+    let info = json!({
+        "pid": std::process::id(),
+        "control_addr": control_local.to_string(),
+        "api_addr": api_local.to_string(),
+        "version": crate::VERSION,
+    });
+    let server_json = opts.data_dir.join("server.json");
+    util::write_atomic(&server_json, format!("{info:#}\n").as_bytes(), 0o644)?;
+    tracing::info!(data_dir = %opts.data_dir.display(), control = %control_local, api = %api_local, "waypost server started");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        store: st.clone(),
+        live: live::Registry::default(),
+        heartbeat: opts.heartbeat,
+        control_addr,
+        api_addr,
+        ca_pem: pki.ca_pem.clone(),
+        url_domain: opts.url_domain.clone(),
+        shutdown: shutdown_rx,
+    });
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(control::serve(
+        shared.clone(),
+        control_listener,
+        control_tls,
+        done_tx.clone(),
+    ));
+    tokio::spawn(api::serve(
+        shared.clone(),
+        api_listener,
+        api_tls,
+        done_tx.clone(),
+    ));
+    let flusher = tokio::spawn(control::flusher(shared.clone(), FLUSH_INTERVAL));
+    drop(done_tx);
+
+    let sig = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = sig, "shutting down");
+    let _ = shutdown_tx.send(true);
+    // Wait for every connection task (each marks its instance disconnected); a second signal
+    // or the timeout cuts this short.
+    tokio::select! {
+        _ = done_rx.recv() => {}
+        _ = tokio::time::sleep(SHUTDOWN_TIMEOUT) => tracing::warn!("connections did not close in time"),
+        _ = sigterm.recv() => tracing::warn!("second signal: exiting now"),
+        _ = sigint.recv() => tracing::warn!("second signal: exiting now"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), flusher).await;
+    // Only remove server.json if it is still ours (a newer server may have replaced it).
+    if let Ok(text) = std::fs::read_to_string(&server_json) {
+        if serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+            == Some(std::process::id() as u64)
+        {
+            let _ = std::fs::remove_file(&server_json);
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

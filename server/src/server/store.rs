@@ -1,0 +1,635 @@
+//! Durable state in one SQLite file (`DATA_DIR/waypost.db`, WAL): server metadata (PKI), apps,
+//! tokens (hashed), instance history. Live connections are NOT here; see `live.rs`.
+//!
+//! Every function takes a `&Connection` and is synchronous; async callers go through
+//! [`Store::call`], which runs them on tokio's blocking pool so SQLite never stalls a runtime
+//! worker.
+
+use anyhow::{Context as _, Result, bail};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` = how many are applied.
+/// Later features append here (config, logs, exec); never edit an applied one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the core tables.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
+     CREATE TABLE tokens (
+         hash TEXT PRIMARY KEY,               -- hex SHA-256 of the token text
+         kind TEXT NOT NULL CHECK (kind IN ('admin', 'entrypoint')),
+         app TEXT REFERENCES apps(name),      -- entrypoint tokens: the app they are scoped to
+         deployment TEXT,                     -- NULL: any deployment ('' on the instance)
+         created_at INTEGER NOT NULL
+     );
+     CREATE TABLE instances (
+         id TEXT PRIMARY KEY,                 -- hex of the 16-byte instance id
+         app TEXT NOT NULL,
+         deployment TEXT NOT NULL DEFAULT '',
+         hostname TEXT NOT NULL DEFAULT '',
+         entrypoint_pid INTEGER NOT NULL DEFAULT 0,
+         entrypoint_version TEXT NOT NULL DEFAULT '',
+         connected_at INTEGER NOT NULL,       -- unix ms, of the latest connection
+         last_seen_at INTEGER NOT NULL,       -- unix ms; flushed from memory every few seconds
+         disconnected_at INTEGER,             -- NULL while live
+         ended TEXT,                          -- 'exited' | 'lost' once disconnected
+         child_state TEXT,                    -- starting | running | restarting | exited
+         child_pid INTEGER,
+         exit_code INTEGER,                   -- of the last exit
+         exit_signal INTEGER,
+         oom_killed INTEGER NOT NULL DEFAULT 0,
+         child_rss_bytes INTEGER NOT NULL DEFAULT 0,
+         child_cpu_ms INTEGER NOT NULL DEFAULT 0,
+         starts INTEGER NOT NULL DEFAULT 0,
+         config_version INTEGER NOT NULL DEFAULT 0,
+         session INTEGER NOT NULL DEFAULT 0   -- random per connection; guards late writes
+     );
+     CREATE INDEX instances_live ON instances (disconnected_at, app);
+     CREATE INDEX instances_gone ON instances (app, disconnected_at);",
+];
+
+/// How many gone instances per app `instances --all` returns (newest first).
+pub const GONE_PER_APP: i64 = 100;
+
+/// A shared handle to the database. One connection behind a mutex: SQLite serialises writers
+/// anyway, and every statement here is short.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // WAL: readers never block the writer; NORMAL is durable across process crashes (the
+        // state we lose on power loss is at most the last flush of heartbeats).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection, synchronously. For startup code, not async tasks.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn)
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with(f))
+            .await
+            .context("database task panicked")?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        bail!(
+            "the database was written by a newer waypost (schema {applied}, this build knows {})",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+// ---- meta ----------------------------------------------------------------------------------
+
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+// ---- apps ----------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct App {
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// Creates an app; `Ok(false)` if it already exists.
+pub fn create_app(conn: &Connection, name: &str, now: i64) -> Result<bool> {
+    let n = conn.execute(
+        "INSERT INTO apps (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        params![name, now],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn app_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .query_row("SELECT 1 FROM apps WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub fn list_apps(conn: &Connection) -> Result<Vec<App>> {
+    let mut stmt = conn.prepare("SELECT name, created_at FROM apps ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(App {
+            name: r.get(0)?,
+            created_at: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---- tokens --------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenScope {
+    Admin,
+    /// May run an entrypoint for this app (and this deployment, if set).
+    Entrypoint {
+        app: String,
+        deployment: Option<String>,
+    },
+}
+
+pub fn insert_token(conn: &Connection, hash: &str, scope: &TokenScope, now: i64) -> Result<()> {
+    let (kind, app, deployment) = match scope {
+        TokenScope::Admin => ("admin", None, None),
+        TokenScope::Entrypoint { app, deployment } => {
+            ("entrypoint", Some(app.as_str()), deployment.as_deref())
+        }
+    };
+    conn.execute(
+        "INSERT INTO tokens (hash, kind, app, deployment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![hash, kind, app, deployment, now],
+    )?;
+    Ok(())
+}
+
+pub fn lookup_token(conn: &Connection, hash: &str) -> Result<Option<TokenScope>> {
+    let row: Option<(String, Option<String>, Option<String>)> = conn
+        .query_row(
+            "SELECT kind, app, deployment FROM tokens WHERE hash = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    Ok(
+        row.and_then(|(kind, app, deployment)| match (kind.as_str(), app) {
+            ("admin", _) => Some(TokenScope::Admin),
+            ("entrypoint", Some(app)) => Some(TokenScope::Entrypoint { app, deployment }),
+            _ => None,
+        }),
+    )
+}
+
+// ---- instances -----------------------------------------------------------------------------
+
+/// What the entrypoint last reported about its child (Status frames). Kept in memory while the
+/// instance is live and flushed to the row periodically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildStatus {
+    pub state: Option<&'static str>,
+    pub child_pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    pub oom_killed: bool,
+    pub child_rss_bytes: u64,
+    pub child_cpu_ms: u64,
+    pub starts: u32,
+    pub config_version: u64,
+}
+
+impl ChildStatus {
+    /// Folds a Status frame into the previous state. Exit details only change when the frame
+    /// says EXITED, so a restarted child still shows how the previous one ended.
+    pub fn apply(&mut self, s: &waypost_proto::Status) {
+        use waypost_proto::status::State;
+        let state = State::try_from(s.state).unwrap_or(State::Unspecified);
+        self.state = match state {
+            State::Unspecified => self.state,
+            State::Starting => Some("starting"),
+            State::Running => Some("running"),
+            State::Restarting => Some("restarting"),
+            State::Exited => Some("exited"),
+        };
+        if s.child_pid != 0 {
+            self.child_pid = Some(s.child_pid);
+        } else if state != State::Exited {
+            self.child_pid = None;
+        }
+        if state == State::Exited {
+            if s.exit_signal != 0 {
+                self.exit_code = None;
+                self.exit_signal = Some(s.exit_signal);
+            } else {
+                self.exit_code = Some(s.exit_code);
+                self.exit_signal = None;
+            }
+            self.oom_killed = s.oom_killed;
+        }
+        self.child_rss_bytes = s.child_rss_bytes;
+        self.child_cpu_ms = s.child_cpu_ms;
+        self.starts = s.starts;
+        self.config_version = s.config_version;
+    }
+}
+
+/// What a Hello tells us about a newly connected instance.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub id: String,
+    pub app: String,
+    pub deployment: String,
+    pub hostname: String,
+    pub entrypoint_pid: u32,
+    pub entrypoint_version: String,
+    /// Random per connection (see `live::LiveInstance::session`).
+    pub session: i64,
+}
+
+/// One row of instance history.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub app: String,
+    pub deployment: String,
+    pub hostname: String,
+    pub entrypoint_pid: u32,
+    pub entrypoint_version: String,
+    pub connected_at: i64,
+    pub last_seen_at: i64,
+    pub disconnected_at: Option<i64>,
+    pub ended: Option<String>,
+    pub status: ChildStatus,
+}
+
+/// After a crash, rows still marked live belong to connections that no longer exist.
+pub fn mark_all_lost(conn: &Connection, now: i64) -> Result<usize> {
+    Ok(conn.execute(
+        "UPDATE instances SET disconnected_at = ?1, ended = 'lost' WHERE disconnected_at IS NULL",
+        [now],
+    )?)
+}
+
+fn status_params(s: &ChildStatus) -> [Box<dyn rusqlite::ToSql + '_>; 9] {
+    [
+        Box::new(s.state),
+        Box::new(s.child_pid),
+        Box::new(s.exit_code),
+        Box::new(s.exit_signal),
+        Box::new(s.oom_killed),
+        Box::new(s.child_rss_bytes as i64),
+        Box::new(s.child_cpu_ms as i64),
+        Box::new(s.starts),
+        Box::new(s.config_version as i64),
+    ]
+}
+
+/// Inserts the instance, or revives its row if the same instance id was seen before, and
+/// returns the child status to keep in memory: the row's previous status (so a reconnect keeps
+/// the last exit) with the Hello's status folded in.
+pub fn upsert_connected(
+    conn: &mut Connection,
+    c: &Connected,
+    hello_status: Option<&waypost_proto::Status>,
+    now: i64,
+) -> Result<ChildStatus> {
+    let tx = conn.transaction()?;
+    let mut status = tx
+        .query_row(
+            &format!("SELECT {STATUS_COLS} FROM instances WHERE id = ?1"),
+            [&c.id],
+            |r| status_from_row(r, 0),
+        )
+        .optional()?
+        .unwrap_or_default();
+    if let Some(s) = hello_status {
+        status.apply(s);
+    }
+    {
+        let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
+            Box::new(&c.id),
+            Box::new(&c.app),
+            Box::new(&c.deployment),
+            Box::new(&c.hostname),
+            Box::new(c.entrypoint_pid),
+            Box::new(&c.entrypoint_version),
+            Box::new(now),
+        ];
+        p.extend(status_params(&status));
+        p.push(Box::new(c.session));
+        tx.execute(
+        "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
+             connected_at, last_seen_at, disconnected_at, ended,
+             child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
+             child_cpu_ms, starts, config_version, session)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+         ON CONFLICT (id) DO UPDATE SET
+             app = excluded.app, deployment = excluded.deployment, hostname = excluded.hostname,
+             entrypoint_pid = excluded.entrypoint_pid,
+             entrypoint_version = excluded.entrypoint_version,
+             connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at,
+             disconnected_at = NULL, ended = NULL,
+             child_state = excluded.child_state, child_pid = excluded.child_pid,
+             exit_code = excluded.exit_code, exit_signal = excluded.exit_signal,
+             oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
+             child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
+             config_version = excluded.config_version, session = excluded.session",
+        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+    )?;
+    }
+    tx.commit()?;
+    Ok(status)
+}
+
+const STATUS_COLS: &str = "child_state, child_pid, exit_code, exit_signal, oom_killed, \
+    child_rss_bytes, child_cpu_ms, starts, config_version";
+
+/// Reads the [`STATUS_COLS`] starting at column `at`.
+fn status_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ChildStatus> {
+    Ok(ChildStatus {
+        state: state_from_db(r.get(at)?),
+        child_pid: r.get(at + 1)?,
+        exit_code: r.get(at + 2)?,
+        exit_signal: r.get(at + 3)?,
+        oom_killed: r.get(at + 4)?,
+        child_rss_bytes: r.get::<_, i64>(at + 5)? as u64,
+        child_cpu_ms: r.get::<_, i64>(at + 6)? as u64,
+        starts: r.get(at + 7)?,
+        config_version: r.get::<_, i64>(at + 8)? as u64,
+    })
+}
+
+/// Periodic flush of live instances' last-seen time and child status, in one transaction.
+pub fn flush_live(conn: &mut Connection, rows: &[super::live::FlushRow]) -> Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare(
+            "UPDATE instances SET last_seen_at = ?2, child_state = ?3, child_pid = ?4,
+                 exit_code = ?5, exit_signal = ?6, oom_killed = ?7, child_rss_bytes = ?8,
+                 child_cpu_ms = ?9, starts = ?10, config_version = ?11
+             WHERE id = ?1 AND session = ?12 AND disconnected_at IS NULL",
+        )?;
+        for (id, session, last_seen, status) in rows {
+            let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> =
+                vec![Box::new(id), Box::new(*last_seen)];
+            p.extend(status_params(status));
+            p.push(Box::new(*session));
+            stmt.execute(rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())))?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The connection ended: record the final status and how it ended.
+pub fn mark_disconnected(
+    conn: &Connection,
+    id: &str,
+    session: i64,
+    last_seen: i64,
+    status: &ChildStatus,
+    now: i64,
+) -> Result<()> {
+    let ended = if status.state == Some("exited") {
+        "exited"
+    } else {
+        "lost"
+    };
+    let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
+        Box::new(id),
+        Box::new(last_seen),
+        Box::new(now),
+        Box::new(ended),
+    ];
+    p.extend(status_params(status));
+    p.push(Box::new(session));
+    conn.execute(
+        "UPDATE instances SET last_seen_at = ?2, disconnected_at = ?3, ended = ?4,
+             child_state = ?5, child_pid = ?6, exit_code = ?7, exit_signal = ?8, oom_killed = ?9,
+             child_rss_bytes = ?10, child_cpu_ms = ?11, starts = ?12, config_version = ?13
+         WHERE id = ?1 AND session = ?14",
+        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+    )?;
+    Ok(())
+}
+
+fn state_from_db(s: Option<String>) -> Option<&'static str> {
+    match s.as_deref() {
+        Some("starting") => Some("starting"),
+        Some("running") => Some("running"),
+        Some("restarting") => Some("restarting"),
+        Some("exited") => Some("exited"),
+        _ => None,
+    }
+}
+
+/// Live rows (optionally of one app) and, with `all`, the newest [`GONE_PER_APP`] gone ones of
+/// each app. Live first (newest connection first), then gone (newest disconnection first).
+pub fn list_instances(conn: &Connection, app: Option<&str>, all: bool) -> Result<Vec<InstanceRow>> {
+    const COLS: &str = "id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
+        connected_at, last_seen_at, disconnected_at, ended, child_state, child_pid, exit_code,
+        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version";
+    let sql = format!(
+        "SELECT {COLS} FROM (
+             SELECT {COLS}, 0 AS grp, connected_at AS ord FROM instances
+                 WHERE disconnected_at IS NULL AND (?1 IS NULL OR app = ?1)
+             UNION ALL
+             SELECT {COLS}, 1 AS grp, disconnected_at AS ord FROM (
+                 SELECT *, ROW_NUMBER() OVER (PARTITION BY app ORDER BY disconnected_at DESC) AS rn
+                 FROM instances WHERE ?2 AND disconnected_at IS NOT NULL AND (?1 IS NULL OR app = ?1)
+             ) WHERE rn <= {GONE_PER_APP}
+         ) ORDER BY grp, ord DESC, id"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![app, all], |r| {
+        Ok(InstanceRow {
+            id: r.get(0)?,
+            app: r.get(1)?,
+            deployment: r.get(2)?,
+            hostname: r.get(3)?,
+            entrypoint_pid: r.get(4)?,
+            entrypoint_version: r.get(5)?,
+            connected_at: r.get(6)?,
+            last_seen_at: r.get(7)?,
+            disconnected_at: r.get(8)?,
+            ended: r.get(9)?,
+            status: status_from_row(r, 10)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        c
+    }
+
+    fn connected(id: &str, app: &str) -> Connected {
+        Connected {
+            id: id.into(),
+            app: app.into(),
+            deployment: String::new(),
+            hostname: "h".into(),
+            entrypoint_pid: 1,
+            entrypoint_version: "0.1.0".into(),
+            session: 1,
+        }
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let mut c = mem();
+        migrate(&mut c).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn apps_and_tokens() {
+        let c = mem();
+        assert!(create_app(&c, "web", 1).unwrap());
+        assert!(!create_app(&c, "web", 2).unwrap());
+        assert_eq!(list_apps(&c).unwrap().len(), 1);
+        let scope = TokenScope::Entrypoint {
+            app: "web".into(),
+            deployment: Some("d1".into()),
+        };
+        insert_token(&c, "h1", &scope, 1).unwrap();
+        insert_token(&c, "h2", &TokenScope::Admin, 1).unwrap();
+        assert_eq!(lookup_token(&c, "h1").unwrap(), Some(scope));
+        assert_eq!(lookup_token(&c, "h2").unwrap(), Some(TokenScope::Admin));
+        assert_eq!(lookup_token(&c, "nope").unwrap(), None);
+        // Foreign key: tokens for unknown apps are refused.
+        let bad = TokenScope::Entrypoint {
+            app: "nope".into(),
+            deployment: None,
+        };
+        assert!(insert_token(&c, "h3", &bad, 1).is_err());
+    }
+
+    #[test]
+    fn instance_lifecycle() {
+        let mut c = mem();
+        create_app(&c, "web", 1).unwrap();
+        upsert_connected(&mut c, &connected("aa", "web"), None, 10).unwrap();
+        let mut st = ChildStatus::default();
+        st.apply(&waypost_proto::Status {
+            state: 2,
+            child_pid: 42,
+            child_rss_bytes: 1000,
+            ..Default::default()
+        });
+        flush_live(&mut c, &[("aa".into(), 1, 20, st.clone())]).unwrap();
+        let rows = list_instances(&c, Some("web"), false).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].status.child_pid, Some(42));
+        assert_eq!(rows[0].last_seen_at, 20);
+
+        st.apply(&waypost_proto::Status {
+            state: 4,
+            child_pid: 42,
+            exit_code: 3,
+            ..Default::default()
+        });
+        mark_disconnected(&c, "aa", 1, 30, &st, 31).unwrap();
+        assert!(list_instances(&c, Some("web"), false).unwrap().is_empty());
+        let rows = list_instances(&c, Some("web"), true).unwrap();
+        assert_eq!(rows[0].ended.as_deref(), Some("exited"));
+        assert_eq!(rows[0].status.exit_code, Some(3));
+        assert_eq!(rows[0].disconnected_at, Some(31));
+
+        // Reconnect revives the row; the last exit is kept.
+        let st = upsert_connected(&mut c, &connected("aa", "web"), None, 40).unwrap();
+        assert_eq!(
+            st.exit_code,
+            Some(3),
+            "the in-memory status starts from the row"
+        );
+        let rows = list_instances(&c, None, false).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].ended, None);
+        assert_eq!(rows[0].status.exit_code, Some(3));
+
+        assert_eq!(mark_all_lost(&c, 50).unwrap(), 1);
+        let rows = list_instances(&c, None, true).unwrap();
+        assert_eq!(rows[0].ended.as_deref(), Some("lost"));
+    }
+
+    #[test]
+    fn gone_instances_are_bounded_per_app() {
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        for i in 0..(GONE_PER_APP + 5) {
+            let id = format!("{i:04}");
+            upsert_connected(&mut c, &connected(&id, "a"), None, i).unwrap();
+            mark_disconnected(&c, &id, 1, i, &ChildStatus::default(), 1000 + i).unwrap();
+        }
+        upsert_connected(&mut c, &connected("live", "a"), None, 5).unwrap();
+        let rows = list_instances(&c, Some("a"), true).unwrap();
+        assert_eq!(rows.len() as i64, GONE_PER_APP + 1);
+        assert_eq!(rows[0].id, "live");
+        assert_eq!(
+            rows[1].id,
+            format!("{:04}", GONE_PER_APP + 4),
+            "newest gone first"
+        );
+    }
+
+    #[test]
+    fn signal_exit_replaces_code() {
+        let mut st = ChildStatus::default();
+        st.apply(&waypost_proto::Status {
+            state: 4,
+            exit_code: 3,
+            ..Default::default()
+        });
+        assert_eq!((st.exit_code, st.exit_signal), (Some(3), None));
+        st.apply(&waypost_proto::Status {
+            state: 2,
+            child_pid: 7,
+            ..Default::default()
+        });
+        assert_eq!(st.exit_code, Some(3), "a restart keeps the last exit");
+        st.apply(&waypost_proto::Status {
+            state: 4,
+            exit_signal: 15,
+            ..Default::default()
+        });
+        assert_eq!((st.exit_code, st.exit_signal), (None, Some(15)));
+    }
+}
