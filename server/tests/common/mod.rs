@@ -12,6 +12,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use waypost_proto::{self as proto, Frame, Kind};
 
+pub mod entrypoint;
+
 /// Upper bound for anything the tests wait for. Generous: CI machines are slow and shared.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -175,7 +177,8 @@ impl Server {
             .command()
             .args(["server", "run", "--data-dir"])
             .arg(env.data_dir())
-            .args(["--control-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
+            .args(if extra.contains(&"--control-addr") { &[][..] } else { &["--control-addr", "127.0.0.1:0"][..] })
+            .args(["--api-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(std::fs::File::create(&stdout).unwrap())
