@@ -19,13 +19,13 @@ setup:
 	@command -v musl-gcc >/dev/null || { echo "installing musl-tools"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q musl-tools; else sudo apt-get install -y -q musl-tools; fi; }
 
-## run: the demo app under the entrypoint (Ctrl-C to stop it)
+## run: the quickstart — a local server, and the demo app under the entrypoint (Ctrl-C stops the app)
 run: build
-	@echo "Running examples/demo.sh under $(BIN). Try, from another terminal:"
-	@echo "  kill -USR1 \$$(pgrep -f 'waypost-entrypoint examples/demo.sh')   # forwarded to the app"
-	@echo "  kill -TERM \$$(pgrep -f 'waypost-entrypoint examples/demo.sh')   # app exits 0, so do we"
-	@echo "  Ctrl-C here: SIGINT reaches the app (exit 0)."
-	$(BIN) examples/demo.sh
+	cargo build -p waypost --bins
+	@echo
+	@echo "The waypost CLI is target/debug/waypost; in another terminal:  export PATH=$(CURDIR)/target/debug:\$$PATH"
+	@echo
+	target/debug/waypost up --app demo --entrypoint-binary $(BIN) -- target/debug/waypost-demo
 
 ## test: everything CI checks: dependency boundary, size budget, unit and integration tests
 test: build
