@@ -72,3 +72,17 @@ fn hand_worked_encodings() {
         [0x22, 0x0a, 0x08, 0x01, 0x12, 0x06, 0x0a, 0x01, b'A', 0x12, 0x01, b'1']
     );
 }
+
+/// Writes the fuzzers' seed corpus (one file per sample frame) when asked:
+/// `WAYPOST_WRITE_SEEDS=1 cargo test -p waypost-proto --test compat write_fuzz_seeds`.
+#[test]
+fn write_fuzz_seeds() {
+    let Some(_) = std::env::var_os("WAYPOST_WRITE_SEEDS") else { return };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, frame) in every_kind().iter().enumerate() {
+        let mut wire = Vec::new();
+        waypost_proto::encode(frame, &mut wire).unwrap();
+        std::fs::write(dir.join(format!("seed-{i:02}")), wire).unwrap();
+    }
+}
