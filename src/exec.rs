@@ -62,6 +62,8 @@ pub struct Session {
     exited_at: Option<Instant>,
     /// The connection was lost at this time: SIGHUP sent, SIGKILL due after the grace.
     hung_up_at: Option<Instant>,
+    /// SIGKILL was sent after the hang-up grace.
+    killed: bool,
     /// PTY sessions: the EOF character was sent for the end of input.
     eof_sent: bool,
     /// PTY sessions: the master reported the terminal closed.
@@ -79,6 +81,7 @@ impl Session {
             exit: None,
             exited_at: None,
             hung_up_at: None,
+            killed: false,
             eof_sent: false,
             output_closed: false,
         }
@@ -169,18 +172,23 @@ impl Session {
         self.hung_up_at.is_some()
     }
 
-    /// When this session next needs attention (SIGKILL after a hang-up, end of the drain grace).
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.exit, self.hung_up_at, self.exited_at) {
-            (None, Some(t), _) => Some(t + HANGUP_GRACE),
-            (Some(_), _, Some(t)) => Some(t + DRAIN_GRACE),
-            _ => None,
-        }
+    /// When this session next needs attention (SIGKILL after a hang-up, end of the drain
+    /// grace); never a time already past, so a deadline that is waiting on something else (a
+    /// blocked connection) cannot make the loop spin.
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let at = match (self.exit, self.hung_up_at, self.exited_at) {
+            (None, Some(t), _) if !self.killed => t + HANGUP_GRACE,
+            (Some(_), _, Some(t)) => t + DRAIN_GRACE,
+            _ => return None,
+        };
+        (at > now).then_some(at)
     }
 
-    /// Whether the hang-up grace is over and the process must be killed.
-    pub fn kill_due(&self, now: Instant) -> bool {
-        self.exit.is_none() && self.hung_up_at.is_some_and(|t| now >= t + HANGUP_GRACE)
+    /// Whether the hang-up grace is over and the process must be killed (true once).
+    pub fn kill_due(&mut self, now: Instant) -> bool {
+        let due = !self.killed && self.exit.is_none() && self.hung_up_at.is_some_and(|t| now >= t + HANGUP_GRACE);
+        self.killed |= due;
+        due
     }
 }
 
@@ -260,10 +268,15 @@ mod tests {
         let mut s = Session::new(1, 10, true);
         assert!(s.hang_up(t0));
         assert!(!s.hang_up(t0), "once");
-        assert_eq!(s.poll_timeout(), Some(t0 + HANGUP_GRACE));
+        assert_eq!(s.poll_timeout(t0), Some(t0 + HANGUP_GRACE));
         assert!(!s.kill_due(t0));
         assert!(s.kill_due(t0 + HANGUP_GRACE));
+        assert!(!s.kill_due(t0 + HANGUP_GRACE), "once");
+        assert_eq!(s.poll_timeout(t0 + HANGUP_GRACE), None, "nothing more to wait for until it exits");
+        let mut s = Session::new(1, 10, true);
+        s.hang_up(t0);
         s.handle_exit(None, Some(1), t0 + Duration::from_secs(1));
         assert!(!s.kill_due(t0 + HANGUP_GRACE), "already gone");
+        assert_eq!(s.poll_timeout(t0 + DRAIN_GRACE * 2), None, "past deadlines are not reported");
     }
 }

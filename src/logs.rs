@@ -238,10 +238,12 @@ impl Logs {
     }
 
     /// When to ship partial lines or (only when `connected`: no wake-ups while the server is
-    /// away) a young batch.
-    pub fn poll_timeout(&self, connected: bool) -> Option<Instant> {
+    /// away) a young batch. A batch already due is not a timer any more: it goes out when the
+    /// connection can take it (its writability wakes the loop), so a blocked connection cannot
+    /// make the loop spin.
+    pub fn poll_timeout(&self, connected: bool, now: Instant) -> Option<Instant> {
         let partial = self.partial.iter().filter(|p| !p.buf.is_empty()).filter_map(|p| p.last).map(|t| t + LINE_IDLE).min();
-        let batch = self.unsent_since.filter(|_| connected).map(|t| t + BATCH_AGE);
+        let batch = self.unsent_since.filter(|_| connected).map(|t| t + BATCH_AGE).filter(|&t| t > now);
         match (partial, batch) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -506,7 +508,7 @@ mod tests {
         let mut l = Logs::new(1 << 20);
         l.handle_output(LogStream::Stdout, b"Password: ", 1, t0);
         assert!(!l.batch_due(t0, false));
-        assert_eq!(l.poll_timeout(true), Some(t0 + LINE_IDLE));
+        assert_eq!(l.poll_timeout(true, t0), Some(t0 + LINE_IDLE));
         l.handle_timeout(t(100, t0));
         assert!(ship(&mut l, t(100, t0)).is_empty(), "not idle yet");
         l.handle_timeout(t0 + LINE_IDLE);
@@ -523,8 +525,9 @@ mod tests {
         l.handle_output(LogStream::Stdout, b"one\n", 1, t0);
         assert!(!l.batch_due(t0, false));
         assert!(l.batch_due(t0, true), "urgent (exiting) sends at once");
-        assert_eq!(l.poll_timeout(true), Some(t0 + BATCH_AGE));
-        assert_eq!(l.poll_timeout(false), None, "no wake-ups while disconnected");
+        assert_eq!(l.poll_timeout(true, t0), Some(t0 + BATCH_AGE));
+        assert_eq!(l.poll_timeout(false, t0), None, "no wake-ups while disconnected");
+        assert_eq!(l.poll_timeout(true, t0 + BATCH_AGE), None, "due: waits for the connection, not a timer");
         assert!(l.batch_due(t0 + BATCH_AGE, false));
         let line = vec![b'x'; 1000];
         let mut l = Logs::new(4 << 20);

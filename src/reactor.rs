@@ -467,13 +467,16 @@ impl Reactor {
             deadline = earliest(deadline, self.cfg.poll_timeout());
             if let Some(logs) = &self.logs {
                 let connected = self.control.as_ref().is_some_and(|c| c.session.is_ready());
-                deadline = earliest(deadline, logs.poll_timeout(connected));
+                deadline = earliest(deadline, logs.poll_timeout(connected, now));
             }
             for e in self.exec.iter().flatten() {
-                deadline = earliest(deadline, e.state.poll_timeout());
+                deadline = earliest(deadline, e.state.poll_timeout(now));
             }
-            for t in self.tunnels.iter().flatten() {
-                deadline = earliest(deadline, t.state.retry_at);
+            if self.restart_pending.is_none() {
+                // (While the old child drains, held streams wait for the restart, not a timer.)
+                for t in self.tunnels.iter().flatten() {
+                    deadline = earliest(deadline, t.state.retry_at);
+                }
             }
             deadline = earliest(deadline, self.restart_pending.map(|(_, at)| at));
             if self.sup.finishing() {
@@ -1364,6 +1367,11 @@ impl Reactor {
             let Some(e) = &mut self.exec[slot] else { continue };
             if e.state.kill_due(now) {
                 let _ = signals::kill(-e.state.pid, libc::SIGKILL);
+            }
+            if e.state.is_hung_up() && e.state.has_exited() {
+                // Nobody to report to: the connection it belonged to is gone.
+                self.exec_remove(slot);
+                continue;
             }
             while e.writable && !e.state.pending_input().is_empty() {
                 let Some(fd) = &e.fds[0] else { break };
