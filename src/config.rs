@@ -60,6 +60,9 @@ pub struct Settings {
     pub disable_exec: bool,
     /// `WAYPOST_DISABLE_URL`.
     pub disable_url: bool,
+    /// `WAYPOST_CAPTURE`: relay (and ship) the child's output even when our stdout is a
+    /// terminal; the child then writes to pipes, not the terminal.
+    pub capture: bool,
     /// `WAYPOST_URL_HOLD` (default on): during a config restart, hold new URL-service streams
     /// until the new child listens, and stop the old one only after its streams finish.
     pub url_hold: bool,
@@ -162,6 +165,7 @@ impl Settings {
             disable_exec: env.flag("WAYPOST_DISABLE_EXEC", Some("WAYPOINT_CEB_DISABLE_EXEC"))?,
             disable_url: env.flag("WAYPOST_DISABLE_URL", None)?,
             url_hold: env.get("WAYPOST_URL_HOLD", None)?.is_none() || env.flag("WAYPOST_URL_HOLD", None)?,
+            capture: env.flag("WAYPOST_CAPTURE", None)?,
             exec_allow: exec_allow.transpose()?,
             server_required: env.flag("WAYPOST_SERVER_REQUIRED", Some("WAYPOINT_CEB_SERVER_REQUIRED"))?,
             startup_timeout: env.duration("WAYPOST_STARTUP_TIMEOUT", Duration::from_secs(5))?,
@@ -201,7 +205,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-const KNOWN: [&str; 18] = [
+const KNOWN: [&str; 19] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
@@ -212,6 +216,7 @@ const KNOWN: [&str; 18] = [
     "WAYPOST_DISABLE_EXEC",
     "WAYPOST_DISABLE_URL",
     "WAYPOST_URL_HOLD",
+    "WAYPOST_CAPTURE",
     "WAYPOST_EXEC_ALLOW",
     "WAYPOST_SERVER_REQUIRED",
     "WAYPOST_STARTUP_TIMEOUT",

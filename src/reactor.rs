@@ -337,9 +337,10 @@ impl Reactor {
 
         let stdout_tty = rustix::termios::isatty(rustix::stdio::stdout());
         let stderr_tty = rustix::termios::isatty(rustix::stdio::stderr());
-        // A terminal is inherited directly (the app sees a TTY); WAYPOST_DISABLE means no capture.
-        let capture_out = !settings.disable && !stdout_tty;
-        let capture = [capture_out, capture_out && !stderr_tty];
+        // A terminal is inherited directly (the app sees a TTY) unless WAYPOST_CAPTURE asks for
+        // the output anyway; WAYPOST_DISABLE means no capture at all.
+        let capture_out = !settings.disable && (!stdout_tty || settings.capture);
+        let capture = [capture_out, capture_out && (!stderr_tty || settings.capture)];
 
         let poll = Poll::new().map_err(Error::io("creating the epoll instance"))?;
         poll.registry()

@@ -774,6 +774,36 @@ fn child_inherits_the_terminal() {
     );
 }
 
+#[test]
+fn capture_on_a_terminal_relays_through_pipes() {
+    // WAYPOST_CAPTURE=1 (what `waypost up` sets): on a terminal too, the output goes through the
+    // entrypoint (so it can be shipped as logs); the child writes to a pipe, and the text still
+    // reaches the terminal.
+    let dir = TestDir::new("tty-capture");
+    let (master, slave, _) = open_pty();
+    let mut cmd = entrypoint_sh(&dir, "test -t 1 || echo STDOUT_IS_A_PIPE; echo to-stderr >&2; exit 0");
+    cmd.env("WAYPOST_CAPTURE", "1")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: only async-signal-safe system calls in the closure.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut term = Capture::start(fs::File::from(master));
+    let mut ep = Running::spawn(cmd);
+    let status = ep.wait_exit();
+    assert!(term.wait_eof(TIMEOUT), "the terminal was not hung up after the entrypoint exited");
+    let output = String::from_utf8_lossy(&term.take()).replace('\r', "");
+    assert_eq!(status.code(), Some(0), "terminal output:\n{output}");
+    assert!(output.contains("STDOUT_IS_A_PIPE") && output.contains("to-stderr"), "terminal output:\n{output}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // WAYPOST_DISABLE=1 and capture
 

@@ -102,7 +102,10 @@ async fn up(a: UpArgs, app: String, entrypoint: &Path) -> Result<std::process::C
         .args(&a.cmd)
         .env("WAYPOST_SERVER", &token.control_addr)
         .env("WAYPOST_TOKEN", &token.token)
-        .env("WAYPOST_CA", util::base64_encode(token.ca_pem.as_bytes()));
+        .env("WAYPOST_CA", util::base64_encode(token.ca_pem.as_bytes()))
+        // In a terminal too, the app's output goes through the entrypoint, so `waypost logs`
+        // has it (the app then writes to pipes rather than the terminal).
+        .env("WAYPOST_CAPTURE", "1");
     // The app must never see admin credentials, and the CLI-only variables mean nothing to
     // the entrypoint (it would warn about them).
     for var in [
