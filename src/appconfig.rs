@@ -92,10 +92,9 @@ impl ConfigCore {
         if base.is_some_and(|b| config.version <= b.version) {
             return; // old news (e.g. a resend after reconnect)
         }
-        let effect = match (self.current.as_ref(), running) {
-            (Some(cur), true) => effect_of(cur, &config),
-            _ => None,
-        };
+        // A child that started without any config (fail-open) ran with an empty one.
+        let empty = Config::default();
+        let effect = if running { effect_of(self.current.as_ref().unwrap_or(&empty), &config) } else { None };
         let splay = Duration::from_millis(u64::from(config.restart_splay_ms));
         let delay = if effect.is_some() && !splay.is_zero() {
             Duration::from_millis(next_random(&mut self.rng) % splay.as_millis().max(1) as u64)
@@ -233,6 +232,19 @@ mod tests {
         assert_eq!(c.version(), 1);
         let env: Vec<_> = c.child_env().collect();
         assert_eq!(env, [(&"A".to_string(), &"1".to_string())], "WAYPOST_* stays with the entrypoint");
+    }
+
+    #[test]
+    fn first_config_after_a_fail_open_start_restarts_the_child() {
+        let t0 = Instant::now();
+        let mut c = ConfigCore::new(1);
+        // The child started without config (server unreachable); now the first one arrives.
+        c.handle_config(cfg(1, &[("A", "1")], &[], Restart, "", 0), true, t0);
+        assert_eq!(settle(&mut c).last(), Some(&Step::Restart));
+        // An empty first config changes nothing for a running child.
+        let mut c = ConfigCore::new(1);
+        c.handle_config(cfg(1, &[], &[], Restart, "", 0), true, t0);
+        assert!(!settle(&mut c).contains(&Step::Restart));
     }
 
     #[test]

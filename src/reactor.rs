@@ -473,8 +473,9 @@ impl Reactor {
             for e in self.exec.iter().flatten() {
                 deadline = earliest(deadline, e.state.poll_timeout(now));
             }
-            if self.restart_pending.is_none() {
-                // (While the old child drains, held streams wait for the restart, not a timer.)
+            if self.restart_pending.is_none() && !matches!(self.sup.child_state(), ChildState::Restarting(_)) {
+                // (While the old child drains or stops, held streams wait for the restart — the
+                // new child's spawn wakes the loop — not a timer that would stay due.)
                 for t in self.tunnels.iter().flatten() {
                     deadline = earliest(deadline, t.state.retry_at);
                 }
@@ -1115,6 +1116,10 @@ impl Reactor {
             }
         }
         self.read_control(now);
+        // Carry out what the frames just read mean before writing: a Welcome among them sets
+        // where the log resend starts, and a batch written first would skip the entries the
+        // last connection never got acknowledged.
+        self.session_events(now);
         self.write_control(now);
     }
 
@@ -1197,6 +1202,9 @@ impl Reactor {
                         _ => break,
                     }
                 }
+                // The buffer filled before every source was drained: after this write, pull
+                // again (the sources were not read to WouldBlock, so no new edge will come).
+                let more = !c.wbuf.wants_more();
                 let n = if c.wbuf.is_empty() { 0 } else { conn.write(c.wbuf.pending()) };
                 c.wbuf.consume(n);
                 let drained = match conn.flush() {
@@ -1207,7 +1215,7 @@ impl Reactor {
                         break;
                     }
                 };
-                if c.wbuf.is_empty() || (n == 0 && !drained) {
+                if (c.wbuf.is_empty() && !more) || (n == 0 && !drained) {
                     break;
                 }
             }
@@ -1534,7 +1542,10 @@ impl Reactor {
         let port = if open.target_port != 0 { open.target_port as u16 } else { self.app_port };
         trace!("stream {} from {} to port {port}", open.stream, open.client_addr);
         let mut io = TunnelIo { state: tunnel::Stream::new(open.stream, hold), sock: None, fallback: None, readable: false, writable: false };
-        if self.restart_pending.is_some() {
+        // While the old child drains or is being stopped, a connect could still land in its
+        // listen queue and be reset when it dies: wait for the new child instead.
+        let old_child = self.url_hold && matches!(self.sup.child_state(), ChildState::Restarting(_));
+        if self.restart_pending.is_some() || old_child {
             // The old child is draining: this one waits for the new child.
             io.state.retry_at = Some(now + tunnel::RETRY);
             io.state.retry_until = Some(now + self.stop_timeout * 2);
@@ -1567,7 +1578,7 @@ impl Reactor {
         for slot in 0..self.tunnels.len() {
             let Some(mut io) = self.tunnels[slot].take() else { continue };
             // A held or refused stream whose retry is due.
-            if io.sock.is_none() && io.state.retry_at.is_some_and(|t| now >= t) && self.restart_pending.is_none() {
+            if io.sock.is_none() && io.state.retry_at.is_some_and(|t| now >= t) && self.restart_pending.is_none() && !matches!(self.sup.child_state(), ChildState::Restarting(_)) {
                 io.state.retry_at = None;
                 let port = self.app_port;
                 io.fallback = Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
@@ -1635,7 +1646,9 @@ impl Reactor {
     /// its deadline.
     fn restart_when_drained(&mut self, now: Instant) {
         let Some((grace, deadline)) = self.restart_pending else { return };
-        let busy = self.tunnels.iter().flatten().any(|t| t.state.connected);
+        // A connect still in progress counts: the old child's kernel may already have queued it,
+        // and stopping the child then resets it.
+        let busy = self.tunnels.iter().flatten().any(|t| t.state.connected || t.sock.is_some());
         if busy && now < deadline {
             return;
         }

@@ -174,7 +174,10 @@ impl Session {
             (State::Ready { next_beat, .. }, kind) => {
                 self.state = State::Ready { next_beat, dead_at: now + self.dead_after() };
                 match kind {
-                    Kind::Ping(p) => self.transmit.push_back(Kind::Pong(Pong { nonce: p.nonce })),
+                    // Bounded like `send`: a server that pings but never reads cannot grow the queue
+                    // (found by the `session` fuzz target).
+                    Kind::Ping(p) if self.transmit.len() < TRANSMIT_CAP => self.transmit.push_back(Kind::Pong(Pong { nonce: p.nonce })),
+                    Kind::Ping(_) => {}
                     Kind::Pong(_) | Kind::Welcome(_) => {}
                     other => self.events.push_back(Event::Frame(other)),
                 }
@@ -226,7 +229,9 @@ impl Session {
             }
             State::Ready { next_beat, dead_at } if now >= next_beat => {
                 self.nonce = self.nonce.wrapping_add(1);
-                self.transmit.push_back(Kind::Ping(Ping { nonce: self.nonce }));
+                if self.transmit.len() < TRANSMIT_CAP {
+                    self.transmit.push_back(Kind::Ping(Ping { nonce: self.nonce }));
+                }
                 self.events.push_back(Event::Heartbeat);
                 // Beats are spaced from the last one, not from now: no drift, no catch-up burst.
                 let mut next = next_beat + self.heartbeat;
@@ -487,6 +492,27 @@ mod tests {
         s.handle_connected(Hello::default(), t0);
         s.send(Kind::Status(Status::default()));
         assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]), "Status waits for the Welcome");
+    }
+
+    #[test]
+    fn the_transmit_queue_stays_bounded_when_the_server_does_not_read() {
+        // Regression (fuzz target `session`): Pongs and heartbeat Pings bypassed TRANSMIT_CAP, so
+        // a server that kept pinging without reading grew the queue without bound.
+        let (mut s, t0) = ready();
+        for i in 0..200 {
+            s.send(Kind::Status(Status::default()));
+            s.handle_frame(Kind::Ping(Ping { nonce: i }), t0 + ms(i));
+        }
+        for k in 1..=2u64 {
+            // Heartbeats are due, the server keeps the session alive, nobody drains the queue.
+            s.handle_timeout(t0 + ms(1000 * k));
+            s.handle_frame(Kind::Ping(Ping { nonce: 999 }), t0 + ms(1000 * k));
+        }
+        assert!(s.is_ready());
+        assert!(sent(&mut s).len() <= TRANSMIT_CAP);
+        // Drained, it answers again.
+        s.handle_frame(Kind::Ping(Ping { nonce: 7 }), t0 + ms(2500));
+        assert_eq!(sent(&mut s), [Kind::Pong(Pong { nonce: 7 })]);
     }
 
     #[test]
