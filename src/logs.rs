@@ -60,7 +60,10 @@ impl Logs {
     pub fn new(cap: usize) -> Logs {
         Logs {
             ring: VecDeque::new(),
-            cap: cap.max(HEADER + 1),
+            // The cap is for log data (CONTRACT.md); entry headers get 0.1% on top, so exactly
+            // `cap` bytes of lines fit (a 1 MiB line in sixteen 64 KiB pieces in the default
+            // 1 MiB), while a flood of empty lines stays bounded by the same ring.
+            cap: cap + cap / 1024 + HEADER,
             front_seq: 0,
             next_seq: 0,
             send_seq: 0,
@@ -570,8 +573,8 @@ mod tests {
     #[test]
     fn a_full_buffer_drops_the_oldest_and_counts_exactly() {
         let t0 = Instant::now();
-        // Room for 10 entries of 10 data bytes.
-        let mut l = Logs::new(10 * (HEADER + 10));
+        // Room for 10 entries of 10 data bytes (the cap's header allowance is tiny here).
+        let mut l = Logs::new(10 * (HEADER + 10) - HEADER);
         for i in 0..25 {
             l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
         }
@@ -591,6 +594,29 @@ mod tests {
         assert_eq!(b[0].first_seq, 20, "entries 15..20 were dropped to make room");
         assert_eq!(b[0].dropped, 0);
         assert_eq!(l.dropped(), 20);
+    }
+
+    #[test]
+    fn a_one_mib_line_fits_the_default_buffer_whole() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1 << 20);
+        let line = vec![b'q'; 1 << 20];
+        l.handle_output(LogStream::Stdout, &line, 1, t0);
+        l.handle_output(LogStream::Stdout, b"\n", 1, t0);
+        assert_eq!(l.dropped(), 0);
+        let joined: Vec<u8> = ship(&mut l, t0).iter().flat_map(|b| b.entries.iter()).flat_map(|e| e.data.iter().copied()).collect();
+        assert_eq!(joined, line);
+    }
+
+    #[test]
+    fn empty_lines_are_bounded_too() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(64 * 1024);
+        for _ in 0..100_000 {
+            l.handle_output(LogStream::Stdout, b"\n", 1, t0);
+        }
+        assert!(l.held() <= 64 * 1024 + 64 + HEADER, "{}", l.held());
+        assert!(l.dropped() > 0);
     }
 
     #[test]
@@ -618,7 +644,7 @@ mod tests {
     fn ring_wraparound_keeps_entries_intact() {
         let t0 = Instant::now();
         let mut l = Logs::new(2000);
-        let mut expect = Vec::new();
+        let mut expect: Vec<String> = Vec::new();
         for i in 0..500 {
             let line = format!("entry number {i} {}", "z".repeat(i % 37));
             l.handle_output(LogStream::Stderr, line.as_bytes(), 1, t0);
