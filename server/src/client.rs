@@ -116,6 +116,31 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value)> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the API response: {e}"))?
+            .to_bytes();
+        let json = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() })
+            })
+        };
+        Ok((status, json))
+    }
+
+    /// Sends one request and returns the response with its body unread, for streaming
+    /// responses (`logs -f`). No overall timeout: the caller reads as long as it wants.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await
         {
             Ok(Ok(tcp)) => tcp,
@@ -170,21 +195,7 @@ impl ApiClient {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
-        let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading the API response: {e}"))?
-            .to_bytes();
-        let json = if body.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body).unwrap_or_else(|_| {
-                serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() })
-            })
-        };
-        Ok((status, json))
+        Ok(sender.send_request(req.body(Full::new(bytes))?).await?)
     }
 
     /// Sends a request and maps a non-2xx answer to [`ApiError`].

@@ -4,9 +4,11 @@
 //! Layout: `server/` is everything `waypost server run` does (listeners, store, PKI, live
 //! registry); `cli/` the other commands, which all go through the HTTPS API with `client`.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod context;
+pub mod oci;
 pub mod server;
 pub mod util;
 

@@ -377,3 +377,52 @@ fn a_child_killed_by_a_signal_is_shown_so() {
     let all = server.cli(&["instances", "--all"]).ok().stdout;
     assert!(all.contains("SIGTERM"), "{all}");
 }
+
+/// voluntary + involuntary context switches of `pid` so far.
+fn switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().filter(|l| l.contains("ctxt_switches:")).filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum()
+}
+
+#[test]
+fn idle_means_no_wake_ups_between_heartbeats() {
+    // Idle with a session open: the loop sleeps until the next heartbeat (15 s by default). A
+    // timer that stays due (a spin) would show as thousands of switches.
+    let server = Server::start(&[]);
+    let Some(e) = Builder::new(&server, "web", "exec sleep 1000").env("WAYPOST_LOG_LEVEL", "ERROR").spawn() else { return };
+    e.instance(&server);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = switches(e.pid());
+    std::thread::sleep(Duration::from_secs(4));
+    let woke = switches(e.pid()) - before;
+    assert!(woke <= 6, "{woke} wake-ups in 4 idle seconds");
+}
+
+#[test]
+fn a_stalled_server_does_not_make_the_entrypoint_spin() {
+    // The server stops reading (SIGSTOP) while the app keeps logging: the entrypoint must wait
+    // for the socket, not busy-loop on a due batch.
+    let server = Server::start(&[]);
+    let Some(e) = Builder::new(&server, "web", "while :; do echo some log line that is not very long; done > /dev/null 2>&1 & while :; do echo tick; sleep 0.01; done")
+        .env("WAYPOST_LOG_LEVEL", "ERROR")
+        .spawn()
+    else {
+        return;
+    };
+    e.instance(&server);
+    // SAFETY: kill(2) on the server process we started.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(e.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu(e.pid()) - before;
+    // SAFETY: as above.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGCONT) };
+    // 100 ticks = one CPU-second; the app prints ~100 lines/s here, which costs next to nothing.
+    assert!(ticks < 60, "{ticks} clock ticks of CPU in 3 s while the server was stalled");
+}

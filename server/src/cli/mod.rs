@@ -3,7 +3,12 @@
 //! The API is found through `WAYPOST_ADDR`, `WAYPOST_ADMIN_TOKEN`, `WAYPOST_CA` (each one
 //! overriding the matching field of the context file written by `waypost server run`).
 
+mod config;
+mod inject;
+mod logs;
 mod up;
+mod url;
+mod exec;
 
 use crate::client::{ApiClient, ApiError};
 use crate::{context, util};
@@ -42,9 +47,24 @@ enum Cmd {
     Token(TokenCmd),
     /// List instances (live ones; with --all also recently gone ones).
     Instances(InstancesArgs),
+    /// An app's configuration: variables, files, and how instances react to a change.
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
+    /// Print (and with -f follow) the logs of an app's instances.
+    Logs(logs::LogsArgs),
     /// One-command quickstart: start a server if none answers, create the app and a token, and
     /// run CMD under the entrypoint in the foreground.
     Up(up::UpArgs),
+    /// Run a command next to a live instance of an app (exit code = the command's).
+    Exec(exec::ExecArgs),
+    /// Print an app's public URL (served by the server's ingress).
+    Url(url::UrlArgs),
+    /// Put the static entrypoint into a container image (OCI layout, oci-archive or
+    /// docker-archive), without a container daemon.
+    Inject(inject::InjectArgs),
+    /// Load generators for the benchmark report (e.g. a simulated fleet of entrypoints).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCmd),
     /// Internal (used by `up`): start `waypost ARGS...` detached, print its pid, exit.
     #[command(name = "__detach", hide = true)]
     Detach {
@@ -97,6 +117,13 @@ struct RunArgs {
     /// the host name when it listens on 0.0.0.0 or ::).
     #[arg(long, value_name = "HOST:PORT")]
     advertise_addr: Option<String>,
+    /// Address of the URL-service ingress (plain HTTP; apps at http://NAME.DOMAIN:PORT/).
+    /// Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    ingress_addr: String,
+    /// The ingress answers 504 when an app sends nothing back for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ingress_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +135,8 @@ enum AppCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
         output: TableOrJson,
     },
+    /// Change an app's settings (log retention).
+    Set(logs::AppSetArgs),
 }
 
 #[derive(Subcommand)]
@@ -161,9 +190,14 @@ pub fn main() -> i32 {
             tls_san: a.tls_san,
             heartbeat: a.heartbeat_interval,
             advertise_addr: a.advertise_addr,
+            ingress_addr: a.ingress_addr,
+            ingress_timeout: a.ingress_timeout,
         })
         .map(|()| 0),
         Cmd::Up(a) => up::run(a),
+        Cmd::Exec(a) => exec::run(a),
+        Cmd::Inject(a) => inject::run(a),
+        Cmd::Bench(b) => crate::bench::run(b),
         Cmd::Detach { log, args } => up::detach(&log, &args),
         cmd => block_on(async move {
             match cmd {
@@ -175,7 +209,12 @@ pub fn main() -> i32 {
                     output,
                 }) => token_create(&app, deployment, output).await,
                 Cmd::Instances(a) => instances(a).await,
-                Cmd::Server(_) | Cmd::Up(_) | Cmd::Detach { .. } => {
+                Cmd::Bench(_) => unreachable!("handled above"),
+                Cmd::Config(c) => config::run(c).await,
+                Cmd::Logs(a) => logs::run(a).await,
+                Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
+                Cmd::Url(a) => url::run(a).await,
+                Cmd::Server(_) | Cmd::Up(_) | Cmd::Inject(_) | Cmd::Exec(_) | Cmd::Detach { .. } => {
                     unreachable!("handled above")
                 }
             }
@@ -386,6 +425,8 @@ struct InstanceJson {
     oom_killed: bool,
     child_rss_bytes: u64,
     child_cpu_ms: u64,
+    #[serde(default)]
+    config_version: u64,
 }
 
 fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
@@ -463,6 +504,7 @@ async fn instances(a: InstancesArgs) -> Result<()> {
             "CHILD PID",
             "RSS",
             "CPU",
+            "CONFIG",
             "UP/SINCE",
         ]
         .map(String::from)
@@ -489,6 +531,11 @@ async fn instances(a: InstancesArgs) -> Result<()> {
                 "-".into()
             },
             cpu_text(i.child_cpu_ms),
+            if i.config_version > 0 {
+                format!("v{}", i.config_version)
+            } else {
+                "-".into()
+            },
             since,
         ]);
     }

@@ -44,6 +44,9 @@ pub struct UpArgs {
     /// 127.0.0.1:9702).
     #[arg(long)]
     api_addr: Option<String>,
+    /// Ingress (URL service) address for the server started when none answers.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    ingress_addr: String,
     /// The command to run under the entrypoint.
     #[arg(required = true, last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -96,6 +99,7 @@ async fn up(a: UpArgs, app: String, entrypoint: &Path) -> Result<std::process::C
         entrypoint.display()
     );
     eprintln!("waypost: in another terminal, try:  waypost instances --app {app}");
+    eprintln!("waypost:   waypost url --app {app}   |   waypost exec --app {app} -it -- sh");
 
     let mut cmd = std::process::Command::new(entrypoint);
     cmd.arg("--")
@@ -168,6 +172,7 @@ async fn start_server(a: &UpArgs) -> Result<ApiClient> {
         .args(["--", "server", "run", "--data-dir"])
         .arg(&dir)
         .args(["--control-addr", &a.control_addr, "--api-addr", &api_addr])
+        .args(["--ingress-addr", &a.ingress_addr])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -74,7 +74,10 @@ pub fn router(shared: AppState) -> Router {
         .route("/server", get(get_server))
         .route("/apps", get(list_apps).post(create_app))
         .route("/tokens", axum::routing::post(create_token))
-        .route("/instances", get(list_instances));
+        .route("/instances", get(list_instances))
+        .merge(super::exec::routes())
+        .merge(super::config::routes())
+        .merge(super::logs::routes());
     Router::new()
         .nest("/v1", v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -132,6 +135,7 @@ async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
         "api_addr": s.api_addr,
         "ca_pem": s.ca_pem,
         "url_domain": s.url_domain,
+        "ingress_addr": s.ingress_addr,
         "live_instances": s.live.len(),
     }))
 }
@@ -391,7 +395,9 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                // The exec endpoint is a WebSocket.
+                .with_upgrades();
             tokio::pin!(conn);
             let res = tokio::select! {
                 r = conn.as_mut() => r,

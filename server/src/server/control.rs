@@ -112,17 +112,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Drains `rx` onto the stream, batching whatever is queued into one write, then closes the
 /// stream (TLS close_notify + FIN) when every sender is gone.
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) -> Result<()> {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Frame>,
+    // Exec and tunnel frames, written after control frames (see `tunnel::Lanes`).
+    mut lanes: super::tunnel::Lanes,
+) -> Result<()> {
     // Allocated on first use and shrunk after big frames: idle connections hold almost nothing.
     let mut out = Vec::new();
-    while let Some(frame) = rx.recv().await {
+    while let Some(frame) = lanes.next(&mut rx).await {
         out.clear();
         proto::encode(&frame, &mut out)?;
         // Coalesce frames that are already queued, up to a bound, into one TLS write.
         while out.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => proto::encode(&f, &mut out)?,
-                Err(_) => break,
+            match lanes.try_next(&mut rx) {
+                Some(f) => proto::encode(&f, &mut out)?,
+                None => break,
             }
         }
         wr.write_all(&out).await?;
@@ -273,7 +278,8 @@ async fn connection(
     let (rd, wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
     let (tx, rx) = mpsc::channel::<Frame>(OUT_QUEUE);
-    let mut writer = tokio::spawn(write_loop(wr, rx));
+    let (lane_tx, lanes) = super::tunnel::lanes();
+    let mut writer = tokio::spawn(write_loop(wr, rx, lanes));
 
     // ---- Hello ----
     let hello_deadline = Instant::now() + HELLO_TIMEOUT;
@@ -382,9 +388,16 @@ async fn connection(
         deployment: deployment.clone(),
         server_version: crate::VERSION.to_string(),
         config: None,
-        log_acked_seq: 0,
+        log_acked_seq: shared.logs.acked_seq(&id).await,
     });
-    let _ = tx.send(welcome.into()).await;
+    // With the app's config snapshot, in order with config pushes (see `config.rs`).
+    shared
+        .config
+        .send_welcome(shared, &tx, id, session, &app, &deployment, &hello, welcome)
+        .await;
+    // After the Welcome is queued, so no exec/tunnel frame can precede it.
+    let disabled = hello.disabled.as_ref();
+    shared.mux.attach(id, session, &app, disabled, lane_tx);
 
     // ---- session loop ----
     let silence = shared.heartbeat * 3;
@@ -421,8 +434,21 @@ async fn connection(
             }
             Some(Kind::Pong(_)) => shared.live.touch(&id, session, now_ms),
             Some(Kind::Status(s)) => shared.live.apply_status(&id, session, &s, now_ms),
+            Some(Kind::ConfigApplied(a)) => {
+                shared.live.touch(&id, session, now_ms);
+                shared.config.on_applied(shared, &id, session, a);
+            }
+            Some(Kind::LogBatch(b)) => {
+                shared.live.touch(&id, session, now_ms);
+                // Waits while the log writer is behind (backpressure on this connection).
+                shared.logs.on_batch(&id, &app, b, &tx).await;
+            }
             Some(other) => {
                 shared.live.touch(&id, session, now_ms);
+                // Exec and tunnel frames go to their sessions/streams.
+                let Some(other) = shared.mux.deliver(&id, session, other) else {
+                    continue;
+                };
                 tracing::debug!(
                     instance = id_hex,
                     kind = kind_name(&other),
@@ -452,6 +478,7 @@ async fn connection(
         }
     }
     shared.live.remove(&id, session);
+    shared.mux.detach(&id, session);
     // Nothing can queue frames for this connection any more: let the writer flush and close.
     drop(tx);
     if !writer_done && timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_err() {

@@ -5,10 +5,15 @@
 
 pub mod api;
 pub mod auth;
+pub mod config;
 pub mod control;
+pub mod exec;
+pub mod ingress;
 pub mod live;
+pub mod logs;
 pub mod pki;
 pub mod store;
+pub mod tunnel;
 
 use crate::{context, util};
 use anyhow::{Context as _, Result};
@@ -37,6 +42,10 @@ pub struct Options {
     pub heartbeat: Duration,
     /// What entrypoints are told to connect to; default derived from the control listener.
     pub advertise_addr: Option<String>,
+    /// Address of the URL-service ingress listener (plain HTTP). Port 0 picks a free port.
+    pub ingress_addr: String,
+    /// The ingress answers 504 when the app has not answered for this long.
+    pub ingress_timeout: Duration,
 }
 
 /// State shared by every task of the server.
@@ -50,6 +59,15 @@ pub struct Shared {
     pub api_addr: String,
     pub ca_pem: String,
     pub url_domain: String,
+    /// Exec sessions and URL-service streams of live connections (issues 6, 7).
+    pub mux: Arc<tunnel::Mux>,
+    /// `ip:port` of the ingress, as a local client reaches it (for `waypost url`).
+    pub ingress_addr: String,
+    pub ingress_timeout: Duration,
+    /// App configuration: cache, pushes, Welcome snapshots (issue 4).
+    pub config: config::ConfigService,
+    /// Log ingest (the writer thread) and reading (issue 5).
+    pub logs: logs::LogService,
     /// Flips to true once on SIGTERM/SIGINT.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -256,6 +274,8 @@ async fn run_async(opts: Options) -> Result<()> {
     let api_tls = TlsAcceptor::from(pki::server_config(&pki, &[b"http/1.1"])?);
     let control_listener = bind("control", &opts.control_addr).await?;
     let api_listener = bind("API", &opts.api_addr).await?;
+    let ingress_listener = bind("ingress", &opts.ingress_addr).await?;
+    let ingress_local = ingress_listener.local_addr()?;
     let control_local = control_listener.local_addr()?;
     let api_local = api_listener.local_addr()?;
     let control_addr = opts
@@ -269,6 +289,7 @@ async fn run_async(opts: Options) -> Result<()> {
 
     println!("waypost: control listening on {control_local}");
     println!("waypost: api listening on {api_local}");
+    println!("waypost: ingress listening on {ingress_local}");
     if minted {
         println!("waypost: admin token: {admin_token}");
         match &ctx_path {
@@ -285,6 +306,7 @@ async fn run_async(opts: Options) -> Result<()> {
         "pid": std::process::id(),
         "control_addr": control_local.to_string(),
         "api_addr": api_local.to_string(),
+        "ingress_addr": ingress_local.to_string(),
         "version": crate::VERSION,
     });
     let server_json = opts.data_dir.join("server.json");
@@ -300,6 +322,11 @@ async fn run_async(opts: Options) -> Result<()> {
         api_addr,
         ca_pem: pki.ca_pem.clone(),
         url_domain: opts.url_domain.clone(),
+        mux: Default::default(),
+        ingress_addr: local_connect_addr(ingress_local),
+        ingress_timeout: opts.ingress_timeout,
+        config: config::ConfigService::default(),
+        logs: logs::LogService::start(&db_path)?,
         shutdown: shutdown_rx,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -313,6 +340,11 @@ async fn run_async(opts: Options) -> Result<()> {
         shared.clone(),
         api_listener,
         api_tls,
+        done_tx.clone(),
+    ));
+    tokio::spawn(ingress::serve(
+        shared.clone(),
+        ingress_listener,
         done_tx.clone(),
     ));
     let flusher = tokio::spawn(control::flusher(shared.clone(), FLUSH_INTERVAL));

@@ -47,6 +47,10 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX instances_live ON instances (disconnected_at, app);
      CREATE INDEX instances_gone ON instances (app, disconnected_at);",
+    // 2: application config (issue 4).
+    super::config::MIGRATION,
+    // 3: logs (issue 5).
+    super::logs::MIGRATION,
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).

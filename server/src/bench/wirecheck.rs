@@ -1,0 +1,389 @@
+//! The server's control-frame path on arbitrary bytes, synchronously, for the `server_frames`
+//! fuzz target (fuzz/fuzz_targets/server_frames.rs) and its regression tests.
+//!
+//! It uses the server's real pieces wherever they are reachable without a socket: the
+//! connection's `control::FrameReader` (fed by an in-memory reader that hands out the bytes in
+//! reads of a size the input chooses), the live registry (`live::Registry`: register, touch,
+//! apply_status, take_dirty, snapshot_own, remove), the token lookup and the SQLite writes a
+//! connection makes (`store::upsert_connected`, `flush_live`, `mark_disconnected`,
+//! `list_instances`, on an in-memory database). The Hello admission checks live inside an async
+//! function that needs the whole server state, so they are mirrored here (`admit`), kept in step
+//! with `control.rs` by hand: protocol version, token scope, a 16-byte instance id, labels cut to
+//! 255 bytes on a character boundary.
+
+use crate::server::control::FrameReader;
+use crate::server::live::Registry;
+use crate::server::{auth, store};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::mpsc;
+use waypost_proto::{self as proto, Frame, Kind};
+
+/// The entrypoint token the fuzz store knows (the seed corpus carries it, so the fuzzer gets past
+/// admission).
+pub const FUZZ_TOKEN: &str = "wpe_fuzz";
+/// The app that token belongs to.
+pub const FUZZ_APP: &str = "fuzz";
+/// Mirrors `control::MAX_LABEL`.
+const MAX_LABEL: usize = 255;
+/// Mirrors `control::OUT_QUEUE`.
+const OUT_QUEUE: usize = 64;
+
+/// Hands out `data` in reads of at most `chunk` bytes; never pending.
+struct Chunked<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = self.chunk.min(self.data.len()).min(buf.remaining());
+        let (head, rest) = self.data.split_at(n);
+        buf.put_slice(head);
+        self.data = rest;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Polls a future whose I/O never pends to completion on this thread.
+fn run_ready<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    // The reader is never pending; a pending future here would be a bug in this harness.
+    for _ in 0..4 {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn store() -> &'static Mutex<store::Store> {
+    static STORE: OnceLock<Mutex<store::Store>> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let st =
+            store::Store::open(std::path::Path::new(":memory:")).expect("an in-memory database");
+        st.with(|c| {
+            store::create_app(c, FUZZ_APP, 0)?;
+            let scope = store::TokenScope::Entrypoint {
+                app: FUZZ_APP.into(),
+                deployment: None,
+            };
+            store::insert_token(c, &auth::hash_token(FUZZ_TOKEN), &scope, 0)
+        })
+        .expect("seeding the fuzz database");
+        Mutex::new(st)
+    })
+}
+
+/// Mirrors `control::truncate`.
+pub fn truncate(mut s: String) -> String {
+    if s.len() > MAX_LABEL {
+        let mut cut = MAX_LABEL;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Mirrors `control::admit`: Ok((instance id, app, deployment)) or the Reject reason.
+pub fn admit(
+    st: &store::Store,
+    hello: &proto::Hello,
+) -> Result<([u8; 16], String, String), proto::reject::Reason> {
+    use proto::reject::Reason;
+    if hello.protocol_version != proto::PROTOCOL_VERSION {
+        return Err(Reason::UnsupportedVersion);
+    }
+    let hash = auth::hash_token(&hello.token);
+    let (app, deployment) = match st.with(|c| store::lookup_token(c, &hash)) {
+        Err(_) => return Err(Reason::Unavailable),
+        Ok(None) => return Err(Reason::BadToken),
+        Ok(Some(store::TokenScope::Admin)) => return Err(Reason::Forbidden),
+        Ok(Some(store::TokenScope::Entrypoint { app, deployment })) => {
+            (app, deployment.unwrap_or_default())
+        }
+    };
+    let id = <[u8; 16]>::try_from(hello.instance_id.as_slice()).map_err(|_| Reason::Unspecified)?;
+    Ok((id, app, deployment))
+}
+
+/// What one run saw (for tests).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub frames: usize,
+    pub admitted: bool,
+    pub rejected: Option<proto::reject::Reason>,
+    pub pongs: usize,
+    pub statuses: usize,
+    /// The stream ended in a decode/read error (the server closes the connection).
+    pub error: bool,
+}
+
+/// One control connection's worth of bytes from an entrypoint, handled the way
+/// `control::connection` handles them. Input: byte 0 = bits 0-6: read size - 1 (1..=128 bytes per
+/// read), bit 7: the connection's writer is stuck (never drains the outgoing queue); the rest =
+/// the bytes.
+pub fn control_frames(data: &[u8]) -> Outcome {
+    let Some((&first, wire)) = data.split_first() else {
+        return Outcome::default();
+    };
+    let writer_stuck = first & 0x80 != 0;
+    let mut out = Outcome::default();
+    let mut reader = FrameReader::new(Chunked {
+        data: wire,
+        chunk: usize::from(first & 0x7f) + 1,
+    });
+    // Held for the whole run: runs (parallel tests) never interleave on the shared database.
+    let guard = store().lock().unwrap_or_else(|e| e.into_inner());
+    let st = guard.clone();
+    // Every run starts from the same database (one app, one token, no instances), so a failing
+    // input reproduces on its own.
+    st.with(|c| Ok(c.execute("DELETE FROM instances", [])?))
+        .expect("resetting the fuzz database");
+
+    // ---- Hello ----
+    let hello = loop {
+        match run_ready(reader.next()) {
+            Some(Ok(Some(Frame { kind: None }))) => out.frames += 1,
+            Some(Ok(Some(Frame {
+                kind: Some(Kind::Hello(h)),
+            }))) => {
+                out.frames += 1;
+                break h;
+            }
+            Some(Ok(Some(Frame { kind: Some(_) }))) => {
+                out.frames += 1;
+                out.rejected = Some(proto::reject::Reason::Unspecified);
+                return out;
+            }
+            Some(Ok(None)) => return out,
+            Some(Err(_)) => {
+                out.error = true;
+                return out;
+            }
+            None => panic!("FrameReader pended on a reader that never pends"),
+        }
+    };
+    let (id, app, deployment) = match admit(&st, &hello) {
+        Ok(x) => x,
+        Err(reason) => {
+            // The Reject must encode (its message is built from the Hello's fields).
+            let reject = Kind::Reject(proto::Reject {
+                reason: reason as i32,
+                message: format!("version {}", hello.protocol_version),
+                retry_after_ms: 0,
+            });
+            proto::encode(&Frame::from(reject), &mut Vec::new()).expect("a Reject encodes");
+            out.rejected = Some(reason);
+            return out;
+        }
+    };
+    out.admitted = true;
+
+    // ---- register, record, welcome ----
+    let registry = Registry::default();
+    let session = i64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
+    let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
+    let _kick = registry.register(id, session, app.clone(), deployment.clone(), tx.clone(), 0);
+    let connected = store::Connected {
+        id: crate::util::hex(&id),
+        app: app.clone(),
+        deployment: deployment.clone(),
+        hostname: truncate(hello.hostname.clone()),
+        entrypoint_pid: hello.pid,
+        entrypoint_version: truncate(hello.entrypoint_version.clone()),
+        session,
+    };
+    assert!(
+        connected.hostname.len() <= MAX_LABEL && connected.entrypoint_version.len() <= MAX_LABEL
+    );
+    let status = st
+        .with(|c| store::upsert_connected(c, &connected, hello.status.as_ref(), 1))
+        .expect("recording a connected instance");
+    registry.set_status(&id, session, status);
+    let welcome = Kind::Welcome(proto::Welcome {
+        protocol_version: proto::PROTOCOL_VERSION,
+        heartbeat_interval_ms: 15_000,
+        app: app.clone(),
+        deployment,
+        server_version: crate::VERSION.into(),
+        config: None,
+        log_acked_seq: 0,
+    });
+    tx.try_send(welcome.into()).expect("room for the Welcome");
+
+    // ---- session loop ----
+    let mut now_ms = 2;
+    loop {
+        let frame = match run_ready(reader.next()) {
+            Some(Ok(Some(f))) => f,
+            Some(Ok(None)) => break,
+            Some(Err(_)) => {
+                out.error = true;
+                break;
+            }
+            None => panic!("FrameReader pended on a reader that never pends"),
+        };
+        out.frames += 1;
+        now_ms += 1;
+        match frame.kind {
+            Some(Kind::Ping(p)) => {
+                registry.touch(&id, session, now_ms);
+                if tx
+                    .try_send(Kind::Pong(proto::Pong { nonce: p.nonce }).into())
+                    .is_err()
+                {
+                    break; // "not reading its Pongs": the server drops the connection
+                }
+                out.pongs += 1;
+            }
+            Some(Kind::Status(s)) => {
+                registry.apply_status(&id, session, &s, now_ms);
+                out.statuses += 1;
+            }
+            _ => registry.touch(&id, session, now_ms),
+        }
+        // The writer task drains the queue now and then.
+        if !writer_stuck && out.frames % 16 == 0 {
+            while let Ok(f) = rx.try_recv() {
+                proto::encode(&f, &mut Vec::new()).expect("an outgoing frame encodes");
+            }
+        }
+        // The flusher runs every couple of seconds.
+        if out.frames % 32 == 0 {
+            let rows = registry.take_dirty();
+            st.with(|c| store::flush_live(c, &rows))
+                .expect("flushing heartbeats");
+        }
+    }
+
+    // ---- disconnect ----
+    let rows = registry.take_dirty();
+    st.with(|c| store::flush_live(c, &rows))
+        .expect("flushing heartbeats");
+    let (last_seen, status) = registry
+        .snapshot_own(&id, session)
+        .expect("still registered");
+    st.with(|c| store::mark_disconnected(c, &connected.id, session, last_seen, &status, now_ms))
+        .expect("recording the disconnect");
+    assert!(registry.remove(&id, session).is_some());
+    assert!(registry.is_empty());
+    let listed = st
+        .with(|c| store::list_instances(c, Some(&app), true))
+        .expect("listing instances");
+    let row = listed
+        .iter()
+        .find(|r| r.id == connected.id)
+        .expect("the instance is listed");
+    assert_eq!(
+        row.status.child_rss_bytes, status.child_rss_bytes,
+        "u64 values survive the database"
+    );
+    assert_eq!(row.status.config_version, status.config_version);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(frames: &[Kind]) -> Vec<u8> {
+        wire_with(7, frames) // reads of 8 bytes
+    }
+
+    fn wire_with(first: u8, frames: &[Kind]) -> Vec<u8> {
+        let mut v = vec![first];
+        for k in frames {
+            proto::encode(&Frame::from(k.clone()), &mut v).unwrap();
+        }
+        v
+    }
+
+    fn hello() -> Kind {
+        Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            token: FUZZ_TOKEN.into(),
+            instance_id: vec![9; 16],
+            hostname: "é".repeat(200),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_normal_session() {
+        let status = proto::Status {
+            state: 2,
+            child_pid: 7,
+            child_rss_bytes: u64::MAX,
+            config_version: u64::MAX,
+            ..Default::default()
+        };
+        let o = control_frames(&wire(&[
+            hello(),
+            Kind::Ping(proto::Ping { nonce: 1 }),
+            Kind::Status(status),
+        ]));
+        assert_eq!(
+            o,
+            Outcome {
+                frames: 3,
+                admitted: true,
+                rejected: None,
+                pongs: 1,
+                statuses: 1,
+                error: false
+            }
+        );
+    }
+
+    #[test]
+    fn admission() {
+        let o = control_frames(&wire(&[Kind::Ping(proto::Ping { nonce: 1 })]));
+        assert_eq!(o.rejected, Some(proto::reject::Reason::Unspecified));
+        let mut h = hello();
+        if let Kind::Hello(h) = &mut h {
+            h.token = "wpe_nope".into();
+        }
+        assert_eq!(
+            control_frames(&wire(&[h])).rejected,
+            Some(proto::reject::Reason::BadToken)
+        );
+        let mut h = hello();
+        if let Kind::Hello(h) = &mut h {
+            h.instance_id = vec![1; 3];
+        }
+        assert_eq!(
+            control_frames(&wire(&[h])).rejected,
+            Some(proto::reject::Reason::Unspecified)
+        );
+    }
+
+    #[test]
+    fn ping_flood_without_reading_ends_the_session() {
+        let pings: Vec<Kind> = std::iter::once(hello())
+            .chain((0..200).map(|n| Kind::Ping(proto::Ping { nonce: n })))
+            .collect();
+        let o = control_frames(&wire_with(0x80 | 100, &pings));
+        assert_eq!(o.pongs, OUT_QUEUE - 1, "the Welcome takes one slot: {o:?}");
+        // A writer that keeps up answers every one.
+        assert_eq!(control_frames(&wire(&pings)).pongs, 200);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut w = wire(&[hello()]);
+        w.extend_from_slice(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+        assert!(control_frames(&w).error);
+        assert!(control_frames(&[0, 0xff, 0xff, 0xff, 0xff]).error);
+    }
+}

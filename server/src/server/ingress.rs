@@ -1,0 +1,522 @@
+//! The URL-service ingress (issue 7): plain HTTP/1.1 on `--ingress-addr`, routed by Host to a
+//! live instance through a tunnel stream over that instance's control connection.
+//!
+//! Routing (`DOMAIN` = `--url-domain`, default `localhost`):
+//! - `NAME.DOMAIN` → any live instance of app NAME that has the URL service on, the one with the
+//!   fewest open streams first;
+//! - `NAME--ID.DOMAIN` → the live instance of NAME whose hex id starts with ID (when no app is
+//!   called `NAME--ID` itself);
+//! - unknown app → 404; the app has no (URL-enabled) live instance → 502; the app does not
+//!   start answering within `--ingress-timeout` of the last byte moved → 504. Each error is a short
+//!   HTML page with an `x-waypost-error` header (`unknown-app`, `no-instance`, `bad-gateway`,
+//!   `timeout`) for scripts.
+//!
+//! One tunnel stream per HTTP request (not per visitor connection): the visitor keeps its
+//! connection alive with us, while upstream each request goes with `Connection: close` and its
+//! stream ends with the response. So a zero-downtime restart on the entrypoint (which waits for the
+//! streams connected to the old child, and holds new ones for the new child) sees request
+//! boundaries, and the least-loaded choice is made per request. WebSocket (any `Upgrade`) requests
+//! keep their stream for the upgraded connection's life, bridged byte for byte.
+//!
+//! Bodies are streamed both ways with backpressure (hyper's body streams over
+//! [`TunnelStream`], whose writes wait for credits): nothing is ever buffered whole.
+//! `Expect: 100-continue` is answered by our side (hyper sends the 100 when the upstream copy starts
+//! reading the body) and not forwarded. `X-Forwarded-For` (appended), `-Proto` and `-Host` are set.
+
+use super::Shared;
+use super::store;
+use super::tunnel::{PickError, StreamProbe};
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Time a visitor has to send its request headers (slowloris guard); also closes idle
+/// keep-alive connections after this long.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// On shutdown, in-flight requests get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Accepts visitor connections until shutdown. `done`: see `control::serve`.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sender<()>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let mut shutdown = shared.shutdown.clone();
+            let svc_shared = shared.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let shared = svc_shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&shared, peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = super::wait_shutdown(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(DRAIN_TIMEOUT, conn.as_mut()).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "ingress connection error");
+            }
+        });
+    }
+}
+
+/// Where a Host header points.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostRoute {
+    /// `LABEL.DOMAIN`: an app name, possibly `NAME--ID`.
+    Label(String),
+    /// The bare domain, an IP, or another domain.
+    None,
+}
+
+/// Parses a Host header value (port and a trailing dot ignored, case-insensitive).
+pub fn host_route(host: &str, domain: &str) -> HostRoute {
+    let host = host.trim();
+    // Strip the port; an IPv6 literal is never an app.
+    if host.starts_with('[') {
+        return HostRoute::None;
+    }
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    match host
+        .strip_suffix(&domain)
+        .and_then(|rest| rest.strip_suffix('.'))
+    {
+        Some(label) if !label.is_empty() && !label.contains('.') => {
+            HostRoute::Label(label.to_string())
+        }
+        _ => HostRoute::None,
+    }
+}
+
+/// `NAME--ID` → (NAME, ID) when ID looks like a hex instance-id prefix.
+pub fn split_instance(label: &str) -> Option<(&str, &str)> {
+    let (name, id) = label.rsplit_once("--")?;
+    (!name.is_empty()
+        && !id.is_empty()
+        && id.len() <= 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit()))
+    .then_some((name, id))
+}
+
+fn page(status: StatusCode, code: &'static str, title: &str, detail: &str) -> Response<Body> {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{} {}</title></head>\n\
+         <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\">\n\
+         <h1>{}</h1>\n<p>{}</p>\n<p><small>waypost ingress</small></p>\n</body></html>\n",
+        status.as_u16(),
+        esc(title),
+        esc(title),
+        esc(detail)
+    );
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(html))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-waypost-error", HeaderValue::from_static(code));
+    resp
+}
+
+/// Which app (and instance prefix) a label means: an existing app of that exact name first, else
+/// `NAME--ID`. `None`: no such app.
+async fn resolve(shared: &Shared, label: &str) -> Result<Option<(String, Option<String>)>, ()> {
+    let exists = |name: String| async move {
+        if shared.mux.has_app(&name) {
+            return Ok(true);
+        }
+        shared
+            .store
+            .call(move |c| store::app_exists(c, &name))
+            .await
+            .map_err(|e| tracing::error!(error = format!("{e:#}"), "app lookup failed"))
+    };
+    if exists(label.to_string()).await? {
+        return Ok(Some((label.to_string(), None)));
+    }
+    if let Some((name, id)) = split_instance(label) {
+        if exists(name.to_string()).await? {
+            return Ok(Some((name.to_string(), Some(id.to_string()))));
+        }
+    }
+    Ok(None)
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), plus Expect (we
+/// answer it ourselves).
+fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection are hop-by-hop too.
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        h.remove(n);
+    }
+    h.remove(header::CONNECTION);
+    h.remove(header::EXPECT);
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let domain = &shared.url_domain;
+    let HostRoute::Label(label) = host_route(&host, domain) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "unknown-app",
+            "No app here",
+            &format!(
+                "This is the waypost ingress. Apps are served at http://NAME.{domain}{}/ \
+                 (see `waypost url --app NAME`).",
+                port_suffix(&shared.ingress_addr)
+            ),
+        );
+    };
+    let (app, prefix) = match resolve(shared, &label).await {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "unknown-app",
+                "No such app",
+                &format!("There is no app named {label} on this waypost server."),
+            );
+        }
+        Err(()) => {
+            return page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad-gateway",
+                "Server error",
+                "The waypost server could not look the app up; try again.",
+            );
+        }
+    };
+    let (stream, instance) =
+        match shared
+            .mux
+            .open_stream(&app, prefix.as_deref(), &peer.to_string())
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let detail = match &e {
+                    PickError::NoLive { .. } => format!(
+                        "App {app} has no running instance connected to waypost right now. \
+                         Start one (waypost-entrypoint with a token for {app}) and reload."
+                    ),
+                    other => format!("{other}."),
+                };
+                return page(
+                    StatusCode::BAD_GATEWAY,
+                    "no-instance",
+                    "No instance available",
+                    &detail,
+                );
+            }
+        };
+    let stream_id = stream.id();
+    let probe = stream.probe();
+    tracing::debug!(app, instance = crate::util::hex(&instance), stream = stream_id, %peer, method = %req.method(), path = %req.uri().path(), "ingress request");
+
+    // ---- the upstream request ----
+    let upgrade = wants_upgrade(req.headers());
+    let visitor_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = path
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    parts.version = hyper::Version::HTTP_11;
+    let h = &mut parts.headers;
+    strip_hop_headers(h, upgrade);
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{}, {}", prev.trim(), peer.ip()),
+        _ => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        h.insert("x-forwarded-host", v.clone());
+        h.insert(header::HOST, v);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        // One stream per request: the app closes after its response, the stream ends.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let up_req = Request::from_parts(parts, body);
+
+    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Incoming>(TokioIo::new(stream))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "Bad gateway",
+                &format!("{e}"),
+            );
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(stream = stream_id, error = %e, "upstream connection ended");
+        }
+    });
+
+    // ---- wait for the response head, with the idle timer ----
+    let timeout = shared.ingress_timeout;
+    let send = sender.send_request(up_req);
+    tokio::pin!(send);
+    let result = loop {
+        let deadline = probe.last_activity() + timeout;
+        tokio::select! {
+            r = &mut send => break r,
+            _ = tokio::time::sleep_until(deadline) => {
+                if probe.last_activity() + timeout <= tokio::time::Instant::now() {
+                    tracing::info!(app, stream = stream_id, "the app did not answer in time");
+                    return page(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "The app did not answer",
+                        &format!("App {app} did not answer within {timeout:?}."),
+                    );
+                }
+            }
+        }
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let why = probe.error().unwrap_or_else(|| {
+                if e.is_incomplete_message() {
+                    "the app closed the connection without answering".to_string()
+                } else {
+                    e.to_string()
+                }
+            });
+            tracing::debug!(
+                app,
+                stream = stream_id,
+                error = why,
+                "ingress request failed"
+            );
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "Bad gateway",
+                &format!("App {app} could not be reached: {why}"),
+            );
+        }
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(visitor) = visitor_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(bridge(visitor, upstream, stream_id, probe));
+            let (parts, body) = resp.into_parts();
+            return Response::from_parts(parts, Either::Left(body));
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_headers(&mut parts.headers, false);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// Copies bytes both ways between an upgraded visitor connection and the upgraded upstream
+/// stream until both sides are done.
+async fn bridge(
+    visitor: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    stream_id: u64,
+    _probe: StreamProbe,
+) {
+    let (v, u) = match tokio::try_join!(visitor, upstream) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(stream = stream_id, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut v = TokioIo::new(v);
+    let mut u = TokioIo::new(u);
+    match tokio::io::copy_bidirectional(&mut v, &mut u).await {
+        Ok((up, down)) => {
+            tracing::debug!(stream = stream_id, up, down, "upgraded connection closed")
+        }
+        Err(e) => tracing::debug!(stream = stream_id, error = %e, "upgraded connection failed"),
+    }
+}
+
+/// `:PORT` for a URL, or nothing for port 80.
+pub fn port_suffix(addr: &str) -> String {
+    match addr.rsplit_once(':').map(|(_, p)| p) {
+        Some("80") | None => String::new(),
+        Some(p) => format!(":{p}"),
+    }
+}
+
+/// The URL of an app: `http://NAME.DOMAIN[:PORT]/`.
+pub fn app_url(app: &str, domain: &str, ingress_addr: &str) -> String {
+    format!(
+        "http://{app}.{}{}/",
+        domain.trim_end_matches('.'),
+        port_suffix(ingress_addr)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_route_to_labels() {
+        let l = |s: &str| HostRoute::Label(s.into());
+        assert_eq!(host_route("web.localhost:9080", "localhost"), l("web"));
+        assert_eq!(host_route("WEB.LocalHost.", "localhost"), l("web"));
+        assert_eq!(
+            host_route("web--ab12.example.com", "example.com"),
+            l("web--ab12")
+        );
+        assert_eq!(host_route("localhost:9080", "localhost"), HostRoute::None);
+        assert_eq!(host_route("a.b.localhost", "localhost"), HostRoute::None);
+        assert_eq!(host_route("127.0.0.1:9080", "localhost"), HostRoute::None);
+        assert_eq!(host_route("[::1]:9080", "localhost"), HostRoute::None);
+        assert_eq!(host_route("webxlocalhost", "localhost"), HostRoute::None);
+        assert_eq!(host_route("", "localhost"), HostRoute::None);
+    }
+
+    #[test]
+    fn instance_labels() {
+        assert_eq!(split_instance("web--ab12"), Some(("web", "ab12")));
+        assert_eq!(split_instance("my--app--0f"), Some(("my--app", "0f")));
+        assert_eq!(split_instance("web--zz"), None);
+        assert_eq!(split_instance("web"), None);
+        assert_eq!(split_instance("--ab"), None);
+    }
+
+    #[test]
+    fn hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_headers(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_headers(&mut h, true);
+        assert!(h.contains_key(header::UPGRADE));
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            app_url("web", "localhost", "127.0.0.1:9080"),
+            "http://web.localhost:9080/"
+        );
+        assert_eq!(
+            app_url("web", "example.com.", "0.0.0.0:80"),
+            "http://web.example.com/"
+        );
+    }
+}
