@@ -240,8 +240,10 @@ impl Gen {
         let mut enc = String::new();
         let mut len = String::new();
         let mut merge = String::new();
+        let mut names = String::new();
         for f in fields {
             let v = camel(f.name());
+            writeln!(names, "{indent}            {ty}::{v}(_) => \"{v}\",").unwrap();
             let (e, l, mg) = self.field_code_always(f, "value");
             writeln!(enc, "{indent}            {ty}::{v}(ref value) => {{ {e} }}").unwrap();
             writeln!(len, "{indent}            {ty}::{v}(ref value) => {l},").unwrap();
@@ -253,6 +255,8 @@ impl Gen {
             .unwrap();
         }
         writeln!(s, "{indent}impl {ty} {{").unwrap();
+        writeln!(s, "{indent}    /// The variant's name, for log lines.").unwrap();
+        writeln!(s, "{indent}    pub fn name(&self) -> &'static str {{\n{indent}        match self {{\n{names}{indent}        }}\n{indent}    }}").unwrap();
         writeln!(s, "{indent}    pub fn encode(&self, buf: &mut impl prost::bytes::BufMut) {{\n{indent}        match *self {{\n{enc}{indent}        }}\n{indent}    }}").unwrap();
         writeln!(s, "{indent}    pub fn merge(field: &mut Option<{ty}>, tag: u32, wire_type: prost::encoding::WireType, buf: &mut impl prost::bytes::Buf, ctx: prost::encoding::DecodeContext) -> Result<(), prost::DecodeError> {{").unwrap();
         writeln!(s, "{indent}        match tag {{\n{merge}{indent}            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),\n{indent}        }}\n{indent}    }}").unwrap();

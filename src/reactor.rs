@@ -945,7 +945,7 @@ impl Reactor {
                         logs.handle_ack(ack.up_to_seq);
                     }
                 }
-                session::Event::Frame(kind) => debug!("ignoring a {} frame (feature not available)", session::kind_name(&kind)),
+                session::Event::Frame(kind) => debug!("ignoring a {} frame (feature not available)", kind.name()),
             }
         }
     }

@@ -169,7 +169,7 @@ impl Session {
             }
             (State::AwaitingWelcome { .. } | State::Ready { .. }, Kind::Reject(r)) => self.rejected(r, now),
             (State::AwaitingWelcome { .. }, other) => {
-                crate::debug!("ignoring {} before the Welcome", kind_name(&other));
+                crate::debug!("ignoring {} before the Welcome", other.name());
             }
             (State::Ready { next_beat, .. }, kind) => {
                 self.state = State::Ready { next_beat, dead_at: now + self.dead_after() };
@@ -282,34 +282,6 @@ fn next_random(state: &mut u64) -> u64 {
     x ^= x >> 27;
     *state = x;
     x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
-/// A frame kind's name for log lines.
-pub fn kind_name(k: &Kind) -> &'static str {
-    match k {
-        Kind::Hello(_) => "Hello",
-        Kind::Welcome(_) => "Welcome",
-        Kind::Reject(_) => "Reject",
-        Kind::Config(_) => "Config",
-        Kind::ConfigApplied(_) => "ConfigApplied",
-        Kind::LogBatch(_) => "LogBatch",
-        Kind::LogAck(_) => "LogAck",
-        Kind::ExecStart(_) => "ExecStart",
-        Kind::ExecInput(_) => "ExecInput",
-        Kind::ExecResize(_) => "ExecResize",
-        Kind::ExecSignal(_) => "ExecSignal",
-        Kind::ExecStdinClose(_) => "ExecStdinClose",
-        Kind::ExecStarted(_) => "ExecStarted",
-        Kind::ExecOutput(_) => "ExecOutput",
-        Kind::ExecExit(_) => "ExecExit",
-        Kind::StreamOpen(_) => "StreamOpen",
-        Kind::StreamData(_) => "StreamData",
-        Kind::StreamClose(_) => "StreamClose",
-        Kind::WindowUpdate(_) => "WindowUpdate",
-        Kind::Ping(_) => "Ping",
-        Kind::Pong(_) => "Pong",
-        Kind::Status(_) => "Status",
-    }
 }
 
 #[cfg(test)]

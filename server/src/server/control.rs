@@ -303,7 +303,7 @@ async fn connection(
                 ));
                 drop(tx);
                 let _ = timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await;
-                anyhow::bail!("first frame was not Hello: {}", kind_name(&other));
+                anyhow::bail!("first frame was not Hello: {}", other.name());
             }
         }
     };
@@ -451,7 +451,7 @@ async fn connection(
                 };
                 tracing::debug!(
                     instance = id_hex,
-                    kind = kind_name(&other),
+                    kind = other.name(),
                     "ignoring a frame this server does not handle yet"
                 );
             }
@@ -503,33 +503,6 @@ async fn connection(
 
 async fn wait_shutdown(shared: &Shared) {
     super::wait_shutdown(&mut shared.shutdown.clone()).await
-}
-
-fn kind_name(k: &Kind) -> &'static str {
-    match k {
-        Kind::Hello(_) => "Hello",
-        Kind::Welcome(_) => "Welcome",
-        Kind::Reject(_) => "Reject",
-        Kind::Config(_) => "Config",
-        Kind::ConfigApplied(_) => "ConfigApplied",
-        Kind::LogBatch(_) => "LogBatch",
-        Kind::LogAck(_) => "LogAck",
-        Kind::ExecStart(_) => "ExecStart",
-        Kind::ExecInput(_) => "ExecInput",
-        Kind::ExecResize(_) => "ExecResize",
-        Kind::ExecSignal(_) => "ExecSignal",
-        Kind::ExecStdinClose(_) => "ExecStdinClose",
-        Kind::ExecStarted(_) => "ExecStarted",
-        Kind::ExecOutput(_) => "ExecOutput",
-        Kind::ExecExit(_) => "ExecExit",
-        Kind::StreamOpen(_) => "StreamOpen",
-        Kind::StreamData(_) => "StreamData",
-        Kind::StreamClose(_) => "StreamClose",
-        Kind::WindowUpdate(_) => "WindowUpdate",
-        Kind::Ping(_) => "Ping",
-        Kind::Pong(_) => "Pong",
-        Kind::Status(_) => "Status",
-    }
 }
 
 /// Writes every dirty live instance's heartbeat data to SQLite, every `every`, until shutdown
