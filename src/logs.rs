@@ -12,6 +12,7 @@
 //! - Batches are encoded straight from the ring into the connection's send buffer (no per-line
 //!   allocation on the hot path), in exactly the bytes prost would produce for a `LogBatch`.
 
+use crate::sys::simd::find_newline;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use waypost_proto::LogStream;
@@ -24,8 +25,17 @@ pub const LINE_IDLE: Duration = Duration::from_millis(250);
 pub const BATCH_AGE: Duration = Duration::from_millis(50);
 /// ...or once this many bytes are waiting, and never holds more than that.
 pub const BATCH_BYTES: usize = 64 * 1024;
-/// Ring bytes per entry beyond its data: stream, truncated, length, timestamp.
-const HEADER: usize = 1 + 1 + 4 + 8;
+/// What an entry's metadata costs against the buffer cap (a [`Meta`] is 16 bytes in memory).
+const HEADER: usize = 16;
+
+/// An entry's metadata; its bytes are in `Logs::data`, back to back with the others'.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    ts: i64,
+    len: u32,
+    stream: u8,
+    truncated: bool,
+}
 
 /// One stream's line being assembled.
 #[derive(Default)]
@@ -38,12 +48,14 @@ struct Partial {
 }
 
 pub struct Logs {
-    /// Encoded entries `[front_seq, next_seq)`: header then data, back to back.
-    ring: VecDeque<u8>,
+    /// Entries `[front_seq, next_seq)`: metadata, and their bytes concatenated in `data`.
+    meta: VecDeque<Meta>,
+    data: ByteRing,
+    /// Bound on `data.len() + meta.len() * HEADER`.
     cap: usize,
     front_seq: u64,
     next_seq: u64,
-    /// Next entry to send and its byte offset in `ring`.
+    /// Next entry to send and its byte offset in `data`.
     send_seq: u64,
     send_off: usize,
     /// When the oldest unsent entry was added (None: nothing unsent).
@@ -59,7 +71,8 @@ impl Logs {
     /// `cap`: `WAYPOST_LOG_BUFFER`, bytes.
     pub fn new(cap: usize) -> Logs {
         Logs {
-            ring: VecDeque::new(),
+            meta: VecDeque::new(),
+            data: ByteRing::default(),
             // The cap is for log data (CONTRACT.md); entry headers get 0.1% on top, so exactly
             // `cap` bytes of lines fit (a 1 MiB line in sixteen 64 KiB pieces in the default
             // 1 MiB), while a flood of empty lines stays bounded by the same ring.
@@ -90,9 +103,9 @@ impl Logs {
         self.front_seq < self.next_seq || self.partial.iter().any(|p| !p.buf.is_empty())
     }
 
-    /// Bytes held (for tests of the memory bound).
+    /// Bytes held, as counted against the cap (for tests of the memory bound).
     pub fn held(&self) -> usize {
-        self.ring.len()
+        self.data.len() + self.meta.len() * HEADER
     }
 
     /// Bytes the child wrote on `stream` (Stdout or Stderr). `wall_us`: now, Unix µs.
@@ -167,10 +180,10 @@ impl Logs {
     fn push(&mut self, stream: LogStream, ts: i64, data: &[u8], truncated: bool, now: Instant) {
         let size = HEADER + data.len();
         // Make room: the oldest entries go first.
-        while self.ring.len() + size > self.cap && self.front_seq < self.next_seq {
+        while self.held() + size > self.cap && self.front_seq < self.next_seq {
             self.drop_front();
         }
-        if self.ring.len() + size > self.cap {
+        if self.held() + size > self.cap {
             // Larger than the whole buffer by itself (a tiny WAYPOST_LOG_BUFFER): dropped.
             self.next_seq += 1;
             self.front_seq = self.next_seq;
@@ -179,25 +192,23 @@ impl Logs {
             self.dropped_total += 1;
             return;
         }
-        self.ring.push_back(stream as u8);
-        self.ring.push_back(u8::from(truncated));
-        self.ring.extend((data.len() as u32).to_le_bytes());
-        self.ring.extend(ts.to_le_bytes());
-        self.ring.extend(data);
+        self.meta.push_back(Meta { ts, len: data.len() as u32, stream: stream as u8, truncated });
+        self.data.push(data, self.cap);
         self.next_seq += 1;
         if self.unsent_since.is_none() {
             self.unsent_since = Some(now);
         }
     }
 
-    fn entry_len(&self, off: usize) -> usize {
-        let b = |k: usize| self.ring[off + 2 + k];
-        HEADER + u32::from_le_bytes([b(0), b(1), b(2), b(3)]) as usize
+    /// Removes the oldest entry; returns its data length.
+    fn pop_front(&mut self) -> usize {
+        let len = self.meta.pop_front().map_or(0, |m| m.len as usize);
+        self.data.drop_front(len);
+        len
     }
 
     fn drop_front(&mut self) {
-        let len = self.entry_len(0);
-        self.ring.drain(..len);
+        let len = self.pop_front();
         if self.send_seq == self.front_seq {
             // Never sent.
             self.dropped_unsent += 1;
@@ -215,8 +226,7 @@ impl Logs {
     /// The server has every entry below `up_to_seq`.
     pub fn handle_ack(&mut self, up_to_seq: u64) {
         while self.front_seq < up_to_seq.min(self.next_seq) {
-            let len = self.entry_len(0);
-            self.ring.drain(..len);
+            let len = self.pop_front();
             if self.send_seq > self.front_seq {
                 self.send_off -= len;
             } else {
@@ -264,7 +274,7 @@ impl Logs {
     /// Whether a batch is due: old enough, big enough, or `urgent` (we are exiting).
     pub fn batch_due(&self, now: Instant, urgent: bool) -> bool {
         self.send_seq < self.next_seq
-            && (urgent || self.ring.len() - self.send_off >= BATCH_BYTES || self.unsent_since.is_some_and(|t| now >= t + BATCH_AGE))
+            && (urgent || self.data.len() - self.send_off >= BATCH_BYTES || self.unsent_since.is_some_and(|t| now >= t + BATCH_AGE))
     }
 
     /// Appends one `LogBatch` frame (length prefix included) of unsent entries to `out`.
@@ -274,17 +284,17 @@ impl Logs {
             return false;
         }
         // Pick entries: at least one, then up to BATCH_BYTES of data.
+        let first = (self.send_seq - self.front_seq) as usize;
         let (mut seq, mut off, mut entries_len, mut data) = (self.send_seq, self.send_off, 0usize, 0usize);
-        while seq < self.next_seq {
-            let len = self.entry_len(off);
-            let d = len - HEADER;
+        for m in self.meta.range(first..) {
+            let d = m.len as usize;
             if data > 0 && data + d > BATCH_BYTES {
                 break;
             }
-            let e = self.entry_body_len(off);
+            let e = entry_body_len(m);
             entries_len += 1 + varint_len(e as u64) + e;
             data += d;
-            off += len;
+            off += d;
             seq += 1;
         }
         let mut batch_len = entries_len;
@@ -304,12 +314,11 @@ impl Logs {
             put_varint(out, self.send_seq);
         }
         let mut o = self.send_off;
-        while o < off {
-            let len = self.entry_len(o);
+        for m in self.meta.range(first..first + (seq - self.send_seq) as usize) {
             out.push(2 << 3 | 2);
-            put_varint(out, self.entry_body_len(o) as u64);
-            self.put_entry(o, out);
-            o += len;
+            put_varint(out, entry_body_len(m) as u64);
+            self.put_entry(m, o, out);
+            o += m.len as usize;
         }
         if self.dropped_unsent > 0 {
             out.push(3 << 3);
@@ -322,79 +331,120 @@ impl Logs {
         true
     }
 
-    fn header(&self, off: usize) -> (u8, bool, usize, i64) {
-        let b = |k: usize| self.ring[off + k];
-        let len = u32::from_le_bytes([b(2), b(3), b(4), b(5)]) as usize;
-        let ts = i64::from_le_bytes([b(6), b(7), b(8), b(9), b(10), b(11), b(12), b(13)]);
-        (b(0), b(1) != 0, len, ts)
-    }
-
-    /// Encoded length of the LogEntry message at `off` (proto3: defaults omitted).
-    fn entry_body_len(&self, off: usize) -> usize {
-        let (stream, truncated, len, ts) = self.header(off);
-        let mut n = 0;
-        if stream != 0 {
-            n += 1 + varint_len(u64::from(stream));
-        }
-        if ts != 0 {
-            n += 1 + varint_len(ts as u64);
-        }
-        if len > 0 {
-            n += 1 + varint_len(len as u64) + len;
-        }
-        if truncated {
-            n += 2;
-        }
-        n
-    }
-
-    fn put_entry(&self, off: usize, out: &mut Vec<u8>) {
-        let (stream, truncated, len, ts) = self.header(off);
-        if stream != 0 {
+    /// Appends the LogEntry message (proto3: defaults omitted) of `m`, whose bytes start at
+    /// `off` in `data`.
+    fn put_entry(&self, m: &Meta, off: usize, out: &mut Vec<u8>) {
+        if m.stream != 0 {
             out.push(1 << 3);
-            put_varint(out, u64::from(stream));
+            put_varint(out, u64::from(m.stream));
         }
-        if ts != 0 {
+        if m.ts != 0 {
             out.push(2 << 3);
-            put_varint(out, ts as u64);
+            put_varint(out, m.ts as u64);
         }
+        let len = m.len as usize;
         if len > 0 {
             out.push(3 << 3 | 2);
             put_varint(out, len as u64);
-            let start = off + HEADER;
-            let (a, b) = self.ring.as_slices();
-            if start + len <= a.len() {
-                out.extend_from_slice(&a[start..start + len]);
-            } else if start >= a.len() {
-                out.extend_from_slice(&b[start - a.len()..start - a.len() + len]);
-            } else {
-                out.extend_from_slice(&a[start..]);
-                out.extend_from_slice(&b[..len - (a.len() - start)]);
-            }
+            let (a, b) = self.data.slices(off, len);
+            out.extend_from_slice(a);
+            out.extend_from_slice(b);
         }
-        if truncated {
+        if m.truncated {
             out.push(4 << 3);
             out.push(1);
         }
     }
 }
 
-/// Position of the first `\n`, eight bytes at a time (SWAR): the hot loop of log shipping.
-pub fn find_newline(s: &[u8]) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    const NL: u64 = LO * b'\n' as u64;
-    let mut chunks = s.chunks_exact(8);
-    let mut i = 0;
-    for c in &mut chunks {
-        let x = u64::from_le_bytes(c.try_into().expect("8 bytes")) ^ NL;
-        let found = x.wrapping_sub(LO) & !x & HI;
-        if found != 0 {
-            return Some(i + (found.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
+/// The entries' bytes, back to back in a circular buffer: it grows (doubling) only up to the
+/// cap, dropping from the front costs nothing, and it gives its memory back once empty.
+#[derive(Default)]
+struct ByteRing {
+    buf: Vec<u8>,
+    // INVARIANT: head < buf.len() (or both 0); len <= buf.len().
+    head: usize,
+    len: usize,
+}
+
+impl ByteRing {
+    fn len(&self) -> usize {
+        self.len
     }
-    chunks.remainder().iter().position(|&b| b == b'\n').map(|p| i + p)
+
+    /// Appends `src`; the caller keeps the total within `max`.
+    fn push(&mut self, src: &[u8], max: usize) {
+        if src.is_empty() {
+            return;
+        }
+        let need = self.len + src.len();
+        if need > self.buf.len() {
+            self.grow(need.next_power_of_two().max(4096).min(max).max(need));
+        }
+        let cap = self.buf.len();
+        let tail = wrap(self.head + self.len, cap);
+        let first = (cap - tail).min(src.len());
+        self.buf[tail..tail + first].copy_from_slice(&src[..first]);
+        self.buf[..src.len() - first].copy_from_slice(&src[first..]);
+        self.len = need;
+    }
+
+    fn grow(&mut self, cap: usize) {
+        let mut buf = vec![0; cap];
+        let (a, b) = self.slices(0, self.len);
+        buf[..a.len()].copy_from_slice(a);
+        buf[a.len()..a.len() + b.len()].copy_from_slice(b);
+        self.buf = buf;
+        self.head = 0;
+    }
+
+    fn drop_front(&mut self, n: usize) {
+        debug_assert!(n <= self.len);
+        self.len -= n;
+        if self.len == 0 {
+            self.head = 0;
+            if self.buf.len() > 64 * 1024 {
+                // A burst went through: give the memory back.
+                self.buf = Vec::new();
+            }
+        } else {
+            self.head = wrap(self.head + n, self.buf.len());
+        }
+    }
+
+    /// The `n` bytes starting `off` bytes in, as at most two slices.
+    fn slices(&self, off: usize, n: usize) -> (&[u8], &[u8]) {
+        if n == 0 {
+            return (&[], &[]);
+        }
+        let cap = self.buf.len();
+        let start = wrap(self.head + off, cap);
+        if start + n <= cap { (&self.buf[start..start + n], &[]) } else { (&self.buf[start..], &self.buf[..n - (cap - start)]) }
+    }
+}
+
+/// `i mod cap` for `i < 2 * cap` (no division on the hot path).
+fn wrap(i: usize, cap: usize) -> usize {
+    if i >= cap { i - cap } else { i }
+}
+
+/// Encoded length of the LogEntry message of `m` (proto3: defaults omitted).
+fn entry_body_len(m: &Meta) -> usize {
+    let len = m.len as usize;
+    let mut n = 0;
+    if m.stream != 0 {
+        n += 1 + varint_len(u64::from(m.stream));
+    }
+    if m.ts != 0 {
+        n += 1 + varint_len(m.ts as u64);
+    }
+    if len > 0 {
+        n += 1 + varint_len(len as u64) + len;
+    }
+    if m.truncated {
+        n += 2;
+    }
+    n
 }
 
 fn varint_len(v: u64) -> usize {
@@ -444,20 +494,6 @@ mod tests {
             .flat_map(|b| b.entries.iter())
             .map(|e| (LogStream::try_from(e.stream).unwrap(), String::from_utf8_lossy(&e.data).into_owned(), e.truncated))
             .collect()
-    }
-
-    #[test]
-    fn newline_search_matches_the_naive_one() {
-        let mut s = vec![b'x'; 100];
-        assert_eq!(find_newline(&s), None);
-        for at in 0..100 {
-            s[at] = b'\n';
-            assert_eq!(find_newline(&s), Some(at));
-            assert_eq!(find_newline(&s[..at]), None);
-            s[at] = 0x8a; // high bit set with the low bits of '\n': no false positive
-            assert_eq!(find_newline(&s), None);
-            s[at] = b'x';
-        }
     }
 
     #[test]

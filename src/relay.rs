@@ -2,9 +2,9 @@
 //! stderr. It never grows: when it is full the reactor stops reading the pipe, the pipe fills,
 //! and the child blocks on write exactly as it would if it wrote to our stdout directly.
 
-/// Bytes held per stream. A pipe holds 64 KiB by default; half of that per read keeps syscalls
-/// few without holding much memory when the consumer is slow.
-pub const RELAY_CAP: usize = 32 * 1024;
+/// Bytes held per stream: a default pipe's worth, so one read drains a full pipe (fewer system
+/// calls on a busy stream). Allocated on first use; an idle stream costs nothing.
+pub const RELAY_CAP: usize = 64 * 1024;
 
 pub struct Relay {
     buf: Box<[u8]>,

@@ -6,3 +6,4 @@
 pub mod signals;
 pub mod spawn;
 pub mod random;
+pub mod simd;
