@@ -1055,6 +1055,8 @@ impl Reactor {
             let addr = c.addrs.remove(0);
             let target = c.proxy.is_some().then(|| format_host_port(&c.server));
             let conn = mio::net::TcpStream::connect(addr)
+                // Frames are small and often alone (a keystroke, a Pong): no Nagle delay.
+                .and_then(|sock| sock.set_nodelay(true).map(|()| sock))
                 .map_err(Error::io("connecting"))
                 .and_then(|sock| Conn::new(sock, Arc::clone(&c.tls), &c.server.host, target.as_deref()));
             match conn {
@@ -1557,7 +1559,8 @@ impl Reactor {
     }
 
     fn tunnel_connect(&mut self, io: &mut TunnelIo, slot: usize, addr: SocketAddr) {
-        match mio::net::TcpStream::connect(addr) {
+        // The app's replies go out as soon as they arrive: no Nagle delay on this hop either.
+        match mio::net::TcpStream::connect(addr).and_then(|sock| sock.set_nodelay(true).map(|()| sock)) {
             Ok(mut sock) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
                 if self.poll.registry().register(&mut sock, Tok::Tunnel(slot as u16).token(), interest).is_ok() {
