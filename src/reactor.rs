@@ -281,6 +281,8 @@ pub struct Reactor {
     own_log: Vec<u8>,
     reap_pending: bool,
     exit: Option<i32>,
+    /// The loop's clock reading for this round (read only in `run`).
+    now: Instant,
     control: Option<Control>,
     /// The server's configuration for the app.
     cfg: ConfigCore,
@@ -434,6 +436,7 @@ impl Reactor {
             own_log: Vec::new(),
             reap_pending: false,
             exit: None,
+            now,
             control,
             cfg: ConfigCore::new(crate::sys::random::u64()),
             config_disabled: settings.disable_config,
@@ -456,6 +459,7 @@ impl Reactor {
     fn run(&mut self) -> i32 {
         let mut now = Instant::now();
         loop {
+            self.now = now;
             self.after_events(now);
             if let Some(code) = self.exit {
                 self.shutdown();
@@ -494,6 +498,7 @@ impl Reactor {
                 }
             }
             now = Instant::now();
+            self.now = now;
             // Take the events out so handlers may borrow self (capacity 0: no allocation).
             let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
             for event in events.iter() {
@@ -974,7 +979,7 @@ impl Reactor {
                     self.cfg.handle_applied(result.is_ok());
                     let error = result.err().unwrap_or_default();
                     if let Some(c) = &mut self.control {
-                        c.session.send(Kind::ConfigApplied(ConfigApplied { version, error }));
+                        c.session.send(Kind::ConfigApplied(ConfigApplied { version, error }), now);
                     }
                 }
                 Step::Restart => {
@@ -1273,7 +1278,7 @@ impl Reactor {
         if self.control.as_ref().is_some_and(|c| c.session.is_ready()) {
             let st = self.status();
             if let Some(c) = &mut self.control {
-                c.session.send(Kind::Status(st));
+                c.session.send(Kind::Status(st), self.now);
             }
         }
     }
@@ -1288,7 +1293,7 @@ impl Reactor {
     /// Sends a frame on the control connection, if it is up.
     fn control_send(&mut self, kind: Kind) {
         if let Some(c) = &mut self.control {
-            c.session.send(kind);
+            c.session.send(kind, self.now);
         }
     }
 

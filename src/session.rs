@@ -24,9 +24,11 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// Smallest heartbeat we accept from a server (a bad value must not make us spin).
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
-/// Control frames waiting to be written. They are small and the writer drains them first; a
-/// backlog this long means the connection is stuck, and the liveness check will replace it.
-const TRANSMIT_CAP: usize = 64;
+/// Control frames waiting to be written. They are small (~100 bytes) and the writer drains them
+/// first, so a backlog this long (a few hundred KiB) means the server stopped reading: the
+/// connection is replaced rather than a frame dropped (a lost WindowUpdate or ExecExit would
+/// stall its stream for good).
+const TRANSMIT_CAP: usize = 4096;
 
 /// What the reactor must do, or learn.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,10 +176,9 @@ impl Session {
             (State::Ready { next_beat, .. }, kind) => {
                 self.state = State::Ready { next_beat, dead_at: now + self.dead_after() };
                 match kind {
-                    // Bounded like `send`: a server that pings but never reads cannot grow the queue
-                    // (found by the `session` fuzz target).
-                    Kind::Ping(p) if self.transmit.len() < TRANSMIT_CAP => self.transmit.push_back(Kind::Pong(Pong { nonce: p.nonce })),
-                    Kind::Ping(_) => {}
+                    // Through the bounded queue: a server that pings but never reads cannot grow
+                    // it (found by the `session` fuzz target).
+                    Kind::Ping(p) => self.queue(Kind::Pong(Pong { nonce: p.nonce }), now),
                     Kind::Pong(_) | Kind::Welcome(_) => {}
                     other => self.events.push_back(Event::Frame(other)),
                 }
@@ -229,8 +230,9 @@ impl Session {
             }
             State::Ready { next_beat, dead_at } if now >= next_beat => {
                 self.nonce = self.nonce.wrapping_add(1);
-                if self.transmit.len() < TRANSMIT_CAP {
-                    self.transmit.push_back(Kind::Ping(Ping { nonce: self.nonce }));
+                self.queue(Kind::Ping(Ping { nonce: self.nonce }), now);
+                if !self.is_ready() {
+                    return;
                 }
                 self.events.push_back(Event::Heartbeat);
                 // Beats are spaced from the last one, not from now: no drift, no catch-up burst.
@@ -245,10 +247,19 @@ impl Session {
     }
 
     /// Queues a control frame (Status, ConfigApplied, ...) if connected and welcomed.
-    pub fn send(&mut self, kind: Kind) {
-        if self.is_ready() && self.transmit.len() < TRANSMIT_CAP {
-            self.transmit.push_back(kind);
+    pub fn send(&mut self, kind: Kind, now: Instant) {
+        if self.is_ready() {
+            self.queue(kind, now);
         }
+    }
+
+    fn queue(&mut self, kind: Kind, now: Instant) {
+        if self.transmit.len() >= TRANSMIT_CAP {
+            crate::warn!("the server stopped reading our frames; reconnecting");
+            self.abandon("server not reading", now, Duration::ZERO);
+            return;
+        }
+        self.transmit.push_back(kind);
     }
 
     /// Whether control frames are waiting to be written.
@@ -458,33 +469,36 @@ mod tests {
     fn nothing_is_sent_unless_ready() {
         let t0 = Instant::now();
         let mut s = Session::new(3);
-        s.send(Kind::Status(Status::default()));
+        s.send(Kind::Status(Status::default()), t0);
         assert_eq!(sent(&mut s), []);
         s.start(t0);
         s.handle_connected(Hello::default(), t0);
-        s.send(Kind::Status(Status::default()));
+        s.send(Kind::Status(Status::default()), t0);
         assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]), "Status waits for the Welcome");
     }
 
     #[test]
-    fn the_transmit_queue_stays_bounded_when_the_server_does_not_read() {
-        // Regression (fuzz target `session`): Pongs and heartbeat Pings bypassed TRANSMIT_CAP, so
-        // a server that kept pinging without reading grew the queue without bound.
+    fn a_server_that_stops_reading_gets_a_new_connection_not_dropped_frames() {
+        // Regression (fuzz target `session`): Pongs and heartbeat Pings bypassed the queue's cap,
+        // so a server that kept pinging without reading grew the queue without bound. A full
+        // queue now means the connection is stuck: it is replaced, nothing is silently dropped.
         let (mut s, t0) = ready();
-        for i in 0..200 {
-            s.send(Kind::Status(Status::default()));
+        let mut i = 0;
+        while s.is_ready() {
+            s.send(Kind::Status(Status::default()), t0 + ms(i));
             s.handle_frame(Kind::Ping(Ping { nonce: i }), t0 + ms(i));
+            i += 1;
+            assert!(i < 10 * TRANSMIT_CAP as u64, "never abandoned");
         }
-        for k in 1..=2u64 {
-            // Heartbeats are due, the server keeps the session alive, nobody drains the queue.
-            s.handle_timeout(t0 + ms(1000 * k));
-            s.handle_frame(Kind::Ping(Ping { nonce: 999 }), t0 + ms(1000 * k));
+        assert_eq!(events(&mut s), [Event::Disconnect("server not reading"), Event::Lost]);
+        assert!(sent(&mut s).is_empty(), "the stuck queue went with the connection");
+        // A burst well within the cap is fine.
+        let (mut s, t0) = ready();
+        for k in 0..1000 {
+            s.send(Kind::Status(Status::default()), t0 + ms(k));
         }
         assert!(s.is_ready());
-        assert!(sent(&mut s).len() <= TRANSMIT_CAP);
-        // Drained, it answers again.
-        s.handle_frame(Kind::Ping(Ping { nonce: 7 }), t0 + ms(2500));
-        assert_eq!(sent(&mut s), [Kind::Pong(Pong { nonce: 7 })]);
+        assert_eq!(sent(&mut s).len(), 1000);
     }
 
     #[test]
