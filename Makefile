@@ -6,7 +6,7 @@ BIN := target/$(MUSL_TARGET)/min/waypost-entrypoint
 # Seconds each fuzz target runs under `make fuzz`.
 FUZZ_SECONDS ?= 60
 
-.PHONY: build setup run test unit size-report fuzz clean
+.PHONY: build setup run test unit size-report fuzz bench bench-soak clean
 
 ## build: the static musl entrypoint binary, optimised for size
 build: setup
@@ -42,13 +42,20 @@ unit:
 size-report:
 	size-report/report.sh
 
-## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (needs nightly; installs cargo-fuzz)
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS each, then executions per target (needs nightly; installs cargo-fuzz)
 fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-	cd fuzz && for t in $$(cargo +nightly fuzz list); do \
-	  echo "== fuzz target $$t ($(FUZZ_SECONDS)s)"; \
-	  cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
-	done
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bench/fuzz.sh
+
+## bench: the benchmark report bench/REPORT.md (+ a line in bench/history.tsv) from one run, under
+## 15 minutes plus the build; not run by CI. QUICK=1 shortens everything (a sanity check).
+bench:
+	bench/bench.sh $(if $(filter 1,$(QUICK)),--quick)
+
+## bench-soak: SOAK_SECONDS (default 3600) of steady logs, config changes and exec sessions against
+## one instance; fails if the entrypoint's RSS grew (writes bench/SOAK.md). Not run by CI.
+bench-soak:
+	bench/soak.sh
 
 clean:
 	cargo clean

@@ -6,13 +6,16 @@
 //! reads of a size the input chooses), the live registry (`live::Registry`: register, touch,
 //! apply_status, take_dirty, snapshot_own, remove), the token lookup and the SQLite writes a
 //! connection makes (`store::upsert_connected`, `flush_live`, `mark_disconnected`,
-//! `list_instances`, on an in-memory database). The Hello admission checks live inside an async
+//! `list_instances`) and the log service (`logs::LogService`: the Welcome's `log_acked_seq`, and
+//! every LogBatch through `on_batch` to its writer thread, which stores and acknowledges it), on
+//! a database file of this process. The Hello admission checks live inside an async
 //! function that needs the whole server state, so they are mirrored here (`admit`), kept in step
 //! with `control.rs` by hand: protocol version, token scope, a 16-byte instance id, labels cut to
 //! 255 bytes on a character boundary.
 
 use crate::server::control::FrameReader;
 use crate::server::live::Registry;
+use crate::server::logs::LogService;
 use crate::server::{auth, store};
 use std::future::Future;
 use std::pin::Pin;
@@ -65,21 +68,66 @@ fn run_ready<F: Future>(f: F) -> Option<F::Output> {
     None
 }
 
-fn store() -> &'static Mutex<store::Store> {
-    static STORE: OnceLock<Mutex<store::Store>> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let st =
-            store::Store::open(std::path::Path::new(":memory:")).expect("an in-memory database");
+/// What every run shares: a runtime for the async pieces, the database (a file: the log
+/// service opens its own connections to it), and the real log service with its writer thread.
+struct Env {
+    rt: tokio::runtime::Runtime,
+    store: store::Store,
+    logs: LogService,
+    path: std::path::PathBuf,
+}
+
+/// Log retention of the fuzz app, so a long fuzzing run keeps a small database.
+const FUZZ_MAX_LINES: i64 = 20_000;
+const FUZZ_MAX_BYTES: i64 = 4 << 20;
+
+fn env() -> &'static Mutex<Env> {
+    static ENV: OnceLock<Mutex<Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        // Databases of earlier runs whose process is gone.
+        let tmp = std::env::temp_dir();
+        if let Ok(dir) = std::fs::read_dir(&tmp) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("waypost-wirecheck-") {
+                    if !std::path::Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        let dir = tmp.join(format!("waypost-wirecheck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let path = dir.join("waypost.db");
+        let st = store::Store::open(&path).expect("the fuzz database");
         st.with(|c| {
             store::create_app(c, FUZZ_APP, 0)?;
             let scope = store::TokenScope::Entrypoint {
                 app: FUZZ_APP.into(),
                 deployment: None,
             };
-            store::insert_token(c, &auth::hash_token(FUZZ_TOKEN), &scope, 0)
+            store::insert_token(c, &auth::hash_token(FUZZ_TOKEN), &scope, 0)?;
+            c.execute(
+                "INSERT INTO log_settings (app, max_lines, max_bytes) VALUES (?1, ?2, ?3)",
+                rusqlite::params![FUZZ_APP, FUZZ_MAX_LINES, FUZZ_MAX_BYTES],
+            )?;
+            Ok(())
         })
         .expect("seeding the fuzz database");
-        Mutex::new(st)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let logs = rt
+            .block_on(async { LogService::start(&path) })
+            .expect("starting the log service");
+        Mutex::new(Env {
+            rt,
+            store: st,
+            logs,
+            path,
+        })
     })
 }
 
@@ -125,6 +173,9 @@ pub struct Outcome {
     pub rejected: Option<proto::reject::Reason>,
     pub pongs: usize,
     pub statuses: usize,
+    pub log_batches: usize,
+    /// The Welcome's log_acked_seq (what the log service has of this instance).
+    pub welcome_acked: u64,
     /// The stream ended in a decode/read error (the server closes the connection).
     pub error: bool,
 }
@@ -144,8 +195,8 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         chunk: usize::from(first & 0x7f) + 1,
     });
     // Held for the whole run: runs (parallel tests) never interleave on the shared database.
-    let guard = store().lock().unwrap_or_else(|e| e.into_inner());
-    let st = guard.clone();
+    let env = env().lock().unwrap_or_else(|e| e.into_inner());
+    let st = env.store.clone();
     // Every run starts from the same database (one app, one token, no instances), so a failing
     // input reproduces on its own.
     st.with(|c| Ok(c.execute("DELETE FROM instances", [])?))
@@ -218,8 +269,11 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         deployment,
         server_version: crate::VERSION.into(),
         config: None,
-        log_acked_seq: 0,
+        log_acked_seq: env.rt.block_on(env.logs.acked_seq(&id)),
     });
+    if let Kind::Welcome(w) = &welcome {
+        out.welcome_acked = w.log_acked_seq;
+    }
     tx.try_send(welcome.into()).expect("room for the Welcome");
 
     // ---- session loop ----
@@ -250,6 +304,13 @@ pub fn control_frames(data: &[u8]) -> Outcome {
             Some(Kind::Status(s)) => {
                 registry.apply_status(&id, session, &s, now_ms);
                 out.statuses += 1;
+            }
+            Some(Kind::LogBatch(b)) => {
+                registry.touch(&id, session, now_ms);
+                // The real log service: checks, queues for its writer thread (which stores,
+                // de-duplicates by sequence and acknowledges on `tx`).
+                env.rt.block_on(env.logs.on_batch(&id, &app, b, &tx));
+                out.log_batches += 1;
             }
             _ => registry.touch(&id, session, now_ms),
         }
@@ -341,9 +402,108 @@ mod tests {
                 rejected: None,
                 pongs: 1,
                 statuses: 1,
+                log_batches: 0,
+                welcome_acked: 0,
                 error: false
             }
         );
+    }
+
+    fn hello_as(id: u8) -> Kind {
+        let mut h = hello();
+        if let Kind::Hello(h) = &mut h {
+            h.instance_id = vec![id; 16];
+        }
+        h
+    }
+
+    fn batch(first_seq: u64, n: usize) -> Kind {
+        Kind::LogBatch(proto::LogBatch {
+            first_seq,
+            entries: (0..n)
+                .map(|i| proto::LogEntry {
+                    data: format!("line {i}").into_bytes(),
+                    ..Default::default()
+                })
+                .collect(),
+            dropped: 0,
+        })
+    }
+
+    #[test]
+    fn log_batches_are_stored_and_a_reconnect_resumes_after_them() {
+        let o = control_frames(&wire(&[hello_as(0x51), batch(0, 3), batch(3, 2)]));
+        assert_eq!((o.log_batches, o.welcome_acked), (2, 0));
+        // The writer thread commits asynchronously; the next connection of the same instance
+        // is told what is stored.
+        let t0 = std::time::Instant::now();
+        loop {
+            let o = control_frames(&wire(&[hello_as(0x51)]));
+            if o.welcome_acked == 5 {
+                break;
+            }
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{o:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn connecting_while_another_connection_commits_never_fails() {
+        // Regression (fuzz target `server_frames`, with the log writer committing on its own
+        // connection): `upsert_connected` read and then wrote in a deferred transaction, so a
+        // commit in between made its write fail at once with SQLITE_BUSY_SNAPSHOT ("database is
+        // locked", code 517; the busy timeout does not apply) and the instance was rejected.
+        let path = env().lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let c = rusqlite::Connection::open(&path).unwrap();
+                c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.execute(
+                        "INSERT INTO log_usage (app, lines) VALUES ('busy', 1)
+                         ON CONFLICT (app) DO UPDATE SET lines = lines + 1",
+                        [],
+                    )
+                    .unwrap();
+                    n += 1;
+                    // Like the log writer: short transactions with gaps (a tight loop would
+                    // starve every other connection's busy handler, deferred or not).
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                }
+                n
+            })
+        };
+        for i in 0..300u32 {
+            let status = proto::Status {
+                state: 2,
+                child_pid: i,
+                ..Default::default()
+            };
+            let o = control_frames(&wire(&[hello_as(0x53), Kind::Status(status)]));
+            assert!(o.admitted);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+    }
+
+    #[test]
+    fn impossible_sequence_numbers_are_ignored() {
+        let o = control_frames(&wire(&[
+            hello_as(0x52),
+            batch(u64::MAX - 1, 3),
+            batch(i64::MAX as u64, 1),
+            Kind::LogBatch(proto::LogBatch {
+                first_seq: 0,
+                entries: vec![],
+                dropped: u64::MAX,
+            }),
+        ]));
+        assert_eq!(o.log_batches, 3);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(control_frames(&wire(&[hello_as(0x52)])).welcome_acked, 0);
     }
 
     #[test]

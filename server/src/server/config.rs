@@ -677,7 +677,9 @@ impl ConfigService {
                 if !store::app_exists(c, &name)? {
                     return Ok(Err(Fail::not_found(format!("no app named {name}"))));
                 }
-                let tx = c.transaction()?;
+                // IMMEDIATE: read then write; deferred, a commit by another connection (the log
+                // writer) in between fails the write at once ("database is locked").
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let cur = load(&tx, &name)?;
                 let new = match change.apply_to(&cur, &name) {
                     Ok(new) => new,

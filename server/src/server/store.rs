@@ -325,7 +325,9 @@ pub fn upsert_connected(
     hello_status: Option<&waypost_proto::Status>,
     now: i64,
 ) -> Result<ChildStatus> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: this reads, then writes; a deferred transaction would fail at once (not after
+    // the busy timeout) if another connection (the log writer) committed in between.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut status = tx
         .query_row(
             &format!("SELECT {STATUS_COLS} FROM instances WHERE id = ?1"),
