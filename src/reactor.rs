@@ -989,6 +989,7 @@ impl Reactor {
                         // streams are done (or at the stop timeout).
                         info!("config changed: restarting the app once its open URL streams finish");
                         self.restart_pending = Some((grace, now + grace.unwrap_or(self.stop_timeout)));
+                        self.send_status();
                         self.restart_when_drained(now);
                     } else {
                         info!("config changed: restarting the app");
@@ -1257,7 +1258,10 @@ impl Reactor {
         match self.sup.child_state() {
             ChildState::Starting => st.state = status::State::Starting as i32,
             ChildState::Running(pid) | ChildState::Restarting(pid) => {
-                st.state = if matches!(self.sup.child_state(), ChildState::Running(_)) { status::State::Running } else { status::State::Restarting } as i32;
+                // Draining for a restart counts as restarting: the server then stops keeping
+                // idle connections to the old child.
+                let running = matches!(self.sup.child_state(), ChildState::Running(_)) && self.restart_pending.is_none();
+                st.state = if running { status::State::Running } else { status::State::Restarting } as i32;
                 st.child_pid = pid as u32;
                 st.child_rss_bytes = proc_rss(pid);
                 st.child_cpu_ms = proc_cpu_ms(pid);

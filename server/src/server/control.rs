@@ -433,7 +433,12 @@ async fn connection(
                 }
             }
             Some(Kind::Pong(_)) => shared.live.touch(&id, session, now_ms),
-            Some(Kind::Status(s)) => shared.live.apply_status(&id, session, &s, now_ms),
+            Some(Kind::Status(s)) => {
+                // A restarting instance drains: the ingress stops keeping connections to it idle.
+                let restarting = s.state == proto::status::State::Restarting as i32;
+                shared.pool.note_state(&id, restarting);
+                shared.live.apply_status(&id, session, &s, now_ms)
+            }
             Some(Kind::ConfigApplied(a)) => {
                 shared.live.touch(&id, session, now_ms);
                 shared.config.on_applied(shared, &id, session, a);
@@ -479,6 +484,7 @@ async fn connection(
     }
     shared.live.remove(&id, session);
     shared.mux.detach(&id, session);
+    shared.pool.forget(&id);
     // Nothing can queue frames for this connection any more: let the writer flush and close.
     drop(tx);
     if !writer_done && timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_err() {

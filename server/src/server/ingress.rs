@@ -11,12 +11,16 @@
 //!   HTML page with an `x-waypost-error` header (`unknown-app`, `no-instance`, `bad-gateway`,
 //!   `timeout`) for scripts.
 //!
-//! One tunnel stream per HTTP request (not per visitor connection): the visitor keeps its
-//! connection alive with us, while upstream each request goes with `Connection: close` and its
-//! stream ends with the response. So a zero-downtime restart on the entrypoint (which waits for the
-//! streams connected to the old child, and holds new ones for the new child) sees request
-//! boundaries, and the least-loaded choice is made per request. WebSocket (any `Upgrade`) requests
-//! keep their stream for the upgraded connection's life, bridged byte for byte.
+//! Upstream connections are pooled per instance: a request goes over an idle keep-alive HTTP
+//! connection to the app (one tunnel stream, one TCP connection to the app) when one is there,
+//! else over a new stream; after the response the connection goes back to the pool. The instance
+//! is chosen per request (least open streams), not per visitor connection. When an instance
+//! starts a zero-downtime restart it says so (Status RESTARTING): its idle pooled connections are
+//! closed and none are returned to the pool, so the old child's streams end with their requests,
+//! and the entrypoint holds new ones for the new child. A pooled connection the app closed in the
+//! meantime costs nothing: a request that could not be sent on it is sent again on a new stream.
+//! WebSocket (any `Upgrade`) requests get their own stream for the upgraded connection's life,
+//! bridged byte for byte.
 //!
 //! Bodies are streamed both ways with backpressure (hyper's body streams over
 //! [`TunnelStream`], whose writes wait for credits): nothing is ever buffered whole.
@@ -45,6 +49,81 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Body = Either<Incoming, Full<Bytes>>;
+
+/// Idle upstream connections kept per instance (beyond, they are closed after their response).
+const POOL_PER_INSTANCE: usize = 64;
+/// An idle upstream connection older than this is closed rather than reused.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// An idle keep-alive HTTP connection to an instance's app, over one tunnel stream.
+struct Idle {
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    stream: u64,
+    probe: StreamProbe,
+    since: std::time::Instant,
+}
+
+/// Upstream keep-alive connections per instance, and the instances draining for a restart.
+#[derive(Default)]
+pub struct Pool {
+    inner: std::sync::Mutex<PoolInner>,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: std::collections::HashMap<super::live::InstanceId, Vec<Idle>>,
+    draining: std::collections::HashSet<super::live::InstanceId>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection to `id` that is still usable, if any.
+    fn take(&self, id: &super::live::InstanceId) -> Option<Idle> {
+        let mut inner = self.lock();
+        let list = inner.idle.get_mut(id)?;
+        while let Some(idle) = list.pop() {
+            if !idle.sender.is_closed() && idle.since.elapsed() < POOL_IDLE {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
+    fn put(&self, id: super::live::InstanceId, idle: Idle) {
+        let mut inner = self.lock();
+        if inner.draining.contains(&id) {
+            return; // dropped: the stream closes, the old child can go
+        }
+        let list = inner.idle.entry(id).or_default();
+        list.retain(|i| !i.sender.is_closed());
+        if list.len() < POOL_PER_INSTANCE {
+            list.push(idle);
+        }
+    }
+
+    /// The instance's child state changed (a Status frame): while it restarts (drains), no
+    /// connection to it stays idle.
+    pub fn note_state(&self, id: &super::live::InstanceId, restarting: bool) {
+        let mut inner = self.lock();
+        if restarting {
+            if inner.draining.insert(*id) {
+                inner.idle.remove(id);
+            }
+        } else {
+            inner.draining.remove(id);
+        }
+    }
+
+    /// The instance's connection is gone.
+    pub fn forget(&self, id: &super::live::InstanceId) {
+        let mut inner = self.lock();
+        inner.idle.remove(id);
+        inner.draining.remove(id);
+    }
+}
 
 /// Accepts visitor connections until shutdown. `done`: see `control::serve`.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sender<()>) {
@@ -270,31 +349,25 @@ async fn handle(
             );
         }
     };
-    let (stream, instance) =
-        match shared
-            .mux
-            .open_stream(&app, prefix.as_deref(), &peer.to_string())
-        {
-            Ok(x) => x,
-            Err(e) => {
-                let detail = match &e {
-                    PickError::NoLive { .. } => format!(
-                        "App {app} has no running instance connected to waypost right now. \
-                         Start one (waypost-entrypoint with a token for {app}) and reload."
-                    ),
-                    other => format!("{other}."),
-                };
-                return page(
-                    StatusCode::BAD_GATEWAY,
-                    "no-instance",
-                    "No instance available",
-                    &detail,
-                );
-            }
-        };
-    let stream_id = stream.id();
-    let probe = stream.probe();
-    tracing::debug!(app, instance = crate::util::hex(&instance), stream = stream_id, %peer, method = %req.method(), path = %req.uri().path(), "ingress request");
+    let instance = match shared.mux.pick_url(&app, prefix.as_deref()) {
+        Ok(id) => id,
+        Err(e) => {
+            let detail = match &e {
+                PickError::NoLive { .. } => format!(
+                    "App {app} has no running instance connected to waypost right now. \
+                     Start one (waypost-entrypoint with a token for {app}) and reload."
+                ),
+                other => format!("{other}."),
+            };
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "no-instance",
+                "No instance available",
+                &detail,
+            );
+        }
+    };
+    tracing::debug!(app, instance = crate::util::hex(&instance), %peer, method = %req.method(), path = %req.uri().path(), "ingress request");
 
     // ---- the upstream request ----
     let upgrade = wants_upgrade(req.headers());
@@ -325,77 +398,94 @@ async fn handle(
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        // One stream per request: the app closes after its response, the stream ends.
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let up_req = Request::from_parts(parts, body);
+    let mut up_req = Some(Request::from_parts(parts, body));
 
-    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Incoming>(TokioIo::new(stream))
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            return page(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
-                "Bad gateway",
-                &format!("{e}"),
-            );
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(stream = stream_id, error = %e, "upstream connection ended");
-        }
-    });
-
-    // ---- wait for the response head, with the idle timer ----
+    // A pooled connection first (never for an upgrade), else a new stream; a request that could
+    // not even be sent on a pooled connection (the app had closed it) goes again on a new one.
+    let mut pooled = if upgrade { None } else { shared.pool.take(&instance) };
     let timeout = shared.ingress_timeout;
-    let send = sender.send_request(up_req);
-    tokio::pin!(send);
-    let result = loop {
-        let deadline = probe.last_activity() + timeout;
-        tokio::select! {
-            r = &mut send => break r,
-            _ = tokio::time::sleep_until(deadline) => {
-                if probe.last_activity() + timeout <= tokio::time::Instant::now() {
-                    tracing::info!(app, stream = stream_id, "the app did not answer in time");
+    let (resp, mut sender, stream_id, probe) = loop {
+        let (mut sender, stream_id, probe, fresh) = match pooled.take() {
+            Some(idle) => (idle.sender, idle.stream, idle.probe, false),
+            None => {
+                let Some(stream) = shared.mux.open_stream_on(instance, &peer.to_string()) else {
                     return page(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        "The app did not answer",
-                        &format!("App {app} did not answer within {timeout:?}."),
+                        StatusCode::BAD_GATEWAY,
+                        "no-instance",
+                        "No instance available",
+                        &format!("The instance of {app} went away; reload."),
                     );
+                };
+                let (stream_id, probe) = (stream.id(), stream.probe());
+                match hyper::client::conn::http1::Builder::new()
+                    .handshake::<_, Incoming>(TokioIo::new(stream))
+                    .await
+                {
+                    Ok((sender, conn)) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.with_upgrades().await {
+                                tracing::debug!(stream = stream_id, error = %e, "upstream connection ended");
+                            }
+                        });
+                        (sender, stream_id, probe, true)
+                    }
+                    Err(e) => {
+                        return page(StatusCode::BAD_GATEWAY, "bad-gateway", "Bad gateway", &format!("{e}"));
+                    }
                 }
+            }
+        };
+        let req = up_req.take().expect("a request to send");
+
+        // ---- wait for the response head, with the idle timer ----
+        let send = sender.try_send_request(req);
+        tokio::pin!(send);
+        let result = loop {
+            let deadline = probe.last_activity() + timeout;
+            tokio::select! {
+                r = &mut send => break r,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if probe.last_activity() + timeout <= tokio::time::Instant::now() {
+                        tracing::info!(app, stream = stream_id, "the app did not answer in time");
+                        return page(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            "The app did not answer",
+                            &format!("App {app} did not answer within {timeout:?}."),
+                        );
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(resp) => break (resp, sender, stream_id, probe),
+            Err(mut e) => {
+                if !fresh {
+                    if let Some(req) = e.take_message() {
+                        up_req = Some(req);
+                        continue;
+                    }
+                }
+                let e = e.into_error();
+                let why = probe.error().unwrap_or_else(|| {
+                    if e.is_incomplete_message() {
+                        "the app closed the connection without answering".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                });
+                tracing::debug!(app, stream = stream_id, error = why, "ingress request failed");
+                return page(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-gateway",
+                    "Bad gateway",
+                    &format!("App {app} could not be reached: {why}"),
+                );
             }
         }
     };
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let why = probe.error().unwrap_or_else(|| {
-                if e.is_incomplete_message() {
-                    "the app closed the connection without answering".to_string()
-                } else {
-                    e.to_string()
-                }
-            });
-            tracing::debug!(
-                app,
-                stream = stream_id,
-                error = why,
-                "ingress request failed"
-            );
-            return page(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
-                "Bad gateway",
-                &format!("App {app} could not be reached: {why}"),
-            );
-        }
-    };
+    let mut resp = resp;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(visitor) = visitor_upgrade {
@@ -404,6 +494,16 @@ async fn handle(
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, Either::Left(body));
         }
+    }
+    // Back to the pool once the response is complete (the visitor has read its body), unless
+    // the app closes the connection or the instance is draining.
+    if !upgrade {
+        let pool = shared.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.pool.put(instance, Idle { sender, stream: stream_id, probe, since: std::time::Instant::now() });
+            }
+        });
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_headers(&mut parts.headers, false);

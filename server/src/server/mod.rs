@@ -64,6 +64,8 @@ pub struct Shared {
     /// `ip:port` of the ingress, as a local client reaches it (for `waypost url`).
     pub ingress_addr: String,
     pub ingress_timeout: Duration,
+    /// The ingress's idle upstream connections per instance.
+    pub pool: ingress::Pool,
     /// App configuration: cache, pushes, Welcome snapshots (issue 4).
     pub config: config::ConfigService,
     /// Log ingest (the writer thread) and reading (issue 5).
@@ -325,6 +327,7 @@ async fn run_async(opts: Options) -> Result<()> {
         mux: Default::default(),
         ingress_addr: local_connect_addr(ingress_local),
         ingress_timeout: opts.ingress_timeout,
+        pool: ingress::Pool::default(),
         config: config::ConfigService::default(),
         logs: logs::LogService::start(&db_path)?,
         shutdown: shutdown_rx,

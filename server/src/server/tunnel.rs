@@ -407,8 +407,24 @@ impl Mux {
         prefix: Option<&str>,
         client_addr: &str,
     ) -> Result<(TunnelStream, InstanceId), PickError> {
+        let id = self.pick_url(app, prefix)?;
+        let stream = self
+            .open_stream_on(id, client_addr)
+            .ok_or_else(|| PickError::NoLive { app: app.into() })?;
+        Ok((stream, id))
+    }
+
+    /// The instance a URL request for `app` goes to (as `open_stream` would pick it), without
+    /// opening anything: the ingress first looks for an idle upstream connection to it.
+    pub fn pick_url(&self, app: &str, prefix: Option<&str>) -> Result<InstanceId, PickError> {
         let mut map = lock(&self.inner);
-        let (id, conn) = Mux::pick(&mut map, app, Feature::Url, prefix)?;
+        Mux::pick(&mut map, app, Feature::Url, prefix).map(|(id, _)| id)
+    }
+
+    /// Opens a URL-service stream to instance `id` (None if it is gone).
+    pub fn open_stream_on(self: &Arc<Self>, id: InstanceId, client_addr: &str) -> Option<TunnelStream> {
+        let mut map = lock(&self.inner);
+        let conn = map.get_mut(&id)?;
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(Mutex::new(StreamState::new()));
         conn.routes
@@ -422,23 +438,19 @@ impl Mux {
         let out = conn.out.clone();
         let session = conn.session;
         drop(map);
-        Ok((
-            TunnelStream {
-                id: stream,
-                state,
-                out,
-                guard: RouteGuard {
-                    mux: self.clone(),
-                    instance: id,
-                    session,
-                    route: Route::Stream(stream),
-                },
+        Some(TunnelStream {
+            id: stream,
+            state,
+            out,
+            guard: RouteGuard {
+                mux: self.clone(),
+                instance: id,
+                session,
+                route: Route::Stream(stream),
             },
-            id,
-        ))
+        })
     }
 
-    /// Registers exec session `session_id` on an instance of `app`; nothing is sent yet.
     pub fn open_exec(
         self: &Arc<Self>,
         app: &str,

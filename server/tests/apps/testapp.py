@@ -4,6 +4,7 @@
 Listens on 127.0.0.1:$PORT. Routes:
   GET  /                 "hello GREETING pid=PID\n" (GREETING from the environment, default "hi")
   GET  /headers          the request headers as JSON (lower-case names)
+  GET  /conn             the peer's port of this connection (to see upstream keep-alive reuse)
   GET  /bytes/N          N bytes of a fixed pseudo-random stream (seed 7), with Content-Length
   GET  /chunked/N        the same N bytes, sent chunked (no Content-Length)
   POST /upload           reads the body (Content-Length or chunked); answers {"len": L, "sha256": H}
@@ -80,6 +81,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/":
             self.send_body(200, ("hello %s pid=%d\n" % (GREETING, os.getpid())).encode())
+        elif self.path == "/conn":
+            self.send_body(200, ("%d\n" % self.client_address[1]).encode())
         elif self.path == "/headers":
             h = {k.lower(): v for k, v in self.headers.items()}
             self.send_body(200, json.dumps(h).encode(), "application/json")
