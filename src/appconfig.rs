@@ -117,7 +117,7 @@ impl ConfigCore {
     }
 
     fn apply_due(&mut self, now: Instant) {
-        if self.applying.is_some() || !self.pending.as_ref().is_some_and(|p| p.at <= now) {
+        if self.applying.is_some() || self.pending.as_ref().is_none_or(|p| p.at > now) {
             return;
         }
         let Pending { config, effect, .. } = self.pending.take().expect("checked above");

@@ -1229,10 +1229,8 @@ impl Reactor {
             }
         }
         let want = conn.interest();
-        if c.interest != Some(want) {
-            if self.poll.registry().reregister(conn.socket(), Tok::Control.token(), want).is_ok() {
-                c.interest = Some(want);
-            }
+        if c.interest != Some(want) && self.poll.registry().reregister(conn.socket(), Tok::Control.token(), want).is_ok() {
+            c.interest = Some(want);
         }
     }
 

@@ -281,7 +281,7 @@ impl Session {
 pub fn backoff_delay(attempts: u32, rng: &mut u64) -> Duration {
     let base = BACKOFF_MIN.saturating_mul(1u32 << attempts.min(16)).min(BACKOFF_MAX);
     let half = base / 2;
-    let jitter = (next_random(rng) % (half.as_micros() as u64 + 1)) as u64;
+    let jitter = next_random(rng) % (half.as_micros() as u64 + 1);
     half + Duration::from_micros(jitter)
 }
 

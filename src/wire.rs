@@ -253,7 +253,7 @@ mod tests {
             sb.push(&Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![0; 1000] }))).unwrap();
             n += 1;
         }
-        assert!(n >= 16 && n <= 17, "{n}");
+        assert!((16..=17).contains(&n), "{n}");
         let len = sb.pending().len();
         sb.consume(len - 10);
         assert!(sb.wants_more());

@@ -742,15 +742,17 @@ fn slow_reader_gets_backpressure_and_nothing_is_lost() {
 // ---------------------------------------------------------------------------------------------
 // Terminal
 
-#[test]
-fn child_inherits_the_terminal() {
-    let dir = TestDir::new("tty");
+/// Runs `script` under the entrypoint on a new PTY, as `docker run -t` would (the entrypoint
+/// leads a session with the PTY as its controlling terminal and as stdin/stdout/stderr); returns
+/// the exit status, what appeared on the terminal (CRs removed), and the PTY's name.
+fn run_on_a_terminal(name: &str, script: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
+    let dir = TestDir::new(name);
     let (master, slave, slave_name) = open_pty();
-    let mut cmd = entrypoint_sh(&dir, "tty; readlink /proc/self/fd/1; test -t 1 && echo STDOUT_IS_TTY; exit 0");
-    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+    let mut cmd = entrypoint_sh(&dir, script);
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
-    // Like `docker run -t`: the entrypoint leads a session with the PTY as controlling terminal.
     // SAFETY: only async-signal-safe system calls in the closure.
     unsafe {
         cmd.pre_exec(|| {
@@ -766,6 +768,12 @@ fn child_inherits_the_terminal() {
     let status = ep.wait_exit();
     assert!(term.wait_eof(TIMEOUT), "the terminal was not hung up after the entrypoint exited");
     let output = String::from_utf8_lossy(&term.take()).replace('\r', "");
+    (status, output, slave_name)
+}
+
+#[test]
+fn child_inherits_the_terminal() {
+    let (status, output, slave_name) = run_on_a_terminal("tty", "tty; readlink /proc/self/fd/1; test -t 1 && echo STDOUT_IS_TTY; exit 0", &[]);
     assert_eq!(status.code(), Some(0), "entrypoint {}; terminal output:\n{output}", describe_status(status));
     let lines: Vec<&str> = output.lines().filter(|l| !l.starts_with(LOG_PREFIX)).collect();
     assert!(
@@ -779,27 +787,7 @@ fn capture_on_a_terminal_relays_through_pipes() {
     // WAYPOST_CAPTURE=1 (what `waypost up` sets): on a terminal too, the output goes through the
     // entrypoint (so it can be shipped as logs); the child writes to a pipe, and the text still
     // reaches the terminal.
-    let dir = TestDir::new("tty-capture");
-    let (master, slave, _) = open_pty();
-    let mut cmd = entrypoint_sh(&dir, "test -t 1 || echo STDOUT_IS_A_PIPE; echo to-stderr >&2; exit 0");
-    cmd.env("WAYPOST_CAPTURE", "1")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave));
-    // SAFETY: only async-signal-safe system calls in the closure.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut term = Capture::start(fs::File::from(master));
-    let mut ep = Running::spawn(cmd);
-    let status = ep.wait_exit();
-    assert!(term.wait_eof(TIMEOUT), "the terminal was not hung up after the entrypoint exited");
-    let output = String::from_utf8_lossy(&term.take()).replace('\r', "");
+    let (status, output, _) = run_on_a_terminal("tty-capture", "test -t 1 || echo STDOUT_IS_A_PIPE; echo to-stderr >&2; exit 0", &[("WAYPOST_CAPTURE", "1")]);
     assert_eq!(status.code(), Some(0), "terminal output:\n{output}");
     assert!(output.contains("STDOUT_IS_A_PIPE") && output.contains("to-stderr"), "terminal output:\n{output}");
 }

@@ -74,6 +74,8 @@ struct Env {
     rt: tokio::runtime::Runtime,
     store: store::Store,
     logs: LogService,
+    /// The database file (the unit tests open it to check what was written).
+    #[cfg_attr(not(test), allow(dead_code))]
     path: std::path::PathBuf,
 }
 

@@ -369,16 +369,8 @@ pub async fn serve(
     let app = router(shared.clone());
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
+        let Some((tcp, peer)) = super::accept(&listener, &mut shutdown, "API").await else {
+            break;
         };
         let acceptor = acceptor.clone();
         let app = app.clone();

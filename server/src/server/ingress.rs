@@ -129,18 +129,9 @@ impl Pool {
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sender<()>) {
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
+        let Some((tcp, peer)) = super::accept(&listener, &mut shutdown, "ingress").await else {
+            break;
         };
-        let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let done = done.clone();
         tokio::spawn(async move {

@@ -74,6 +74,30 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// The next connection on `listener` (TCP_NODELAY set), or None once shutdown is signalled.
+/// Accept errors (EMFILE and friends) are logged and retried after a pause instead of spinning.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
 fn local_connect_addr(addr: SocketAddr) -> String {
     let ip = match addr.ip() {

@@ -108,8 +108,7 @@ impl Entrypoint {
     /// Waits for it to exit (bounded) and returns how.
     pub fn wait(&mut self) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
-        let status = wait_for("the entrypoint to exit", || child.try_wait().unwrap());
-        status
+        wait_for("the entrypoint to exit", || child.try_wait().unwrap())
     }
 
     pub fn signal(&self, sig: i32) {
