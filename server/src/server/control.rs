@@ -123,6 +123,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     while let Some(frame) = lanes.next(&mut rx).await {
         out.clear();
         proto::encode(&frame, &mut out)?;
+        // Let the other tasks that are ready now (ingress requests, exec relays) run first and
+        // queue their frames, so a busy connection writes one TLS record for many of them
+        // instead of one syscall each. On an idle runtime this returns at once.
+        tokio::task::yield_now().await;
         // Coalesce frames that are already queued, up to a bound, into one TLS write.
         while out.len() < WRITE_BATCH {
             match lanes.try_next(&mut rx) {
