@@ -14,6 +14,7 @@
 #   TUNNEL_SECONDS   each wrk run [10]                     TUNNEL_CONNS   wrk connections [32]
 #   EXEC_BYTES       `exec -- cat` volume [100MiB]         FLEET_INSTANCES  [10000]
 #   FLEET_DURATION   fleet steady phase [60s]              SKIP_FLEET=1   leave the fleet out
+#   SKIP_PEERS=1     no rathole/bore rows (otherwise built once with cargo install into target/)
 #   NOTE             free text for the history line        KEEP=1         keep the work directory
 #
 # Everything runs on loopback on this machine; the load average at start and end is in the
@@ -47,6 +48,7 @@ EXEC_BYTES="${EXEC_BYTES:-100MiB}"
 FLEET_INSTANCES="${FLEET_INSTANCES:-10000}"
 FLEET_DURATION="${FLEET_DURATION:-60s}"
 SKIP_FLEET="${SKIP_FLEET:-0}"
+SKIP_PEERS="${SKIP_PEERS:-0}"
 
 say() { printf '\n== %s\n' "$*" >&2; }
 warn() { printf 'bench.sh: %s\n' "$*" >&2; }
@@ -303,6 +305,59 @@ else
 fi
 
 # ---- 6. tunnel --------------------------------------------------------------------------------------
+# Peer tunnels for the same figures, built once from crates.io into target/bench-peers.
+RATHOLE_VERSION=0.5.0
+BORE_VERSION=0.6.0
+PEERS="$ROOT/target/bench-peers"
+PEER_NOTE=""
+peers_installed() {
+    [[ -x "$PEERS/bin/rathole" ]] || cargo install --quiet --locked --root "$PEERS" --version "$RATHOLE_VERSION" \
+        --no-default-features --features server,client rathole >&2 || return 1
+    [[ -x "$PEERS/bin/bore" ]] || cargo install --quiet --locked --root "$PEERS" --version "$BORE_VERSION" bore-cli >&2 || return 1
+}
+peer_run() { # peer_run rathole|bore: start its server and client for $APP_PORT, wrk through it
+    local name="$1" cport pport pids=() i
+    cport="$("$H" freeport)"
+    case "$name" in
+    rathole)
+        pport="$("$H" freeport)"
+        printf '[server]\nbind_addr = "127.0.0.1:%s"\ndefault_token = "bench"\n[server.services.web]\nbind_addr = "127.0.0.1:%s"\n' \
+            "$cport" "$pport" >"$WORK/rathole-server.toml"
+        printf '[client]\nremote_addr = "127.0.0.1:%s"\ndefault_token = "bench"\n[client.services.web]\nlocal_addr = "127.0.0.1:%s"\n' \
+            "$cport" "$APP_PORT" >"$WORK/rathole-client.toml"
+        "$PEERS/bin/rathole" -s "$WORK/rathole-server.toml" >"$WORK/rathole-server.log" 2>&1 &
+        pids+=("$!")
+        "$PEERS/bin/rathole" -c "$WORK/rathole-client.toml" >"$WORK/rathole-client.log" 2>&1 &
+        pids+=("$!")
+        ;;
+    bore)
+        # bore's control port is fixed (7835); it picks the public port and logs it.
+        "$PEERS/bin/bore" server --bind-addr 127.0.0.1 >"$WORK/bore-server.log" 2>&1 &
+        pids+=("$!")
+        sleep 0.3
+        "$PEERS/bin/bore" local "$APP_PORT" --local-host 127.0.0.1 --to 127.0.0.1 >"$WORK/bore-client.log" 2>&1 &
+        pids+=("$!")
+        for ((i = 0; i < 50; i++)); do
+            pport="$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/bore-client.log" | grep -o 'listening at 127.0.0.1:[0-9]*' | grep -o '[0-9]*$' || true)"
+            [[ -n "$pport" ]] && break
+            sleep 0.1
+        done
+        ;;
+    esac
+    local ok=0
+    for ((i = 0; i < 100; i++)); do
+        if [[ -n "${pport:-}" ]] && http_ok "127.0.0.1:$pport" localhost; then ok=1; break; fi
+        sleep 0.1
+    done
+    if ((ok)); then
+        wrk_run "${name}_ka" "http://127.0.0.1:$pport/"
+        wrk_run "${name}_nc" "http://127.0.0.1:$pport/" "Connection: close"
+    else
+        warn "$name did not pass requests to the app; its rows say n/a"
+    fi
+    for i in "${pids[@]}"; do kill -TERM "$i" 2>/dev/null || true; done
+    for i in "${pids[@]}"; do wait "$i" 2>/dev/null || true; done
+}
 TUN_NOTE=""
 declare -A RPS P99
 if ((have_ingress)) && command -v wrk >/dev/null; then
@@ -333,6 +388,16 @@ if ((have_ingress)) && command -v wrk >/dev/null; then
         wrk_run direct_nc "http://127.0.0.1:$APP_PORT/" "Connection: close"
         wrk_run tunnel_nc "http://$INGRESS/" "Host: benchweb.localhost" "Connection: close"
         TUN_HWM="$(kb "$WEB_EP" VmHWM)"
+        # The peers, against the same app in the same run: rathole and bore are plain TCP
+        # tunnels (one data connection per visitor, no TLS, no HTTP parsing).
+        if ((!SKIP_PEERS)) && peers_installed; then
+            peer_run rathole
+            peer_run bore
+        elif ((!SKIP_PEERS)); then
+            PEER_NOTE="n/a (cargo install of rathole $RATHOLE_VERSION / bore-cli $BORE_VERSION failed; see the log)"
+        else
+            PEER_NOTE="skipped (SKIP_PEERS=1)"
+        fi
         # $! is env(1), which exec'd the entrypoint: same pid.
     else
         TUN_NOTE="n/a (the ingress did not answer 200 for benchweb.localhost)"
@@ -385,6 +450,17 @@ tunnel_rows() {
     echo "| tunnel, new connection per request: requests/s | $(rps tunnel_nc) | $(rps direct_nc) direct | $(ratio "${RPS[tunnel_nc]:-}" "${RPS[direct_nc]:-}") | aim ≥ 0.6; \`Connection: close\` |"
     echo "| tunnel, new connection per request: p99 latency | $(p99 tunnel_nc) ms | $(p99 direct_nc) ms direct | $(ratio "${P99[tunnel_nc]:-}" "${P99[direct_nc]:-}") | |"
     echo "| entrypoint peak RSS under that load (VmHWM) | $(kib "${TUN_HWM:-}") | $(kib "$IDLE_RSS") idle with a session | $(ratio "${TUN_HWM:-}" "$IDLE_RSS") | all four wrk runs against one instance |"
+    if [[ -n "$PEER_NOTE" ]]; then
+        echo "| peers (rathole, bore) | $PEER_NOTE | | | |"
+        return
+    fi
+    local p v
+    for p in rathole bore; do
+        v="$RATHOLE_VERSION"
+        [[ "$p" == bore ]] && v="$BORE_VERSION"
+        echo "| peer $p $v, keep-alive: requests/s | $(rps "${p}_ka") | $(rps direct_ka) direct | $(ratio "${RPS[${p}_ka]:-}" "${RPS[direct_ka]:-}") | waypost ÷ $p: $(ratio "${RPS[tunnel_ka]:-}" "${RPS[${p}_ka]:-}") |"
+        echo "| peer $p $v, new connection per request: requests/s | $(rps "${p}_nc") | $(rps direct_nc) direct | $(ratio "${RPS[${p}_nc]:-}" "${RPS[direct_nc]:-}") | waypost ÷ $p: $(ratio "${RPS[tunnel_nc]:-}" "${RPS[${p}_nc]:-}") |"
+    done
 }
 exec_rows() {
     if [[ -z "$RTT_EXEC" && -z "$EXEC_MBS" ]]; then
@@ -443,7 +519,7 @@ exec_rows() {
     tunnel_rows
     exec_rows
     echo
-    echo "wrk: \`wrk -t2 -c$TUNNEL_CONNS -d${TUNNEL_SECONDS}s --latency\`; the app is a 12-byte HTTP/1.1 responder (bench/helper \`http\`) run by the entrypoint; direct = its port, tunnel = the server's ingress with \`Host: benchweb.localhost\`."
+    echo "wrk: \`wrk -t2 -c$TUNNEL_CONNS -d${TUNNEL_SECONDS}s --latency\`; the app is a 12-byte HTTP/1.1 responder (bench/helper \`http\`) run by the entrypoint; direct = its port, tunnel = the server's ingress with \`Host: benchweb.localhost\`; the peers tunnel the same app's port over their own loopback server (rathole: TCP transport, bore: defaults). All three tunnels share the machine's 2 cores with wrk and the app, so a tunnel's ceiling here is set by the CPU each hop costs per request."
     echo
     echo "## Fleet: one server, $FLEET_INSTANCES simulated entrypoints"
     echo
