@@ -4,11 +4,11 @@
 mod common;
 
 use common::entrypoint::{Builder, Entrypoint};
-use common::{wait_for, Server};
+use common::{Server, wait_for};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A child that counts in `$D/count` every 50 ms until `$D/stop` appears, then exits with $1.
@@ -24,45 +24,73 @@ exit ${CODE:-0}
 "#;
 
 fn count(e: &Entrypoint) -> u64 {
-    e.file("count").and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    e.file("count")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The counter keeps going: the child is alive and unbothered.
 fn assert_counting(e: &Entrypoint) {
     let before = count(e);
-    wait_for("the child's counter to keep advancing", || (count(e) > before + 3).then_some(()));
+    wait_for("the child's counter to keep advancing", || {
+        (count(e) > before + 3).then_some(())
+    });
 }
 
 /// A port nothing listens on right now (bound, then released).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
 fn instance_is_live_while_the_child_runs_and_gone_with_its_exit_code_after() {
     let server = Server::start(&["--heartbeat-interval", "300ms"]);
-    let Some(mut e) = Builder::new(&server, "web", COUNTER).env("CODE", "7").spawn() else { return };
+    let Some(mut e) = Builder::new(&server, "web", COUNTER)
+        .env("CODE", "7")
+        .spawn()
+    else {
+        return;
+    };
     let inst = e.instance(&server);
     let id = inst["id"].as_str().unwrap().to_string();
     assert_eq!(inst["app"], "web");
     // Heartbeats fill in the child's state, pid, RSS.
     let inst = wait_for("a heartbeat with the child's RSS", || {
-        server.instances(false).into_iter().find(|i| i["id"] == id.as_str() && i["child_rss_bytes"].as_u64() > Some(0))
+        server
+            .instances(false)
+            .into_iter()
+            .find(|i| i["id"] == id.as_str() && i["child_rss_bytes"].as_u64() > Some(0))
     });
     assert_eq!(inst["child_state"], "running");
     assert!(inst["child_pid"].as_u64().unwrap() > 0);
     // The table form shows it too.
     let table = server.cli(&["instances"]).ok().stdout;
-    assert!(table.contains(&id[..8]) && table.contains("running"), "{table}");
+    assert!(
+        table.contains(&id[..8]) && table.contains("running"),
+        "{table}"
+    );
 
     std::fs::write(e.dir.join("stop"), "").unwrap();
     assert_eq!(e.wait().code(), Some(7));
     let gone = wait_for("the instance to be marked gone", || {
-        server.instances(true).into_iter().find(|i| i["id"] == id.as_str() && i["live"] == false)
+        server
+            .instances(true)
+            .into_iter()
+            .find(|i| i["id"] == id.as_str() && i["live"] == false)
     });
     assert_eq!(gone["ended"], "exited", "{gone}");
     assert_eq!(gone["exit_code"], 7, "{gone}");
-    assert!(server.instances(false).iter().all(|i| i["id"] != id.as_str()), "not listed as live any more");
+    assert!(
+        server
+            .instances(false)
+            .iter()
+            .all(|i| i["id"] != id.as_str()),
+        "not listed as live any more"
+    );
     let all = server.cli(&["instances", "--all"]).ok().stdout;
     assert!(all.contains("exited 7"), "{all}");
 }
@@ -72,7 +100,9 @@ fn server_killed_the_child_keeps_running_and_the_same_instance_comes_back() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let server = Server::start(&["--control-addr", &addr, "--heartbeat-interval", "300ms"]);
-    let Some(mut e) = Builder::new(&server, "web", COUNTER).spawn() else { return };
+    let Some(mut e) = Builder::new(&server, "web", COUNTER).spawn() else {
+        return;
+    };
     let id = e.instance(&server)["id"].as_str().unwrap().to_string();
     assert_counting(&e);
 
@@ -83,10 +113,16 @@ fn server_killed_the_child_keeps_running_and_the_same_instance_comes_back() {
     assert_counting(&e);
     assert!(e.running());
 
-    let server = Server::start_in(env, &["--control-addr", &addr, "--heartbeat-interval", "300ms"]);
+    let server = Server::start_in(
+        env,
+        &["--control-addr", &addr, "--heartbeat-interval", "300ms"],
+    );
     let t0 = Instant::now();
     let back = wait_for("the same instance id to be live again", || {
-        server.instances(false).into_iter().find(|i| i["id"] == id.as_str())
+        server
+            .instances(false)
+            .into_iter()
+            .find(|i| i["id"] == id.as_str())
     });
     assert_eq!(back["child_state"], "running");
     // Down ~2.5 s: the backoff after 6 quick attempts is at most ~6.4 s, well inside WAIT.
@@ -101,9 +137,19 @@ fn server_refusing_connections_at_start_the_child_starts_at_the_startup_timeout(
     let port = free_port();
     let (ca, _, _) = test_pki();
     let t0 = Instant::now();
-    let Some(mut e) = Builder::bare(&format!("127.0.0.1:{port}"), "wpe_x", &ca, COUNTER).env("WAYPOST_STARTUP_TIMEOUT", "1s").spawn() else { return };
-    let started = wait_for("the child to start", || e.file("count").map(|_| t0.elapsed()));
-    assert!(started >= Duration::from_millis(900), "started before the startup timeout: {started:?}");
+    let Some(mut e) = Builder::bare(&format!("127.0.0.1:{port}"), "wpe_x", &ca, COUNTER)
+        .env("WAYPOST_STARTUP_TIMEOUT", "1s")
+        .spawn()
+    else {
+        return;
+    };
+    let started = wait_for("the child to start", || {
+        e.file("count").map(|_| t0.elapsed())
+    });
+    assert!(
+        started >= Duration::from_millis(900),
+        "started before the startup timeout: {started:?}"
+    );
     assert!(e.stderr().contains("starting without it"), "{}", e.stderr());
     assert_counting(&e);
     std::fs::write(e.dir.join("stop"), "").unwrap();
@@ -126,10 +172,20 @@ fn server_that_accepts_but_never_answers_the_child_still_starts() {
     });
     let (ca, _, _) = test_pki();
     let t0 = Instant::now();
-    let Some(mut e) = Builder::bare(&addr, "wpe_x", &ca, COUNTER).env("WAYPOST_STARTUP_TIMEOUT", "1s").spawn() else { return };
-    let started = wait_for("the child to start", || e.file("count").map(|_| t0.elapsed()));
+    let Some(mut e) = Builder::bare(&addr, "wpe_x", &ca, COUNTER)
+        .env("WAYPOST_STARTUP_TIMEOUT", "1s")
+        .spawn()
+    else {
+        return;
+    };
+    let started = wait_for("the child to start", || {
+        e.file("count").map(|_| t0.elapsed())
+    });
     assert!(started >= Duration::from_millis(900), "{started:?}");
-    assert!(accepted.load(Ordering::Relaxed) >= 1, "the entrypoint did connect");
+    assert!(
+        accepted.load(Ordering::Relaxed) >= 1,
+        "the entrypoint did connect"
+    );
     assert_counting(&e);
     std::fs::write(e.dir.join("stop"), "").unwrap();
     assert_eq!(e.wait().code(), Some(0));
@@ -151,10 +207,16 @@ fn server_required_waits_for_the_server() {
         return;
     };
     std::thread::sleep(Duration::from_secs(2));
-    assert!(e.file("count").is_none(), "started without the server: {}", e.stderr());
+    assert!(
+        e.file("count").is_none(),
+        "started without the server: {}",
+        e.stderr()
+    );
     assert!(e.running());
     let server = Server::start_in(env, &["--control-addr", &addr]);
-    wait_for("the child to start once the server is there", || e.file("count"));
+    wait_for("the child to start once the server is there", || {
+        e.file("count")
+    });
     e.instance(&server);
     std::fs::write(e.dir.join("stop"), "").unwrap();
     assert_eq!(e.wait().code(), Some(0));
@@ -164,7 +226,12 @@ fn server_required_waits_for_the_server() {
 fn stopped_before_the_server_answers_the_app_never_starts() {
     let port = free_port();
     let (ca, _, _) = test_pki();
-    let Some(mut e) = Builder::bare(&format!("127.0.0.1:{port}"), "wpe_x", &ca, COUNTER).env("WAYPOST_SERVER_REQUIRED", "1").spawn() else { return };
+    let Some(mut e) = Builder::bare(&format!("127.0.0.1:{port}"), "wpe_x", &ca, COUNTER)
+        .env("WAYPOST_SERVER_REQUIRED", "1")
+        .spawn()
+    else {
+        return;
+    };
     std::thread::sleep(Duration::from_millis(500));
     e.signal(libc::SIGTERM);
     assert_eq!(e.wait().code(), Some(143));
@@ -175,8 +242,15 @@ fn stopped_before_the_server_answers_the_app_never_starts() {
 fn a_wrong_token_is_rejected_with_a_clear_line_the_child_runs_and_retries_back_off() {
     let server = Server::start(&[]);
     server.create_app("web");
-    let Some(mut e) = Builder::with_token(&server, "wpe_definitely_not_a_token", COUNTER).env("WAYPOST_STARTUP_TIMEOUT", "500ms").spawn() else { return };
-    wait_for("the rejection in the entrypoint's log", || e.stderr().contains("refused this entrypoint").then_some(()));
+    let Some(mut e) = Builder::with_token(&server, "wpe_definitely_not_a_token", COUNTER)
+        .env("WAYPOST_STARTUP_TIMEOUT", "500ms")
+        .spawn()
+    else {
+        return;
+    };
+    wait_for("the rejection in the entrypoint's log", || {
+        e.stderr().contains("refused this entrypoint").then_some(())
+    });
     assert!(e.stderr().contains("BAD_TOKEN"), "{}", e.stderr());
     assert_counting(&e);
     // Count Hello attempts over 4 s: the server hints 5 s between retries; without backoff there
@@ -185,12 +259,21 @@ fn a_wrong_token_is_rejected_with_a_clear_line_the_child_runs_and_retries_back_o
     let before = attempts(&server);
     std::thread::sleep(Duration::from_secs(4));
     let during = attempts(&server) - before;
-    assert!(during <= 2, "{during} attempts in 4 s: no backoff\n{}", server.logs());
+    assert!(
+        during <= 2,
+        "{during} attempts in 4 s: no backoff\n{}",
+        server.logs()
+    );
     assert!(server.instances(true).is_empty(), "never admitted");
     std::fs::write(e.dir.join("stop"), "").unwrap();
     assert_eq!(e.wait().code(), Some(0));
     // Only one ERROR line for the whole episode, not one per attempt.
-    assert_eq!(e.stderr().matches("refused this entrypoint").count(), 1, "{}", e.stderr());
+    assert_eq!(
+        e.stderr().matches("refused this entrypoint").count(),
+        1,
+        "{}",
+        e.stderr()
+    );
 }
 
 /// A CA and a `localhost`/127.0.0.1 server certificate it signed: (CA PEM, cert PEM, key PEM).
@@ -202,7 +285,10 @@ fn test_pki() -> (String, String, String) {
     let ca = ca_params.clone().self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
     (ca.pem(), leaf.pem(), key.serialize_pem())
 }
 
@@ -213,12 +299,14 @@ fn hostile_server() -> (String, String, Arc<AtomicUsize>) {
     let (ca, cert, key) = test_pki();
     let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
     config.alpn_protocols = vec![b"waypost/1".to_vec()];
     let config = Arc::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -235,7 +323,11 @@ fn hostile_server() -> (String, String, Arc<AtomicUsize>) {
                 let mut tls = rustls::StreamOwned::new(conn, sock);
                 let mut buf = [0u8; 4096];
                 let _ = tls.read(&mut buf); // the Hello
-                let evil: &[u8] = if k % 2 == 0 { &[0xff, 0xff, 0xff, 0xff] } else { b"\x00\x00\x00\x05\xff\xff\xff\xff\xff" };
+                let evil: &[u8] = if k % 2 == 0 {
+                    &[0xff, 0xff, 0xff, 0xff]
+                } else {
+                    b"\x00\x00\x00\x05\xff\xff\xff\xff\xff"
+                };
                 let _ = tls.write_all(evil);
                 let _ = tls.flush();
                 std::thread::sleep(Duration::from_millis(500));
@@ -248,11 +340,21 @@ fn hostile_server() -> (String, String, Arc<AtomicUsize>) {
 #[test]
 fn oversized_or_garbage_frames_make_it_reconnect_and_the_child_never_notices() {
     let (addr, ca, connections) = hostile_server();
-    let Some(e) = Builder::bare(&addr, "wpe_x", &ca, COUNTER).env("WAYPOST_STARTUP_TIMEOUT", "300ms").spawn() else { return };
-    wait_for("three connections (so two reconnects)", || (connections.load(Ordering::Relaxed) >= 3).then_some(()));
+    let Some(e) = Builder::bare(&addr, "wpe_x", &ca, COUNTER)
+        .env("WAYPOST_STARTUP_TIMEOUT", "300ms")
+        .spawn()
+    else {
+        return;
+    };
+    wait_for("three connections (so two reconnects)", || {
+        (connections.load(Ordering::Relaxed) >= 3).then_some(())
+    });
     assert_counting(&e);
     let err = e.stderr();
-    assert!(err.contains("exceeds the 1048576-byte limit") || err.contains("bad frame"), "{err}");
+    assert!(
+        err.contains("exceeds the 1048576-byte limit") || err.contains("bad frame"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -260,40 +362,80 @@ fn the_ca_works_inline_as_a_file_and_as_base64_and_a_wrong_ca_is_refused_clearly
     let server = Server::start(&[]);
     server.create_app("web");
     let pem = server.ca_pem();
-    let b64 = server.cli(&["token", "create", "--app", "web", "-o", "env"]).ok().stdout;
-    let b64 = b64.lines().find_map(|l| l.strip_prefix("WAYPOST_CA=")).unwrap().to_string();
+    let b64 = server
+        .cli(&["token", "create", "--app", "web", "-o", "env"])
+        .ok()
+        .stdout;
+    let b64 = b64
+        .lines()
+        .find_map(|l| l.strip_prefix("WAYPOST_CA="))
+        .unwrap()
+        .to_string();
     let path = server.env.data_dir().join("ca.pem").display().to_string();
     let mut good = Vec::new();
     for ca in [pem.as_str(), b64.as_str(), path.as_str()] {
-        let Some(e) = Builder::new(&server, "web", COUNTER).env("WAYPOST_CA", ca).spawn() else { return };
+        let Some(e) = Builder::new(&server, "web", COUNTER)
+            .env("WAYPOST_CA", ca)
+            .spawn()
+        else {
+            return;
+        };
         e.instance(&server);
         good.push(e);
     }
     // Another CA: verification fails, with a line that says so.
     let (other_ca, _, _) = test_pki();
-    let Some(e) = Builder::new(&server, "web", COUNTER).env("WAYPOST_CA", &other_ca).env("WAYPOST_STARTUP_TIMEOUT", "300ms").spawn() else { return };
-    wait_for("a certificate error in the entrypoint's log", || e.stderr().contains("invalid peer certificate").then_some(()));
+    let Some(e) = Builder::new(&server, "web", COUNTER)
+        .env("WAYPOST_CA", &other_ca)
+        .env("WAYPOST_STARTUP_TIMEOUT", "300ms")
+        .spawn()
+    else {
+        return;
+    };
+    wait_for("a certificate error in the entrypoint's log", || {
+        e.stderr()
+            .contains("invalid peer certificate")
+            .then_some(())
+    });
     assert!(e.stderr().contains("UnknownIssuer"), "{}", e.stderr());
     assert_counting(&e);
-    assert_eq!(server.instances(false).len(), 3, "only the three good ones are live");
+    assert_eq!(
+        server.instances(false).len(),
+        3,
+        "only the three good ones are live"
+    );
 }
 
 #[test]
 fn the_token_is_not_in_the_childs_environment() {
     let server = Server::start(&[]);
     let token = server.entrypoint_token("web", None);
-    let Some(mut e) = Builder::with_token(&server, &token, "env > \"$D/env\"; exit 0").spawn() else { return };
+    let Some(mut e) = Builder::with_token(&server, &token, "env > \"$D/env\"; exit 0").spawn()
+    else {
+        return;
+    };
     assert_eq!(e.wait().code(), Some(0));
     let env = e.file("env").unwrap();
-    assert!(!env.contains(&token), "the token leaked into the app:\n{env}");
-    assert!(env.contains("WAYPOST_SERVER="), "other settings stay visible");
+    assert!(
+        !env.contains(&token),
+        "the token leaked into the app:\n{env}"
+    );
+    assert!(
+        env.contains("WAYPOST_SERVER="),
+        "other settings stay visible"
+    );
 }
 
 #[test]
 fn localhost_needs_no_resolver() {
     let server = Server::start(&[]);
     let port = server.control_addr.rsplit(':').next().unwrap().to_string();
-    let Some(e) = Builder::new(&server, "web", COUNTER).env("WAYPOST_SERVER", &format!("localhost:{port}")).spawn() else { return };
+    let Some(e) = Builder::new(&server, "web", COUNTER)
+        .env("WAYPOST_SERVER", &format!("localhost:{port}"))
+        .spawn()
+    else {
+        return;
+    };
     e.instance(&server);
 }
 
@@ -314,13 +456,19 @@ fn connect_proxy() -> (String, Arc<AtomicUsize>) {
                     head.push(b[0]);
                 }
                 let head = String::from_utf8_lossy(&head).to_string();
-                let target = head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()).unwrap_or("").to_string();
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                    .unwrap_or("")
+                    .to_string();
                 let Ok(upstream) = TcpStream::connect(&target) else {
                     let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
                     return;
                 };
                 count.fetch_add(1, Ordering::Relaxed);
-                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .unwrap();
                 let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
                 let mut upstream = upstream;
                 std::thread::spawn(move || {
@@ -338,11 +486,22 @@ fn connect_proxy() -> (String, Arc<AtomicUsize>) {
 fn an_https_proxy_carries_the_connection_unless_no_proxy_says_otherwise() {
     let server = Server::start(&[]);
     let (proxy, tunnels) = connect_proxy();
-    let Some(e) = Builder::new(&server, "web", COUNTER).env("HTTPS_PROXY", &format!("http://{proxy}")).spawn() else { return };
+    let Some(e) = Builder::new(&server, "web", COUNTER)
+        .env("HTTPS_PROXY", &format!("http://{proxy}"))
+        .spawn()
+    else {
+        return;
+    };
     e.instance(&server);
     assert_eq!(tunnels.load(Ordering::Relaxed), 1, "went through the proxy");
     drop(e);
-    let Some(e) = Builder::new(&server, "web", COUNTER).env("HTTPS_PROXY", &format!("http://{proxy}")).env("NO_PROXY", "127.0.0.1").spawn() else { return };
+    let Some(e) = Builder::new(&server, "web", COUNTER)
+        .env("HTTPS_PROXY", &format!("http://{proxy}"))
+        .env("NO_PROXY", "127.0.0.1")
+        .spawn()
+    else {
+        return;
+    };
     e.instance(&server);
     assert_eq!(tunnels.load(Ordering::Relaxed), 1, "NO_PROXY: direct");
 }
@@ -360,19 +519,39 @@ fn a_proxy_that_refuses_is_reported_and_retried() {
         }
     });
     let server = Server::start(&[]);
-    let Some(e) = Builder::new(&server, "web", COUNTER).env("HTTPS_PROXY", &proxy).env("WAYPOST_STARTUP_TIMEOUT", "300ms").spawn() else { return };
-    wait_for("the proxy's refusal in the log", || e.stderr().contains("407").then_some(()));
+    let Some(e) = Builder::new(&server, "web", COUNTER)
+        .env("HTTPS_PROXY", &proxy)
+        .env("WAYPOST_STARTUP_TIMEOUT", "300ms")
+        .spawn()
+    else {
+        return;
+    };
+    wait_for("the proxy's refusal in the log", || {
+        e.stderr().contains("407").then_some(())
+    });
     assert_counting(&e);
 }
 
 #[test]
 fn a_child_killed_by_a_signal_is_shown_so() {
     let server = Server::start(&["--heartbeat-interval", "300ms"]);
-    let Some(mut e) = Builder::new(&server, "web", "trap 'exit 0' USR1; echo hi; while :; do sleep 0.05; done").spawn() else { return };
+    let Some(mut e) = Builder::new(
+        &server,
+        "web",
+        "trap 'exit 0' USR1; echo hi; while :; do sleep 0.05; done",
+    )
+    .spawn() else {
+        return;
+    };
     let id = e.instance(&server)["id"].as_str().unwrap().to_string();
     e.signal(libc::SIGTERM);
     assert_eq!(e.wait().code(), Some(143));
-    let gone = wait_for("the instance gone", || server.instances(true).into_iter().find(|i| i["id"] == id.as_str() && i["live"] == false));
+    let gone = wait_for("the instance gone", || {
+        server
+            .instances(true)
+            .into_iter()
+            .find(|i| i["id"] == id.as_str() && i["live"] == false)
+    });
     assert_eq!(gone["exit_signal"], 15, "{gone}");
     let all = server.cli(&["instances", "--all"]).ok().stdout;
     assert!(all.contains("SIGTERM"), "{all}");
@@ -381,7 +560,11 @@ fn a_child_killed_by_a_signal_is_shown_so() {
 /// voluntary + involuntary context switches of `pid` so far.
 fn switches(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().filter(|l| l.contains("ctxt_switches:")).filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum()
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]
@@ -389,7 +572,12 @@ fn idle_means_no_wake_ups_between_heartbeats() {
     // Idle with a session open: the loop sleeps until the next heartbeat (15 s by default). A
     // timer that stays due (a spin) would show as thousands of switches.
     let server = Server::start(&[]);
-    let Some(e) = Builder::new(&server, "web", "exec sleep 1000").env("WAYPOST_LOG_LEVEL", "ERROR").spawn() else { return };
+    let Some(e) = Builder::new(&server, "web", "exec sleep 1000")
+        .env("WAYPOST_LOG_LEVEL", "ERROR")
+        .spawn()
+    else {
+        return;
+    };
     e.instance(&server);
     std::thread::sleep(Duration::from_secs(1));
     let before = switches(e.pid());
@@ -415,7 +603,9 @@ fn a_stalled_server_does_not_make_the_entrypoint_spin() {
     std::thread::sleep(Duration::from_secs(2));
     let cpu = |pid: u32| -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     };
     let before = cpu(e.pid());
@@ -424,5 +614,8 @@ fn a_stalled_server_does_not_make_the_entrypoint_spin() {
     // SAFETY: as above.
     unsafe { libc::kill(server.pid() as i32, libc::SIGCONT) };
     // 100 ticks = one CPU-second; the app prints ~100 lines/s here, which costs next to nothing.
-    assert!(ticks < 60, "{ticks} clock ticks of CPU in 3 s while the server was stalled");
+    assert!(
+        ticks < 60,
+        "{ticks} clock ticks of CPU in 3 s while the server was stalled"
+    );
 }

@@ -77,7 +77,11 @@ fn requests_reach_the_app_with_forwarded_headers_over_keep_alive() {
             assert_eq!(status, 200);
             ports.insert(body.trim().to_string());
         }
-        assert!(ports.len() <= 10, "20 requests used {} upstream connections", ports.len());
+        assert!(
+            ports.len() <= 10,
+            "20 requests used {} upstream connections",
+            ports.len()
+        );
 
         // NAME--ID routes to that instance.
         let pinned = format!(

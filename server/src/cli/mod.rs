@@ -4,11 +4,11 @@
 //! overriding the matching field of the context file written by `waypost server run`).
 
 mod config;
+mod exec;
 mod inject;
 mod logs;
 mod up;
 mod url;
-mod exec;
 
 use crate::client::{ApiClient, ApiError};
 use crate::{context, util};
@@ -214,7 +214,11 @@ pub fn main() -> i32 {
                 Cmd::Logs(a) => logs::run(a).await,
                 Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
                 Cmd::Url(a) => url::run(a).await,
-                Cmd::Server(_) | Cmd::Up(_) | Cmd::Inject(_) | Cmd::Exec(_) | Cmd::Detach { .. } => {
+                Cmd::Server(_)
+                | Cmd::Up(_)
+                | Cmd::Inject(_)
+                | Cmd::Exec(_)
+                | Cmd::Detach { .. } => {
                     unreachable!("handled above")
                 }
             }

@@ -100,9 +100,13 @@ async fn up(a: UpArgs, app: String, entrypoint: &Path) -> Result<std::process::C
     );
     eprintln!("waypost: in another terminal, try:");
     eprintln!("waypost:   waypost instances --app {app}           # the live instance");
-    eprintln!("waypost:   waypost url --app {app}                 # its URL, through the server's ingress");
+    eprintln!(
+        "waypost:   waypost url --app {app}                 # its URL, through the server's ingress"
+    );
     eprintln!("waypost:   waypost logs --app {app} -f             # its output, live");
-    eprintln!("waypost:   waypost config set --app {app} KEY=VALUE   # restarts it with the new env");
+    eprintln!(
+        "waypost:   waypost config set --app {app} KEY=VALUE   # restarts it with the new env"
+    );
     eprintln!("waypost:   waypost exec --app {app} -t -i -- sh    # a shell next to it");
 
     let mut cmd = std::process::Command::new(entrypoint);

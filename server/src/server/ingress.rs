@@ -394,7 +394,11 @@ async fn handle(
 
     // A pooled connection first (never for an upgrade), else a new stream; a request that could
     // not even be sent on a pooled connection (the app had closed it) goes again on a new one.
-    let mut pooled = if upgrade { None } else { shared.pool.take(&instance) };
+    let mut pooled = if upgrade {
+        None
+    } else {
+        shared.pool.take(&instance)
+    };
     let timeout = shared.ingress_timeout;
     let (resp, mut sender, stream_id, probe) = loop {
         let (mut sender, stream_id, probe, fresh) = match pooled.take() {
@@ -422,7 +426,12 @@ async fn handle(
                         (sender, stream_id, probe, true)
                     }
                     Err(e) => {
-                        return page(StatusCode::BAD_GATEWAY, "bad-gateway", "Bad gateway", &format!("{e}"));
+                        return page(
+                            StatusCode::BAD_GATEWAY,
+                            "bad-gateway",
+                            "Bad gateway",
+                            &format!("{e}"),
+                        );
                     }
                 }
             }
@@ -466,7 +475,12 @@ async fn handle(
                         e.to_string()
                     }
                 });
-                tracing::debug!(app, stream = stream_id, error = why, "ingress request failed");
+                tracing::debug!(
+                    app,
+                    stream = stream_id,
+                    error = why,
+                    "ingress request failed"
+                );
                 return page(
                     StatusCode::BAD_GATEWAY,
                     "bad-gateway",
@@ -492,7 +506,15 @@ async fn handle(
         let pool = shared.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                pool.pool.put(instance, Idle { sender, stream: stream_id, probe, since: std::time::Instant::now() });
+                pool.pool.put(
+                    instance,
+                    Idle {
+                        sender,
+                        stream: stream_id,
+                        probe,
+                        since: std::time::Instant::now(),
+                    },
+                );
             }
         });
     }

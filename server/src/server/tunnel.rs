@@ -422,7 +422,11 @@ impl Mux {
     }
 
     /// Opens a URL-service stream to instance `id` (None if it is gone).
-    pub fn open_stream_on(self: &Arc<Self>, id: InstanceId, client_addr: &str) -> Option<TunnelStream> {
+    pub fn open_stream_on(
+        self: &Arc<Self>,
+        id: InstanceId,
+        client_addr: &str,
+    ) -> Option<TunnelStream> {
         let mut map = lock(&self.inner);
         let conn = map.get_mut(&id)?;
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);

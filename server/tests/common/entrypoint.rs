@@ -2,7 +2,7 @@
 //! with the server's address, a fresh token and the CA inline, output captured to files, killed
 //! (with its whole process tree) on drop.
 
-use super::{entrypoint_bin, wait_for, Server};
+use super::{Server, entrypoint_bin, wait_for};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -20,7 +20,9 @@ pub struct Entrypoint {
 pub fn binary() -> Option<PathBuf> {
     let bin = entrypoint_bin();
     if bin.is_none() {
-        eprintln!("SKIPPED: no entrypoint binary (set WAYPOST_ENTRYPOINT_BIN or `cargo build -p waypost-entrypoint`)");
+        eprintln!(
+            "SKIPPED: no entrypoint binary (set WAYPOST_ENTRYPOINT_BIN or `cargo build -p waypost-entrypoint`)"
+        );
     }
     bin
 }
@@ -43,7 +45,10 @@ impl Builder {
         env.insert("WAYPOST_SERVER".into(), server.control_addr.clone());
         env.insert("WAYPOST_TOKEN".into(), token.to_string());
         env.insert("WAYPOST_CA".into(), server.ca_pem());
-        Builder { env, argv: vec!["sh".into(), "-c".into(), script.into()] }
+        Builder {
+            env,
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+        }
     }
 
     /// An entrypoint not connected to any server yet: `server_addr` may be anything.
@@ -52,7 +57,10 @@ impl Builder {
         env.insert("WAYPOST_SERVER".into(), server_addr.to_string());
         env.insert("WAYPOST_TOKEN".into(), token.to_string());
         env.insert("WAYPOST_CA".into(), ca_pem.to_string());
-        Builder { env, argv: vec!["sh".into(), "-c".into(), script.into()] }
+        Builder {
+            env,
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+        }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Builder {
@@ -75,7 +83,10 @@ impl Builder {
         let mut cmd = Command::new(bin);
         cmd.args(&self.argv)
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+            )
             .env("D", &dir)
             .envs(&self.env)
             .current_dir(&dir)
@@ -83,7 +94,13 @@ impl Builder {
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap());
         let child = cmd.spawn().expect("spawning the entrypoint");
-        Some(Entrypoint { child: Some(child), dir, stdout, stderr, _tmp: tmp })
+        Some(Entrypoint {
+            child: Some(child),
+            dir,
+            stdout,
+            stderr,
+            _tmp: tmp,
+        })
     }
 }
 
@@ -119,9 +136,15 @@ impl Entrypoint {
     /// The instance this entrypoint registered as, once the server lists it live.
     pub fn instance(&self, server: &Server) -> serde_json::Value {
         let pid = self.pid();
-        wait_for(&format!("entrypoint pid {pid} to be listed live\n{}", self.stderr()), || {
-            server.instances(false).into_iter().find(|i| i["entrypoint_pid"] == pid && i["live"] == true)
-        })
+        wait_for(
+            &format!("entrypoint pid {pid} to be listed live\n{}", self.stderr()),
+            || {
+                server
+                    .instances(false)
+                    .into_iter()
+                    .find(|i| i["entrypoint_pid"] == pid && i["live"] == true)
+            },
+        )
     }
 
     /// A file the test's script wrote into `$D`.
@@ -139,7 +162,9 @@ impl Drop for Entrypoint {
                 // SAFETY: kill(2) on our own unreaped child.
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                 let t0 = std::time::Instant::now();
-                while c.try_wait().ok().flatten().is_none() && t0.elapsed() < std::time::Duration::from_secs(5) {
+                while c.try_wait().ok().flatten().is_none()
+                    && t0.elapsed() < std::time::Duration::from_secs(5)
+                {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 // SAFETY: as above.
@@ -148,7 +173,11 @@ impl Drop for Entrypoint {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- entrypoint stdout ---\n{}\n--- entrypoint stderr ---\n{}", self.stdout(), self.stderr());
+            eprintln!(
+                "--- entrypoint stdout ---\n{}\n--- entrypoint stderr ---\n{}",
+                self.stdout(),
+                self.stderr()
+            );
         }
     }
 }

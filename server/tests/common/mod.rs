@@ -177,9 +177,17 @@ impl Server {
             .command()
             .args(["server", "run", "--data-dir"])
             .arg(env.data_dir())
-            .args(if extra.contains(&"--control-addr") { &[][..] } else { &["--control-addr", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--control-addr") {
+                &[][..]
+            } else {
+                &["--control-addr", "127.0.0.1:0"][..]
+            })
             .args(["--api-addr", "127.0.0.1:0"])
-            .args(if extra.contains(&"--ingress-addr") { &[][..] } else { &["--ingress-addr", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--ingress-addr") {
+                &[][..]
+            } else {
+                &["--ingress-addr", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(std::fs::File::create(&stdout).unwrap())

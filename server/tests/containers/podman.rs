@@ -473,7 +473,10 @@ impl Podman {
     /// about it is ignored.
     pub fn procs(&self, name: &str) -> Vec<(u32, String, char)> {
         let out = self
-            .exec(name, &["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null; exit 0"])
+            .exec(
+                name,
+                &["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null; exit 0"],
+            )
             .ok("reading /proc/*/stat")
             .stdout;
         out.lines()
