@@ -34,6 +34,8 @@ async fn api_requires_an_admin_token() {
         (Method::GET, "/v1/apps"),
         (Method::GET, "/v1/instances"),
         (Method::POST, "/v1/tokens"),
+        (Method::GET, "/v1/tokens"),
+        (Method::DELETE, "/v1/tokens/abcdef012345"),
     ] {
         let body = serde_json::json!({ "app": "web" });
         let (status, resp) = server

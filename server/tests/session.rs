@@ -276,6 +276,105 @@ fn a_wrong_token_is_rejected_with_a_clear_line_the_child_runs_and_retries_back_o
     );
 }
 
+#[test]
+fn a_revoked_token_disconnects_its_instances_and_the_apps_keep_running() {
+    let server = Server::start(&["--heartbeat-interval", "300ms"]);
+    server.create_app("web");
+    let created = server
+        .cli(&["token", "create", "--app", "web", "-o", "json"])
+        .ok()
+        .json();
+    let (token, id) = (
+        created["token"].as_str().unwrap(),
+        created["id"].as_str().unwrap(),
+    );
+    assert_eq!(id.len(), 12, "{created}");
+    let other = server.entrypoint_token("web", None);
+    let Some(mut e) = Builder::with_token(&server, token, COUNTER).spawn() else {
+        return;
+    };
+    let Some(mut keep) = Builder::with_token(&server, &other, COUNTER).spawn() else {
+        return;
+    };
+    let inst = e.instance(&server);
+    let kept = keep.instance(&server);
+
+    // `token list` shows both tokens with their live use (and never the token text).
+    let list = server
+        .cli(&["token", "list", "--app", "web", "-o", "json"])
+        .ok()
+        .json();
+    let rows = list["tokens"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{list}");
+    let row = rows
+        .iter()
+        .find(|r| r["id"] == id)
+        .expect("the created token is listed");
+    assert_eq!(row["live_instances"], 1, "{list}");
+    assert_eq!(row["kind"], "entrypoint");
+    assert!(
+        !list.to_string().contains(token),
+        "token text in the listing"
+    );
+    let table = server.cli(&["token", "list"]).ok().stdout;
+    assert!(table.contains(id) && table.contains("admin"), "{table}");
+
+    // Negative control: before the revoke, the instance is live.
+    let live = |i: &serde_json::Value| server.instances(false).iter().any(|x| x["id"] == i["id"]);
+    assert!(live(&inst));
+
+    let out = server.cli(&["token", "revoke", &id[..8]]).ok().stdout;
+    assert!(out.contains("disconnected 1 live instance"), "{out}");
+    wait_for("the revoked instance to be disconnected", || {
+        (!live(&inst)).then_some(())
+    });
+    wait_for("the entrypoint to log why", || {
+        e.stderr().contains("token revoked").then_some(())
+    });
+    assert!(e.stderr().contains("BAD_TOKEN"), "{}", e.stderr());
+    // Its reconnects are refused; the app never notices; the other token's instance stays.
+    wait_for("a refused reconnect", || {
+        server.logs().contains("invalid token").then_some(())
+    });
+    assert_counting(&e);
+    assert!(!live(&inst), "a revoked token got back in");
+    assert!(
+        live(&kept),
+        "the other token's instance was disconnected too"
+    );
+    assert!(
+        server.cli(&["token", "list", "-o", "json"]).ok().json()["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["id"] != id)
+    );
+
+    // Bad ids are clear errors; the admin token is not revocable here; a second revoke is 404.
+    let again = server.cli(&["token", "revoke", id]).fails();
+    assert!(
+        again.stderr.contains("no token with id"),
+        "{}",
+        again.stderr
+    );
+    let bad = server.cli(&["token", "revoke", "xyz"]).fails();
+    assert!(bad.stderr.contains("invalid token id"), "{}", bad.stderr);
+    let admin_id = server.cli(&["token", "list", "-o", "json"]).ok().json()["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "admin")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .unwrap();
+    let admin = server.cli(&["token", "revoke", &admin_id]).fails();
+    assert!(admin.stderr.contains("admin token"), "{}", admin.stderr);
+
+    std::fs::write(e.dir.join("stop"), "").unwrap();
+    assert_eq!(e.wait().code(), Some(0));
+    std::fs::write(keep.dir.join("stop"), "").unwrap();
+    assert_eq!(keep.wait().code(), Some(0));
+}
+
 /// A CA and a `localhost`/127.0.0.1 server certificate it signed: (CA PEM, cert PEM, key PEM).
 fn test_pki() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};

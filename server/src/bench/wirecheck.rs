@@ -247,7 +247,17 @@ pub fn control_frames(data: &[u8]) -> Outcome {
     let registry = Registry::default();
     let session = i64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
     let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
-    let _kick = registry.register(id, session, app.clone(), deployment.clone(), tx.clone(), 0);
+    let _kick = registry.register(
+        id,
+        session,
+        crate::server::live::Owner {
+            app: app.clone(),
+            deployment: deployment.clone(),
+            token_hash: String::new(),
+        },
+        tx.clone(),
+        0,
+    );
     let connected = store::Connected {
         id: crate::util::hex(&id),
         app: app.clone(),

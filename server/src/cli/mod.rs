@@ -152,6 +152,19 @@ enum TokenCmd {
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<TokenOutput>,
     },
+    /// List tokens: their ids, scope and how many live instances use each (never the token text,
+    /// which the server does not keep).
+    List {
+        /// Only this app's tokens.
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
+        output: TableOrJson,
+    },
+    /// Revoke an entrypoint token by the ID `token list` shows (or a unique prefix of it, at
+    /// least 6 hex digits): it can no longer connect, and instances connected with it are
+    /// disconnected (their apps keep running).
+    Revoke { id: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -208,6 +221,8 @@ pub fn main() -> i32 {
                     deployment,
                     output,
                 }) => token_create(&app, deployment, output).await,
+                Cmd::Token(TokenCmd::List { app, output }) => token_list(app, output).await,
+                Cmd::Token(TokenCmd::Revoke { id }) => token_revoke(&id).await,
                 Cmd::Instances(a) => instances(a).await,
                 Cmd::Bench(_) => unreachable!("handled above"),
                 Cmd::Config(c) => config::run(c).await,
@@ -357,6 +372,9 @@ async fn app_list(output: TableOrJson) -> Result<()> {
 #[derive(Deserialize, serde::Serialize)]
 pub(crate) struct TokenJson {
     pub token: String,
+    /// What `token list` shows and `token revoke` takes.
+    #[serde(default)]
+    pub id: String,
     pub app: String,
     pub deployment: Option<String>,
     pub control_addr: String,
@@ -397,8 +415,9 @@ async fn token_create(
         None => {
             println!("{}", t.token);
             eprintln!(
-                "Entrypoint token for app {}{}. Give it to the entrypoint as WAYPOST_TOKEN with \
+                "Entrypoint token {} for app {}{}. Give it to the entrypoint as WAYPOST_TOKEN with \
                  WAYPOST_SERVER={}; `waypost token create --app {} -o env` prints all three variables.",
+                t.id,
                 t.app,
                 t.deployment
                     .as_deref()
@@ -409,6 +428,68 @@ async fn token_create(
             );
         }
     }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct TokenRowJson {
+    id: String,
+    kind: String,
+    app: Option<String>,
+    deployment: Option<String>,
+    created_at: String,
+    live_instances: u64,
+}
+
+async fn token_list(app: Option<String>, output: TableOrJson) -> Result<()> {
+    let c = client()?;
+    let path = match &app {
+        Some(a) if !util::valid_app_name(a) => bail!("invalid app name {a:?}"),
+        Some(a) => format!("/v1/tokens?app={a}"),
+        None => "/v1/tokens".to_string(),
+    };
+    let v: serde_json::Value = c.get(&path).await?;
+    if output == TableOrJson::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let tokens: Vec<TokenRowJson> =
+        serde_json::from_value(v["tokens"].clone()).context("unexpected response")?;
+    let mut rows = vec![
+        ["ID", "KIND", "APP", "DEPLOYMENT", "LIVE", "CREATED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for t in tokens {
+        rows.push(vec![
+            t.id,
+            t.kind,
+            t.app.unwrap_or_else(|| "-".into()),
+            t.deployment.unwrap_or_else(|| "-".into()),
+            t.live_instances.to_string(),
+            t.created_at,
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+async fn token_revoke(id: &str) -> Result<()> {
+    if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "invalid token id {id:?}: use the ID column of `waypost token list` (at least 6 hex digits)"
+        );
+    }
+    let c = client()?;
+    let v: serde_json::Value = c
+        .call(hyper::Method::DELETE, &format!("/v1/tokens/{id}"), None)
+        .await?;
+    println!(
+        "revoked token {} of app {}; disconnected {} live instance(s)",
+        v["id"].as_str().unwrap_or(id),
+        v["app"].as_str().unwrap_or("?"),
+        v["disconnected_instances"].as_u64().unwrap_or(0)
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use super::live;
 use super::store::{self, TokenScope};
 use crate::util;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -73,7 +73,8 @@ pub fn router(shared: AppState) -> Router {
     let v1 = Router::new()
         .route("/server", get(get_server))
         .route("/apps", get(list_apps).post(create_app))
-        .route("/tokens", axum::routing::post(create_token))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/instances", get(list_instances))
         .merge(super::exec::routes())
         .merge(super::config::routes())
@@ -256,12 +257,114 @@ async fn create_token(
         StatusCode::CREATED,
         Json(json!({
             "token": token,
+            "id": token_id(&auth::hash_token(&token)),
             "app": body.app,
             "deployment": deployment,
             "control_addr": s.control_addr,
             "ca_pem": s.ca_pem,
         })),
     ))
+}
+
+/// A token's public id: the start of its hash (the token text itself is never stored). Long
+/// enough to be unique in practice; `token revoke` also takes any unique prefix.
+pub fn token_id(hash: &str) -> String {
+    hash.chars().take(TOKEN_ID_LEN).collect()
+}
+const TOKEN_ID_LEN: usize = 12;
+
+#[derive(Deserialize)]
+struct TokensQuery {
+    app: Option<String>,
+}
+
+async fn list_tokens(
+    State(s): State<AppState>,
+    q: Result<Query<TokensQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q?;
+    if let Some(app) = &q.app {
+        require_app(&s, app).await?;
+    }
+    let app = q.app.clone();
+    let rows = s
+        .store
+        .call(move |c| store::list_tokens(c, app.as_deref()))
+        .await?;
+    let tokens: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|t| {
+            json!({
+                "id": token_id(&t.hash),
+                "kind": t.kind,
+                "app": t.app,
+                "deployment": t.deployment,
+                "created_at": util::fmt_rfc3339(t.created_at),
+                "live_instances": s.live.count_token(&t.hash),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// Deletes an entrypoint token: it can no longer connect, and the live connections that used
+/// it are closed with a Reject (their apps keep running; the entrypoints retry with backoff and
+/// stay refused until they get a new token).
+async fn revoke_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid token id {id:?}: use the ID column of `waypost token list` (at least 6 hex digits)"
+            ),
+        ));
+    }
+    let prefix = id.clone();
+    let row = match s
+        .store
+        .call(move |c| store::revoke_token(c, &prefix))
+        .await?
+    {
+        store::Revoke::Done(row) => row,
+        store::Revoke::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no token with id {id}"),
+            ));
+        }
+        store::Revoke::Ambiguous => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("token id {id} matches more than one token; give more of it"),
+            ));
+        }
+        store::Revoke::Admin => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("token {id} is the admin token; it is not revoked through the API"),
+            ));
+        }
+    };
+    let closed = s.live.close_token(
+        &row.hash,
+        "its token was revoked",
+        super::control::revoked_goodbye,
+    );
+    tracing::info!(
+        app = row.app,
+        id = token_id(&row.hash),
+        closed,
+        "entrypoint token revoked"
+    );
+    Ok(Json(json!({
+        "id": token_id(&row.hash),
+        "app": row.app,
+        "deployment": row.deployment,
+        "disconnected_instances": closed,
+    })))
 }
 
 // ---- /v1/instances -------------------------------------------------------------------------

@@ -170,6 +170,11 @@ pub async fn serve(
     }
 }
 
+/// The Reject a connection gets when its token is revoked while it is live.
+pub fn revoked_goodbye() -> Frame {
+    reject(Reason::BadToken, "token revoked", REJECT_RETRY_MS)
+}
+
 fn reject(reason: Reason, message: impl Into<String>, retry_after_ms: u32) -> Frame {
     Kind::Reject(proto::Reject {
         reason: reason as i32,
@@ -336,8 +341,11 @@ async fn connection(
     let kick = shared.live.register(
         id,
         session,
-        app.clone(),
-        deployment.clone(),
+        super::live::Owner {
+            app: app.clone(),
+            deployment: deployment.clone(),
+            token_hash: auth::hash_token(&hello.token),
+        },
         tx.clone(),
         now,
     );
@@ -401,7 +409,7 @@ async fn connection(
         let frame = tokio::select! {
             r = reader.next() => r,
             _ = tokio::time::sleep_until(deadline) => break Ok("silent for 3 heartbeat intervals"),
-            _ = kick.notified() => break Ok("superseded by a new connection of the same instance"),
+            _ = kick.notified() => break Ok(shared.live.close_reason(&id, session)),
             _ = wait_shutdown(shared) => break Ok("server shutting down"),
             _ = &mut writer, if !writer_done => {
                 writer_done = true;

@@ -18,6 +18,10 @@ pub struct LiveInstance {
     pub session: i64,
     pub app: String,
     pub deployment: String,
+    /// Hash of the token the connection authenticated with (`token revoke` closes it).
+    token_hash: String,
+    /// Why the connection was told to close, when it was not superseded (see [`Registry::close_token`]).
+    closing: Option<&'static str>,
     /// Outgoing frames for this connection; its writer task drains the queue.
     pub tx: mpsc::Sender<Frame>,
     /// Notified to make the connection close itself (superseded by a reconnect).
@@ -26,6 +30,14 @@ pub struct LiveInstance {
     pub status: ChildStatus,
     /// Heartbeat data changed since the last flush.
     dirty: bool,
+}
+
+/// Whose a connection is: what its token allows.
+pub struct Owner {
+    pub app: String,
+    pub deployment: String,
+    /// Hash of the token it authenticated with.
+    pub token_hash: String,
 }
 
 /// What a flush writes for one instance: (id hex, session, last seen, status).
@@ -49,16 +61,22 @@ impl Registry {
         &self,
         id: InstanceId,
         session: i64,
-        app: String,
-        deployment: String,
+        who: Owner,
         tx: mpsc::Sender<Frame>,
         now_ms: i64,
     ) -> Arc<Notify> {
+        let Owner {
+            app,
+            deployment,
+            token_hash,
+        } = who;
         let kick = Arc::new(Notify::new());
         let entry = LiveInstance {
             session,
             app,
             deployment,
+            token_hash,
+            closing: None,
             tx,
             kick: kick.clone(),
             last_seen_ms: now_ms,
@@ -74,6 +92,40 @@ impl Registry {
             old.kick.notify_one();
         }
         kick
+    }
+
+    /// Closes every live connection that authenticated with the token `hash` (it was revoked):
+    /// queues `goodbye` (a Reject) on each, then tells each to close. Returns how many.
+    pub fn close_token(
+        &self,
+        hash: &str,
+        reason: &'static str,
+        goodbye: impl Fn() -> Frame,
+    ) -> usize {
+        let mut n = 0;
+        for e in self.lock().values_mut().filter(|e| e.token_hash == hash) {
+            e.closing = Some(reason);
+            let _ = e.tx.try_send(goodbye());
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
+    }
+
+    /// Why `session` was told to close: set by [`Registry::close_token`]; otherwise (the entry
+    /// is gone or belongs to a newer connection) it was superseded.
+    pub fn close_reason(&self, id: &InstanceId, session: i64) -> &'static str {
+        self.with_own(id, session, |e| e.closing)
+            .flatten()
+            .unwrap_or("superseded by a new connection of the same instance")
+    }
+
+    /// How many live connections authenticated with the token `hash`.
+    pub fn count_token(&self, hash: &str) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.token_hash == hash)
+            .count()
     }
 
     /// Runs `f` on the entry if it still belongs to `session`.
@@ -203,14 +255,50 @@ pub fn parse_id(hex: &str) -> Option<InstanceId> {
 mod tests {
     use super::*;
 
+    fn owner() -> Owner {
+        Owner {
+            app: "a".into(),
+            deployment: String::new(),
+            token_hash: "t".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_a_token_closes_only_its_connections_and_says_why() {
+        let reg = Registry::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let k1 = reg.register([1; 16], 1, owner(), tx1, 0);
+        let other = Owner {
+            token_hash: "u".into(),
+            ..owner()
+        };
+        let k2 = reg.register([2; 16], 2, other, tx2, 0);
+        assert_eq!(reg.count_token("t"), 1);
+        assert_eq!(reg.close_token("t", "revoked", || Frame { kind: None }), 1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), k1.notified())
+            .await
+            .unwrap();
+        assert_eq!(reg.close_reason(&[1; 16], 1), "revoked");
+        assert!(rx1.try_recv().is_ok(), "the goodbye frame is queued");
+        // The other token's connection is untouched.
+        assert!(rx2.try_recv().is_err());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), k2.notified())
+                .await
+                .is_err()
+        );
+        assert!(reg.close_reason(&[2; 16], 2).contains("superseded"));
+    }
+
     #[tokio::test]
     async fn reconnect_supersedes_and_old_session_cannot_touch() {
         let reg = Registry::default();
         let id = [7u8; 16];
         let (tx1, _rx1) = mpsc::channel(1);
-        let kick1 = reg.register(id, 1, "a".into(), "".into(), tx1, 0);
+        let kick1 = reg.register(id, 1, owner(), tx1, 0);
         let (tx2, _rx2) = mpsc::channel(1);
-        let _kick2 = reg.register(id, 2, "a".into(), "".into(), tx2, 0);
+        let _kick2 = reg.register(id, 2, owner(), tx2, 0);
         // The old connection was told to close (the permit is stored).
         tokio::time::timeout(std::time::Duration::from_secs(1), kick1.notified())
             .await

@@ -196,6 +196,80 @@ pub fn insert_token(conn: &Connection, hash: &str, scope: &TokenScope, now: i64)
     Ok(())
 }
 
+/// A token as `token list` shows it: never the token text (only its hash is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub hash: String,
+    pub kind: String,
+    pub app: Option<String>,
+    pub deployment: Option<String>,
+    pub created_at: i64,
+}
+
+/// Tokens, oldest first; `app`: only that app's entrypoint tokens.
+pub fn list_tokens(conn: &Connection, app: Option<&str>) -> Result<Vec<TokenRow>> {
+    let mut st = conn.prepare(
+        "SELECT hash, kind, app, deployment, created_at FROM tokens
+         WHERE ?1 IS NULL OR app = ?1 ORDER BY created_at, hash",
+    )?;
+    let rows = st.query_map([app], |r| {
+        Ok(TokenRow {
+            hash: r.get(0)?,
+            kind: r.get(1)?,
+            app: r.get(2)?,
+            deployment: r.get(3)?,
+            created_at: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// What deleting a token by id (a prefix of its hash) found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revoke {
+    /// Deleted; its full hash, so live connections that used it can be closed.
+    Done(TokenRow),
+    NotFound,
+    /// The prefix matches more than one token.
+    Ambiguous,
+    /// Admin tokens are not revoked through the API (that would lock the operator out).
+    Admin,
+}
+
+/// Deletes the entrypoint token whose hash starts with `id_prefix` (hex).
+pub fn revoke_token(conn: &mut Connection, id_prefix: &str) -> Result<Revoke> {
+    // Ids are hex (LIKE would treat % and _ as wildcards).
+    if id_prefix.is_empty() || !id_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Revoke::NotFound);
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let pattern = format!("{}%", id_prefix.to_ascii_lowercase());
+    let found: Vec<TokenRow> = {
+        let mut st = tx.prepare(
+            "SELECT hash, kind, app, deployment, created_at FROM tokens WHERE hash LIKE ?1 LIMIT 2",
+        )?;
+        let rows = st.query_map([&pattern], |r| {
+            Ok(TokenRow {
+                hash: r.get(0)?,
+                kind: r.get(1)?,
+                app: r.get(2)?,
+                deployment: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let row = match found.as_slice() {
+        [] => return Ok(Revoke::NotFound),
+        [_, _, ..] => return Ok(Revoke::Ambiguous),
+        [row] if row.kind == "admin" => return Ok(Revoke::Admin),
+        [row] => row.clone(),
+    };
+    tx.execute("DELETE FROM tokens WHERE hash = ?1", [&row.hash])?;
+    tx.commit()?;
+    Ok(Revoke::Done(row))
+}
+
 pub fn lookup_token(conn: &Connection, hash: &str) -> Result<Option<TokenScope>> {
     let row: Option<(String, Option<String>, Option<String>)> = conn
         .query_row(
@@ -527,7 +601,7 @@ mod tests {
 
     #[test]
     fn apps_and_tokens() {
-        let c = mem();
+        let mut c = mem();
         assert!(create_app(&c, "web", 1).unwrap());
         assert!(!create_app(&c, "web", 2).unwrap());
         assert_eq!(list_apps(&c).unwrap().len(), 1);
@@ -535,11 +609,25 @@ mod tests {
             app: "web".into(),
             deployment: Some("d1".into()),
         };
-        insert_token(&c, "h1", &scope, 1).unwrap();
-        insert_token(&c, "h2", &TokenScope::Admin, 1).unwrap();
-        assert_eq!(lookup_token(&c, "h1").unwrap(), Some(scope));
-        assert_eq!(lookup_token(&c, "h2").unwrap(), Some(TokenScope::Admin));
+        insert_token(&c, "aa11", &scope, 1).unwrap();
+        insert_token(&c, "aa22", &TokenScope::Admin, 1).unwrap();
+        assert_eq!(lookup_token(&c, "aa11").unwrap(), Some(scope.clone()));
+        assert_eq!(lookup_token(&c, "aa22").unwrap(), Some(TokenScope::Admin));
         assert_eq!(lookup_token(&c, "nope").unwrap(), None);
+        // Listing never needs the token text; revoking takes a hash prefix.
+        let all = list_tokens(&c, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(list_tokens(&c, Some("web")).unwrap().len(), 1);
+        assert_eq!(revoke_token(&mut c, "aa").unwrap(), Revoke::Ambiguous);
+        assert_eq!(revoke_token(&mut c, "aa22").unwrap(), Revoke::Admin);
+        assert_eq!(revoke_token(&mut c, "ff").unwrap(), Revoke::NotFound);
+        assert_eq!(revoke_token(&mut c, "a%").unwrap(), Revoke::NotFound);
+        assert!(
+            matches!(revoke_token(&mut c, "AA11").unwrap(), Revoke::Done(r) if r.hash == "aa11")
+        );
+        assert_eq!(lookup_token(&c, "aa11").unwrap(), None);
+        assert_eq!(lookup_token(&c, "aa22").unwrap(), Some(TokenScope::Admin));
+        insert_token(&c, "aa11", &scope, 1).unwrap();
         // Foreign key: tokens for unknown apps are refused.
         let bad = TokenScope::Entrypoint {
             app: "nope".into(),
