@@ -354,6 +354,37 @@ fn injected_oci_layout_and_archive_run_directly() {
     .ok("inject to oci:");
     let arch = p.path("oci.tar");
     inject(&p, &[&src, &format!("oci-archive:{}", arch.display())]).ok("inject to oci-archive:");
+    // `docker save IMAGE | gzip` output is taken as it is (read through a decompressed copy).
+    let gz = p.path("base.tar.gz");
+    {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        enc.write_all(&std::fs::read(&base).unwrap()).unwrap();
+        enc.finish().unwrap();
+    }
+    let from_gz = p.path("from-gz.tar");
+    let out = inject(
+        &p,
+        &[
+            "--env",
+            "WAYPOST_LOG_LEVEL=info",
+            &format!("docker-archive:{}", gz.display()),
+            &format!("docker-archive:{}", from_gz.display()),
+        ],
+    )
+    .ok("inject from a gzip'd docker-archive");
+    assert!(out.stderr.contains("gzip-compressed"), "{}", out.stderr);
+    let loaded = p.podman(&["load", "-i", &from_gz.to_string_lossy()]);
+    assert_eq!(
+        loaded.code,
+        Some(0),
+        "podman load of the result: {loaded:?}"
+    );
+    // Its own name: running the oci-archive below stores that image under the archive's name.
+    p.ok(&["tag", "localhost/plain-app:3", "localhost/from-gz:1"]);
     // Tokens are refused before anything is written.
     let refused = inject(
         &p,
@@ -375,6 +406,8 @@ fn injected_oci_layout_and_archive_run_directly() {
     for (image, expect) in [
         (format!("oci:{}:v1", dir.display()), "ran-warn"),
         (format!("oci-archive:{}", arch.display()), "ran-"),
+        // The loaded result of the gzip'd input (the un-injected base would print "ran-").
+        ("localhost/from-gz:1".to_string(), "ran-info"),
     ] {
         let mut args = vec!["run", "--rm"];
         args.extend(

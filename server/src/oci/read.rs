@@ -19,16 +19,33 @@ pub fn read(r: &ImageRef, want_arch: Option<&str>) -> Result<Image> {
             r.tag.as_deref(),
             want_arch,
         ),
-        Transport::OciArchive => read_oci(
-            Store::tar(&r.path).with_context(ctx)?,
-            r.tag.as_deref(),
-            want_arch,
-        ),
+        Transport::OciArchive => {
+            let store = Store::tar(&r.path).with_context(ctx)?;
+            let note = gunzip_note(&store);
+            read_oci(store, r.tag.as_deref(), want_arch).map(|i| with_note(i, note))
+        }
         Transport::DockerArchive => {
-            read_docker_archive(Store::tar(&r.path).with_context(ctx)?, r.tag.as_deref())
+            let store = Store::tar(&r.path).with_context(ctx)?;
+            let note = gunzip_note(&store);
+            read_docker_archive(store, r.tag.as_deref()).map(|i| with_note(i, note))
         }
     }
     .with_context(ctx)
+}
+
+fn gunzip_note(store: &Store) -> Option<String> {
+    store.gunzipped_from().map(|p| {
+        format!(
+            "{} is gzip-compressed; it was read through a decompressed copy, and the result is \
+             written as a plain tar (`docker load`/`podman load` take either; gzip it again if you like)",
+            p.display()
+        )
+    })
+}
+
+fn with_note(mut img: Image, note: Option<String>) -> Image {
+    img.notes.extend(note);
+    img
 }
 
 fn parse_json(bytes: &[u8], what: &str) -> Result<Value> {

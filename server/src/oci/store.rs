@@ -32,8 +32,11 @@ pub enum Store {
     Nothing,
     Dir(PathBuf),
     Tar {
+        /// The tar that is read: the source itself, or its decompressed copy.
         file: PathBuf,
         entries: HashMap<String, Entry>,
+        /// A gzip'd source: (the source's path, the decompressed copy, removed on drop).
+        gunzipped: Option<(PathBuf, tempfile::TempPath)>,
     },
 }
 
@@ -53,6 +56,30 @@ pub fn normalize(name: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
+/// Decompresses a gzip'd file (one or more members, as gzip and pigz write) into a temporary
+/// file in the same directory (same disk as the source; /tmp may be a small tmpfs), or in the
+/// temp directory if that one is not writable.
+fn gunzip_to_temp(path: &Path) -> Result<tempfile::TempPath> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".waypost-gunzip-")
+        .tempfile_in(dir)
+        .or_else(|_| {
+            tempfile::Builder::new()
+                .prefix("waypost-gunzip-")
+                .tempfile()
+        })
+        .context("creating a temporary file to decompress into")?;
+    let src = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(src));
+    std::io::copy(&mut gz, tmp.as_file_mut())
+        .with_context(|| format!("decompressing {} (gzip)", path.display()))?;
+    Ok(tmp.into_temp_path())
+}
+
 impl Store {
     pub fn dir(path: &Path) -> Result<Store> {
         if !path.is_dir() {
@@ -61,16 +88,19 @@ impl Store {
         Ok(Store::Dir(path.to_path_buf()))
     }
 
-    /// Indexes an uncompressed tarball.
+    /// Indexes a tarball; a gzip'd one (`docker save IMAGE | gzip`) is first decompressed into
+    /// a temporary file next to it (else in the temp directory), streamed, never into memory.
     pub fn tar(path: &Path) -> Result<Store> {
         let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut magic = [0u8; 4];
         let n = f.read(&mut magic)?;
         if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-            bail!(
-                "{} is gzip-compressed; decompress it first (gunzip -k), image archives are plain tar",
-                path.display()
-            );
+            let plain = gunzip_to_temp(path)?;
+            let mut store = Store::tar(&plain)?;
+            if let Store::Tar { gunzipped, .. } = &mut store {
+                *gunzipped = Some((path.to_path_buf(), plain));
+            }
+            return Ok(store);
         }
         if n >= 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
             bail!(
@@ -119,7 +149,19 @@ impl Store {
         Ok(Store::Tar {
             file: path.to_path_buf(),
             entries,
+            gunzipped: None,
         })
+    }
+
+    /// The source's path if it was gzip'd (and is read from a decompressed copy).
+    pub fn gunzipped_from(&self) -> Option<&Path> {
+        match self {
+            Store::Tar {
+                gunzipped: Some((src, _)),
+                ..
+            } => Some(src),
+            _ => None,
+        }
     }
 
     fn resolve(entries: &HashMap<String, Entry>, name: &str) -> Option<(u64, u64)> {
@@ -152,7 +194,7 @@ impl Store {
                 let size = f.metadata()?.len();
                 Ok((Box::new(f), size))
             }
-            Store::Tar { file, entries } => {
+            Store::Tar { file, entries, .. } => {
                 let (offset, size) = Self::resolve(entries, name)
                     .with_context(|| format!("{} has no file {name:?}", file.display()))?;
                 let mut f = File::open(file)?;
@@ -177,6 +219,10 @@ impl Store {
         match self {
             Store::Nothing => "(in memory)".to_string(),
             Store::Dir(d) => d.display().to_string(),
+            Store::Tar {
+                gunzipped: Some((src, _)),
+                ..
+            } => src.display().to_string(),
             Store::Tar { file, .. } => file.display().to_string(),
         }
     }

@@ -496,6 +496,62 @@ fn docker_archive_round_trip() {
     ));
 }
 
+/// gzip's `-c` of a file, in several members (as pigz writes), to check they are all read.
+fn gzip_members(data: &[u8], members: usize) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::new();
+    for part in data.chunks(data.len().div_ceil(members)) {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(part).unwrap();
+        out.extend(enc.finish().unwrap());
+    }
+    out
+}
+
+#[test]
+fn gzipped_archives_are_read_through_a_temporary_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let src = at(t.path(), "docker-archive", "base.tar:localhost/app:1");
+    make_image(&src, json!(["/bin/app"]), json!(["serve"]), Flavor::Oci);
+    let plain = std::fs::read(t.path().join("base.tar")).unwrap();
+    std::fs::write(t.path().join("base.tar.gz"), gzip_members(&plain, 3)).unwrap();
+    let gz = at(t.path(), "docker-archive", "base.tar.gz");
+    let dst = at(t.path(), "oci-archive", "out.tar");
+    let mut img = read(&gz, Some("amd64")).unwrap();
+    assert_eq!(img.name.as_deref(), Some("localhost/app:1"));
+    assert!(
+        img.notes.iter().any(|n| n.contains("gzip-compressed")),
+        "{:?}",
+        img.notes
+    );
+    inject(&mut img, &opts(&static_bin(), &[])).unwrap();
+    write(&img, &dst).unwrap();
+    drop(img);
+    let out = read_checked(&dst);
+    assert_eq!(out.layers.len(), 2);
+    assert_eq!(
+        out.entrypoint_and_cmd().unwrap().0,
+        vec!["/waypost-entrypoint".to_string(), "/bin/app".into()]
+    );
+    // A corrupt gzip stream is an error naming the file, not a panic or a partial image.
+    let mut bad = gzip_members(&plain, 1);
+    let n = bad.len();
+    bad.truncate(n / 2);
+    std::fs::write(t.path().join("bad.tar.gz"), bad).unwrap();
+    let e = format!(
+        "{:#}",
+        read(&at(t.path(), "docker-archive", "bad.tar.gz"), None).unwrap_err()
+    );
+    assert!(e.contains("bad.tar.gz"), "{e}");
+    // The decompressed copies are gone, after success and after failure.
+    let left: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("gunzip"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn docker_flavored_oci_layout_keeps_docker_media_types() {
     let t = tempfile::tempdir().unwrap();
