@@ -397,6 +397,8 @@ fn help_everywhere() {
         &["app", "create", "--help"],
         &["app", "list", "--help"],
         &["token", "create", "--help"],
+        &["token", "list", "--help"],
+        &["token", "revoke", "--help"],
         &["instances", "--help"],
         &["up", "--help"],
     ] {

@@ -42,7 +42,7 @@ enum Cmd {
     /// Create and list apps.
     #[command(subcommand)]
     App(AppCmd),
-    /// Create entrypoint tokens.
+    /// Create, list and revoke entrypoint tokens.
     #[command(subcommand)]
     Token(TokenCmd),
     /// List instances (live ones; with --all also recently gone ones).
@@ -152,8 +152,10 @@ enum TokenCmd {
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<TokenOutput>,
     },
-    /// List tokens: their ids, scope and how many live instances use each (never the token text,
-    /// which the server does not keep).
+    /// List tokens: ID, kind, app, deployment, live instances using each.
+    ///
+    /// The token text itself is never shown: the server keeps only its hash, whose first 12 hex
+    /// digits are the ID.
     List {
         /// Only this app's tokens.
         #[arg(long)]
@@ -161,10 +163,14 @@ enum TokenCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
         output: TableOrJson,
     },
-    /// Revoke an entrypoint token by the ID `token list` shows (or a unique prefix of it, at
-    /// least 6 hex digits): it can no longer connect, and instances connected with it are
-    /// disconnected (their apps keep running).
-    Revoke { id: String },
+    /// Revoke an entrypoint token: it can no longer connect, and its live instances are disconnected.
+    ///
+    /// The apps of those instances keep running; their entrypoints retry and stay refused until
+    /// they are given a new token. The admin token cannot be revoked this way.
+    Revoke {
+        /// The ID `token list` shows, or a unique prefix of it (at least 6 hex digits).
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
