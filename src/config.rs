@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::logger::Level;
 use std::ffi::{OsStr, OsString};
 use std::time::Duration;
+use waypost_proto::parse_size;
 
 /// Default `PORT` given to the child when it has none (CONTRACT.md).
 pub const DEFAULT_PORT: u16 = 5000;
@@ -320,27 +321,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total_ms))
 }
 
-/// Sizes like `4MiB`, `512KiB`, `1GiB`, `64k`, `1MB`; a bare number is bytes. `K`/`M`/`G` alone
-/// are binary units; `KB`/`MB`/`GB` are decimal.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let bad = || format!("{s:?} is not a size (examples: 1MiB, 512KiB, 65536)");
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale).ok_or_else(bad)
-}
-
 /// Standard base64 (padding optional, whitespace ignored); `None` on any other character.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -450,17 +430,6 @@ mod tests {
         }
         for s in ["abc", "", "5x", "ms", "-1s", "1.2.3s", "s5", "5 s", ".s", "1.2345s", "99999999999999999h"] {
             assert!(parse_duration(s).is_err(), "{s:?} should be refused");
-        }
-    }
-
-    #[test]
-    fn sizes() {
-        let ok = [("4MiB", 4 << 20), ("1MiB", 1 << 20), ("512KiB", 512 << 10), ("64k", 64 << 10), ("1GiB", 1 << 30), ("1MB", 1_000_000), ("65536", 65536), ("10b", 10)];
-        for (s, n) in ok {
-            assert_eq!(parse_size(s), Ok(n), "{s}");
-        }
-        for s in ["", "MiB", "1.5MiB", "4 XB", "-1", "99999999999999999999"] {
-            assert!(parse_size(s).is_err(), "{s:?} should be refused");
         }
     }
 

@@ -135,5 +135,30 @@ impl From<Kind> for Frame {
 #[doc(hidden)]
 pub mod samples;
 
+/// Sizes like `4MiB`, `512KiB`, `1GiB`, `64k`, `1MB`; a bare number is bytes. `K`/`M`/`G` alone
+/// are binary units; `KB`/`MB`/`GB` are decimal. One syntax for the entrypoint's
+/// `WAYPOST_LOG_BUFFER` and the CLI's size flags, so it lives in the crate both use.
+// #[inline]: without it the cross-crate call costs the entrypoint 248 bytes of .text and
+// eh_frame, enough to push its file size over a 4 KiB segment boundary (1,397,440 → 1,401,536).
+#[inline]
+pub fn parse_size(s: &str) -> Result<u64, alloc::string::String> {
+    let t = s.trim();
+    let bad = || alloc::format!("{s:?} is not a size (examples: 1MiB, 512KiB, 65536)");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests;

@@ -156,3 +156,14 @@ fn errors_display_clearly() {
         "frame of 2000000 bytes exceeds the 1048576-byte limit"
     );
 }
+
+#[test]
+fn sizes() {
+    let ok = [("4MiB", 4 << 20), ("1MiB", 1 << 20), ("512KiB", 512 << 10), ("64k", 64 << 10), ("1GiB", 1 << 30), ("1MB", 1_000_000), ("100kb", 100_000), ("65536", 65536), ("10b", 10)];
+    for (s, n) in ok {
+        assert_eq!(parse_size(s), Ok(n), "{s}");
+    }
+    for s in ["", "MiB", "1.5MiB", "4 XB", "-1", "x", "99999999999999999999"] {
+        assert!(parse_size(s).is_err(), "{s:?} should be refused");
+    }
+}

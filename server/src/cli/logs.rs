@@ -72,26 +72,6 @@ pub struct AppSetArgs {
     log_bytes: Option<String>,
 }
 
-/// `512MiB`, `4M`, `100KB`, `65536` → bytes (the entrypoint's WAYPOST_LOG_BUFFER syntax).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || anyhow::anyhow!("{s:?} is not a size (examples: 512MiB, 4G, 65536)");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale).ok_or_else(bad)
-}
-
 pub async fn app_set(a: AppSetArgs) -> Result<()> {
     if !util::valid_app_name(&a.name) {
         bail!("invalid app name {:?}", a.name);
@@ -99,7 +79,11 @@ pub async fn app_set(a: AppSetArgs) -> Result<()> {
     if a.log_lines.is_none() && a.log_bytes.is_none() {
         bail!("nothing to set: give --log-lines and/or --log-bytes");
     }
-    let bytes = a.log_bytes.as_deref().map(parse_size).transpose()?;
+    let bytes = a
+        .log_bytes
+        .as_deref()
+        .map(|v| waypost_proto::parse_size(v).map_err(anyhow::Error::msg))
+        .transpose()?;
     let c = super::client_for(&super::resolve_target()?)?;
     let v: Value = c
         .call(
@@ -381,11 +365,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_escapes() {
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("100kb").unwrap(), 100_000);
-        assert_eq!(parse_size("7").unwrap(), 7);
-        assert!(parse_size("x").is_err());
+    fn escapes() {
         assert_eq!(escape_bytes(b"ok \xff\xfe \xc3\xa9"), "ok \\xff\\xfe é");
         assert_eq!(enc("2026-01-01T00:00:00Z"), "2026-01-01T00%3A00%3A00Z");
     }
