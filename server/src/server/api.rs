@@ -291,6 +291,7 @@ async fn list_tokens(
         .store
         .call(move |c| store::list_tokens(c, app.as_deref()))
         .await?;
+    let live = s.live.token_counts();
     let tokens: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|t| {
@@ -300,7 +301,7 @@ async fn list_tokens(
                 "app": t.app,
                 "deployment": t.deployment,
                 "created_at": util::fmt_rfc3339(t.created_at),
-                "live_instances": s.live.count_token(&t.hash),
+                "live_instances": live.get(&t.hash).copied().unwrap_or(0),
             })
         })
         .collect();

@@ -120,12 +120,14 @@ impl Registry {
             .unwrap_or("superseded by a new connection of the same instance")
     }
 
-    /// How many live connections authenticated with the token `hash`.
-    pub fn count_token(&self, hash: &str) -> usize {
-        self.lock()
-            .values()
-            .filter(|e| e.token_hash == hash)
-            .count()
+    /// Live connections per token hash, in one pass (a listing of N tokens must not walk the
+    /// whole fleet N times under the lock).
+    pub fn token_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for e in self.lock().values() {
+            *counts.entry(e.token_hash.clone()).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Runs `f` on the entry if it still belongs to `session`.
@@ -274,7 +276,7 @@ mod tests {
             ..owner()
         };
         let k2 = reg.register([2; 16], 2, other, tx2, 0);
-        assert_eq!(reg.count_token("t"), 1);
+        assert_eq!(reg.token_counts().get("t"), Some(&1));
         assert_eq!(reg.close_token("t", "revoked", || Frame { kind: None }), 1);
         tokio::time::timeout(std::time::Duration::from_secs(1), k1.notified())
             .await
