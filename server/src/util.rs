@@ -248,7 +248,7 @@ pub fn sanitize_label(s: &str) -> Option<String> {
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename) with
 /// the given permission bits, so readers never see a half-written file.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -266,6 +266,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .truncate(true)
             .mode(mode)
             .open(&tmp)?;
+        // Exactly `mode`: open's is masked by the umask, and a stale temp file keeps its own.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

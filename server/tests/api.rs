@@ -264,9 +264,16 @@ fn first_start_writes_context_and_restart_keeps_state() {
     assert_eq!(ctx["ca_pem"], server.ca_pem().as_str());
     let token = ctx["admin_token"].as_str().unwrap().to_string();
     assert!(token.starts_with("wpa_"));
-    // The admin token is printed on first start, with the listeners' lines.
+    // The listeners' lines are printed on first start; the admin token is not (stdout is not a
+    // terminal here): it is in the 0600 file the output names.
     let out = server.stdout();
-    assert!(out.contains(&token), "{out}");
+    assert!(!out.contains(&token), "{out}");
+    let token_file = env.data_dir().join("admin-token");
+    assert!(out.contains(&token_file.display().to_string()), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        token.as_str()
+    );
     assert!(
         out.contains(&format!(
             "waypost: control listening on {}",

@@ -607,3 +607,70 @@ fn the_url_domain_is_configurable() {
         assert_eq!(status, 404);
     });
 }
+
+/// A request whose host is ambiguous is refused with 400 instead of being routed by one of its
+/// hosts (RFC 9112 §3.2): two Host lines, or an absolute-form target that names another host
+/// than Host. Raw TCP, since an HTTP client library never sends such requests. Negative control:
+/// the same raw request with one Host line (and an agreeing absolute-form one) reaches the app.
+#[test]
+fn ambiguous_host_headers_get_400_and_a_normal_request_still_routes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = Server::start(&[]);
+    server.create_app("other");
+    let Some(_app) = start_app(&server, "web", &[]) else {
+        return;
+    };
+    let ingress = apps::ingress_addr(&server);
+    let h = host("web", &ingress);
+    let other = host("other", &ingress);
+    let raw = |head: String| {
+        let ingress = ingress.clone();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(&ingress).await.unwrap();
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            within("the ingress's answer", 20, tcp.read_to_end(&mut out))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let status = |resp: &str| resp.split(' ').nth(1).unwrap_or("").to_string();
+    rt().block_on(async {
+        // Two Host lines, the first naming the app: 400, whichever comes first.
+        for (first, second) in [(&h, &other), (&other, &h)] {
+            let resp = raw(format!(
+                "GET / HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\nConnection: close\r\n\r\n"
+            ))
+            .await;
+            assert_eq!(status(&resp), "400", "{resp}");
+            assert!(
+                resp.to_ascii_lowercase()
+                    .contains("x-waypost-error: bad-host"),
+                "{resp}"
+            );
+            assert!(resp.contains("more than one Host header"), "{resp}");
+            assert!(!resp.contains("hello hi pid="), "{resp}");
+        }
+        // Absolute form naming another host than Host.
+        let resp = raw(format!(
+            "GET http://{other}/ HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(status(&resp), "400", "{resp}");
+        assert!(resp.contains("another host than its Host header"), "{resp}");
+
+        // Negative controls: one Host line, and an absolute form that agrees, reach the app.
+        let resp = raw(format!(
+            "GET / HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(status(&resp), "200", "{resp}");
+        assert!(resp.contains("hello hi pid="), "{resp}");
+        let resp = raw(format!(
+            "GET http://{h}/ HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(status(&resp), "200", "{resp}");
+    });
+}

@@ -196,6 +196,8 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         data: wire,
         chunk: usize::from(first & 0x7f) + 1,
     });
+    // As in `control::connection`: a small first frame until the Hello is admitted.
+    reader.set_cap(crate::server::control::FIRST_FRAME_CAP);
     // Held for the whole run: runs (parallel tests) never interleave on the shared database.
     let env = env().lock().unwrap_or_else(|e| e.into_inner());
     let st = env.store.clone();
@@ -242,22 +244,25 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         }
     };
     out.admitted = true;
+    reader.set_cap(proto::MAX_FRAME);
 
     // ---- register, record, welcome ----
     let registry = Registry::default();
     let session = i64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
     let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
-    let _kick = registry.register(
-        id,
-        session,
-        crate::server::live::Owner {
-            app: app.clone(),
-            deployment: deployment.clone(),
-            token_hash: String::new(),
-        },
-        tx.clone(),
-        0,
-    );
+    let _kick = registry
+        .register(
+            id,
+            session,
+            crate::server::live::Owner {
+                app: app.clone(),
+                deployment: deployment.clone(),
+                token_hash: String::new(),
+            },
+            tx.clone(),
+            0,
+        )
+        .expect("a fresh registry holds no other owner");
     let connected = store::Connected {
         id: crate::util::hex(&id),
         app: app.clone(),
@@ -266,13 +271,15 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         entrypoint_pid: hello.pid,
         entrypoint_version: truncate(hello.entrypoint_version.clone()),
         session,
+        token_hash: String::new(),
     };
     assert!(
         connected.hostname.len() <= MAX_LABEL && connected.entrypoint_version.len() <= MAX_LABEL
     );
     let status = st
         .with(|c| store::upsert_connected(c, &connected, hello.status.as_ref(), 1))
-        .expect("recording a connected instance");
+        .expect("recording a connected instance")
+        .expect("every run starts with no instances, so the id is free");
     registry.set_status(&id, session, status);
     let welcome = Kind::Welcome(proto::Welcome {
         protocol_version: proto::PROTOCOL_VERSION,

@@ -216,6 +216,21 @@ impl Printer {
     }
 }
 
+/// One warning line on stderr when the server's log intake state (`{"stalled": true, "since",
+/// "error"}`, from `/v1/instances`, the logs endpoint's header or a follower's notice) says it
+/// cannot store logs: otherwise a full disk looks like an app that went quiet. Stdout (tables,
+/// JSON) is left as it is, so it stays parseable.
+pub fn warn_if_intake_stalled(state: &Value) {
+    if state["stalled"] == json!(true) {
+        eprintln!(
+            "waypost: warning: the server cannot store logs since {}: {} (new lines wait in \
+             the instances' buffers until it can)",
+            state["since"].as_str().unwrap_or("?"),
+            state["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+}
+
 fn stdout_is_terminal() -> bool {
     // SAFETY: isatty(2) on our own stdout descriptor; no memory involved.
     unsafe { libc::isatty(1) == 1 }
@@ -287,6 +302,10 @@ pub async fn run(a: LogsArgs) -> Result<()> {
     }
     let resp = c.send(Method::GET, &path, None).await?;
     let status = resp.status();
+    let intake = resp
+        .headers()
+        .get(crate::server::logs::INTAKE_HEADER)
+        .and_then(|v| serde_json::from_slice::<Value>(v.as_bytes()).ok());
     let mut body = resp.into_body();
     if !status.is_success() {
         let bytes = body
@@ -303,6 +322,9 @@ pub async fn run(a: LogsArgs) -> Result<()> {
             message: msg,
         }
         .into());
+    }
+    if let Some(state) = &intake {
+        warn_if_intake_stalled(state);
     }
     let mut p = Printer {
         json: a.output == Output::Json,
@@ -335,6 +357,16 @@ pub async fn run(a: LogsArgs) -> Result<()> {
             if let Some(e) = v.get("error").and_then(Value::as_str) {
                 let _ = p.out.flush();
                 bail!("{e}");
+            }
+            // A follower's notice that intake stalled or resumed: stderr, never a row.
+            if let Some(state) = v.get("log_intake") {
+                let _ = p.out.flush();
+                if state["stalled"] == json!(true) {
+                    warn_if_intake_stalled(state);
+                } else {
+                    eprintln!("waypost: the server stores logs again");
+                }
+                continue;
             }
             if let Err(e) = p.row(line, &v) {
                 if e.kind() == std::io::ErrorKind::BrokenPipe {

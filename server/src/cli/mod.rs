@@ -526,7 +526,8 @@ fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
         (Some(code), None) => format!("exited {code}"),
         (None, None) => "exited".to_string(),
     };
-    if oom { format!("{base} (OOM)") } else { base }
+    // The kernel's OOM killer sends SIGKILL: say why, not just how.
+    if oom { "OOM-killed".to_string() } else { base }
 }
 
 fn state_text(i: &InstanceJson) -> String {
@@ -562,6 +563,7 @@ async fn instances(a: InstancesArgs) -> Result<()> {
         path.push_str(&format!("&app={app}"));
     }
     let v: serde_json::Value = c.get(&path).await?;
+    logs::warn_if_intake_stalled(&v["log_intake"]);
     if a.output == TableOrJson::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -693,6 +695,7 @@ mod tests {
     fn exit_texts() {
         assert_eq!(exit_text(Some(3), None, false), "exited 3");
         assert_eq!(exit_text(None, Some(15), false), "killed by SIGTERM");
-        assert_eq!(exit_text(None, Some(9), true), "killed by SIGKILL (OOM)");
+        assert_eq!(exit_text(None, Some(9), true), "OOM-killed");
+        assert_eq!(exit_text(None, Some(9), false), "killed by SIGKILL");
     }
 }

@@ -240,6 +240,20 @@ async fn start_server(a: &UpArgs) -> Result<ApiClient> {
         })?;
         match client.get::<serde_json::Value>("/v1/server").await {
             Ok(_) => {
+                // The server's output is a file, so it wrote the admin token to an owner-only
+                // file rather than into its log; say where, since nothing else will.
+                let token_file = dir.join(crate::server::ADMIN_TOKEN_FILE);
+                let ctx_path = context::path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                if token_file.exists() {
+                    eprintln!(
+                        "waypost: the admin token is in {} (and in the CLI context {ctx_path})",
+                        token_file.display()
+                    );
+                } else {
+                    eprintln!("waypost: the admin token is in the CLI context {ctx_path}");
+                }
                 eprintln!("waypost: stop the server with: kill {pid}");
                 return Ok(client);
             }
@@ -259,10 +273,13 @@ fn alive(pid: libc::pid_t) -> bool {
 /// stdin from /dev/null and stdout+stderr appended to FILE, prints its pid, and exits at once,
 /// so the started process is re-parented away from our caller.
 pub fn detach(log: &Path, args: &[String]) -> Result<i32> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     use std::os::unix::process::CommandExt as _;
+    // 0600 like everything else in the data dir (the server tightens an older, looser one).
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let exe = std::env::current_exe().context("locating the waypost executable")?;

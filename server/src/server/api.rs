@@ -138,6 +138,7 @@ async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
         "url_domain": s.url_domain,
         "ingress_addr": s.ingress_addr,
         "live_instances": s.live.len(),
+        "log_intake": super::logs::intake_json(s.logs.intake_stall().as_ref()),
     }))
 }
 
@@ -452,7 +453,12 @@ async fn list_instances(
             }
         })
         .collect();
-    Ok(Json(json!({ "instances": instances })))
+    // Per server, not per instance: one writer stores every instance's logs. A stall is why
+    // `logs` shows nothing new, so `instances` (the first thing one looks at) says so too.
+    let log_intake = super::logs::intake_json(s.logs.intake_stall().as_ref());
+    Ok(Json(
+        json!({ "instances": instances, "log_intake": log_intake }),
+    ))
 }
 
 // ---- serving -------------------------------------------------------------------------------

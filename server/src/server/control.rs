@@ -6,13 +6,22 @@
 //! Session: the entrypoint's first frame is Hello → Welcome or Reject (then close). After that,
 //! Ping → Pong, Status → instance state, any frame → liveness; three heartbeat intervals of
 //! silence close the connection and mark the instance lost.
+//!
+//! Before a Hello is admitted a connection is cheap and short-lived: it counts against caps per
+//! source address and in total (checked at accept, before any TLS work), has one deadline for
+//! the handshake and the Hello together, and may send a first frame of a few KiB only. An
+//! admitted Hello gets its instance id only if the id is new or already its owner's (same app,
+//! deployment and token; see `claim`): instance ids cannot move between apps.
 
 use super::Shared;
 use super::auth;
+use super::live::{Conflict, Owner};
 use super::store::{self, TokenScope};
 use crate::util;
-use anyhow::Result;
-use std::sync::Arc;
+use anyhow::{Context as _, Result};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
@@ -21,9 +30,40 @@ use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use waypost_proto::{self as proto, Frame, HEADER_LEN, Kind, MAX_FRAME, reject::Reason};
 
-/// Time allowed for the TLS handshake, and then again for the Hello.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time from accept until the Hello has arrived: the TLS handshake and the Hello share it, so an
+/// unauthenticated connection lives at most this long whatever it does (a slow-loris handshake, a
+/// Hello sent a byte at a time). A real entrypoint sends its Hello right after the handshake.
+const PREAUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame accepted before a Hello is admitted. A Hello is a token (~50 bytes), a 16-byte
+/// instance id, a host name and version (kept to 255 bytes each), a pid, a few flags and a
+/// Status: well under 1 KiB from a real entrypoint. 8 KiB leaves room for long host names and
+/// later fields, while a client nobody has authenticated cannot make the server hold a 1 MiB
+/// frame. Checked from the length prefix, before the body is read.
+pub const FIRST_FRAME_CAP: usize = 8 * 1024;
+/// Connections accepted but not yet admitted (TLS handshake in flight, or waiting for / checking
+/// the Hello), per source address (an IPv6 /64 counts as one address) and in total. Beyond either
+/// cap a new connection is closed at once, before any TLS work; a real entrypoint backs off and
+/// retries.
+///
+/// Cost of one such connection, at worst (TLS done, a first frame of [`FIRST_FRAME_CAP`] bytes
+/// announced and all but its last byte sent): its task, the TLS state (rustls holds at most one
+/// 16 KiB record being decrypted plus the decrypted bytes not read yet), the frame buffer (at
+/// most `FIRST_FRAME_CAP` plus its prefix) and the idle writer task with its queue — measured at
+/// about 40 KB of server RSS each (1,024 of them: +39 MB; the security tests measure it). So all
+/// unauthenticated connections together cost at most ~40 MB, each for at most
+/// [`PREAUTH_TIMEOUT`]; before these caps 150 clients sending half of a 1 MiB first frame cost
+/// 83 MB, and more clients cost more without bound.
+///
+/// The caps do not keep a fleet out: entrypoints reconnecting after a server restart arrive
+/// spread over their jittered backoff, and those refused in a burst come back one backoff step
+/// later, while the ones let in get the CPU the refused handshakes would have taken. (Measured
+/// with `waypost bench fleet`: 10,000 instances, 5,000 per source address, all reconnected after a
+/// restart, sooner than without the caps on a loaded 2-core machine.) 256 per address still
+/// lets many entrypoints behind one NAT address connect at once.
+pub const PREAUTH_PER_ADDR: usize = 256;
+pub const PREAUTH_TOTAL: usize = 1024;
+/// A refused connection is logged at debug; a summary at warn at most this often.
+const PREAUTH_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Outgoing frames queued per connection before senders wait (or, for Pong, the connection is
 /// dropped: a peer that does not read its Pongs is broken).
 const OUT_QUEUE: usize = 64;
@@ -36,7 +76,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// An idle connection's read buffer is shrunk back when it grew past this (after a big frame),
 /// so 10,000 idle instances do not each keep a 1 MiB buffer.
 const SHRINK_ABOVE: usize = 64 * 1024;
-/// Upper bound of a connection's read buffer: one maximal frame.
+/// Upper bound of a connection's read buffer once authenticated: one maximal frame.
 const READ_CAP: usize = HEADER_LEN + MAX_FRAME;
 /// How long the writer may take to flush queued frames (e.g. a Reject) when a connection closes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,8 +90,11 @@ const MAX_LABEL: usize = 255;
 pub struct FrameReader<R> {
     rd: R,
     buf: Vec<u8>,
-    /// INVARIANT: start <= buf.len() <= READ_CAP; bytes before `start` are consumed.
+    /// INVARIANT: start <= buf.len() <= cap; bytes before `start` are consumed.
     start: usize,
+    /// Largest frame (with its length prefix) this reader accepts: [`READ_CAP`], or less while
+    /// the peer is not authenticated (see [`FrameReader::set_cap`]).
+    cap: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -60,7 +103,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             rd,
             buf: Vec::new(),
             start: 0,
+            cap: READ_CAP,
         }
+    }
+
+    /// Limits the frames read from now on to `max_frame` bytes of body (at most [`MAX_FRAME`]):
+    /// a frame announcing more is an error as soon as its length prefix is read, without reading
+    /// or allocating for its body. For the first frame of a connection nobody has authenticated.
+    pub fn set_cap(&mut self, max_frame: usize) {
+        self.cap = HEADER_LEN + max_frame.min(MAX_FRAME);
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream between frames. An error means the
@@ -86,12 +137,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             // Size the read by the checked prefix only: never more than one maximal frame.
             let need = match proto::frame_len(&self.buf) {
+                Some(Ok(total)) if total > self.cap => anyhow::bail!(
+                    "a frame of {} bytes announced; at most {} accepted here",
+                    total - HEADER_LEN,
+                    self.cap - HEADER_LEN
+                ),
                 Some(Ok(total)) => total,
                 Some(Err(e)) => return Err(e.into()),
                 None => HEADER_LEN,
             };
-            let target = need.max(self.buf.len() + READ_CHUNK).min(READ_CAP);
-            // INVARIANT: buf.len() < need <= target <= READ_CAP (a complete frame would have
+            let target = need.max(self.buf.len() + READ_CHUNK).min(self.cap);
+            // INVARIANT: buf.len() < need <= target <= cap (a complete frame would have
             // decoded above), so there is room to read.
             let room = target - self.buf.len();
             self.buf.reserve_exact(room);
@@ -144,6 +200,107 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Counts connections that are not authenticated yet, per source address and in total (see
+/// [`PREAUTH_PER_ADDR`]).
+struct PreAuthLimits {
+    per_addr_cap: usize,
+    total_cap: usize,
+    counts: Mutex<PreAuthCounts>,
+}
+
+#[derive(Default)]
+struct PreAuthCounts {
+    total: usize,
+    /// Only addresses with a count above zero: at most `total_cap` entries.
+    per_addr: HashMap<IpAddr, usize>,
+    /// Refused since the last warning, and when that was.
+    refused: u64,
+    last_warn: Option<std::time::Instant>,
+}
+
+/// One unauthenticated connection's place under the caps; given back on drop.
+struct PreAuthPermit {
+    limits: Arc<PreAuthLimits>,
+    addr: IpAddr,
+}
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreAuthFull {
+    Addr,
+    Total,
+}
+
+/// The address a cap counts: IPv4 (also when mapped into IPv6) as it is; IPv6 by its /64, since
+/// one host is usually given a whole /64.
+fn preauth_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl PreAuthLimits {
+    fn new(per_addr_cap: usize, total_cap: usize) -> Arc<Self> {
+        Arc::new(PreAuthLimits {
+            per_addr_cap,
+            total_cap,
+            counts: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<PreAuthPermit, PreAuthFull> {
+        let addr = preauth_key(ip);
+        let mut c = self.lock();
+        if c.total >= self.total_cap {
+            return Err(PreAuthFull::Total);
+        }
+        if c.per_addr.get(&addr).copied().unwrap_or(0) >= self.per_addr_cap {
+            return Err(PreAuthFull::Addr);
+        }
+        *c.per_addr.entry(addr).or_insert(0) += 1;
+        c.total += 1;
+        Ok(PreAuthPermit {
+            limits: self.clone(),
+            addr,
+        })
+    }
+
+    /// Counts a refusal. Some(refusals since the last warning) when it is time for another one.
+    fn note_refused(&self, now: std::time::Instant) -> Option<u64> {
+        let mut c = self.lock();
+        c.refused += 1;
+        if c.last_warn
+            .is_some_and(|t| now.duration_since(t) < PREAUTH_WARN_EVERY)
+        {
+            return None;
+        }
+        c.last_warn = Some(now);
+        Some(std::mem::take(&mut c.refused))
+    }
+}
+
+impl Drop for PreAuthPermit {
+    fn drop(&mut self) {
+        let mut c = self.limits.lock();
+        c.total -= 1;
+        if let Some(n) = c.per_addr.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_addr.remove(&self.addr);
+            }
+        }
+    }
+}
+
 /// Accepts control connections until shutdown.
 /// `done` is held by every connection task: the caller knows all have ended when the last
 /// clone is dropped.
@@ -154,16 +311,41 @@ pub async fn serve(
     done: mpsc::Sender<()>,
 ) {
     let mut shutdown = shared.shutdown.clone();
+    let limits = PreAuthLimits::new(PREAUTH_PER_ADDR, PREAUTH_TOTAL);
     loop {
         let Some((tcp, peer)) = super::accept(&listener, &mut shutdown, "control").await else {
             break;
+        };
+        // Before any TLS work: a client that is not authenticated yet gets a place under the
+        // caps or nothing at all.
+        let permit = match limits.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                let why = match full {
+                    PreAuthFull::Addr => "too many unauthenticated connections from this address",
+                    PreAuthFull::Total => "too many unauthenticated connections",
+                };
+                drop(tcp);
+                tracing::debug!(%peer, reason = why, "refused a control connection");
+                if let Some(n) = limits.note_refused(std::time::Instant::now()) {
+                    tracing::warn!(
+                        %peer,
+                        reason = why,
+                        refused = n,
+                        per_address = PREAUTH_PER_ADDR,
+                        total = PREAUTH_TOTAL,
+                        "refusing control connections: too many have not authenticated yet"
+                    );
+                }
+                continue;
+            }
         };
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let done = done.clone();
         tokio::spawn(async move {
             let _done = done;
-            if let Err(e) = connection(&shared, tcp, peer, acceptor).await {
+            if let Err(e) = connection(&shared, tcp, peer, acceptor, permit).await {
                 tracing::debug!(%peer, error = format!("{e:#}"), "control connection ended");
             }
         });
@@ -261,14 +443,21 @@ async fn admit(shared: &Shared, hello: proto::Hello) -> Admission {
     }
 }
 
-/// One control connection, from TCP accept to close.
+/// One control connection, from TCP accept to close. `preauth` is its place under the caps on
+/// unauthenticated connections, given back once its Hello is admitted (or it ends).
 async fn connection(
     shared: &Shared,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     acceptor: TlsAcceptor,
+    preauth: PreAuthPermit,
 ) -> Result<()> {
-    let tls = timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await??;
+    // One deadline for the whole unauthenticated phase, from accept to the Hello.
+    let preauth_deadline = Instant::now() + PREAUTH_TIMEOUT;
+    let tls = match tokio::time::timeout_at(preauth_deadline, acceptor.accept(tcp)).await {
+        Ok(r) => r.context("TLS handshake")?,
+        Err(_) => anyhow::bail!("TLS handshake not done within {PREAUTH_TIMEOUT:?}"),
+    };
     if tls.get_ref().1.alpn_protocol() != Some(proto::ALPN) {
         // rustls already refuses a client that offers only other protocols; this catches one
         // that offers none.
@@ -276,16 +465,18 @@ async fn connection(
     }
     let (rd, wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
+    reader.set_cap(FIRST_FRAME_CAP);
     let (tx, rx) = mpsc::channel::<Frame>(OUT_QUEUE);
     let (lane_tx, lanes) = super::tunnel::lanes();
     let mut writer = tokio::spawn(write_loop(wr, rx, lanes));
 
     // ---- Hello ----
-    let hello_deadline = Instant::now() + HELLO_TIMEOUT;
     let hello = loop {
         let frame = tokio::select! {
-            r = reader.next() => r?,
-            _ = tokio::time::sleep_until(hello_deadline) => anyhow::bail!("no Hello within {HELLO_TIMEOUT:?}"),
+            r = reader.next() => r.context("before Hello")?,
+            _ = tokio::time::sleep_until(preauth_deadline) => {
+                anyhow::bail!("no Hello within {PREAUTH_TIMEOUT:?} of connecting")
+            }
             _ = wait_shutdown(shared) => return Ok(()),
         };
         match frame {
@@ -334,46 +525,40 @@ async fn connection(
         }
     };
 
-    // ---- register, record, welcome ----
+    // ---- bind, register, record, welcome ----
     let id_hex = util::hex(&id);
     let session = i64::from_ne_bytes(auth::random_bytes::<8>());
-    let now = util::now_ms();
-    let kick = shared.live.register(
-        id,
-        session,
-        super::live::Owner {
-            app: app.clone(),
-            deployment: deployment.clone(),
-            token_hash: auth::hash_token(&hello.token),
-        },
-        tx.clone(),
-        now,
-    );
-    let connected = store::Connected {
-        id: id_hex.clone(),
+    let owner = Owner {
         app: app.clone(),
         deployment: deployment.clone(),
-        hostname: truncate(hello.hostname.clone()),
-        entrypoint_pid: hello.pid,
-        entrypoint_version: truncate(hello.entrypoint_version.clone()),
-        session,
+        token_hash: auth::hash_token(&hello.token),
     };
-    let hello_status = hello.status.clone();
-    let status = shared
-        .store
-        .call(move |c| store::upsert_connected(c, &connected, hello_status.as_ref(), now))
-        .await;
-    match status {
-        Ok(status) => shared.live.set_status(&id, session, status),
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "recording the instance failed");
-            shared.live.remove(&id, session);
-            let _ = tx.try_send(reject(Reason::Unavailable, "server error; try again", 1000));
+    let kick = match claim(shared, id, session, owner, &hello, &tx).await {
+        Ok(kick) => kick,
+        Err(goodbye) => {
+            if let Some(Kind::Reject(r)) = &goodbye.kind {
+                if r.reason == Reason::Forbidden as i32 {
+                    tracing::warn!(
+                        instance = id_hex,
+                        app,
+                        deployment,
+                        %peer,
+                        message = r.message,
+                        "refused a Hello for an instance id of another owner"
+                    );
+                }
+            }
+            let _ = tx.try_send(goodbye);
             drop(tx);
-            let _ = timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await;
+            if timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_err() {
+                writer.abort();
+            }
             return Ok(());
         }
-    }
+    };
+    // Authenticated: the connection leaves the pre-auth caps, and may send full-size frames.
+    drop(preauth);
+    reader.set_cap(MAX_FRAME);
     tracing::info!(
         instance = id_hex,
         app,
@@ -509,6 +694,60 @@ async fn connection(
     end.map(|_| ())
 }
 
+/// Binds instance `id` to `owner` and registers this connection as its live one: the only way
+/// a connection gets an instance. An id held by a live connection of another owner, or recorded
+/// (live or gone) under another app, deployment or token, is refused with FORBIDDEN, and the
+/// instance is left as it was. The same owner's reconnect supersedes its previous connection.
+///
+/// Order: the live registry is asked first (no write), then the database — the source of truth,
+/// where the owner check and the insert are one transaction, so of two Hellos racing for a new id
+/// only the first binds it — and only then is the connection registered (which checks the owner
+/// again under the registry's lock, and only then tells a superseded connection to close).
+async fn claim(
+    shared: &Shared,
+    id: [u8; 16],
+    session: i64,
+    owner: Owner,
+    hello: &proto::Hello,
+    tx: &mpsc::Sender<Frame>,
+) -> std::result::Result<Arc<tokio::sync::Notify>, Frame> {
+    let id_hex = util::hex(&id);
+    let forbidden = |c: Conflict| reject(Reason::Forbidden, c.message(&id_hex), REJECT_RETRY_MS);
+    if let Some(c) = shared.live.conflict(&id, &owner) {
+        return Err(forbidden(c));
+    }
+    let now = util::now_ms();
+    let connected = store::Connected {
+        id: id_hex.clone(),
+        app: owner.app.clone(),
+        deployment: owner.deployment.clone(),
+        hostname: truncate(hello.hostname.clone()),
+        entrypoint_pid: hello.pid,
+        entrypoint_version: truncate(hello.entrypoint_version.clone()),
+        session,
+        token_hash: owner.token_hash.clone(),
+    };
+    let hello_status = hello.status.clone();
+    let status = match shared
+        .store
+        .call(move |c| store::upsert_connected(c, &connected, hello_status.as_ref(), now))
+        .await
+    {
+        Ok(Ok(status)) => status,
+        Ok(Err(c)) => return Err(forbidden(c)),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "recording the instance failed");
+            return Err(reject(Reason::Unavailable, "server error; try again", 1000));
+        }
+    };
+    let kick = shared
+        .live
+        .register(id, session, owner, tx.clone(), now)
+        .map_err(forbidden)?;
+    shared.live.set_status(&id, session, status);
+    Ok(kick)
+}
+
 async fn wait_shutdown(shared: &Shared) {
     super::wait_shutdown(&mut shared.shutdown.clone()).await
 }
@@ -595,6 +834,108 @@ mod tests {
         let mut r = FrameReader::new(b);
         assert!(r.next().await.is_err());
         assert!(r.buf.capacity() < 64 * 1024);
+    }
+
+    #[tokio::test]
+    async fn first_frame_cap_is_checked_from_the_prefix() {
+        // A Hello-sized frame passes...
+        let hello: Frame = Kind::Hello(proto::Hello {
+            token: "wpe_".repeat(20),
+            instance_id: vec![1; 16],
+            hostname: "h".repeat(MAX_LABEL),
+            entrypoint_version: "v".repeat(MAX_LABEL),
+            ..Default::default()
+        })
+        .into();
+        let (mut a, b) = tokio::io::duplex(64);
+        let bytes = wire(std::slice::from_ref(&hello));
+        tokio::spawn(async move { a.write_all(&bytes).await.unwrap() });
+        let mut r = FrameReader::new(b);
+        r.set_cap(FIRST_FRAME_CAP);
+        assert_eq!(r.next().await.unwrap(), Some(hello));
+
+        // ...a prefix announcing more is refused with only the prefix sent: nothing of the body
+        // is waited for or allocated.
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&((FIRST_FRAME_CAP + 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        let mut r = FrameReader::new(b);
+        r.set_cap(FIRST_FRAME_CAP);
+        let e = r.next().await.unwrap_err().to_string();
+        assert!(e.contains("8193 bytes announced"), "{e}");
+        assert!(r.buf.capacity() <= 2 * READ_CHUNK);
+
+        // Negative control: the same prefix with the authenticated cap waits for the body.
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&((FIRST_FRAME_CAP + 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        let mut r = FrameReader::new(b);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), r.next())
+                .await
+                .is_err()
+        );
+        // set_cap never raises the cap past one maximal frame.
+        r.set_cap(usize::MAX);
+        assert_eq!(r.cap, READ_CAP);
+    }
+
+    #[test]
+    fn preauth_caps_per_address_and_in_total() {
+        let limits = PreAuthLimits::new(2, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = limits.try_acquire(a).unwrap();
+        let a2 = limits.try_acquire(a).unwrap();
+        assert_eq!(limits.try_acquire(a).err(), Some(PreAuthFull::Addr));
+        // IPv4-mapped IPv6 is the same address.
+        assert_eq!(
+            limits.try_acquire("::ffff:10.0.0.1".parse().unwrap()).err(),
+            Some(PreAuthFull::Addr)
+        );
+        let b1 = limits.try_acquire(b).unwrap();
+        assert_eq!(
+            limits.try_acquire("10.0.0.3".parse().unwrap()).err(),
+            Some(PreAuthFull::Total)
+        );
+        // Places come back when connections authenticate or end.
+        drop(a1);
+        let a3 = limits.try_acquire(a).unwrap();
+        drop((a2, a3, b1));
+        let c = limits.lock();
+        assert_eq!(c.total, 0);
+        assert!(c.per_addr.is_empty(), "no entry left for idle addresses");
+    }
+
+    #[test]
+    fn preauth_counts_an_ipv6_slash_64_as_one_address() {
+        let limits = PreAuthLimits::new(1, 10);
+        let _p = limits
+            .try_acquire("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            limits
+                .try_acquire("2001:db8:1:2:ffff::9".parse().unwrap())
+                .err(),
+            Some(PreAuthFull::Addr)
+        );
+        assert!(
+            limits
+                .try_acquire("2001:db8:1:3::1".parse().unwrap())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn refusals_are_summarised_not_logged_each() {
+        let limits = PreAuthLimits::new(1, 1);
+        let t0 = std::time::Instant::now();
+        assert_eq!(limits.note_refused(t0), Some(1));
+        assert_eq!(limits.note_refused(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limits.note_refused(t0 + Duration::from_secs(2)), None);
+        assert_eq!(limits.note_refused(t0 + PREAUTH_WARN_EVERY), Some(3));
     }
 
     #[tokio::test]

@@ -7,9 +7,10 @@
 //! - `NAME--ID.DOMAIN` → the live instance of NAME whose hex id starts with ID (when no app is
 //!   called `NAME--ID` itself);
 //! - unknown app → 404; the app has no (URL-enabled) live instance → 502; the app does not
-//!   start answering within `--ingress-timeout` of the last byte moved → 504. Each error is a short
-//!   HTML page with an `x-waypost-error` header (`unknown-app`, `no-instance`, `bad-gateway`,
-//!   `timeout`) for scripts.
+//!   start answering within `--ingress-timeout` of the last byte moved → 504; an ambiguous host
+//!   (two Host headers, an unreadable one, or an absolute-form target naming another host than
+//!   Host) → 400. Each error is a short HTML page with an `x-waypost-error` header
+//!   (`unknown-app`, `no-instance`, `bad-gateway`, `timeout`, `bad-host`) for scripts.
 //!
 //! Upstream connections are pooled per instance: a request goes over an idle keep-alive HTTP
 //! connection to the app (one tunnel stream, one TCP connection to the app) when one is there,
@@ -193,6 +194,49 @@ pub fn host_route(host: &str, domain: &str) -> HostRoute {
     }
 }
 
+/// The host a request is for, or why it is ambiguous (answered 400, as RFC 9112 §3.2 asks for
+/// more than one Host or an invalid one). Routing by one of two hosts while the app or a proxy in
+/// front reads the other is how requests get past per-host rules, so none is picked. An
+/// absolute-form target (`GET http://a.example/`) must agree with Host (port and case aside);
+/// with no Host it is the host. No Host at all: empty (the ingress's "no app here" page).
+pub fn request_host(headers: &HeaderMap, uri: &hyper::Uri) -> Result<String, &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("The request has more than one Host header.");
+    }
+    let host = match host {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "The request's Host header is not a valid host.")?,
+        ),
+        None => None,
+    };
+    match (host, uri.authority()) {
+        (Some(h), Some(a)) if !same_host(h, a.as_str()) => {
+            Err("The request's target names another host than its Host header.")
+        }
+        (Some(h), _) => Ok(h.to_string()),
+        (None, Some(a)) => Ok(a.to_string()),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// Host names equal ignoring case, a trailing dot, the port and any userinfo.
+fn same_host(a: &str, b: &str) -> bool {
+    fn norm(h: &str) -> String {
+        let h = h.trim();
+        let h = h.rsplit_once('@').map_or(h, |(_, h)| h);
+        let h = if h.starts_with('[') {
+            h.split_inclusive(']').next().unwrap_or(h)
+        } else {
+            h.rsplit_once(':').map_or(h, |(h, _)| h)
+        };
+        h.trim_end_matches('.').to_ascii_lowercase()
+    }
+    norm(a) == norm(b)
+}
+
 /// `NAME--ID` → (NAME, ID) when ID looks like a hex instance-id prefix.
 pub fn split_instance(label: &str) -> Option<(&str, &str)> {
     let (name, id) = label.rsplit_once("--")?;
@@ -301,13 +345,13 @@ async fn handle(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+    let host = match request_host(req.headers(), req.uri()) {
+        Ok(h) => h,
+        Err(why) => {
+            tracing::debug!(%peer, why, "ingress request with an ambiguous host refused");
+            return page(StatusCode::BAD_REQUEST, "bad-host", "Bad request", why);
+        }
+    };
     let domain = &shared.url_domain;
     let HostRoute::Label(label) = host_route(&host, domain) else {
         return page(
@@ -584,6 +628,40 @@ mod tests {
         assert_eq!(host_route("[::1]:9080", "localhost"), HostRoute::None);
         assert_eq!(host_route("webxlocalhost", "localhost"), HostRoute::None);
         assert_eq!(host_route("", "localhost"), HostRoute::None);
+    }
+
+    #[test]
+    fn ambiguous_hosts_are_refused() {
+        let req = |hosts: &[&[u8]], uri: &str| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(header::HOST, HeaderValue::from_bytes(v).unwrap());
+            }
+            request_host(&h, &uri.parse().unwrap())
+        };
+        assert_eq!(
+            req(&[b"web.localhost:9080"], "/"),
+            Ok("web.localhost:9080".into())
+        );
+        assert_eq!(
+            req(&[], "http://web.localhost/x"),
+            Ok("web.localhost".into())
+        );
+        assert_eq!(req(&[], "/"), Ok(String::new()));
+        assert_eq!(req(&[b""], "/"), Ok(String::new()));
+        // Absolute form agreeing with Host (case, port, trailing dot aside).
+        assert_eq!(
+            req(&[b"Web.LOCALHOST."], "http://web.localhost:9080/x"),
+            Ok("Web.LOCALHOST.".into())
+        );
+        assert_eq!(req(&[b"[::1]:80"], "http://[::1]/"), Ok("[::1]:80".into()));
+        // Negative cases: two Host lines (even equal ones), a disagreeing target, a Host that is
+        // not text.
+        assert!(req(&[b"a.localhost", b"b.localhost"], "/").is_err());
+        assert!(req(&[b"a.localhost", b"a.localhost"], "/").is_err());
+        assert!(req(&[b"a.localhost"], "http://b.localhost/").is_err());
+        assert!(req(&[b"a.localhost"], "http://a.localhost.evil/").is_err());
+        assert!(req(&[b"\xffa.localhost"], "/").is_err());
     }
 
     #[test]

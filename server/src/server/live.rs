@@ -32,12 +32,57 @@ pub struct LiveInstance {
     dirty: bool,
 }
 
-/// Whose a connection is: what its token allows.
+/// Whose a connection is: what its token allows. An instance id belongs to the owner that first
+/// registered it; no other owner may take it over (see [`Owner::conflict`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub app: String,
     pub deployment: String,
     /// Hash of the token it authenticated with.
     pub token_hash: String,
+}
+
+/// Why an instance id may not be used by an owner: it is held or recorded under another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    App,
+    Deployment,
+    Token,
+}
+
+impl Conflict {
+    /// The Reject message. It names neither the other app nor its deployment: an entrypoint
+    /// must not learn anything about instances that are not its own.
+    pub fn message(self, id_hex: &str) -> String {
+        let whose = match self {
+            Conflict::App => "another app",
+            Conflict::Deployment => "another deployment of this app",
+            Conflict::Token => "another token of this app",
+        };
+        format!("instance id {id_hex} is registered to {whose}; an instance id cannot move")
+    }
+}
+
+impl Owner {
+    /// Why `self` may not use an instance id held or recorded under (`app`, `deployment`,
+    /// `token_hash`); None if it may (it is the same owner: a reconnect). A `token_hash` of None
+    /// is a row recorded before instances were bound to their token: app and deployment decide.
+    pub fn conflict(
+        &self,
+        app: &str,
+        deployment: &str,
+        token_hash: Option<&str>,
+    ) -> Option<Conflict> {
+        if self.app != app {
+            Some(Conflict::App)
+        } else if self.deployment != deployment {
+            Some(Conflict::Deployment)
+        } else if token_hash.is_some_and(|t| t != self.token_hash) {
+            Some(Conflict::Token)
+        } else {
+            None
+        }
+    }
 }
 
 /// What a flush writes for one instance: (id hex, session, last seen, status).
@@ -54,8 +99,16 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection for `id`. If another connection of the same instance is still
-    /// registered, the new one wins and the old one is told to close. Returns the notifier the
+    /// Why `who` may not use `id` while it is live: held by a connection of another owner.
+    pub fn conflict(&self, id: &InstanceId, who: &Owner) -> Option<Conflict> {
+        let map = self.lock();
+        let e = map.get(id)?;
+        who.conflict(&e.app, &e.deployment, Some(&e.token_hash))
+    }
+
+    /// Registers a connection for `id`. If another connection of the same instance (same owner)
+    /// is still registered, the new one wins and the old one is told to close; if the id is held
+    /// by another owner, nothing changes and the conflict is returned. Returns the notifier the
     /// new connection must watch.
     pub fn register(
         &self,
@@ -64,7 +117,13 @@ impl Registry {
         who: Owner,
         tx: mpsc::Sender<Frame>,
         now_ms: i64,
-    ) -> Arc<Notify> {
+    ) -> Result<Arc<Notify>, Conflict> {
+        let mut map = self.lock();
+        if let Some(e) = map.get(&id) {
+            if let Some(c) = who.conflict(&e.app, &e.deployment, Some(&e.token_hash)) {
+                return Err(c);
+            }
+        }
         let Owner {
             app,
             deployment,
@@ -83,7 +142,7 @@ impl Registry {
             status: ChildStatus::default(),
             dirty: false,
         };
-        if let Some(old) = self.lock().insert(id, entry) {
+        if let Some(old) = map.insert(id, entry) {
             tracing::info!(
                 instance = crate::util::hex(&id),
                 "instance reconnected; closing its previous connection"
@@ -91,7 +150,7 @@ impl Registry {
             // notify_one stores a permit if the old task is not waiting right now.
             old.kick.notify_one();
         }
-        kick
+        Ok(kick)
     }
 
     /// Closes every live connection that authenticated with the token `hash` (it was revoked):
@@ -270,12 +329,12 @@ mod tests {
         let reg = Registry::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let k1 = reg.register([1; 16], 1, owner(), tx1, 0);
+        let k1 = reg.register([1; 16], 1, owner(), tx1, 0).unwrap();
         let other = Owner {
             token_hash: "u".into(),
             ..owner()
         };
-        let k2 = reg.register([2; 16], 2, other, tx2, 0);
+        let k2 = reg.register([2; 16], 2, other, tx2, 0).unwrap();
         assert_eq!(reg.token_counts().get("t"), Some(&1));
         assert_eq!(reg.close_token("t", "revoked", || Frame { kind: None }), 1);
         tokio::time::timeout(std::time::Duration::from_secs(1), k1.notified())
@@ -298,9 +357,9 @@ mod tests {
         let reg = Registry::default();
         let id = [7u8; 16];
         let (tx1, _rx1) = mpsc::channel(1);
-        let kick1 = reg.register(id, 1, owner(), tx1, 0);
+        let kick1 = reg.register(id, 1, owner(), tx1, 0).unwrap();
         let (tx2, _rx2) = mpsc::channel(1);
-        let _kick2 = reg.register(id, 2, owner(), tx2, 0);
+        let _kick2 = reg.register(id, 2, owner(), tx2, 0).unwrap();
         // The old connection was told to close (the permit is stored).
         tokio::time::timeout(std::time::Duration::from_secs(1), kick1.notified())
             .await
@@ -313,6 +372,76 @@ mod tests {
         assert!(reg.take_dirty().is_empty());
         assert!(reg.remove(&id, 2).is_some());
         assert_eq!(reg.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn another_owner_cannot_take_a_live_id() {
+        let reg = Registry::default();
+        let id = [9u8; 16];
+        let (tx1, _rx1) = mpsc::channel(1);
+        let kick1 = reg.register(id, 1, owner(), tx1, 0).unwrap();
+        let cases = [
+            (
+                Owner {
+                    app: "b".into(),
+                    ..owner()
+                },
+                Conflict::App,
+            ),
+            (
+                Owner {
+                    deployment: "d".into(),
+                    ..owner()
+                },
+                Conflict::Deployment,
+            ),
+            (
+                Owner {
+                    token_hash: "u".into(),
+                    ..owner()
+                },
+                Conflict::Token,
+            ),
+        ];
+        for (n, (who, want)) in cases.into_iter().enumerate() {
+            assert_eq!(reg.conflict(&id, &who), Some(want));
+            let (tx, _rx) = mpsc::channel(1);
+            assert_eq!(
+                reg.register(id, 10 + n as i64, who, tx, 0).err(),
+                Some(want)
+            );
+        }
+        // The holder was neither replaced nor told to close.
+        assert_eq!(reg.snapshot_own(&id, 1).map(|s| s.0), Some(0));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), kick1.notified())
+                .await
+                .is_err()
+        );
+        // The same owner may (a reconnect), and an unknown id is free.
+        assert_eq!(reg.conflict(&id, &owner()), None);
+        assert_eq!(
+            reg.conflict(
+                &[1; 16],
+                &Owner {
+                    app: "b".into(),
+                    ..owner()
+                }
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn rows_without_a_token_bind_on_app_and_deployment() {
+        let o = owner();
+        assert_eq!(o.conflict("a", "", None), None);
+        assert_eq!(o.conflict("a", "", Some("t")), None);
+        assert_eq!(o.conflict("a", "", Some("x")), Some(Conflict::Token));
+        assert_eq!(o.conflict("a", "d", None), Some(Conflict::Deployment));
+        assert_eq!(o.conflict("b", "", None), Some(Conflict::App));
+        let msg = Conflict::App.message("00ff");
+        assert!(msg.contains("00ff") && msg.contains("another app"), "{msg}");
     }
 
     #[test]

@@ -110,6 +110,32 @@ const FOLLOW_MIN_INTERVAL: Duration = Duration::from_millis(100);
 const FOLLOW_KEEPALIVE: Duration = Duration::from_secs(15);
 /// How long an ack may wait for a full outgoing queue.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most entries an entrypoint's resend buffer can hold: `WAYPOST_LOG_BUFFER` is at most 1 GiB,
+/// the buffer adds 1/1024 of it (and one header) for entry headers, and every entry costs at
+/// least 16 bytes of it (the metadata of an empty line). About 67 million.
+const MAX_BUFFER_ENTRIES: u64 = ((1 << 30) + (1 << 30) / 1024 + 16) / 16;
+/// How far past a source's high-water mark H a batch may start beyond what its own `dropped`
+/// count explains. An entrypoint numbers its entries consecutively and loses entries only by
+/// dropping them from that bounded buffer. Those dropped before they were ever sent are counted
+/// in the next batch's `dropped`. The ones it cannot report are those it had sent on a
+/// connection that died before the server stored them, and dropped afterwards: at most what its
+/// buffer held, plus what was in flight (socket buffers and this server's intake queue, fewer
+/// still). The server does not know an instance's buffer size, so the largest is assumed, and
+/// twice its entries covers both. A batch starting further out is not from a working
+/// entrypoint (a bug, or forged sequence numbers): storing it would move H so far that the
+/// instance's real later entries would all be discarded as duplicates.
+const UNREPORTED_GAP: u64 = 2 * MAX_BUFFER_ENTRIES;
+
+/// Whether a batch starting at `first_seq` that reports `dropped` entries may follow the
+/// high-water mark `h`: `Err(largest gap allowed)` if it starts too far past it.
+fn check_jump(h: u64, first_seq: u64, dropped: u64) -> Result<(), u64> {
+    let allowed = dropped.saturating_add(UNREPORTED_GAP);
+    if first_seq.saturating_sub(h) <= allowed {
+        Ok(())
+    } else {
+        Err(allowed)
+    }
+}
 
 fn stream_name(s: i64) -> &'static str {
     match s {
@@ -148,8 +174,32 @@ enum Msg {
     },
 }
 
+/// Log intake has stalled: storing logs fails (a full disk, an I/O error) and the writer keeps
+/// retrying. Set by the writer on the first failure, cleared by the next successful commit;
+/// shown by `GET /v1/instances` and the logs endpoint so `instances` and `logs` can say so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntakeStall {
+    pub since_ms: i64,
+    pub error: String,
+}
+
+/// The intake state as the API shows it: `{"stalled": false}`, or `{"stalled": true, "since":
+/// RFC 3339, "error": "database or disk is full"}`.
+pub fn intake_json(stall: Option<&IntakeStall>) -> serde_json::Value {
+    match stall {
+        None => json!({ "stalled": false }),
+        Some(s) => json!({
+            "stalled": true,
+            "since": util::fmt_rfc3339(s.since_ms),
+            "error": s.error,
+        }),
+    }
+}
+
 pub struct LogService {
     tx: std_mpsc::Sender<Msg>,
+    /// Whether storing logs currently fails (see [`IntakeStall`]).
+    intake: watch::Sender<Option<IntakeStall>>,
     budget: Arc<Semaphore>,
     /// Highest committed log_lines id.
     committed: watch::Receiver<i64>,
@@ -180,17 +230,25 @@ impl LogService {
         let (committed_tx, committed) = watch::channel(last_id);
         let mut writer = Writer::new(&mut conn)?;
         let handle = tokio::runtime::Handle::current();
+        let intake = watch::Sender::new(None);
+        let writer_intake = intake.clone();
         std::thread::Builder::new()
             .name("waypost-logs".into())
-            .spawn(move || writer.run(conn, rx, committed_tx, handle))
+            .spawn(move || writer.run(conn, rx, committed_tx, handle, writer_intake))
             .context("starting the log writer thread")?;
         Ok(LogService {
             tx,
+            intake,
             budget: Arc::new(Semaphore::new(QUEUE_BUDGET)),
             committed,
             db_path: db_path.to_path_buf(),
             reader: Arc::new(Mutex::new(open(db_path)?)),
         })
+    }
+
+    /// Some while storing logs fails.
+    pub fn intake_stall(&self) -> Option<IntakeStall> {
+        self.intake.borrow().clone()
     }
 
     /// H of an instance (for Welcome.log_acked_seq): committed, so never ahead of the truth.
@@ -268,9 +326,13 @@ impl LogService {
 #[derive(Clone)]
 struct Source {
     rowid: i64,
+    /// The app the instance's logs belong to: a batch of any other app is never stored here.
+    app: String,
     next_seq: u64,
     lost: u64,
     reported: u64,
+    /// The last batch was refused (see [`check_jump`]): one notice per run of refusals.
+    refusing: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -355,6 +417,7 @@ impl Writer {
         rx: std_mpsc::Receiver<Msg>,
         committed: watch::Sender<i64>,
         rt: tokio::runtime::Handle,
+        intake: watch::Sender<Option<IntakeStall>>,
     ) {
         loop {
             let first = match rx.recv_timeout(PRUNE_EVERY) {
@@ -401,6 +464,9 @@ impl Writer {
                 loop {
                     match self.commit(&mut conn, &items) {
                         Ok((acks, max_id)) => {
+                            if intake.send_replace(None).is_some() {
+                                tracing::info!("storing logs works again; log intake resumed");
+                            }
                             if max_id > 0 {
                                 committed.send_replace(max_id);
                             }
@@ -410,6 +476,23 @@ impl Writer {
                             break;
                         }
                         Err(e) => {
+                            // The outermost message ("database or disk is full"): rusqlite's
+                            // cause only repeats it with the code.
+                            let error = e.to_string();
+                            intake.send_if_modified(|st| match st {
+                                Some(s) if s.error == error => false,
+                                Some(s) => {
+                                    s.error = error.clone();
+                                    true
+                                }
+                                None => {
+                                    *st = Some(IntakeStall {
+                                        since_ms: util::now_ms(),
+                                        error: error.clone(),
+                                    });
+                                    true
+                                }
+                            });
                             tracing::error!(
                                 error = format!("{e:#}"),
                                 batches = items.len(),
@@ -457,19 +540,21 @@ impl Writer {
             self.sources.clear();
         }
         let hex = util::hex(id);
-        let row: Option<(i64, i64, i64, i64)> = conn
+        let row: Option<(i64, i64, i64, i64, String)> = conn
             .query_row(
-                "SELECT id, next_seq, lost, reported_dropped FROM log_sources WHERE instance = ?1",
+                "SELECT id, next_seq, lost, reported_dropped, app FROM log_sources WHERE instance = ?1",
                 [&hex],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
         let s = match row {
-            Some((rowid, next, lost, reported)) => Source {
+            Some((rowid, next, lost, reported, app)) => Source {
                 rowid,
+                app,
                 next_seq: next as u64,
                 lost: lost as u64,
                 reported: reported as u64,
+                refusing: false,
             },
             None => {
                 conn.execute(
@@ -478,9 +563,11 @@ impl Writer {
                 )?;
                 Source {
                     rowid: conn.last_insert_rowid(),
+                    app: app.to_string(),
                     next_seq: 0,
                     lost: 0,
                     reported: 0,
+                    refusing: false,
                 }
             }
         };
@@ -513,6 +600,63 @@ impl Writer {
                 let b = &item.batch;
                 let n = b.entries.len() as u64;
                 let h = src.next_seq;
+                if src.app != item.app {
+                    // Connections are bound to their instance's owner, so this means a bug:
+                    // never store one app's lines under another's instance.
+                    tracing::error!(
+                        instance = util::hex(&item.instance),
+                        app = item.app,
+                        owner = src.app,
+                        "refused a log batch for an instance of another app"
+                    );
+                    continue;
+                }
+                if let Err(allowed) = check_jump(h, b.first_seq, b.dropped) {
+                    // Not stored, not acknowledged, H unchanged; said once per run of refusals,
+                    // in the server's log and in the instance's own logs.
+                    if !src.refusing {
+                        let text = format!(
+                            "waypost server: refused log entries from sequence {} on: {} past the \
+                             last entry stored, more than an entrypoint can have dropped ({allowed} \
+                             at most); entries from sequence {h} on are still taken",
+                            b.first_seq,
+                            b.first_seq - h,
+                        );
+                        tracing::warn!(
+                            instance = util::hex(&item.instance),
+                            app = item.app,
+                            first_seq = b.first_seq,
+                            high_water = h,
+                            dropped = b.dropped,
+                            "refused a log batch whose sequence numbers jump too far"
+                        );
+                        insert.execute(params![
+                            item.app,
+                            src.rowid,
+                            h as i64,
+                            LogStream::Entrypoint as i64,
+                            util::now_ms() * 1000,
+                            false,
+                            0i64,
+                            text.as_bytes()
+                        ])?;
+                        max_id = max_id.max(tx.last_insert_rowid());
+                        let u = usage_delta.entry(item.app.as_str()).or_default();
+                        u.lines += 1;
+                        u.bytes += text.len() as u64;
+                        src.refusing = true;
+                    } else {
+                        tracing::debug!(
+                            instance = util::hex(&item.instance),
+                            first_seq = b.first_seq,
+                            high_water = h,
+                            "refused another log batch that jumps too far"
+                        );
+                    }
+                    touched.insert(item.instance, src);
+                    continue;
+                }
+                src.refusing = false;
                 // Entries below H are already stored (a resend): skip them.
                 let skip = h.saturating_sub(b.first_seq).min(n);
                 let start = b.first_seq + skip;
@@ -969,12 +1113,15 @@ async fn get_logs(
     }
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let mut committed = s.logs.committed.clone();
+    // Subscribed before the header is made, so a change after it reaches a follower.
+    let mut intake = s.logs.intake.subscribe();
+    let stall = intake.borrow().clone();
     let follow = q.follow;
     let mut shutdown = s.shutdown.clone();
     tokio::spawn(async move {
         // A follower ends with the server (the client sees the end of the stream).
         let res = tokio::select! {
-            r = stream_rows(conn, filter, instance_hex, tail, follow, &tx, &mut committed) => r,
+            r = stream_rows(conn, filter, instance_hex, tail, follow, &tx, &mut committed, &mut intake) => r,
             _ = super::wait_shutdown(&mut shutdown) => Ok(()),
         };
         if let Err(e) = res {
@@ -983,7 +1130,7 @@ async fn get_logs(
             let _ = tx.send(Bytes::from(line)).await;
         }
     });
-    Ok((
+    let mut resp = (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
@@ -991,7 +1138,25 @@ async fn get_logs(
         ],
         Body::new(ChannelBody { rx }),
     )
-        .into_response())
+        .into_response();
+    if let Some(stall) = &stall {
+        // A header, not a row: the body stays rows only. Non-ASCII would not be a valid value.
+        let v: String = intake_json(Some(stall))
+            .to_string()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(INTAKE_HEADER, v);
+        }
+    }
+    Ok(resp)
 }
 
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
@@ -999,6 +1164,10 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> 
         .await
         .context("database task panicked")
 }
+
+/// Response header of the logs endpoint while log intake is stalled: the JSON of
+/// [`intake_json`]. A follower is told of later changes by a `{"log_intake": {...}}` line.
+pub const INTAKE_HEADER: &str = "waypost-log-intake";
 
 /// Sends every matching row with `after < id <= upto` to `tx`, page by page. Returns the id to
 /// continue after. None: the client is gone.
@@ -1030,6 +1199,7 @@ async fn drain(
 
 /// Streams the matching rows into `tx`; then, when following, waits for commits and sends what
 /// is new, until the client goes away.
+#[allow(clippy::too_many_arguments)]
 async fn stream_rows(
     conn: Arc<Mutex<Connection>>,
     mut filter: Filter,
@@ -1038,6 +1208,7 @@ async fn stream_rows(
     follow: bool,
     tx: &mpsc::Sender<Bytes>,
     committed: &mut watch::Receiver<i64>,
+    intake: &mut watch::Receiver<Option<IntakeStall>>,
 ) -> Result<()> {
     // History is what is committed now (one consistent cut); every later commit wakes the
     // follower.
@@ -1071,6 +1242,18 @@ async fn stream_rows(
                 continue;
             }
             _ = tx.closed() => return Ok(()),
+            // Nothing new is committed while intake is stalled: say why, and when it resumes.
+            r = intake.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let state = intake_json(intake.borrow_and_update().as_ref());
+                let line = json!({ "log_intake": state }).to_string() + "\n";
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
         }
         let wait = FOLLOW_MIN_INTERVAL.saturating_sub(last_query.elapsed());
         if !wait.is_zero() {
@@ -1287,6 +1470,127 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn jump_window() {
+        // Gaps the entrypoint can explain: up to its buffer's worth beyond what it reports.
+        assert_eq!(check_jump(10, 5, 0), Ok(()), "a resend");
+        assert_eq!(check_jump(10, 10, 0), Ok(()));
+        assert_eq!(check_jump(10, 10 + UNREPORTED_GAP, 0), Ok(()));
+        assert_eq!(check_jump(10, 11 + UNREPORTED_GAP, 0), Err(UNREPORTED_GAP));
+        assert_eq!(
+            check_jump(10, 11 + UNREPORTED_GAP, 1),
+            Ok(()),
+            "one reported drop"
+        );
+        assert_eq!(check_jump(0, 1 << 40, 0), Err(UNREPORTED_GAP));
+        assert_eq!(check_jump(0, u64::MAX, u64::MAX), Ok(()), "no overflow");
+        // At least what the largest buffer holds (1 GiB of empty lines), and nowhere near 2^63.
+        const { assert!(UNREPORTED_GAP >= (1 << 30) / 16) };
+        const { assert!(UNREPORTED_GAP < 1 << 32) };
+    }
+
+    #[test]
+    fn a_jump_too_far_is_refused_and_the_source_keeps_working() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let a = [3u8; 16];
+        w.commit(&mut conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
+            .unwrap();
+        // Two refused batches in a row: no ack, one notice, H unchanged.
+        let huge = 1u64 << 40;
+        let (acks, _) = w
+            .commit(
+                &mut conn,
+                &[
+                    item(a, huge, &["forged"], &credits),
+                    item(a, huge + 1, &["forged2"], &credits),
+                ],
+            )
+            .unwrap();
+        assert!(acks.is_empty(), "a refused batch is not acknowledged");
+        let h = |c: &Connection| -> i64 {
+            c.query_row("SELECT next_seq FROM log_sources", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(h(&conn), 3);
+        // The instance's real next lines are still stored.
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 3, &["l3"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 4);
+        // A later refusal is noticed again (a new run of them); the writer's cache and the
+        // database agree after a restart of the writer.
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, huge, &["forged3"], &credits)])
+            .unwrap();
+        assert!(acks.is_empty());
+        assert_eq!(h(&conn), 4);
+        let texts: Vec<String> = all(&conn)
+            .iter()
+            .map(|r| r["text"].as_str().unwrap_or("?").to_string())
+            .collect();
+        assert_eq!(texts.len(), 6, "{texts:?}");
+        assert_eq!(&texts[..3], ["l0", "l1", "l2"]);
+        assert!(
+            texts[3]
+                .starts_with("waypost server: refused log entries from sequence 1099511627776 on"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[3].contains("from sequence 3 on are still taken"),
+            "{texts:?}"
+        );
+        assert_eq!(texts[4], "l3");
+        assert!(
+            texts[5].contains("from sequence 4 on are still taken"),
+            "{texts:?}"
+        );
+        assert!(!texts.iter().any(|t| t.starts_with("forged")));
+        // Negative control: a gap the batch's dropped count explains is a loss, not a refusal.
+        let mut ok = item(
+            a,
+            4 + UNREPORTED_GAP + 5,
+            &["after a long outage"],
+            &credits,
+        );
+        ok.batch.dropped = 5;
+        let (acks, _) = w.commit(&mut conn, &[ok]).unwrap();
+        assert_eq!(acks[0].1, 4 + UNREPORTED_GAP + 6);
+    }
+
+    #[test]
+    fn another_apps_batch_is_never_stored_under_an_instance() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let b = [4u8; 16];
+        w.commit(&mut conn, &[item(b, 0, &["b0"], &credits)])
+            .unwrap();
+        let mut from_a = item(b, 1, &["from a"], &credits);
+        from_a.app = "other".into();
+        let (acks, _) = w.commit(&mut conn, &[from_a]).unwrap();
+        assert!(acks.is_empty());
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM log_lines", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        // Also when the writer starts cold (the source comes from the database).
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let mut from_a = item(b, 1, &["from a"], &credits);
+        from_a.app = "other".into();
+        assert!(w.commit(&mut conn, &[from_a]).unwrap().0.is_empty());
+        let (acks, _) = w
+            .commit(&mut conn, &[item(b, 1, &["b1"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 2);
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! `waypost server run`: one process, one SQLite file, two listeners (control, API).
 //!
-//! Start-up order: data dir → database (migrate; rows left live by a crash become "lost") →
-//! PKI → bind listeners → admin token + CLI context → `server.json` → serve until SIGTERM/SIGINT.
+//! Start-up order: umask 077 → data dir (0700; modes checked) → database (migrate; rows left
+//! live by a crash become "lost") → PKI → bind listeners → admin token + CLI context →
+//! `server.json` → serve until SIGTERM/SIGINT.
+//!
+//! The data dir holds secrets (the database has the CA and server private keys, `admin-token`
+//! the admin token), so it is owner-only: see [`PRIVATE_UMASK`] and [`check_data_dir`]. The admin
+//! token never goes to the server's output unless that output is a terminal.
 
 pub mod api;
 pub mod auth;
@@ -30,6 +35,31 @@ use tokio_rustls::TlsAcceptor;
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// On shutdown, connections get this long to close before the process exits anyway.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's umask, set before it creates anything: every file it creates is then 0600 and
+/// every directory 0700, whatever umask it was started with. It has to be the umask (not only
+/// explicit modes on our own files): SQLite creates the database and its -wal/-shm files itself
+/// (the -wal/-shm with the database's mode), and they hold the CA and server private keys.
+const PRIVATE_UMASK: u32 = 0o077;
+
+/// Where a newly minted admin token goes when stdout is not a terminal (a service's stdout ends up
+/// in journald or a container log, readable by more people than the token should be).
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Files in the data dir that are the server's own (`server.log` is written by `waypost up`'s
+/// background server). A looser mode on one of them (an older version, a restore from a backup)
+/// is tightened to 0600 at start, with a warning; anything else in the data dir is the user's
+/// and only gets a warning.
+const OWNED_FILES: &[&str] = &[
+    "waypost.db",
+    "waypost.db-wal",
+    "waypost.db-shm",
+    "server.json",
+    "server.lock",
+    "server.log",
+    "ca.pem",
+    ADMIN_TOKEN_FILE,
+];
 
 /// Options of `waypost server run`.
 #[derive(Debug, Clone)]
@@ -133,6 +163,59 @@ fn create_data_dir(dir: &std::path::Path) -> Result<()> {
         .with_context(|| format!("creating the data directory {}", dir.display()))
 }
 
+/// Checks the modes in an existing data dir (a new one is 0700 and empty). The directory itself
+/// only gets a warning: it may be a path the operator chose and shares on purpose (a volume, a
+/// backup target), and with its files 0600 nothing secret is exposed through it. The server's own
+/// files ([`OWNED_FILES`]) are tightened to 0600 (with a warning), since they hold the keys and
+/// nobody else has a reason to read them; other files are left alone and named in a warning.
+/// Symlinks are not followed (and not chmod'ed).
+fn check_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "the data directory {} has mode {mode:04o}: other users can look into it; \
+             it holds the server's private keys, make it 0700 (chmod 700 {})",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() || mode & 0o077 == 0 {
+            continue;
+        }
+        let owned = meta.is_file()
+            && entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| OWNED_FILES.contains(&n));
+        if owned {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} 0600", path.display()))?;
+            tracing::warn!(
+                "{} had mode {mode:04o} (readable by other users); changed it to 0600",
+                path.display()
+            );
+        } else {
+            tracing::warn!(
+                "{} in the data directory has mode {mode:04o}: other users can read it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Raises the soft open-files limit to the hard limit: each instance holds one socket, and the
 /// usual soft default (1024) would cap a server at about a thousand instances.
 fn raise_fd_limit() {
@@ -162,11 +245,13 @@ fn raise_fd_limit() {
 /// never share one database. The kernel drops the lock when the process dies, even by SIGKILL.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join("server.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock(2) on a descriptor we own for the duration of the call; no memory involved.
@@ -264,6 +349,9 @@ pub async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub fn run(opts: Options) -> Result<()> {
+    // First of all, before any file is created (see PRIVATE_UMASK). Process-wide and before the
+    // runtime's threads exist.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(PRIVATE_UMASK));
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -283,6 +371,8 @@ async fn run_async(opts: Options) -> Result<()> {
     raise_fd_limit();
     create_data_dir(&opts.data_dir)?;
     let _lock = lock_data_dir(&opts.data_dir)?;
+    // Under the lock: a second server refused above must not touch a running one's files.
+    check_data_dir(&opts.data_dir)?;
     let db_path = opts.data_dir.join("waypost.db");
     let st = store::Store::open(&db_path)?;
     let now = util::now_ms();
@@ -294,7 +384,7 @@ async fn run_async(opts: Options) -> Result<()> {
         );
     }
     let pki = st.with(|c| pki::load_or_create(c, &pki::wanted_sans(&opts.tls_san)))?;
-    util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o644)?;
+    util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o600)?;
 
     let control_tls = TlsAcceptor::from(pki::server_config(&pki, &[waypost_proto::ALPN])?);
     let api_tls = TlsAcceptor::from(pki::server_config(&pki, &[b"http/1.1"])?);
@@ -317,7 +407,18 @@ async fn run_async(opts: Options) -> Result<()> {
     println!("waypost: api listening on {api_local}");
     println!("waypost: ingress listening on {ingress_local}");
     if minted {
-        println!("waypost: admin token: {admin_token}");
+        // Shown once to a person at a terminal; otherwise stdout is a log (journald, a container
+        // log, `waypost up`'s server.log) and the token goes to an owner-only file instead.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!("waypost: admin token: {admin_token}");
+        } else {
+            let path = opts.data_dir.join(ADMIN_TOKEN_FILE);
+            util::write_atomic(&path, format!("{admin_token}\n").as_bytes(), 0o600)?;
+            println!(
+                "waypost: admin token written to {} (mode 0600)",
+                path.display()
+            );
+        }
         match &ctx_path {
             Some(p) => println!(
                 "waypost: CLI context written to {} (the CLI needs no setup)",
@@ -336,7 +437,7 @@ async fn run_async(opts: Options) -> Result<()> {
         "version": crate::VERSION,
     });
     let server_json = opts.data_dir.join("server.json");
-    util::write_atomic(&server_json, format!("{info:#}\n").as_bytes(), 0o644)?;
+    util::write_atomic(&server_json, format!("{info:#}\n").as_bytes(), 0o600)?;
     tracing::info!(data_dir = %opts.data_dir.display(), control = %control_local, api = %api_local, "waypost server started");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

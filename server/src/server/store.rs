@@ -51,6 +51,10 @@ const MIGRATIONS: &[&str] = &[
     super::config::MIGRATION,
     // 3: logs (issue 5).
     super::logs::MIGRATION,
+    // 4: an instance id is bound to the token that first registered it (with its app and
+    // deployment), so another token cannot take it over. NULL: recorded before this column
+    // existed; such a row binds on app and deployment, and takes the token of its next Hello.
+    "ALTER TABLE instances ADD COLUMN token_hash TEXT;",
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -350,6 +354,18 @@ pub struct Connected {
     pub entrypoint_version: String,
     /// Random per connection (see `live::LiveInstance::session`).
     pub session: i64,
+    /// Hash of the token of the Hello: with app and deployment, the owner of the id.
+    pub token_hash: String,
+}
+
+impl Connected {
+    fn owner(&self) -> super::live::Owner {
+        super::live::Owner {
+            app: self.app.clone(),
+            deployment: self.deployment.clone(),
+            token_hash: self.token_hash.clone(),
+        }
+    }
 }
 
 /// One row of instance history.
@@ -393,23 +409,56 @@ fn status_params(s: &ChildStatus) -> [Box<dyn rusqlite::ToSql + '_>; 9] {
 /// Inserts the instance, or revives its row if the same instance id was seen before, and
 /// returns the child status to keep in memory: the row's previous status (so a reconnect keeps
 /// the last exit) with the Hello's status folded in.
+///
+/// The id must be free or already the caller's: `Ok(Err(conflict))`, with nothing written, if
+/// its row (live or gone) was recorded under another app, deployment or token, or its logs under
+/// another app. This is the binding's source of truth: the check and the write are one
+/// transaction, so of two Hellos racing for a new id the second finds the first's row.
 pub fn upsert_connected(
     conn: &mut Connection,
     c: &Connected,
     hello_status: Option<&waypost_proto::Status>,
     now: i64,
-) -> Result<ChildStatus> {
+) -> Result<Result<ChildStatus, super::live::Conflict>> {
     // IMMEDIATE: this reads, then writes; a deferred transaction would fail at once (not after
-    // the busy timeout) if another connection (the log writer) committed in between.
+    // the busy timeout) if another connection (the log writer) committed in between. It also
+    // takes the write lock before the read, which makes the owner check and the insert atomic.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut status = tx
+    let row = tx
         .query_row(
-            &format!("SELECT {STATUS_COLS} FROM instances WHERE id = ?1"),
+            &format!(
+                "SELECT app, deployment, token_hash, {STATUS_COLS} FROM instances WHERE id = ?1"
+            ),
             [&c.id],
-            |r| status_from_row(r, 0),
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    status_from_row(r, 3)?,
+                ))
+            },
         )
-        .optional()?
-        .unwrap_or_default();
+        .optional()?;
+    let owner = c.owner();
+    if let Some((app, deployment, token, _)) = &row {
+        if let Some(conflict) = owner.conflict(app, deployment, token.as_deref()) {
+            return Ok(Err(conflict));
+        }
+    }
+    // Logs outlive instance rows in principle (and are stored per instance id): they must never
+    // be appended to another app's.
+    let log_app: Option<String> = tx
+        .query_row(
+            "SELECT app FROM log_sources WHERE instance = ?1",
+            [&c.id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if log_app.is_some_and(|a| a != c.app) {
+        return Ok(Err(super::live::Conflict::App));
+    }
+    let mut status = row.map(|r| r.3).unwrap_or_default();
     if let Some(s) = hello_status {
         status.apply(s);
     }
@@ -425,14 +474,18 @@ pub fn upsert_connected(
         ];
         p.extend(status_params(&status));
         p.push(Box::new(c.session));
+        p.push(Box::new(&c.token_hash));
+        // The owner columns are checked above and never change on a revival; a row recorded
+        // without a token takes this one's.
         tx.execute(
         "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
-             child_cpu_ms, starts, config_version, session)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+             child_cpu_ms, starts, config_version, session, token_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
          ON CONFLICT (id) DO UPDATE SET
-             app = excluded.app, deployment = excluded.deployment, hostname = excluded.hostname,
+             token_hash = COALESCE(instances.token_hash, excluded.token_hash),
+             hostname = excluded.hostname,
              entrypoint_pid = excluded.entrypoint_pid,
              entrypoint_version = excluded.entrypoint_version,
              connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at,
@@ -446,7 +499,7 @@ pub fn upsert_connected(
     )?;
     }
     tx.commit()?;
-    Ok(status)
+    Ok(Ok(status))
 }
 
 const STATUS_COLS: &str = "child_state, child_pid, exit_code, exit_signal, oom_killed, \
@@ -586,6 +639,153 @@ mod tests {
             entrypoint_pid: 1,
             entrypoint_version: "0.1.0".into(),
             session: 1,
+            token_hash: "t".into(),
+        }
+    }
+
+    fn app_of(c: &Connection, id: &str) -> (String, String, Option<String>, i64) {
+        c.query_row(
+            "SELECT app, deployment, token_hash, session FROM instances WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_instance_id_stays_with_its_first_owner() {
+        use super::super::live::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        create_app(&c, "b", 1).unwrap();
+        upsert_connected(&mut c, &connected("bb", "b"), None, 10)
+            .unwrap()
+            .unwrap();
+        let before = app_of(&c, "bb");
+        let other_app = Connected {
+            session: 2,
+            ..connected("bb", "a")
+        };
+        let other_dep = Connected {
+            session: 3,
+            deployment: "d".into(),
+            ..connected("bb", "b")
+        };
+        let other_token = Connected {
+            session: 4,
+            token_hash: "u".into(),
+            ..connected("bb", "b")
+        };
+        for (who, want) in [
+            (&other_app, Conflict::App),
+            (&other_dep, Conflict::Deployment),
+            (&other_token, Conflict::Token),
+        ] {
+            assert_eq!(upsert_connected(&mut c, who, None, 20).unwrap(), Err(want));
+            assert_eq!(app_of(&c, "bb"), before, "nothing written");
+        }
+        // Gone (exited or lost) rows stay bound too.
+        mark_disconnected(&c, "bb", 1, 30, &ChildStatus::default(), 31).unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &other_app, None, 40).unwrap(),
+            Err(Conflict::App)
+        );
+        assert_eq!(list_instances(&c, Some("a"), true).unwrap().len(), 0);
+        // The owner's reconnect revives it (negative control).
+        let again = Connected {
+            session: 5,
+            ..connected("bb", "b")
+        };
+        assert!(upsert_connected(&mut c, &again, None, 50).unwrap().is_ok());
+        assert_eq!(app_of(&c, "bb").3, 5);
+    }
+
+    #[test]
+    fn rows_from_before_token_binding_bind_on_app_and_deployment() {
+        use super::super::live::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        create_app(&c, "b", 1).unwrap();
+        upsert_connected(&mut c, &connected("old", "b"), None, 10)
+            .unwrap()
+            .unwrap();
+        c.execute("UPDATE instances SET token_hash = NULL", [])
+            .unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &connected("old", "a"), None, 20).unwrap(),
+            Err(Conflict::App)
+        );
+        // Same app and deployment, any token: allowed, and the row now holds that token.
+        let t2 = Connected {
+            token_hash: "t2".into(),
+            ..connected("old", "b")
+        };
+        assert!(upsert_connected(&mut c, &t2, None, 30).unwrap().is_ok());
+        assert_eq!(app_of(&c, "old").2.as_deref(), Some("t2"));
+        assert_eq!(
+            upsert_connected(&mut c, &connected("old", "b"), None, 40).unwrap(),
+            Err(Conflict::Token)
+        );
+    }
+
+    #[test]
+    fn logs_of_an_id_bind_it_to_their_app() {
+        use super::super::live::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        c.execute(
+            "INSERT INTO log_sources (instance, app) VALUES ('ll', 'b')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &connected("ll", "a"), None, 10).unwrap(),
+            Err(Conflict::App)
+        );
+        assert!(
+            upsert_connected(&mut c, &connected("ll", "b"), None, 10)
+                .unwrap()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn racing_hellos_for_a_new_id_bind_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.db");
+        let st = Store::open(&path).unwrap();
+        st.with(|c| {
+            create_app(c, "a", 1)?;
+            create_app(c, "b", 1)
+        })
+        .unwrap();
+        for round in 0..20 {
+            let id = format!("race{round}");
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|app| {
+                    // Separate connections: SQLite's locking decides, not the Store's mutex.
+                    let mut conn = Connection::open(&path).unwrap();
+                    conn.busy_timeout(std::time::Duration::from_secs(5))
+                        .unwrap();
+                    let (id, barrier) = (id.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        upsert_connected(&mut conn, &connected(&id, app), None, 1)
+                            .unwrap()
+                            .is_ok()
+                    })
+                })
+                .collect();
+            let won: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert_eq!(
+                won.iter().filter(|w| **w).count(),
+                1,
+                "round {round}: {won:?}"
+            );
+            let winner = if won[0] { "a" } else { "b" };
+            assert_eq!(st.with(|c| Ok(app_of(c, &id).0)).unwrap(), winner);
         }
     }
 
@@ -640,7 +840,9 @@ mod tests {
     fn instance_lifecycle() {
         let mut c = mem();
         create_app(&c, "web", 1).unwrap();
-        upsert_connected(&mut c, &connected("aa", "web"), None, 10).unwrap();
+        upsert_connected(&mut c, &connected("aa", "web"), None, 10)
+            .unwrap()
+            .unwrap();
         let mut st = ChildStatus::default();
         st.apply(&waypost_proto::Status {
             state: 2,
@@ -668,7 +870,9 @@ mod tests {
         assert_eq!(rows[0].disconnected_at, Some(31));
 
         // Reconnect revives the row; the last exit is kept.
-        let st = upsert_connected(&mut c, &connected("aa", "web"), None, 40).unwrap();
+        let st = upsert_connected(&mut c, &connected("aa", "web"), None, 40)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             st.exit_code,
             Some(3),
@@ -690,10 +894,14 @@ mod tests {
         create_app(&c, "a", 1).unwrap();
         for i in 0..(GONE_PER_APP + 5) {
             let id = format!("{i:04}");
-            upsert_connected(&mut c, &connected(&id, "a"), None, i).unwrap();
+            upsert_connected(&mut c, &connected(&id, "a"), None, i)
+                .unwrap()
+                .unwrap();
             mark_disconnected(&c, &id, 1, i, &ChildStatus::default(), 1000 + i).unwrap();
         }
-        upsert_connected(&mut c, &connected("live", "a"), None, 5).unwrap();
+        upsert_connected(&mut c, &connected("live", "a"), None, 5)
+            .unwrap()
+            .unwrap();
         let rows = list_instances(&c, Some("a"), true).unwrap();
         assert_eq!(rows.len() as i64, GONE_PER_APP + 1);
         assert_eq!(rows[0].id, "live");

@@ -1,0 +1,12 @@
+//! Security and reliability, adversarially: every finding of the second wave's security review
+//! run as an integration test against the real server, the real entrypoint and real children.
+//! Each submodule is one finding (or a family of them); each test has its own temp dir and
+//! binds port 0.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod datadir;
+mod matrix;
+mod preauth;
+mod takeover;
