@@ -17,8 +17,17 @@ use waypost_proto::parse_size;
 pub const DEFAULT_PORT: u16 = 5000;
 /// Upper bound for `WAYPOST_LOG_BUFFER`: more would only hide a server that never reads.
 pub const MAX_LOG_BUFFER: u64 = 1 << 30;
+/// Default `WAYPOST_FLUSH_TIMEOUT`: after the child exits, how long the server gets to take the
+/// last log lines and the final status (long enough to ride out a quick server restart).
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Lower bound for `WAYPOST_LOG_BUFFER`: one longest log entry (a line cut at the 64 KiB cap;
+/// the ring adds room for its header on top). Any less and a single long line could never be
+/// buffered at all: every such entry would be dropped the moment it was made.
+pub const MIN_LOG_BUFFER: u64 = crate::logs::LINE_CAP as u64;
 
-/// Variables that carry credentials: never passed to the child or to exec sessions.
+/// Variables that carry credentials: never passed to the child or to exec sessions, and blanked
+/// in the entrypoint's own environment once parsed. (`HTTPS_PROXY` could carry some too, but a
+/// proxy URL with credentials is refused outright, so a proxy variable never holds a secret.)
 pub const SECRET_VARS: [&str; 3] = ["WAYPOST_TOKEN", "WAYPOINT_CEB_INVITE_TOKEN", "WAYPOINT_CEB_TOKEN"];
 
 /// Where trust anchors for the server's certificate come from.
@@ -81,6 +90,10 @@ pub struct Settings {
     pub log_level: Level,
     /// `WAYPOST_LOG_BUFFER`, bytes.
     pub log_buffer: u64,
+    /// `WAYPOST_LOG_MODE`: what a full log buffer does.
+    pub log_mode: crate::logs::LogMode,
+    /// `WAYPOST_FLUSH_TIMEOUT`.
+    pub flush_timeout: Duration,
     /// `PORT`: the app's port for the URL service.
     pub port: u16,
     /// Whether `PORT` was set; if not, the child gets `PORT=5000`.
@@ -182,11 +195,19 @@ impl Settings {
             log_buffer: match env.get("WAYPOST_LOG_BUFFER", None)? {
                 None => 1 << 20,
                 Some((name, v)) => match parse_size(&v) {
-                    Ok(n) if n <= MAX_LOG_BUFFER => n,
+                    Ok(n) if (MIN_LOG_BUFFER..=MAX_LOG_BUFFER).contains(&n) => n,
+                    Ok(n) if n < MIN_LOG_BUFFER => {
+                        return Err(Error::Env { name, why: format!("{v:?} is below the 64KiB minimum (one longest log line)") });
+                    }
                     Ok(_) => return Err(Error::Env { name, why: format!("{v:?} is over the 1GiB limit") }),
                     Err(why) => return Err(Error::Env { name, why }),
                 },
             },
+            log_mode: match env.get("WAYPOST_LOG_MODE", None)? {
+                None => crate::logs::LogMode::Drop,
+                Some((name, v)) => crate::logs::LogMode::parse(&v).ok_or_else(|| Error::Env { name, why: format!("{v:?} is not drop or block") })?,
+            },
+            flush_timeout: env.duration("WAYPOST_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)?,
             port,
             port_set,
             https_proxy,
@@ -206,7 +227,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-const KNOWN: [&str; 19] = [
+const KNOWN: [&str; 21] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
@@ -225,6 +246,8 @@ const KNOWN: [&str; 19] = [
     "WAYPOST_SIGNAL_GROUP",
     "WAYPOST_LOG_LEVEL",
     "WAYPOST_LOG_BUFFER",
+    "WAYPOST_LOG_MODE",
+    "WAYPOST_FLUSH_TIMEOUT",
     // Read by the server-side CLI, harmless here; not worth a warning.
     "WAYPOST_DATA_DIR",
 ];
@@ -256,7 +279,7 @@ impl Env<'_> {
     fn flag(&self, name: &'static str, alias: Option<&'static str>) -> Result<bool, Error> {
         match self.get(name, alias)? {
             None => Ok(false),
-            Some((n, v)) => parse_bool(&v).ok_or_else(|| Error::Env { name: n, why: format!("{v:?} is not a boolean (1/0, true/false)") }),
+            Some((n, v)) => parse_bool(&v).ok_or_else(|| Error::Env { name: n, why: format!("{v:?} is not a boolean ({BOOL_WORDS})") }),
         }
     }
 
@@ -268,7 +291,10 @@ impl Env<'_> {
     }
 }
 
-/// `1/0`, `true/false`, `yes/no`, `on/off`, any case.
+/// What [`parse_bool`] accepts, as the error message lists it.
+pub const BOOL_WORDS: &str = "1/0, true/false, yes/no, on/off, any case";
+
+/// `1/0`, `true/false`, `yes/no`, `on/off`, any case ([`BOOL_WORDS`]: keep the two in step).
 pub fn parse_bool(s: &str) -> Option<bool> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -442,7 +468,15 @@ mod tests {
             assert_eq!(parse_bool(s), Some(false));
         }
         assert_eq!(parse_bool("2"), None);
-        assert!(env_error(&[("WAYPOST_SIGNAL_GROUP", "maybe")]).contains("WAYPOST_SIGNAL_GROUP"));
+        let e = env_error(&[("WAYPOST_SIGNAL_GROUP", "maybe")]);
+        assert!(e.contains("WAYPOST_SIGNAL_GROUP"), "{e}");
+        // The message lists exactly the accepted words: every one it names parses, both ways.
+        let listed: Vec<&str> = BOOL_WORDS.split(", ").filter(|w| w.contains('/')).flat_map(|w| w.split('/')).collect();
+        assert_eq!(listed.len(), 8, "{BOOL_WORDS}");
+        for w in listed {
+            assert!(e.contains(w), "{e} should list {w}");
+            assert!(parse_bool(w).is_some() && parse_bool(&w.to_ascii_uppercase()).is_some(), "{w}");
+        }
     }
 
     #[test]
@@ -453,6 +487,9 @@ mod tests {
         assert!(env_error(&[("WAYPOST_LOG_LEVEL", "LOUD")]).contains("TRACE"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "lots")]).contains("WAYPOST_LOG_BUFFER"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "2GiB")]).contains("limit"));
+        assert!(env_error(&[("WAYPOST_LOG_BUFFER", "1")]).contains("minimum"));
+        assert!(env_error(&[("WAYPOST_LOG_BUFFER", "65535")]).contains("minimum"));
+        assert_eq!(parse(&[("WAYPOST_LOG_BUFFER", "64KiB")]).unwrap().log_buffer, MIN_LOG_BUFFER);
         assert!(env_error(&[("WAYPOST_SERVER", "nohost")]).contains("host:port"));
         assert!(env_error(&[("WAYPOST_SERVER", "h:99999")]).contains("port"));
         assert!(env_error(&[("PORT", "http")]).contains("PORT"));
@@ -481,6 +518,20 @@ mod tests {
         assert_eq!(s.log_level, Level::Error);
         // A malformed legacy value is still an error, named by its own name.
         assert!(env_error(&[("WAYPOINT_CEB_DISABLE", "sure")]).contains("WAYPOINT_CEB_DISABLE"));
+    }
+
+    #[test]
+    fn log_mode_and_flush_timeout() {
+        let s = parse(&[]).unwrap();
+        assert_eq!((s.log_mode, s.flush_timeout), (crate::logs::LogMode::Drop, DEFAULT_FLUSH_TIMEOUT));
+        let s = parse(&[("WAYPOST_LOG_MODE", "BLOCK"), ("WAYPOST_FLUSH_TIMEOUT", "0s")]).unwrap();
+        assert_eq!((s.log_mode, s.flush_timeout), (crate::logs::LogMode::Block, Duration::ZERO));
+        assert_eq!(parse(&[("WAYPOST_FLUSH_TIMEOUT", "1m30s")]).unwrap().flush_timeout, Duration::from_secs(90));
+        let e = env_error(&[("WAYPOST_LOG_MODE", "blocking")]);
+        assert!(e.contains("WAYPOST_LOG_MODE") && e.contains("drop or block"), "{e}");
+        let e = env_error(&[("WAYPOST_FLUSH_TIMEOUT", "soon")]);
+        assert!(e.contains("WAYPOST_FLUSH_TIMEOUT") && e.contains("soon"), "{e}");
+        assert!(parse(&[("WAYPOST_LOG_MODE", "drop"), ("WAYPOST_FLUSH_TIMEOUT", "5s")]).unwrap().unknown.is_empty());
     }
 
     #[test]

@@ -50,7 +50,7 @@ Configured by environment variables:
   WAYPOST_STOP_TIMEOUT     SIGKILL this long after a forwarded SIGTERM/SIGINT/SIGQUIT (default 30s)
   WAYPOST_SIGNAL_GROUP     1: forward signals to CMD's whole process group
   WAYPOST_LOG_LEVEL        TRACE DEBUG INFO WARN ERROR (default DEBUG)
-  WAYPOST_LOG_BUFFER       log bytes kept while the server is unreachable (default 1MiB)
+  WAYPOST_LOG_BUFFER       log bytes kept while the server is unreachable (default 1MiB, min 64KiB)
   PORT                     the app's port for the URL service (default: CMD gets PORT=5000)
   HTTPS_PROXY / NO_PROXY   reach the server through an HTTP CONNECT proxy
 ";
@@ -99,6 +99,14 @@ pub fn main() -> i32 {
         Err(e) => return reactor::fail_early(&e),
     };
     logger::set_level(settings.log_level);
+    // The settings hold the token now. Before any thread, child or connection exists, blank our
+    // own copy in the environment block (the app, running as our user, could read it in
+    // /proc/PID/environ) and close /proc/PID/mem and ptrace to our user. The child's environment
+    // is built from what is left, minus the same names.
+    sys::environ::scrub(&config::SECRET_VARS);
+    if let Err(e) = sys::environ::forbid_inspection() {
+        crate::warn!("cannot mark the entrypoint non-dumpable (its memory stays readable by the app's user): {e}");
+    }
     reactor::run(settings, argv)
 }
 

@@ -6,9 +6,12 @@
 //!   [`LINE_IDLE`] without more bytes, so prompts and progress bars show.
 //! - Entry `i` has sequence number `i`; batches say their first sequence number, so the server
 //!   can de-duplicate a batch resent after a reconnect and see gaps.
-//! - The ring holds at most `cap` bytes (`WAYPOST_LOG_BUFFER`); when a new entry does not fit,
-//!   the oldest go (even if sent but unacknowledged) and are counted; the count travels with the
-//!   next batch. The child is never slowed down by the server.
+//! - The ring holds at most `cap` bytes (`WAYPOST_LOG_BUFFER`). In [`LogMode::Drop`] (the
+//!   default), when a new entry does not fit the oldest go (even if sent but unacknowledged) and
+//!   are counted; the count travels with the next batch, and the child is never slowed down by
+//!   the server. In [`LogMode::Block`], [`Logs::handle_output`] takes only what fits and the
+//!   reactor keeps the rest (and stops reading the child's pipe), so the child's writes wait for
+//!   the server's acknowledgements instead of anything being dropped.
 //! - Batches are encoded straight from the ring into the connection's send buffer (no per-line
 //!   allocation on the hot path), in exactly the bytes prost would produce for a `LogBatch`.
 
@@ -27,6 +30,31 @@ pub const BATCH_AGE: Duration = Duration::from_millis(50);
 pub const BATCH_BYTES: usize = 64 * 1024;
 /// What an entry's metadata costs against the buffer cap (a [`Meta`] is 16 bytes in memory).
 const HEADER: usize = 16;
+/// In block mode, the part of the buffer the app's lines may not use: the entrypoint's own
+/// lines (a stalled server makes it warn) still fit without pushing out an app line — a few
+/// dozen of our lines, a sliver of the smallest buffer.
+const OWN_RESERVE: usize = 8 * 1024;
+
+/// What a full buffer does (`WAYPOST_LOG_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// The oldest entries go and are counted: the app never waits for the server.
+    Drop,
+    /// The app's output waits until the server's acknowledgements make room: nothing is dropped
+    /// while the entrypoint runs (docker's `mode=blocking`).
+    Block,
+}
+
+impl LogMode {
+    /// `drop` or `block`, any case.
+    pub fn parse(s: &str) -> Option<LogMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "drop" => Some(LogMode::Drop),
+            "block" => Some(LogMode::Block),
+            _ => None,
+        }
+    }
+}
 
 /// An entry's metadata; its bytes are in `Logs::data`, back to back with the others'.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +73,11 @@ struct Partial {
     ts: i64,
     /// When the last byte arrived (for the idle flush).
     last: Option<Instant>,
+    /// The stream ended: ship the rest as soon as it fits.
+    eof: bool,
+    /// Block mode: the last bytes offered were not all taken, so the line goes on in bytes
+    /// still waiting upstream; it is not idle and must not be cut.
+    stalled: bool,
 }
 
 pub struct Logs {
@@ -53,6 +86,7 @@ pub struct Logs {
     data: ByteRing,
     /// Bound on `data.len() + meta.len() * HEADER`.
     cap: usize,
+    mode: LogMode,
     front_seq: u64,
     next_seq: u64,
     /// Next entry to send and its byte offset in `data`.
@@ -68,8 +102,8 @@ pub struct Logs {
 }
 
 impl Logs {
-    /// `cap`: `WAYPOST_LOG_BUFFER`, bytes.
-    pub fn new(cap: usize) -> Logs {
+    /// `cap`: `WAYPOST_LOG_BUFFER`, bytes; `mode`: `WAYPOST_LOG_MODE`.
+    pub fn new(cap: usize, mode: LogMode) -> Logs {
         Logs {
             meta: VecDeque::new(),
             data: ByteRing::default(),
@@ -77,6 +111,7 @@ impl Logs {
             // `cap` bytes of lines fit (a 1 MiB line in sixteen 64 KiB pieces in the default
             // 1 MiB), while a flood of empty lines stays bounded by the same ring.
             cap: cap + cap / 1024 + HEADER,
+            mode,
             front_seq: 0,
             next_seq: 0,
             send_seq: 0,
@@ -108,9 +143,26 @@ impl Logs {
         self.data.len() + self.meta.len() * HEADER
     }
 
-    /// Bytes the child wrote on `stream` (Stdout or Stderr). `wall_us`: now, Unix µs.
-    pub fn handle_output(&mut self, stream: LogStream, mut bytes: &[u8], wall_us: i64, now: Instant) {
+    /// Whether an entry of `len` bytes of the app's output may be added now. Drop mode: always
+    /// (the oldest make room). Block mode: if it fits beside everything unacknowledged, short of
+    /// the own-line reserve — or if it could never fit and nothing is held (it is then dropped
+    /// as in drop mode, rather than stall the app for good).
+    fn admits(&self, len: usize) -> bool {
+        match self.mode {
+            LogMode::Drop => true,
+            LogMode::Block => {
+                let app_cap = self.cap.saturating_sub(OWN_RESERVE).max(self.cap / 2);
+                self.held() + HEADER + len <= app_cap || self.meta.is_empty()
+            }
+        }
+    }
+
+    /// Bytes the child wrote on `stream` (Stdout or Stderr). `wall_us`: now, Unix µs. Returns
+    /// how many were taken: all of them in drop mode; in block mode only whole entries that fit
+    /// (the caller offers the rest again later, see [`Logs::blocked`]).
+    pub fn handle_output(&mut self, stream: LogStream, offered: &[u8], wall_us: i64, now: Instant) -> usize {
         let i = if stream == LogStream::Stderr { 1 } else { 0 };
+        let mut bytes = offered;
         while !bytes.is_empty() {
             if self.partial[i].buf.is_empty() {
                 self.partial[i].ts = wall_us;
@@ -119,6 +171,9 @@ impl Logs {
             let room = LINE_CAP - self.partial[i].buf.len();
             match find_newline(&bytes[..bytes.len().min(room + 1)]) {
                 Some(n) => {
+                    if !self.admits(self.partial[i].buf.len() + n) {
+                        break;
+                    }
                     let p = &mut self.partial[i];
                     if p.buf.is_empty() {
                         // The common case: a whole line in one read, no copy into `partial`.
@@ -136,6 +191,9 @@ impl Logs {
                 }
                 None if bytes.len() > room => {
                     // A full LINE_CAP without newline: ship this piece, flagged.
+                    if !self.admits(LINE_CAP) {
+                        break;
+                    }
                     let p = &mut self.partial[i];
                     p.buf.extend_from_slice(&bytes[..room]);
                     let piece = std::mem::take(&mut p.buf);
@@ -151,12 +209,24 @@ impl Logs {
                 }
             }
         }
-        self.partial[i].last = Some(now);
+        let taken = offered.len() - bytes.len();
+        let p = &mut self.partial[i];
+        p.stalled = !bytes.is_empty();
+        if taken > 0 {
+            p.last = Some(now);
+        }
+        taken
     }
 
-    /// The stream closed: whatever partial line is left is shipped.
+    /// The stream closed (every byte of it was taken): whatever partial line is left is
+    /// shipped, at once or, in block mode, as soon as it fits.
     pub fn handle_eof(&mut self, stream: LogStream, now: Instant) {
-        self.flush_partial(if stream == LogStream::Stderr { 1 } else { 0 }, now);
+        let i = if stream == LogStream::Stderr { 1 } else { 0 };
+        self.partial[i].stalled = false;
+        if !self.partial[i].buf.is_empty() {
+            self.partial[i].eof = true;
+            self.flush_partial(i, now);
+        }
     }
 
     /// One of the entrypoint's own log lines.
@@ -165,7 +235,7 @@ impl Logs {
     }
 
     fn flush_partial(&mut self, i: usize, now: Instant) {
-        if self.partial[i].buf.is_empty() {
+        if self.partial[i].buf.is_empty() || !self.admits(self.partial[i].buf.len()) {
             return;
         }
         let stream = if i == 1 { LogStream::Stderr } else { LogStream::Stdout };
@@ -175,21 +245,28 @@ impl Logs {
         self.partial[i].buf = piece;
         self.partial[i].buf.clear();
         self.partial[i].last = None;
+        self.partial[i].eof = false;
     }
 
     fn push(&mut self, stream: LogStream, ts: i64, data: &[u8], truncated: bool, now: Instant) {
         let size = HEADER + data.len();
-        // Make room: the oldest entries go first.
-        while self.held() + size > self.cap && self.front_seq < self.next_seq {
+        // Make room: the oldest entries go first. Block mode never pushes out anything (the
+        // app's entries arrive only when they fit).
+        while self.mode == LogMode::Drop && self.held() + size > self.cap && self.front_seq < self.next_seq {
             self.drop_front();
         }
         if self.held() + size > self.cap {
-            // Larger than the whole buffer by itself (a tiny WAYPOST_LOG_BUFFER): dropped.
-            self.next_seq += 1;
-            self.front_seq = self.next_seq;
-            self.send_seq = self.next_seq;
             self.dropped_unsent += 1;
             self.dropped_total += 1;
+            if self.meta.is_empty() {
+                // Larger than the whole buffer by itself (a tiny WAYPOST_LOG_BUFFER): dropped,
+                // its number skipped, so the server records the gap where it happened.
+                self.next_seq += 1;
+                self.front_seq = self.next_seq;
+                self.send_seq = self.next_seq;
+            }
+            // Else (block mode: one of our own lines, the reserve full of them): it gets no
+            // number, so the app's entries around it stay contiguous; the count still goes out.
             return;
         }
         self.meta.push_back(Meta { ts, len: data.len() as u32, stream: stream as u8, truncated });
@@ -255,7 +332,14 @@ impl Logs {
     /// connection can take it (its writability wakes the loop), so a blocked connection cannot
     /// make the loop spin.
     pub fn poll_timeout(&self, connected: bool, now: Instant) -> Option<Instant> {
-        let partial = self.partial.iter().filter(|p| !p.buf.is_empty()).filter_map(|p| p.last).map(|t| t + LINE_IDLE).min();
+        // A partial line that cannot go yet (block mode, buffer full) waits for an ack, not a
+        // timer: a due timer that changes nothing would make the loop spin.
+        let partial = self
+            .partial
+            .iter()
+            .filter(|p| !p.buf.is_empty() && !p.stalled && self.admits(p.buf.len()))
+            .filter_map(|p| if p.eof { Some(now) } else { p.last.map(|t| t + LINE_IDLE) })
+            .min();
         let batch = self.unsent_since.filter(|_| connected).map(|t| t + BATCH_AGE).filter(|&t| t > now);
         match (partial, batch) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -265,16 +349,22 @@ impl Logs {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..2 {
-            if self.partial[i].last.is_some_and(|t| now >= t + LINE_IDLE) {
+            let p = &self.partial[i];
+            if p.eof || (!p.stalled && p.last.is_some_and(|t| now >= t + LINE_IDLE)) {
                 self.flush_partial(i, now);
             }
         }
     }
 
-    /// Whether a batch is due: old enough, big enough, or `urgent` (we are exiting).
+    /// Whether a batch is due: old enough, big enough, or `urgent` (we are exiting). Big enough
+    /// is a quarter of the buffer when that is less than a full batch (a small buffer must not
+    /// sit a batch age full), and anything at all when the app waits for room (block mode).
     pub fn batch_due(&self, now: Instant, urgent: bool) -> bool {
         self.send_seq < self.next_seq
-            && (urgent || self.data.len() - self.send_off >= BATCH_BYTES || self.unsent_since.is_some_and(|t| now >= t + BATCH_AGE))
+            && (urgent
+                || self.data.len() - self.send_off >= BATCH_BYTES.min(self.cap / 4)
+                || self.partial.iter().any(|p| p.stalled)
+                || self.unsent_since.is_some_and(|t| now >= t + BATCH_AGE))
     }
 
     /// Appends one `LogBatch` frame (length prefix included) of unsent entries to `out`.
@@ -501,7 +591,7 @@ mod tests {
         let t0 = Instant::now();
         let text = b"alpha\nbeta gamma\n\ndelta\n";
         for split in 0..=text.len() {
-            let mut l = Logs::new(1 << 20);
+            let mut l = Logs::new(1 << 20, LogMode::Drop);
             l.handle_output(LogStream::Stdout, &text[..split], 1, t0);
             l.handle_output(LogStream::Stderr, b"err 1\n", 2, t0);
             l.handle_output(LogStream::Stdout, &text[split..], 3, t0);
@@ -516,7 +606,7 @@ mod tests {
     #[test]
     fn timestamps_are_of_the_first_byte() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         l.handle_output(LogStream::Stdout, b"sl", 100, t0);
         l.handle_output(LogStream::Stdout, b"ow\n", 200, t0);
         let b = ship(&mut l, t0);
@@ -526,7 +616,7 @@ mod tests {
     #[test]
     fn long_lines_are_split_and_flagged() {
         let t0 = Instant::now();
-        let mut l = Logs::new(4 << 20);
+        let mut l = Logs::new(4 << 20, LogMode::Drop);
         let line: Vec<u8> = (0..(1 << 20)).map(|i| b'a' + (i % 26) as u8).collect();
         for chunk in line.chunks(10_000) {
             l.handle_output(LogStream::Stdout, chunk, 1, t0);
@@ -544,7 +634,7 @@ mod tests {
     #[test]
     fn a_partial_line_ships_after_idle_and_at_eof() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         l.handle_output(LogStream::Stdout, b"Password: ", 1, t0);
         assert!(!l.batch_due(t0, false));
         assert_eq!(l.poll_timeout(true, t0), Some(t0 + LINE_IDLE));
@@ -560,7 +650,7 @@ mod tests {
     #[test]
     fn batches_wait_for_age_or_size() {
         let t0 = Instant::now();
-        let mut l = Logs::new(4 << 20);
+        let mut l = Logs::new(4 << 20, LogMode::Drop);
         l.handle_output(LogStream::Stdout, b"one\n", 1, t0);
         assert!(!l.batch_due(t0, false));
         assert!(l.batch_due(t0, true), "urgent (exiting) sends at once");
@@ -569,7 +659,7 @@ mod tests {
         assert_eq!(l.poll_timeout(true, t0 + BATCH_AGE), None, "due: waits for the connection, not a timer");
         assert!(l.batch_due(t0 + BATCH_AGE, false));
         let line = vec![b'x'; 1000];
-        let mut l = Logs::new(4 << 20);
+        let mut l = Logs::new(4 << 20, LogMode::Drop);
         while !l.batch_due(t0, false) {
             l.handle_output(LogStream::Stdout, &line, 1, t0);
             l.handle_output(LogStream::Stdout, b"\n", 1, t0);
@@ -581,7 +671,7 @@ mod tests {
     #[test]
     fn sequence_numbers_acks_and_resend_after_reconnect() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         for i in 0..10 {
             l.handle_output(LogStream::Stdout, format!("line {i}\n").as_bytes(), 1, t0);
         }
@@ -610,7 +700,7 @@ mod tests {
     fn a_full_buffer_drops_the_oldest_and_counts_exactly() {
         let t0 = Instant::now();
         // Room for 10 entries of 10 data bytes (the cap's header allowance is tiny here).
-        let mut l = Logs::new(10 * (HEADER + 10) - HEADER);
+        let mut l = Logs::new(10 * (HEADER + 10) - HEADER, LogMode::Drop);
         for i in 0..25 {
             l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
         }
@@ -635,7 +725,7 @@ mod tests {
     #[test]
     fn a_one_mib_line_fits_the_default_buffer_whole() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         let line = vec![b'q'; 1 << 20];
         l.handle_output(LogStream::Stdout, &line, 1, t0);
         l.handle_output(LogStream::Stdout, b"\n", 1, t0);
@@ -647,7 +737,7 @@ mod tests {
     #[test]
     fn empty_lines_are_bounded_too() {
         let t0 = Instant::now();
-        let mut l = Logs::new(64 * 1024);
+        let mut l = Logs::new(64 * 1024, LogMode::Drop);
         for _ in 0..100_000 {
             l.handle_output(LogStream::Stdout, b"\n", 1, t0);
         }
@@ -658,7 +748,7 @@ mod tests {
     #[test]
     fn own_lines_are_a_third_stream() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         l.handle_own(b"[waypost] connected", 5, t0);
         let b = ship(&mut l, t0);
         assert_eq!(lines(&b), [(LogStream::Entrypoint, "[waypost] connected".into(), false)]);
@@ -667,7 +757,7 @@ mod tests {
     #[test]
     fn bytes_survive_exactly() {
         let t0 = Instant::now();
-        let mut l = Logs::new(1 << 20);
+        let mut l = Logs::new(1 << 20, LogMode::Drop);
         let raw: Vec<u8> = (0..=255u8).filter(|&b| b != b'\n').collect();
         l.handle_output(LogStream::Stdout, &raw, -5, t0);
         l.handle_output(LogStream::Stdout, b"\n", 0, t0);
@@ -679,7 +769,7 @@ mod tests {
     #[test]
     fn ring_wraparound_keeps_entries_intact() {
         let t0 = Instant::now();
-        let mut l = Logs::new(2000);
+        let mut l = Logs::new(2000, LogMode::Drop);
         let mut expect: Vec<String> = Vec::new();
         for i in 0..500 {
             let line = format!("entry number {i} {}", "z".repeat(i % 37));
@@ -697,5 +787,183 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Offers `text` the way the reactor does: whatever is not taken is offered again later.
+    fn offer(l: &mut Logs, stream: LogStream, text: &[u8], t: Instant) -> usize {
+        l.handle_output(stream, text, 1, t)
+    }
+
+    /// Ships and acknowledges everything sendable.
+    fn ship_and_ack(l: &mut Logs, t: Instant) -> Vec<(LogStream, String, bool)> {
+        let b = ship(l, t);
+        if let Some(last) = b.last() {
+            l.handle_ack(last.first_seq + last.entries.len() as u64);
+        }
+        lines(&b)
+    }
+
+    #[test]
+    fn drop_mode_always_takes_everything() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(2000, LogMode::Drop);
+        let text: Vec<u8> = (0..500).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        assert_eq!(offer(&mut l, LogStream::Stdout, &text, t0), text.len());
+        assert!(l.dropped() > 0);
+    }
+
+    #[test]
+    fn block_mode_takes_whole_lines_that_fit_and_the_rest_after_acks() {
+        let t0 = Instant::now();
+        let cap = 32 * 1024;
+        let mut l = Logs::new(cap, LogMode::Block);
+        let text: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i:05}\n").into_bytes()).collect();
+        let mut at = 0;
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        while at < text.len() {
+            let took = offer(&mut l, LogStream::Stdout, &text[at..], t0);
+            if at + took < text.len() {
+                assert_eq!(text[at + took - 1], b'\n', "stops at a line boundary");
+                assert!(l.held() <= l.cap, "never over the cap");
+                assert!(l.held() + HEADER + 11 > l.cap - OWN_RESERVE, "stops only when full");
+                // Nothing more fits until the server acknowledges.
+                assert_eq!(offer(&mut l, LogStream::Stdout, &text[at + took..], t0), 0);
+            }
+            at += took;
+            got.extend(ship_and_ack(&mut l, t0));
+            rounds += 1;
+        }
+        assert!(rounds > 5, "the buffer filled several times ({rounds} rounds)");
+        assert_eq!(l.dropped(), 0, "nothing dropped");
+        let want: Vec<String> = (0..20_000).map(|i| format!("line {i:05}")).collect();
+        assert_eq!(got.iter().map(|x| x.1.clone()).collect::<Vec<_>>(), want);
+        assert!(got.iter().all(|x| !x.2), "no line cut");
+    }
+
+    #[test]
+    fn block_mode_does_not_cut_a_stalled_line_when_it_looks_idle() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(16 * 1024, LogMode::Block);
+        // Fill the buffer with whole lines...
+        let filler: Vec<u8> = (0..2000).flat_map(|i| format!("fill {i:05}\n").into_bytes()).collect();
+        assert!(offer(&mut l, LogStream::Stdout, &filler, t0) < filler.len());
+        // ...then the start of a line is held aside (it is not an entry yet)...
+        assert_eq!(offer(&mut l, LogStream::Stdout, b"the start ", t0), 10);
+        // ...and its end does not fit: stalled.
+        let rest = b"and the end\n";
+        assert_eq!(offer(&mut l, LogStream::Stdout, rest, t0), 0);
+        // Long after the idle time the line is not shipped in pieces, and no timer is due (the
+        // loop would spin on it).
+        let late = t0 + LINE_IDLE * 10;
+        assert_eq!(l.poll_timeout(true, late).filter(|&t| t <= late), None, "no due timer while stalled");
+        l.handle_timeout(late);
+        let first = ship_and_ack(&mut l, late);
+        assert!(first.iter().all(|x| x.1.starts_with("fill")), "only the filler went: {:?}", first.last());
+        // Room again: the line goes whole.
+        assert_eq!(offer(&mut l, LogStream::Stdout, rest, late), rest.len());
+        assert_eq!(ship_and_ack(&mut l, late), [(LogStream::Stdout, "the start and the end".into(), false)]);
+        assert_eq!(l.dropped(), 0);
+    }
+
+    #[test]
+    fn block_mode_keeps_room_for_our_own_lines_and_never_pushes_out_the_apps() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(32 * 1024, LogMode::Block);
+        let text: Vec<u8> = (0..10_000).flat_map(|i| format!("app {i:05}\n").into_bytes()).collect();
+        let took = offer(&mut l, LogStream::Stdout, &text, t0);
+        assert!(took < text.len());
+        let apps = took / 10;
+        // A warning while the app is blocked still fits (the reserve).
+        l.handle_own(b"WARN the server went silent", 1, t0);
+        assert_eq!(l.dropped(), 0);
+        // A flood of our own lines: the reserve fills and further own lines are dropped and
+        // counted, never an app line, and the numbering stays contiguous.
+        for i in 0..1000 {
+            l.handle_own(format!("WARN own line {i}").as_bytes(), 1, t0);
+        }
+        assert!(l.dropped() > 0);
+        assert!(l.held() <= l.cap);
+        let b = ship(&mut l, t0);
+        let all = lines(&b);
+        assert_eq!(all.iter().filter(|x| x.0 == LogStream::Stdout).count(), apps, "every app line kept");
+        let mut next = b[0].first_seq;
+        for batch in &b {
+            assert_eq!(batch.first_seq, next, "no gap in the numbers");
+            next += batch.entries.len() as u64;
+        }
+        assert!(b.iter().map(|x| x.dropped).sum::<u64>() > 0, "the count is reported");
+    }
+
+    #[test]
+    fn block_mode_ships_the_last_partial_line_at_eof_once_it_fits() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(16 * 1024, LogMode::Block);
+        let filler: Vec<u8> = (0..2000).flat_map(|i| format!("fill {i:05}\n").into_bytes()).collect();
+        let took = offer(&mut l, LogStream::Stderr, &filler, t0);
+        // Back up to a buffer just short of full, then a last unterminated line and EOF.
+        let mut l = Logs::new(16 * 1024, LogMode::Block);
+        let almost = filler[..took].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+        offer(&mut l, LogStream::Stderr, &filler[..almost], t0);
+        let tail = vec![b'z'; 4000];
+        assert_eq!(offer(&mut l, LogStream::Stderr, &tail, t0), tail.len());
+        l.handle_eof(LogStream::Stderr, t0);
+        assert!(l.unacked());
+        let first = ship_and_ack(&mut l, t0);
+        assert!(first.iter().all(|x| x.1.starts_with("fill")), "the tail waited for room");
+        assert_eq!(l.poll_timeout(true, t0), Some(t0), "and goes at once now");
+        l.handle_timeout(t0);
+        assert_eq!(ship_and_ack(&mut l, t0), [(LogStream::Stderr, "z".repeat(4000), true)]);
+        assert!(!l.unacked());
+        assert_eq!(l.dropped(), 0);
+    }
+
+    #[test]
+    fn block_mode_still_drops_a_line_that_could_never_fit() {
+        let t0 = Instant::now();
+        let mut l = Logs::new(1000, LogMode::Block);
+        let big = vec![b'b'; 5000];
+        assert_eq!(offer(&mut l, LogStream::Stdout, &big, t0), big.len());
+        assert_eq!(offer(&mut l, LogStream::Stdout, b"\n", t0), 1);
+        assert_eq!(l.dropped(), 1, "rather than stall the app for good");
+        assert_eq!(offer(&mut l, LogStream::Stdout, b"ok\n", t0), 3);
+        let b = ship(&mut l, t0);
+        assert_eq!(lines(&b), [(LogStream::Stdout, "ok".into(), false)]);
+        assert_eq!(b[0].first_seq, 1, "the lost entry's number is skipped");
+    }
+
+    #[test]
+    fn log_modes_parse() {
+        assert_eq!(LogMode::parse("drop"), Some(LogMode::Drop));
+        assert_eq!(LogMode::parse(" Block "), Some(LogMode::Block));
+        for bad in ["", "blocking", "non-blocking", "1", "dropp"] {
+            assert_eq!(LogMode::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_small_buffer_or_a_waiting_app_does_not_wait_out_the_batch_age() {
+        let t0 = Instant::now();
+        // A quarter of a 64 KiB buffer goes at once (a full batch could never wait in it).
+        let mut l = Logs::new(64 * 1024, LogMode::Drop);
+        let line = [b'q'; 99];
+        while !l.batch_due(t0, false) {
+            offer(&mut l, LogStream::Stdout, &line, t0);
+            offer(&mut l, LogStream::Stdout, b"\n", t0);
+            assert!(l.held() < 20 * 1024, "due by a quarter of the buffer");
+        }
+        // Block mode, buffer full, the app waiting: whatever is unsent goes now.
+        let mut l = Logs::new(64 * 1024, LogMode::Block);
+        let text: Vec<u8> = (0..10_000).flat_map(|i| format!("line {i:05}\n").into_bytes()).collect();
+        let took = offer(&mut l, LogStream::Stdout, &text, t0);
+        ship(&mut l, t0);
+        l.handle_ack(100);
+        let more = offer(&mut l, LogStream::Stdout, &text[took..], t0);
+        assert!(more > 0 && took + more < text.len(), "a little room, then stalled again");
+        assert!(l.batch_due(t0, false), "the app waits: no batch age");
+        // Negative control: the same few entries without a waiting app wait for the age.
+        let mut l = Logs::new(64 * 1024, LogMode::Block);
+        offer(&mut l, LogStream::Stdout, &text[..more], t0);
+        assert!(!l.batch_due(t0, false));
     }
 }

@@ -205,6 +205,8 @@ struct Stream {
     pipe: Option<OwnedFd>,
     /// Readiness seen and not yet drained to `WouldBlock`.
     readable: bool,
+    /// The pipe reached EOF; the log shipper is told once it has every byte before it.
+    eof: bool,
     relay: Relay,
 }
 
@@ -308,6 +310,8 @@ pub struct Reactor {
     restart_pending: Option<(Option<Duration>, Instant)>,
     /// Streams opened around a restart are retried until the new child listens, up to this.
     hold_until: Option<Instant>,
+    /// The file counting OOM kills in our cgroup (and so the child's), if there is one.
+    oom_counter: Option<String>,
 }
 
 /// Runs the child under the loop until it is done; returns the exit code.
@@ -360,7 +364,7 @@ impl Reactor {
         }
 
         let now = Instant::now();
-        let mut sup = Supervisor::new(settings.stop_timeout, settings.signal_group);
+        let mut sup = Supervisor::new(settings.stop_timeout, settings.signal_group, settings.flush_timeout);
         let control = match &settings.server {
             Some(server) if settings.server_enabled() => {
                 if settings.token.is_none() {
@@ -429,7 +433,7 @@ impl Reactor {
             argv,
             child_env: child_env(settings),
             capture,
-            streams: [Stream { pipe: None, readable: false, relay: Relay::new() }, Stream { pipe: None, readable: false, relay: Relay::new() }],
+            streams: std::array::from_fn(|_| Stream { pipe: None, readable: false, eof: false, relay: Relay::new() }),
             sinks,
             child_pgid: None,
             own_pid,
@@ -440,7 +444,7 @@ impl Reactor {
             control,
             cfg: ConfigCore::new(crate::sys::random::u64()),
             config_disabled: settings.disable_config,
-            logs: (settings.server_enabled() && !settings.disable_logs).then(|| Logs::new(settings.log_buffer as usize)),
+            logs: (settings.server_enabled() && !settings.disable_logs).then(|| Logs::new(settings.log_buffer as usize, settings.log_mode)),
             exec: std::array::from_fn(|_| None),
             exec_next: 0,
             exec_disabled: settings.disable_exec,
@@ -453,6 +457,8 @@ impl Reactor {
             stop_timeout: settings.stop_timeout,
             restart_pending: None,
             hold_until: None,
+            // Only the server is told about OOM kills: without one, no files to read.
+            oom_counter: if settings.server_enabled() { find_oom_counter() } else { None },
         })
     }
 
@@ -596,6 +602,13 @@ impl Reactor {
                     }
                 }
                 Action::SignalDescendants(sig) => self.signal_descendants(sig),
+                Action::LastWords => {
+                    let st = self.status();
+                    if let Some(c) = &mut self.control {
+                        c.session.handle_last_words(st, now);
+                    }
+                    self.session_events(now);
+                }
                 Action::Exit(code) => self.exit = Some(code),
             }
         }
@@ -618,7 +631,8 @@ impl Reactor {
             Ok(child) => {
                 debug!("started {} (pid {})", self.argv[0].to_string_lossy(), child.pid);
                 self.child_pgid = Some(child.pid);
-                self.sup.handle_spawned(child.pid);
+                let oom_kills = self.oom_kills();
+                self.sup.handle_spawned(child.pid, oom_kills);
                 self.send_status();
                 for (out, pipe) in [(Out::Stdout, child.stdout), (Out::Stderr, child.stderr)] {
                     if let Some(pipe) = pipe {
@@ -683,8 +697,17 @@ impl Reactor {
                             Some(sig) => info!("child (pid {pid}) killed by {}", signals::name(sig)),
                             None => debug!("child (pid {pid}) exited with code {}", code.unwrap_or(0)),
                         }
-                        self.sup.handle_exit(pid, code, signal, now);
-                        self.send_status();
+                        let oom_kills = self.oom_kills();
+                        self.sup.handle_exit(pid, code, signal, oom_kills, now);
+                        if let ChildState::Exited(Some(e)) = self.sup.child_state() {
+                            if e.oom_killed {
+                                warn!("the child was killed by the kernel's OOM killer (its cgroup ran out of memory)");
+                            }
+                        }
+                        if !self.sup.finishing() {
+                            // (A final status goes out with the last words, confirmed.)
+                            self.send_status();
+                        }
                     } else if let Some(e) = self.exec.iter_mut().flatten().find(|e| e.state.pid == pid && !e.state.has_exited()) {
                         debug!("exec session {} (pid {pid}) ended", e.state.id);
                         e.state.handle_exit(code, signal, now);
@@ -702,29 +725,45 @@ impl Reactor {
         }
     }
 
-    /// Moves bytes from the child's pipe to our fd until neither side can make progress.
+    /// Moves bytes from the child's pipe to our fd and to the log shipper until no side can make
+    /// progress. A relay byte is freed once both have it, so a log buffer that refuses bytes
+    /// (block mode, server behind) stops the reading like a slow stdout does: the pipe fills and
+    /// the app's writes wait.
     fn pump(&mut self, out: Out, now: Instant) {
         let i = out as usize;
         let stream = if out == Out::Stdout { LogStream::Stdout } else { LogStream::Stderr };
         loop {
             let mut progress = false;
             let s = &mut self.streams[i];
-            if s.readable && !s.relay.is_full() {
+            let fresh = s.relay.unlogged();
+            if !fresh.is_empty() {
+                let took = match &mut self.logs {
+                    Some(logs) => logs.handle_output(stream, fresh, wall_us(), now),
+                    None => fresh.len(),
+                };
+                if took > 0 {
+                    s.relay.logged(took);
+                    progress = true;
+                }
+            }
+            if s.eof && s.relay.unlogged().is_empty() {
+                s.eof = false;
+                if let Some(logs) = &mut self.logs {
+                    logs.handle_eof(stream, now);
+                }
+            }
+            // (A new child's pipe waits until the old one's end was told: its first line must
+            // not be glued to the old child's last partial one.)
+            if s.readable && !s.relay.is_full() && !s.eof {
                 if let Some(pipe) = &s.pipe {
                     match rustix::io::read(pipe, s.relay.space()) {
                         Ok(0) => {
                             self.close_pipe(out);
-                            if let Some(logs) = &mut self.logs {
-                                logs.handle_eof(stream, now);
-                            }
+                            self.streams[i].eof = true;
                             progress = true;
                         }
                         Ok(n) => {
                             s.relay.filled(n);
-                            if let Some(logs) = &mut self.logs {
-                                let fresh = s.relay.pending();
-                                logs.handle_output(stream, &fresh[fresh.len() - n..], wall_us(), now);
-                            }
                             progress = true;
                         }
                         Err(Errno::AGAIN) => s.readable = false,
@@ -732,6 +771,7 @@ impl Reactor {
                         Err(e) => {
                             warn!("reading the child's {out:?}: {e}");
                             self.close_pipe(out);
+                            self.streams[i].eof = true;
                         }
                     }
                 }
@@ -757,6 +797,7 @@ impl Reactor {
                             sink.broken = true;
                             s.relay.clear();
                             self.close_pipe(out);
+                            self.streams[i].eof = true;
                             progress = true;
                         }
                     }
@@ -834,24 +875,33 @@ impl Reactor {
             Err(Errno::CHILD)
         );
         let group = self.child_pgid.is_some_and(|pgid| signals::kill(-pgid, 0).is_ok());
+        // Bytes the log shipper has not taken yet (block mode: the server is behind) are last
+        // words for the server, and so is a pipe we stopped reading for them: both get the flush
+        // timeout, not the local cleanup's grace.
+        let for_logs = |s: &Stream| !s.relay.unlogged().is_empty() || s.eof;
         let server = self.control.as_ref().is_some_and(|c| {
-            c.session.is_ready()
-                && (c.session.has_transmit()
-                    || !c.wbuf.is_empty()
-                    || c.conn.as_ref().is_some_and(Conn::has_unsent)
-                    || self.logs.as_ref().is_some_and(Logs::unacked))
+            c.session.last_words_pending() || self.logs.as_ref().is_some_and(Logs::unacked) || self.streams.iter().any(for_logs)
         });
         let output = self
             .streams
             .iter()
             .zip(&self.sinks)
-            .any(|(s, sink)| s.pipe.is_some() || (!s.relay.is_empty() && !sink.broken));
+            .any(|(s, sink)| (s.pipe.is_some() && !for_logs(s)) || (!s.relay.is_empty() && !sink.broken));
         Leftovers { descendants: children || group, output, server }
     }
 
     fn shutdown(&mut self) {
         if let Some(conn) = self.control.as_mut().and_then(|c| c.conn.as_mut()) {
             conn.close();
+        }
+        // What the log shipper could not take in time (block mode, a server that never caught
+        // up) still goes to our own stdout/stderr, as far as they take it without blocking:
+        // the local copy stays whole.
+        self.logs = None;
+        for out in [Out::Stdout, Out::Stderr] {
+            let s = &mut self.streams[out as usize];
+            s.readable = s.pipe.is_some();
+            self.pump(out, self.now);
         }
         self.flush_own_log();
         for sink in &self.sinks {
@@ -956,6 +1006,10 @@ impl Reactor {
     }
 
     fn on_config(&mut self, config: waypost_proto::Config, now: Instant) {
+        if self.sup.finishing() {
+            // A reconnect for the last words: the app is gone, nothing to configure.
+            return;
+        }
         if self.config_disabled {
             debug!("ignoring config version {} (WAYPOST_DISABLE_CONFIG)", config.version);
             return;
@@ -1269,6 +1323,7 @@ impl Reactor {
                 if let Some(e) = ended {
                     st.exit_code = e.code;
                     st.exit_signal = e.signal.unwrap_or(0);
+                    st.oom_killed = e.oom_killed;
                 }
             }
         }
@@ -1743,42 +1798,15 @@ fn next_tunnel_frame(table: &mut [Option<TunnelIo>], next: &mut usize, poll: &Po
     None
 }
 
-/// Writes config files atomically (temp file + rename in the same directory, parents created,
-/// mode set regardless of umask) and removes the ones no longer configured.
+/// Writes config files atomically and removes the ones no longer configured; every step after
+/// opening a file's directory goes by its fd, so an app that can write there cannot redirect it
+/// (see `sys::files`).
 fn apply_files(write: &[ConfigFile], remove: &[String]) -> Result<(), String> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     for f in write {
-        let path = std::path::Path::new(&f.path);
-        let (Some(dir), Some(name), true) = (path.parent(), path.file_name(), path.is_absolute()) else {
-            return Err(format!("{:?} is not an absolute file path", f.path));
-        };
-        let fail = |what: &str, e: io::Error| format!("{what} {}: {e}", f.path);
-        std::fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
-        let tmp = dir.join(format!(".{}.waypost-tmp", name.to_string_lossy()));
-        let mode = f.mode & 0o7777;
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .and_then(|mut file| {
-                file.write_all(&f.contents)?;
-                file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-                file.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(fail("writing", e));
-        }
+        crate::sys::files::write(&f.path, f.mode, &f.contents)?;
     }
     for path in remove {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(format!("removing {path}: {e}")),
-            _ => {}
-        }
+        crate::sys::files::remove(path)?;
     }
     Ok(())
 }
@@ -1802,6 +1830,28 @@ fn literal_addrs(host: &str) -> Option<Vec<IpAddr>> {
 
 fn format_host_port(hp: &HostPort) -> String {
     if hp.host.contains(':') { format!("[{}]:{}", hp.host, hp.port) } else { format!("{}:{}", hp.host, hp.port) }
+}
+
+/// The first of our cgroup's OOM-kill counter files that can be read (None: no cgroup memory
+/// controller, or no /proc or /sys — then OOM kills are simply not reported).
+fn find_oom_counter() -> Option<String> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = crate::supervisor::oom_counter_paths(&cgroups)
+        .into_iter()
+        .find(|p| std::fs::read_to_string(p).ok().as_deref().and_then(crate::supervisor::parse_oom_kills).is_some());
+    match &path {
+        Some(p) => debug!("counting OOM kills in {p}"),
+        None => debug!("no cgroup OOM-kill counter found; OOM kills will not be told apart"),
+    }
+    path
+}
+
+impl Reactor {
+    /// The cgroup's OOM-kill count now.
+    fn oom_kills(&self) -> Option<u64> {
+        let path = self.oom_counter.as_deref()?;
+        crate::supervisor::parse_oom_kills(&std::fs::read_to_string(path).ok()?)
+    }
 }
 
 /// Resident set size of `pid` in bytes (0 if unknown).

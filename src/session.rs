@@ -7,15 +7,25 @@
 //! non-blocking), reports the outcome with `handle_connected` / `handle_closed`, feeds received
 //! frames to `handle_frame`, and writes what `poll_transmit` returns. Frames meant for other cores
 //! (config, logs, exec, tunnel) come back out as `Event::Frame`.
+//!
+//! Last words: once the child has exited, [`Session::handle_last_words`] hands over its final
+//! Status. From then on the session hurries — out of any backoff at once, and a failed attempt
+//! is retried after [`HURRY_RETRY`], not the exponential delay — and every Ready connection
+//! carries that Status followed by a Ping. The server handles a connection's frames in order, so
+//! the Pong to that Ping means it has the Status ([`Session::last_words_pending`] turns false).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use waypost_proto::{reject, Hello, Kind, Ping, Pong, Reject, Welcome};
+use waypost_proto::{reject, Hello, Kind, Ping, Pong, Reject, Status, Welcome};
 
 /// First reconnect delay; doubles per failed attempt (CONTRACT.md).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// After the child exited, a failed connection attempt is retried after this instead of the
+/// exponential backoff: the flush timeout is a couple of seconds, and one exiting instance
+/// retrying this often costs a restarting server nothing.
+pub const HURRY_RETRY: Duration = Duration::from_millis(100);
 /// DNS + TCP + proxy + TLS handshake must finish within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After sending Hello, the server must answer within this.
@@ -67,6 +77,16 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Rejections in a row, for logging once per cause.
     rejected: bool,
+    /// The server asked (Reject's retry hint) not to come back before this; hurrying respects it.
+    hinted_until: Option<Instant>,
+    /// Reconnect at once and retry quickly (the child exited; its last words wait).
+    hurry: bool,
+    /// The child's final Status, to be confirmed by the server.
+    last_words: Option<Status>,
+    /// The nonce of the Ping queued right after the final Status on this connection.
+    last_words_ping: Option<u64>,
+    /// The Pong to that Ping arrived: the server has the final Status.
+    last_words_confirmed: bool,
 }
 
 impl Session {
@@ -81,6 +101,11 @@ impl Session {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             rejected: false,
+            hinted_until: None,
+            hurry: false,
+            last_words: None,
+            last_words_ping: None,
+            last_words_confirmed: false,
         }
     }
 
@@ -137,10 +162,57 @@ impl Session {
     }
 
     fn back_off(&mut self, now: Instant, at_least: Duration) {
-        let delay = backoff_delay(self.attempts, &mut self.rng).max(at_least);
+        let delay = if self.hurry { HURRY_RETRY } else { backoff_delay(self.attempts, &mut self.rng) }.max(at_least);
         self.attempts = self.attempts.saturating_add(1);
+        self.hinted_until = (at_least > Duration::ZERO).then_some(now + at_least);
         self.state = State::Backoff { until: now + delay };
         self.transmit.clear();
+        self.last_words_ping = None;
+    }
+
+    /// Connect now if backing off (unless the server itself asked for the wait), and from now on
+    /// retry failed attempts after [`HURRY_RETRY`]. For the exit flush: the child's last words
+    /// must not wait out a backoff that grew while the server was away.
+    pub fn handle_hurry(&mut self, now: Instant) {
+        self.hurry = true;
+        if let State::Backoff { until } = self.state {
+            let at = self.hinted_until.map_or(now, |h| h.max(now));
+            if at < until {
+                self.state = State::Backoff { until: at };
+            }
+            if at <= now {
+                self.connect(now);
+            }
+        }
+    }
+
+    /// The child is gone and `status` says how: send it on this connection if Ready, else on
+    /// the next one; until the server confirms it, hurry (see [`Session::handle_hurry`]).
+    pub fn handle_last_words(&mut self, status: Status, now: Instant) {
+        self.last_words = Some(status);
+        self.last_words_confirmed = false;
+        self.last_words_ping = None;
+        if self.is_ready() {
+            self.send_last_words(now);
+        }
+        self.handle_hurry(now);
+    }
+
+    /// Whether a final Status was handed over and the server has not confirmed it yet.
+    pub fn last_words_pending(&self) -> bool {
+        self.last_words.is_some() && !self.last_words_confirmed
+    }
+
+    /// Queues the final Status and a Ping whose Pong confirms it.
+    fn send_last_words(&mut self, now: Instant) {
+        let Some(status) = self.last_words.clone() else { return };
+        self.queue(Kind::Status(status), now);
+        self.nonce = self.nonce.wrapping_add(1);
+        self.queue(Kind::Ping(Ping { nonce: self.nonce }), now);
+        // (A full queue abandons the connection; the next one sends them again.)
+        if self.is_ready() {
+            self.last_words_ping = Some(self.nonce);
+        }
     }
 
     /// Gives up on the current connection: the reactor closes it, we retry after the backoff.
@@ -168,6 +240,9 @@ impl Session {
                 self.events.push_back(Event::Welcome(w));
                 // Tell the server right away what the child is doing.
                 self.events.push_back(Event::Heartbeat);
+                if self.last_words_pending() {
+                    self.send_last_words(now);
+                }
             }
             (State::AwaitingWelcome { .. } | State::Ready { .. }, Kind::Reject(r)) => self.rejected(r, now),
             (State::AwaitingWelcome { .. }, other) => {
@@ -179,7 +254,12 @@ impl Session {
                     // Through the bounded queue: a server that pings but never reads cannot grow
                     // it (found by the `session` fuzz target).
                     Kind::Ping(p) => self.queue(Kind::Pong(Pong { nonce: p.nonce }), now),
-                    Kind::Pong(_) | Kind::Welcome(_) => {}
+                    Kind::Pong(p) => {
+                        if self.last_words_ping == Some(p.nonce) {
+                            self.last_words_confirmed = true;
+                        }
+                    }
+                    Kind::Welcome(_) => {}
                     other => self.events.push_back(Event::Frame(other)),
                 }
             }
@@ -509,5 +589,122 @@ mod tests {
         s.handle_connected(Hello::default(), t0);
         s.handle_frame(welcome(1), t0);
         assert_eq!(s.heartbeat(), MIN_HEARTBEAT);
+    }
+
+    /// A session whose attempts kept failing until its backoff is long (seconds), at `t`.
+    fn backed_off_far() -> (Session, Instant) {
+        let t0 = Instant::now();
+        let mut s = Session::new(11);
+        s.start(t0);
+        let mut t = t0;
+        for _ in 0..8 {
+            s.handle_closed("refused", t);
+            t = s.poll_timeout().unwrap();
+            s.handle_timeout(t);
+        }
+        s.handle_closed("refused", t);
+        events(&mut s);
+        assert!(s.poll_timeout().unwrap() >= t + ms(10_000), "a long backoff");
+        (s, t)
+    }
+
+    #[test]
+    fn hurry_connects_at_once_out_of_a_long_backoff_and_retries_quickly() {
+        let (mut s, t) = backed_off_far();
+        let now = t + ms(300);
+        s.handle_hurry(now);
+        assert_eq!(events(&mut s), [Event::Connect], "no waiting out the backoff");
+        // Refused again (the server is still restarting): retried after HURRY_RETRY, every time.
+        let mut at = now;
+        for _ in 0..10 {
+            s.handle_closed("refused", at);
+            assert_eq!(events(&mut s), [Event::Lost]);
+            assert_eq!(s.poll_timeout(), Some(at + HURRY_RETRY));
+            at += HURRY_RETRY;
+            s.handle_timeout(at);
+            assert_eq!(events(&mut s), [Event::Connect]);
+        }
+        // Negative control: without the hurry the same session would still be waiting.
+        let (mut calm, t) = backed_off_far();
+        calm.handle_timeout(t + ms(300));
+        assert_eq!(events(&mut calm), []);
+    }
+
+    #[test]
+    fn hurry_while_connected_or_connecting_changes_nothing_now() {
+        let (mut s, t0) = ready();
+        s.handle_hurry(t0);
+        assert!(s.is_ready());
+        assert_eq!(events(&mut s), []);
+        let t0 = Instant::now();
+        let mut s = Session::new(2);
+        s.start(t0);
+        events(&mut s);
+        s.handle_hurry(t0);
+        assert_eq!(events(&mut s), [], "already connecting");
+    }
+
+    #[test]
+    fn hurry_still_waits_for_the_servers_own_retry_hint() {
+        let t0 = Instant::now();
+        let mut s = Session::new(3);
+        s.start(t0);
+        events(&mut s);
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(Kind::Reject(Reject { reason: reject::Reason::Unavailable as i32, message: "busy".into(), retry_after_ms: 1000 }), t0);
+        events(&mut s);
+        s.handle_hurry(t0 + ms(10));
+        assert_eq!(events(&mut s), []);
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(1000)));
+        s.handle_hurry(t0 + ms(1000));
+        assert_eq!(events(&mut s), [Event::Connect]);
+    }
+
+    fn exited(code: i32) -> Status {
+        Status { state: waypost_proto::status::State::Exited as i32, exit_code: code, ..Default::default() }
+    }
+
+    #[test]
+    fn last_words_on_a_ready_session_are_confirmed_by_the_pong_that_follows_them() {
+        let (mut s, t0) = ready();
+        assert!(!s.last_words_pending());
+        s.handle_last_words(exited(3), t0);
+        assert!(s.last_words_pending());
+        let out = sent(&mut s);
+        let [Kind::Status(st), Kind::Ping(Ping { nonce })] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(st.exit_code, 3);
+        // Some other Pong (a heartbeat's) proves nothing about the Status.
+        s.handle_frame(Kind::Pong(Pong { nonce: nonce.wrapping_add(100) }), t0);
+        assert!(s.last_words_pending());
+        s.handle_frame(Kind::Pong(Pong { nonce: *nonce }), t0);
+        assert!(!s.last_words_pending());
+    }
+
+    #[test]
+    fn last_words_while_away_reconnect_at_once_and_survive_another_loss() {
+        let (mut s, t) = backed_off_far();
+        s.handle_last_words(exited(0), t);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        assert_eq!(sent(&mut s), [], "nothing goes before a Welcome");
+        s.handle_connected(Hello::default(), t);
+        s.handle_frame(welcome(1000), t);
+        let out = sent(&mut s);
+        assert!(matches!(out[..], [Kind::Hello(_), Kind::Status(_), Kind::Ping(_)]), "{out:?}");
+        // Lost before the Pong: the next connection says it again.
+        s.handle_closed("reset", t + ms(5));
+        assert!(s.last_words_pending());
+        assert_eq!(s.poll_timeout(), Some(t + ms(5) + HURRY_RETRY));
+        s.handle_timeout(t + ms(5) + HURRY_RETRY);
+        s.handle_connected(Hello::default(), t + ms(200));
+        // A late Pong from the old connection's numbering does not count on the new one.
+        let Kind::Ping(Ping { nonce: old }) = out[2] else { unreachable!() };
+        s.handle_frame(welcome(1000), t + ms(200));
+        s.handle_frame(Kind::Pong(Pong { nonce: old }), t + ms(200));
+        assert!(s.last_words_pending());
+        let again = sent(&mut s);
+        let Some(Kind::Ping(Ping { nonce })) = again.last() else { panic!("{again:?}") };
+        assert!(again.iter().any(|k| matches!(k, Kind::Status(_))));
+        s.handle_frame(Kind::Pong(Pong { nonce: *nonce }), t + ms(210));
+        assert!(!s.last_words_pending());
     }
 }

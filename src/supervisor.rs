@@ -4,8 +4,13 @@
 //! when to call [`Supervisor::handle_timeout`] next.
 //!
 //! Lifecycle: `Waiting` (not started) → `Running` → `Cleanup` (the child is gone; its descendants
-//! get SIGTERM, then SIGKILL after [`CLEANUP_GRACE`]; outputs are drained) → `Done` (exit code
-//! decided, [`Action::Exit`] emitted once).
+//! get SIGTERM, then SIGKILL after [`CLEANUP_GRACE`]; outputs are drained; the server is handed
+//! the last log lines and the final status, and gets the flush timeout to take them) → `Done`
+//! (exit code decided, [`Action::Exit`] emitted once).
+//!
+//! Also here, as pure functions: whether the child was killed by the kernel's OOM killer, from
+//! its cgroup's `oom_kill` counter read when it started and when it ended (the reactor reads the
+//! files; [`oom_counter_paths`] and [`parse_oom_kills`] say which and how).
 
 use heapless::Deque;
 use std::time::{Duration, Instant};
@@ -15,9 +20,6 @@ pub const CLEANUP_GRACE: Duration = Duration::from_secs(2);
 /// After that SIGKILL, how long we still wait for the last pipes to close before exiting anyway
 /// (a descendant stuck in uninterruptible sleep must not keep a container alive forever).
 pub const FINAL_GRACE: Duration = Duration::from_secs(1);
-/// Once the child's output is all out, how long we wait for the server to take the last of it
-/// (CONTRACT.md: at most 2 s more).
-pub const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
 /// Whom a signal goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub enum Action {
     /// Send a signal to every descendant still alive: the child's process group and every
     /// orphan we adopted.
     SignalDescendants(i32),
+    /// The child is gone: hand its final status to the server and reconnect at once if the
+    /// connection is down (the last log lines and the status wait for it).
+    LastWords,
     /// Everything is finished: exit with this code.
     Exit(i32),
 }
@@ -48,7 +53,8 @@ pub struct Leftovers {
     pub descendants: bool,
     /// A captured stdout/stderr pipe is still open or has bytes not yet written out.
     pub output: bool,
-    /// The server connection is up and still has our last words to take (final status, logs).
+    /// The server has not yet confirmed our last words (final status, log lines), connected or
+    /// not at the moment.
     pub server: bool,
 }
 
@@ -59,6 +65,8 @@ pub struct Ended {
     pub code: i32,
     /// The signal that killed it, if one did.
     pub signal: Option<i32>,
+    /// The kernel's OOM killer did it.
+    pub oom_killed: bool,
 }
 
 /// The child's state as the server sees it.
@@ -110,6 +118,10 @@ const ACTIONS: usize = 8;
 pub struct Supervisor {
     state: State,
     stop_timeout: Duration,
+    /// `WAYPOST_FLUSH_TIMEOUT`: how long the server gets for our last words.
+    flush_timeout: Duration,
+    /// The cgroup's OOM-kill count when the child started (None: unknown).
+    oom_at_start: Option<u64>,
     signal_group: bool,
     actions: Deque<Action, ACTIONS>,
     /// How the child ended, once it has.
@@ -134,10 +146,12 @@ pub fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
 }
 
 impl Supervisor {
-    pub fn new(stop_timeout: Duration, signal_group: bool) -> Supervisor {
+    pub fn new(stop_timeout: Duration, signal_group: bool, flush_timeout: Duration) -> Supervisor {
         Supervisor {
             state: State::Waiting { start_at: None },
             stop_timeout,
+            flush_timeout,
+            oom_at_start: None,
             signal_group,
             actions: Deque::new(),
             ended: None,
@@ -220,8 +234,9 @@ impl Supervisor {
         }
     }
 
-    /// The child was started with `pid`.
-    pub fn handle_spawned(&mut self, pid: i32) {
+    /// The child was started with `pid`; `oom_kills`: its cgroup's OOM-kill count now.
+    pub fn handle_spawned(&mut self, pid: i32, oom_kills: Option<u64>) {
+        self.oom_at_start = oom_kills;
         self.state = State::Running { pid, kill_at: None };
         self.starts += 1;
     }
@@ -257,12 +272,13 @@ impl Supervisor {
         }
     }
 
-    /// Some process `pid` was reaped, having exited with `code` or been killed by `signal`.
-    /// Only the main child matters here.
-    pub fn handle_exit(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, now: Instant) {
+    /// Some process `pid` was reaped, having exited with `code` or been killed by `signal`;
+    /// `oom_kills`: the cgroup's OOM-kill count now. Only the main child matters here.
+    pub fn handle_exit(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, oom_kills: Option<u64>, now: Instant) {
         match self.state {
             State::Running { pid: child, .. } | State::Restarting { pid: child, then_exit: true, .. } if child == pid => {
-                let ended = Ended { code: exit_code(code, signal), signal };
+                let oom_killed = oom_killed(self.oom_at_start, oom_kills, signal);
+                let ended = Ended { code: exit_code(code, signal), signal, oom_killed };
                 self.ended = Some(ended);
                 self.enter_cleanup(ended.code, now);
             }
@@ -279,18 +295,34 @@ impl Supervisor {
     fn enter_cleanup(&mut self, code: i32, now: Instant) {
         self.state = State::Cleanup { code, kill_at: Some(now + CLEANUP_GRACE), give_up_at: None, flush_until: None };
         self.push(Action::SignalDescendants(libc::SIGTERM));
+        // Reconnecting starts now, while the leftovers are cleaned up, not after.
+        self.push(Action::LastWords);
     }
 
     /// During cleanup, what is still around. When nothing is, the exit is decided.
     pub fn handle_leftovers(&mut self, left: Leftovers, now: Instant) {
-        if let State::Cleanup { code, kill_at, give_up_at, flush_until } = self.state {
+        if let State::Cleanup { flush_until, .. } = self.state {
             if left.descendants || left.output {
                 return;
             }
             if !left.server {
-                self.finish(code);
+                if let State::Cleanup { code, .. } = self.state {
+                    self.finish(code);
+                }
             } else if flush_until.is_none() {
-                self.state = State::Cleanup { code, kill_at, give_up_at, flush_until: Some(now + FLUSH_GRACE) };
+                self.start_flush(now);
+            }
+        }
+    }
+
+    /// Local cleanup is over and the server still lacks our last words: it gets the flush
+    /// timeout from now (none at all: exit now).
+    fn start_flush(&mut self, now: Instant) {
+        if let State::Cleanup { code, kill_at, give_up_at, .. } = self.state {
+            if self.flush_timeout.is_zero() {
+                self.finish(code);
+            } else {
+                self.state = State::Cleanup { code, kill_at, give_up_at, flush_until: Some(now + self.flush_timeout) };
             }
         }
     }
@@ -348,7 +380,18 @@ impl Supervisor {
                     self.handle_leftovers(left, now);
                 }
             }
-            State::Cleanup { code, give_up_at: Some(at), .. } if now >= at => self.finish(code),
+            State::Cleanup { code, kill_at, give_up_at: Some(at), flush_until } if now >= at => {
+                // Local leftovers are given up on (a pipe held open by something we cannot
+                // kill); the server still gets its flush window, once.
+                self.state = State::Cleanup { code, kill_at, give_up_at: None, flush_until };
+                if flush_until.is_none() {
+                    if left.server {
+                        self.start_flush(now);
+                    } else {
+                        self.finish(code);
+                    }
+                }
+            }
             State::Cleanup { code, flush_until: Some(at), .. } if now >= at => {
                 crate::warn!("the server did not take our last log lines and status in time");
                 self.finish(code);
@@ -362,11 +405,55 @@ impl Supervisor {
     }
 }
 
+/// Whether the kernel's OOM killer ended the child: it died of SIGKILL and its cgroup's
+/// `oom_kill` count rose while it lived. (Another process of the same cgroup killed for memory
+/// while the child was SIGKILLed by someone else would also match: rare, and the cgroup was out
+/// of memory either way.) Unknown counts mean no.
+pub fn oom_killed(at_start: Option<u64>, at_exit: Option<u64>, signal: Option<i32>) -> bool {
+    signal == Some(libc::SIGKILL) && matches!((at_start, at_exit), (Some(a), Some(b)) if b > a)
+}
+
+/// The files that count OOM kills in our cgroup, most likely first, from the text of
+/// `/proc/self/cgroup`: cgroup v2 (`0::/path`) keeps `oom_kill` in `memory.events` (under
+/// `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host); cgroup v1 (`N:memory:/path`,
+/// the controller possibly among others: `N:cpu,memory:/path`) in `memory.oom_control` under
+/// `/sys/fs/cgroup/memory`. Inside a container with a cgroup namespace the path is `/`.
+pub fn oom_counter_paths(proc_self_cgroup: &str) -> Vec<String> {
+    let mut v2 = Vec::new();
+    let mut v1 = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if !path.starts_with('/') {
+            continue;
+        }
+        let path = path.trim_end_matches('/');
+        if id == "0" && controllers.is_empty() {
+            v2.push(format!("/sys/fs/cgroup{path}/memory.events"));
+            v2.push(format!("/sys/fs/cgroup/unified{path}/memory.events"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            v1.push(format!("/sys/fs/cgroup/memory{path}/memory.oom_control"));
+        }
+    }
+    v2.extend(v1);
+    v2
+}
+
+/// The `oom_kill` count of a `memory.events` (v2) or `memory.oom_control` (v1) file: lines of
+/// `key value`.
+pub fn parse_oom_kills(contents: &str) -> Option<u64> {
+    contents.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == "oom_kill").then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TERM: i32 = libc::SIGTERM;
+    const FLUSH: Duration = crate::config::DEFAULT_FLUSH_TIMEOUT;
     const KILL: i32 = libc::SIGKILL;
 
     fn drain(s: &mut Supervisor) -> Vec<Action> {
@@ -375,10 +462,10 @@ mod tests {
 
     fn running(stop: u64, group: bool) -> (Supervisor, Instant) {
         let t0 = Instant::now();
-        let mut s = Supervisor::new(Duration::from_secs(stop), group);
+        let mut s = Supervisor::new(Duration::from_secs(stop), group, FLUSH);
         s.start();
         assert_eq!(drain(&mut s), [Action::Spawn]);
-        s.handle_spawned(100);
+        s.handle_spawned(100, None);
         (s, t0)
     }
 
@@ -423,8 +510,8 @@ mod tests {
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
         assert_eq!(s.poll_timeout(), None);
         // The child dies of it: 137.
-        s.handle_exit(100, None, Some(9), at);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.handle_exit(100, None, Some(9), None, at);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
         s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(137)]);
     }
@@ -432,10 +519,10 @@ mod tests {
     #[test]
     fn child_exit_cleans_up_descendants_then_exits() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(999, Some(0), None, t0); // not the child (an adopted orphan): nothing happens
+        s.handle_exit(999, Some(0), None, None, t0); // not the child (an adopted orphan): nothing happens
         assert_eq!(drain(&mut s), []);
-        s.handle_exit(100, Some(3), None, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.handle_exit(100, Some(3), None, None, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
         assert!(s.finishing());
         // Descendants still alive: wait.
         s.handle_leftovers(Leftovers { descendants: true, output: true, server: false }, t0);
@@ -457,7 +544,7 @@ mod tests {
     #[test]
     fn stuck_pipe_does_not_keep_us_forever() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, Some(0), None, t0);
+        s.handle_exit(100, Some(0), None, None, t0);
         drain(&mut s);
         let stuck = Leftovers { descendants: false, output: true, server: false };
         s.handle_leftovers(stuck, t0);
@@ -470,11 +557,11 @@ mod tests {
     #[test]
     fn term_before_start_exits_143_without_spawning() {
         let t0 = Instant::now();
-        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.handle_signal(libc::SIGUSR1, t0);
         assert_eq!(drain(&mut s), []);
         s.handle_signal(TERM, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
         s.start();
         assert_eq!(drain(&mut s), [], "never spawned after a stop");
         s.handle_leftovers(NONE, t0);
@@ -484,7 +571,7 @@ mod tests {
     #[test]
     fn signals_after_exit_are_not_forwarded() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, Some(0), None, t0);
+        s.handle_exit(100, Some(0), None, None, t0);
         drain(&mut s);
         s.handle_signal(TERM, t0);
         assert_eq!(drain(&mut s), []);
@@ -493,7 +580,7 @@ mod tests {
     #[test]
     fn waits_for_config_then_fails_open_at_the_deadline() {
         let t0 = Instant::now();
-        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.wait_for_config(Some(t0 + Duration::from_secs(5)));
         assert_eq!(s.child_state(), ChildState::Starting);
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
@@ -502,7 +589,7 @@ mod tests {
         s.handle_timeout(t0 + Duration::from_secs(5), NONE);
         assert_eq!(drain(&mut s), [Action::Spawn]);
         // Config arriving later does not spawn a second child.
-        s.handle_spawned(7);
+        s.handle_spawned(7, None);
         s.start();
         assert_eq!(drain(&mut s), []);
         assert_eq!(s.child_state(), ChildState::Running(7));
@@ -512,7 +599,7 @@ mod tests {
     #[test]
     fn config_before_the_deadline_starts_at_once() {
         let t0 = Instant::now();
-        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.wait_for_config(Some(t0 + Duration::from_secs(5)));
         s.start();
         assert_eq!(drain(&mut s), [Action::Spawn]);
@@ -520,7 +607,7 @@ mod tests {
 
     #[test]
     fn server_required_waits_forever() {
-        let mut s = Supervisor::new(Duration::from_secs(30), false);
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.wait_for_config(None);
         assert_eq!(s.poll_timeout(), None);
         s.start();
@@ -530,24 +617,24 @@ mod tests {
     #[test]
     fn last_words_to_the_server_get_at_most_the_flush_grace() {
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, None, Some(15), t0);
+        s.handle_exit(100, None, Some(15), None, t0);
         drain(&mut s);
-        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 143, signal: Some(15) })));
+        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 143, signal: Some(15), oom_killed: false })));
         let pending = Leftovers { descendants: false, output: false, server: true };
         let t1 = t0 + Duration::from_millis(10);
         s.handle_leftovers(pending, t1);
         assert_eq!(drain(&mut s), [], "waits for the server");
-        assert_eq!(s.poll_timeout(), Some(t1 + FLUSH_GRACE).min(Some(t0 + CLEANUP_GRACE)));
+        assert_eq!(s.poll_timeout(), Some(t1 + FLUSH).min(Some(t0 + CLEANUP_GRACE)));
         // Flushed in time: exit at once.
         s.handle_leftovers(NONE, t1 + Duration::from_millis(500));
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
 
         // Never flushed: exit at the grace.
         let (mut s, t0) = running(30, false);
-        s.handle_exit(100, Some(1), None, t0);
+        s.handle_exit(100, Some(1), None, None, t0);
         drain(&mut s);
         s.handle_leftovers(pending, t0);
-        s.handle_timeout(t0 + FLUSH_GRACE, pending);
+        s.handle_timeout(t0 + FLUSH, pending);
         assert_eq!(drain(&mut s), [Action::Exit(1)]);
     }
 
@@ -561,10 +648,10 @@ mod tests {
         // A second restart request while restarting changes nothing.
         s.restart(None, t0);
         assert_eq!(drain(&mut s), []);
-        s.handle_exit(100, None, Some(15), t0 + Duration::from_secs(1));
+        s.handle_exit(100, None, Some(15), None, t0 + Duration::from_secs(1));
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
         assert!(!s.finishing(), "a restart is not an exit");
-        s.handle_spawned(101);
+        s.handle_spawned(101, None);
         assert_eq!(s.child_state(), ChildState::Running(101));
         assert_eq!(s.starts(), 2);
     }
@@ -576,7 +663,7 @@ mod tests {
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM)]);
         s.handle_timeout(t0 + Duration::from_secs(30), NONE);
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
-        s.handle_exit(100, None, Some(9), t0 + Duration::from_secs(30));
+        s.handle_exit(100, None, Some(9), None, t0 + Duration::from_secs(30));
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
     }
 
@@ -587,8 +674,8 @@ mod tests {
         drain(&mut s);
         s.handle_signal(TERM, t0);
         assert_eq!(drain(&mut s), [Action::Signal(Target::Child, TERM)]);
-        s.handle_exit(100, None, Some(15), t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM)]);
+        s.handle_exit(100, None, Some(15), None, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
         s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
     }
@@ -598,5 +685,133 @@ mod tests {
         let (mut s, _) = running(30, false);
         s.signal_child(libc::SIGHUP);
         assert_eq!(drain(&mut s), [Action::Signal(Target::Child, libc::SIGHUP)]);
+    }
+
+    #[test]
+    fn the_flush_timeout_is_configurable_and_zero_means_no_wait() {
+        let pending = Leftovers { descendants: false, output: false, server: true };
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(30), false, Duration::from_secs(7));
+        s.start();
+        s.handle_spawned(100, None);
+        drain(&mut s);
+        s.handle_exit(100, Some(0), None, None, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        s.handle_leftovers(pending, t0);
+        s.handle_timeout(t0 + Duration::from_secs(6), pending);
+        assert_eq!(drain(&mut s), [], "7 s, not the default 2 s");
+        s.handle_timeout(t0 + Duration::from_secs(7), pending);
+        assert_eq!(drain(&mut s), [Action::Exit(0)]);
+
+        let mut s = Supervisor::new(Duration::from_secs(30), false, Duration::ZERO);
+        s.start();
+        s.handle_spawned(100, None);
+        s.handle_exit(100, Some(4), None, None, t0);
+        drain(&mut s);
+        s.handle_leftovers(pending, t0);
+        assert_eq!(drain(&mut s), [Action::Exit(4)], "no flush window at all");
+    }
+
+    #[test]
+    fn a_stuck_pipe_does_not_cut_the_servers_flush_window_short() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Duration::from_secs(30), false, Duration::from_secs(10));
+        s.start();
+        s.handle_spawned(100, None);
+        s.handle_exit(100, Some(0), None, None, t0);
+        drain(&mut s);
+        let stuck = Leftovers { descendants: false, output: true, server: true };
+        s.handle_leftovers(stuck, t0);
+        s.handle_timeout(t0 + CLEANUP_GRACE, stuck);
+        let gave_up = t0 + CLEANUP_GRACE + FINAL_GRACE;
+        s.handle_timeout(gave_up, stuck);
+        assert_eq!(drain(&mut s), [], "the server still gets its window");
+        assert_eq!(s.poll_timeout(), Some(gave_up + Duration::from_secs(10)));
+        s.handle_leftovers(Leftovers { descendants: false, output: true, server: false }, gave_up + Duration::from_secs(1));
+        assert_eq!(drain(&mut s), [], "(output still counts until the window ends)");
+        s.handle_timeout(gave_up + Duration::from_secs(10), stuck);
+        assert_eq!(drain(&mut s), [Action::Exit(0)]);
+    }
+
+    #[test]
+    fn last_words_are_asked_for_once_whichever_way_the_end_comes() {
+        let t0 = Instant::now();
+        // Stopped before it ever started.
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
+        s.handle_signal(TERM, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        // Could not be started.
+        let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
+        s.start();
+        drain(&mut s);
+        s.handle_spawn_failed(127, t0);
+        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        s.handle_leftovers(NONE, t0);
+        s.handle_timeout(t0 + CLEANUP_GRACE, NONE);
+        assert_eq!(drain(&mut s), [Action::Exit(127)]);
+    }
+
+    #[test]
+    fn oom_kill_is_a_sigkill_with_a_rising_cgroup_count() {
+        assert!(oom_killed(Some(0), Some(1), Some(KILL)));
+        assert!(oom_killed(Some(7), Some(9), Some(KILL)));
+        assert!(!oom_killed(Some(1), Some(1), Some(KILL)), "a plain kill -9");
+        assert!(!oom_killed(Some(0), Some(1), Some(TERM)), "killed for memory means SIGKILL");
+        assert!(!oom_killed(Some(0), Some(1), None));
+        assert!(!oom_killed(None, Some(1), Some(KILL)), "unknown counts mean no");
+        assert!(!oom_killed(Some(0), None, Some(KILL)));
+
+        let (mut s, t0) = running(30, false);
+        s.handle_spawned(100, Some(4));
+        s.handle_exit(100, None, Some(KILL), Some(5), t0);
+        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: true })));
+        let (mut s, t0) = running(30, false);
+        s.handle_spawned(100, Some(4));
+        s.handle_exit(100, None, Some(KILL), Some(4), t0);
+        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: false })));
+        // The count is taken per start: a kill of an earlier child does not count for this one.
+        let (mut s, t0) = running(30, false);
+        s.handle_spawned(100, Some(2));
+        s.restart(None, t0);
+        s.handle_exit(100, None, Some(KILL), Some(3), t0);
+        s.handle_spawned(101, Some(3));
+        s.handle_exit(101, None, Some(KILL), Some(3), t0);
+        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: false })));
+    }
+
+    #[test]
+    fn oom_counter_files_for_every_cgroup_layout() {
+        // Pure cgroup v2.
+        assert_eq!(
+            oom_counter_paths("0::/system.slice/app.service\n"),
+            ["/sys/fs/cgroup/system.slice/app.service/memory.events", "/sys/fs/cgroup/unified/system.slice/app.service/memory.events"]
+        );
+        // A container with its own cgroup namespace: the path is `/`.
+        assert_eq!(oom_counter_paths("0::/\n")[0], "/sys/fs/cgroup/memory.events");
+        // Hybrid: v2 first (it may lack the memory controller), then the v1 memory hierarchy.
+        let hybrid = "9:name=systemd:/\n4:memory:/process_api/f654\n3:cpuset:/\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            oom_counter_paths(hybrid),
+            ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/unified/memory.events", "/sys/fs/cgroup/memory/process_api/f654/memory.oom_control"]
+        );
+        // v1 with the memory controller co-mounted, and at the root.
+        assert_eq!(oom_counter_paths("5:cpu,memory:/docker/abc"), ["/sys/fs/cgroup/memory/docker/abc/memory.oom_control"]);
+        assert_eq!(oom_counter_paths("5:memory:/"), ["/sys/fs/cgroup/memory/memory.oom_control"]);
+        // Not memory, or not a line at all.
+        assert!(oom_counter_paths("3:memoryx:/a\n2:cpu:/b\ngarbage\n7:memory:relative\n").is_empty());
+        assert!(oom_counter_paths("").is_empty());
+    }
+
+    #[test]
+    fn oom_kill_counts_from_either_file_format() {
+        let v2 = "low 0\nhigh 0\nmax 31\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 17\n";
+        assert_eq!(parse_oom_kills(v1), Some(17));
+        // Kernels before 4.13 have no oom_kill line in memory.oom_control.
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+        assert_eq!(parse_oom_kills("oom_group_kill 5\n"), None, "not the same counter");
+        assert_eq!(parse_oom_kills("oom_kill many\n"), None);
+        assert_eq!(parse_oom_kills(""), None);
     }
 }

@@ -492,6 +492,10 @@ fn malformed_env_values_are_errors_before_spawn() {
         ("WAYPOST_LOG_LEVEL", "LOUD"),
         ("PORT", "http"),
         ("WAYPOST_SIGNAL_GROUP", "maybe"),
+        ("WAYPOST_TLS_SKIP_VERIFY", "sure"),
+        // Below the minimum (one longest log line): nothing could ever be buffered.
+        ("WAYPOST_LOG_BUFFER", "1"),
+        ("WAYPOST_LOG_BUFFER", "65535"),
     ];
     let mut wrong = Vec::new();
     for (var, value) in cases {
@@ -929,4 +933,176 @@ fn token_is_not_passed_to_the_child() {
         !env.iter().any(|l| l.starts_with("WAYPOST_TOKEN=") || l.contains("secret-token-value")),
         "WAYPOST_TOKEN leaked into the child's environment: {env:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accepted values agree with what the errors say
+
+/// Runs `true`-like child under the entrypoint with `var=value`; whether the child ran.
+fn accepted(dir: &TestDir, var: &str, value: &str) -> (bool, Finished) {
+    let _ = fs::remove_file(dir.join("spawned"));
+    let mut cmd = entrypoint_sh(dir, &spawn_marker_script(dir));
+    cmd.env(var, value);
+    let out = Running::spawn_captured(cmd).finish();
+    (dir.exists("spawned") && out.status.code() == Some(0), out)
+}
+
+#[test]
+fn a_boolean_error_lists_exactly_the_words_accepted() {
+    let dir = TestDir::new("boolean-words");
+    let (ran, out) = accepted(&dir, "WAYPOST_SIGNAL_GROUP", "maybe");
+    assert!(!ran, "premise: a non-boolean is refused: {}", out.context());
+    out.assert_code(2, "a malformed boolean is a config error");
+    // "... is not a boolean (1/0, true/false, yes/no, on/off, any case)"
+    let err = out.stderr_str();
+    let list = err
+        .split_once("is not a boolean (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(list, _)| list.to_owned())
+        .unwrap_or_else(|| panic!("the error should list the accepted words in parentheses: {}", out.context()));
+    let words: Vec<&str> = list.split(", ").filter(|w| w.contains('/')).flat_map(|w| w.split('/')).collect();
+    assert_eq!(words, ["1", "0", "true", "false", "yes", "no", "on", "off"], "listed: {list:?}");
+    assert!(list.contains("any case"), "{list:?}");
+    let mut wrong = Vec::new();
+    for w in words.iter().flat_map(|w| [w.to_string(), w.to_ascii_uppercase()]) {
+        let (ran, out) = accepted(&dir, "WAYPOST_SIGNAL_GROUP", &w);
+        if !ran {
+            wrong.push(format!("WAYPOST_SIGNAL_GROUP={w}: {}", out.context()));
+        }
+    }
+    assert!(wrong.is_empty(), "words the error lists must be accepted:\n{}", wrong.join("\n\n"));
+}
+
+#[test]
+fn the_smallest_log_buffer_holds_one_longest_line() {
+    let dir = TestDir::new("log-buffer-min");
+    for ok in ["64KiB", "65536", "1MiB"] {
+        let (ran, out) = accepted(&dir, "WAYPOST_LOG_BUFFER", ok);
+        assert!(ran, "WAYPOST_LOG_BUFFER={ok} is accepted: {}", out.context());
+    }
+    let (ran, out) = accepted(&dir, "WAYPOST_LOG_BUFFER", "64000");
+    assert!(!ran, "WAYPOST_LOG_BUFFER=64000 is below the minimum: {}", out.context());
+    out.assert_code(2, "a too small log buffer is a config error");
+    assert!(out.stderr_str().contains("minimum") && out.stderr_str().contains("64KiB"), "the error says the minimum: {}", out.context());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The entrypoint's own copy of its secrets
+
+/// Secret variables with values the tests search for, including the legacy token names.
+const SECRETS: [(&str, &str); 3] =
+    [("WAYPOST_TOKEN", "tok-4f1d9e-secret"), ("WAYPOINT_CEB_INVITE_TOKEN", "legacy-invite-8c2e51"), ("WAYPOINT_CEB_TOKEN", "legacy-ceb-77aa03")];
+
+/// The secret values found in `bytes` (an environ block or any text).
+fn leaked(bytes: &[u8]) -> Vec<&'static str> {
+    let text = String::from_utf8_lossy(bytes);
+    SECRETS.iter().flat_map(|(name, value)| [*name, *value]).filter(|s| text.contains(s)).collect()
+}
+
+#[test]
+fn removing_a_variable_leaves_it_in_proc_environ() {
+    // The premise of the scrub: /proc/PID/environ shows the environment as the process was
+    // started with it; unsetting the variable (here: sh's `unset`) does not change that. So the
+    // reading in the test below would see a token that was merely unset.
+    let dir = TestDir::new("unset-is-not-enough");
+    let out = plain_command(&dir, "sh")
+        .args(["-c", "unset WAYPOST_TOKEN; cat /proc/$$/environ"])
+        .env("WAYPOST_TOKEN", SECRETS[0].1)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(SECRETS[0].1), "premise: unset left the bytes: {out:?}");
+}
+
+#[test]
+fn the_token_is_blanked_in_the_entrypoints_own_environ() {
+    let dir = TestDir::new("own-environ");
+    // The app reads its parent's (the entrypoint's) environ, and its own, then waits.
+    let script = dir.script(
+        "app.sh",
+        r#"cat /proc/$PPID/environ > "$D/parent-env.tmp" && mv "$D/parent-env.tmp" "$D/parent-env"
+cat /proc/self/environ > "$D/own-env"
+wait_for go"#,
+    );
+    let mut cmd = entrypoint(&dir);
+    cmd.args(["sh", &script]).envs(SECRETS).env("WAYPOST_LOG_LEVEL", "DEBUG").env("APP_SETTING", "kept");
+    let mut ep = Running::spawn_captured(cmd);
+    let parent_env = dir.join("parent-env");
+    ep.wait_for_file(&parent_env);
+    // And what anyone allowed to read it (root, here) sees, while the entrypoint runs.
+    let seen_by_us = fs::read(format!("/proc/{}/environ", ep.pid())).unwrap();
+    dir.touch("go");
+    let out = ep.finish();
+    out.assert_code(0, "the app exits 0");
+
+    for (what, bytes) in [
+        ("the entrypoint's environ read by the app", fs::read(&parent_env).unwrap()),
+        ("the entrypoint's environ read by the test", seen_by_us),
+    ] {
+        let text = String::from_utf8_lossy(&bytes).replace('\0', "\n");
+        // Negative control: the block is readable and non-secret variables are still in it, so
+        // the absence below is not an empty or unreadable file.
+        assert!(text.lines().any(|l| l == "WAYPOST_LOG_LEVEL=DEBUG") && text.lines().any(|l| l == "APP_SETTING=kept"), "{what}: {text}");
+        assert_eq!(leaked(&bytes), Vec::<&str>::new(), "{what} still shows secrets: {text}");
+    }
+    let own = fs::read(dir.join("own-env")).unwrap();
+    assert!(String::from_utf8_lossy(&own).contains("APP_SETTING=kept"), "premise: the app's environ was read");
+    assert_eq!(leaked(&own), Vec::<&str>::new(), "the app's own environment shows secrets");
+}
+
+/// The `setpriv` prefix that runs a command as nobody (65534), or None (after a loud skip line)
+/// where that is impossible: not root, or no setpriv.
+fn as_nobody() -> Option<[&'static str; 5]> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let setpriv = Command::new("setpriv").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !root || !setpriv {
+        eprintln!("SKIPPED: needs root and setpriv(1) to run the entrypoint as another user (root: {root}, setpriv: {setpriv})");
+        return None;
+    }
+    Some(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+}
+
+/// Run by the app as nobody: can it read its parent's environ, and its own; who owns them.
+const INSPECT_PARENT: &str = r#"if cat /proc/$PPID/environ > /dev/null 2> "$D/parent.err"; then put parent readable; else put parent denied; fi
+put parent-owner "$(stat -c %u /proc/$PPID/environ)"
+if cat /proc/self/environ > /dev/null; then put self readable; else put self denied; fi
+put self-owner "$(stat -c %u /proc/self/environ)"
+put me "$(id -u)"
+put done yes"#;
+
+fn inspect_results(dir: &TestDir) -> [String; 5] {
+    ["me", "parent", "parent-owner", "self", "self-owner"].map(|f| dir.read(f).unwrap_or_else(|| panic!("{f} not written")))
+}
+
+#[test]
+fn the_entrypoint_is_not_dumpable_but_its_child_is() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(nobody) = as_nobody() else { return };
+    let dir = TestDir::new("not-dumpable");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    // A copy nobody can surely execute (the build tree may not be reachable for it).
+    let bin = dir.join("waypost-entrypoint");
+    fs::copy(entrypoint_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.script("inspect.sh", INSPECT_PARENT);
+
+    // Negative control: under a plain parent of the same user (a shell, dumpable as usual), the
+    // same script reads its parent's environ — so a refusal below comes from the entrypoint.
+    let status = plain_command(&dir, nobody[0]).args(&nobody[1..]).args(["sh", "-c", &format!("sh {script}; true")]).status().unwrap();
+    assert!(status.success(), "the control run failed: {}", describe_status(status));
+    let [me, parent, owner, ..] = inspect_results(&dir);
+    assert_eq!((me.as_str(), parent.as_str(), owner.as_str()), ("65534", "readable", "65534"), "premise: same-user processes read each other's environ");
+    for f in ["me", "parent", "parent-owner", "self", "self-owner", "done"] {
+        fs::remove_file(dir.join(f)).unwrap();
+    }
+
+    let mut cmd = plain_command(&dir, nobody[0]);
+    cmd.args(&nobody[1..]).arg(&bin).args(["sh", &script]).env("WAYPOST_TOKEN", SECRETS[0].1);
+    let out = Running::spawn_captured(cmd).finish();
+    out.assert_code(0, "the app exits 0");
+    let [me, parent, owner, own, own_owner] = inspect_results(&dir);
+    assert_eq!(me, "65534", "premise: the app runs as nobody: {}", out.context());
+    assert_eq!(parent, "denied", "the app must not read the entrypoint's environ: {}", out.context());
+    assert_eq!(owner, "0", "a non-dumpable process's /proc files belong to root");
+    assert_eq!((own.as_str(), own_owner.as_str()), ("readable", "65534"), "the app itself is dumpable again after its execve");
 }

@@ -19,7 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use waypost_entrypoint::appconfig::{ConfigCore, Step};
-use waypost_entrypoint::logs::{LINE_CAP, Logs};
+use waypost_entrypoint::logs::{LINE_CAP, LogMode, Logs};
 use waypost_entrypoint::session::{Event, Session};
 use waypost_entrypoint::wire::RecvBuf;
 use waypost_proto::{
@@ -390,7 +390,7 @@ fuzz_target!(|data: &[u8]| {
     let seed = inp.u64();
     let mut h = Harness {
         session: Session::new(seed),
-        logs: Logs::new(LOG_CAP),
+        logs: Logs::new(LOG_CAP, LogMode::Drop),
         cfg: ConfigCore::new(seed),
         rbuf: RecvBuf::new(),
         now: base,

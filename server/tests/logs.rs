@@ -148,20 +148,38 @@ fn with_a_tiny_buffer_the_dropped_count_is_exactly_the_missing_lines() {
     let server = Server::start(&[]);
     let control = server.control_addr.clone();
     let n = 500;
+    // Lines padded to ~1.5 KiB, so the smallest buffer allowed (64 KiB) holds only ~43 of them.
+    let script = format!(
+        r#"P=x; k=0; while [ $k -lt 1500 ]; do P=${{P}}x; k=$((k+1)); done
+i=1; while [ $i -le {n} ]; do echo "line $i $P"; i=$((i+1)); sleep 0.01; done; exec sleep 1000"#
+    );
     let Some(ep) = spawn(
-        Builder::new(&server, "web", &steady(n, "0.01"))
-            .env("WAYPOST_LOG_BUFFER", "2KiB")
+        Builder::new(&server, "web", &script)
+            .env("WAYPOST_LOG_BUFFER", "64KiB")
             // No own lines: every entry is a numbered child line, so seq = number - 1.
             .env("WAYPOST_LOG_LEVEL", "ERROR"),
     ) else {
         return;
     };
-    wait_for_line(&server, "web", "line 10", &ep);
+    let wait_for_numbered = |server: &Server, k: usize| {
+        let prefix = format!("line {k} ");
+        wait_for(&format!("{prefix:?} in the logs\n{}", ep.stderr()), || {
+            let rows = logs_json(server, "web", &[]);
+            rows.iter()
+                .any(|r| {
+                    r["stream"] == "stdout"
+                        && r.get("data_b64").is_some()
+                        && data(r).starts_with(prefix.as_bytes())
+                })
+                .then_some(rows)
+        })
+    };
+    wait_for_numbered(&server, 10);
     let env = server.kill();
-    // ~150 lines of output while away, far more than 2 KiB holds (~85 entries).
+    // ~150 lines of output while away, far more than 64 KiB holds (~43 entries).
     std::thread::sleep(Duration::from_millis(1500));
     let server = Server::start_in(env, &["--control-addr", &control]);
-    let rows = wait_for_line(&server, "web", &format!("line {n}"), &ep);
+    let rows = wait_for_numbered(&server, n);
 
     let mut stored = BTreeSet::new();
     let mut dropped = 0u64;
@@ -178,7 +196,8 @@ fn with_a_tiny_buffer_the_dropped_count_is_exactly_the_missing_lines() {
             None => {
                 assert_eq!(r["stream"], "stdout");
                 let line = String::from_utf8(data(r)).unwrap();
-                let num: u64 = line.strip_prefix("line ").unwrap().parse().unwrap();
+                let num = line.strip_prefix("line ").unwrap();
+                let num: u64 = num.split(' ').next().unwrap().parse().unwrap();
                 assert_eq!(seq, num - 1, "entry seq matches the line number");
                 assert!(stored.insert(num), "line {num} stored twice");
                 assert!(covered.insert(seq), "seq {seq} both stored and dropped");
@@ -190,7 +209,7 @@ fn with_a_tiny_buffer_the_dropped_count_is_exactly_the_missing_lines() {
         "stored {} lines, {missing} missing, dropped markers say {dropped}",
         stored.len()
     );
-    assert!(missing > 0, "the outage should overflow a 2 KiB buffer");
+    assert!(missing > 0, "the outage should overflow a 64 KiB buffer");
     assert_eq!(
         dropped, missing,
         "the dropped count is exactly the number of missing lines"

@@ -7,6 +7,8 @@
 mod common;
 
 mod datadir;
+mod entrypoint_secrets;
+mod last_words;
 mod matrix;
 mod preauth;
 mod takeover;
