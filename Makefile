@@ -30,6 +30,7 @@ run: build
 ## test: everything CI checks: dependency boundary, size budget, unit and integration tests
 test: build
 	scripts/check-deps.sh
+	scripts/check-layers.sh
 	size-report/check-budget.sh $(BIN)
 	WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) cargo nextest run --workspace --no-fail-fast
 	cargo test --workspace --doc -q

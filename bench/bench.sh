@@ -79,14 +79,15 @@ command -v wrk >/dev/null || apt_install wrk
 TINI=/usr/bin/tini-static
 
 # ---- build ----------------------------------------------------------------------------------------
-say "building (entrypoint: make build; server + CLI: release; bench helper)"
+say "building (entrypoint: make build; server + CLI + fleet simulator: release; bench helper)"
 make -C "$ROOT" --no-print-directory build >&2
-(cd "$ROOT" && cargo build --release -p waypost --bins >&2)
+(cd "$ROOT" && cargo build --release -p waypost --bins -p waypost-fleet >&2)
 cargo build --release --manifest-path "$BENCH/helper/Cargo.toml" --target-dir "$ROOT/target/bench-helper" >&2
 EP="$ROOT/target/x86_64-unknown-linux-musl/min/waypost-entrypoint"
 WP="$ROOT/target/release/waypost"
+FLEET="$ROOT/target/release/waypost-fleet"
 H="$ROOT/target/bench-helper/release/waypost-bench-helper"
-for b in "$EP" "$WP" "$H"; do [[ -x "$b" ]] || die "missing $b after the build"; done
+for b in "$EP" "$WP" "$FLEET" "$H"; do [[ -x "$b" ]] || die "missing $b after the build"; done
 T_BUILT=$(date +%s)
 
 REV="$(git -C "$ROOT" rev-parse --short --verify -q HEAD 2>/dev/null || echo no-commit)"
@@ -415,8 +416,8 @@ kill_tree "$SERVER_PID"
 # ---- 7. fleet ---------------------------------------------------------------------------------------
 FLEET_MD=""
 if [[ "$SKIP_FLEET" != 1 ]]; then
-    say "fleet: $FLEET_INSTANCES simulated entrypoints against one server (waypost bench fleet)"
-    if "$WP" bench fleet --spawn-server --instances "$FLEET_INSTANCES" --duration "$FLEET_DURATION" \
+    say "fleet: $FLEET_INSTANCES simulated entrypoints against one server (waypost-fleet)"
+    if "$FLEET" --waypost-bin "$WP" --spawn-server --instances "$FLEET_INSTANCES" --duration "$FLEET_DURATION" \
         --heartbeat-interval 15s --idle-window "$( ((quick)) && echo 4s || echo 30s)" \
         --burst "$( ((quick)) && echo 2s || echo 10s)" \
         --json "$WORK/fleet.json" --markdown "$WORK/fleet.md" >"$WORK/fleet.txt" 2>"$WORK/fleet.err"; then
@@ -523,7 +524,7 @@ exec_rows() {
     echo
     echo "## Fleet: one server, $FLEET_INSTANCES simulated entrypoints"
     echo
-    echo "\`waypost bench fleet --spawn-server --instances $FLEET_INSTANCES --duration $FLEET_DURATION\`: tokio tasks speaking the real protocol (TLS 1.3, Hello/Welcome, Ping + Status every 15 s, LogBatch/LogAck, ConfigApplied, the entrypoint's jittered backoff), on loopback; the simulator shares the 2 cores with the server."
+    echo "\`waypost-fleet --spawn-server --instances $FLEET_INSTANCES --duration $FLEET_DURATION\`: tokio tasks speaking the real protocol (TLS 1.3, Hello/Welcome, Ping + Status every 15 s, LogBatch/LogAck, ConfigApplied, the entrypoint's jittered backoff), on loopback; the simulator shares the 2 cores with the server."
     echo
     echo "$FLEET_MD"
 } >"$REPORT"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the container tests (server/tests/containers.rs) need — podman, runc,
+# Installs what the container tests (server/tests/it/containers.rs) need — podman, runc,
 # busybox-static, and skopeo for the README's workflow — when missing, then proves that podman
 # can start a trivial FROM scratch container here, with the flags the tests use:
 #

@@ -1,7 +1,7 @@
 //! Application configuration from the server, sans-IO: which snapshot is in force, what a new
 //! one means for the running child (nothing, a restart, a signal), and when (the splay).
 //!
-//! Rules (issue #4, CONTRACT.md): an identical snapshot changes nothing; changed env restarts the
+//! Rules (see docs/protocol.md): an identical snapshot changes nothing; changed env restarts the
 //! child (its env is fixed at exec); changed files alone follow the app's policy — restart, a
 //! signal, or nothing. Files are written before the child starts or is signalled. A restart or
 //! signal waits a random delay within the splay, so a fleet never restarts at once. Variables named
@@ -97,7 +97,7 @@ impl ConfigCore {
         let effect = if running { effect_of(self.current.as_ref().unwrap_or(&empty), &config) } else { None };
         let splay = Duration::from_millis(u64::from(config.restart_splay_ms));
         let delay = if effect.is_some() && !splay.is_zero() {
-            Duration::from_millis(next_random(&mut self.rng) % splay.as_millis().max(1) as u64)
+            Duration::from_millis(waypost_proto::rand::next(&mut self.rng) % splay.as_millis().max(1) as u64)
         } else {
             Duration::ZERO
         };
@@ -177,15 +177,6 @@ fn effect_of(cur: &Config, new: &Config) -> Option<Effect> {
         },
         _ => None,
     }
-}
-
-fn next_random(state: &mut u64) -> u64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::logger::Level;
 use std::ffi::{OsStr, OsString};
 use std::time::Duration;
-use waypost_proto::parse_size;
+use waypost_proto::{parse_duration, parse_size};
 
 /// Default `PORT` given to the child when it has none (CONTRACT.md).
 pub const DEFAULT_PORT: u16 = 5000;
@@ -139,7 +139,7 @@ impl Settings {
             // The one-line form `waypost token create -o env` prints: base64 of the PEM text
             // ("-----BEGIN" encodes to "LS0tLS1CRUdJTi"), safe in env files and shells alike.
             Some((name, v)) if v.trim_start().starts_with("LS0tLS1CRUdJTi") => {
-                let pem = base64_decode(v.trim()).and_then(|b| String::from_utf8(b).ok());
+                let pem = waypost_proto::base64::decode(v.trim()).and_then(|b| String::from_utf8(b).ok());
                 CaSource::Pem(pem.ok_or(Error::Env { name, why: "looks like base64-encoded PEM but does not decode".into() })?)
             }
             Some((_, v)) => CaSource::Path(v),
@@ -303,74 +303,6 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// Durations like `500ms`, `5s`, `2m`, `1h`, `1m30s`, `1.5s`; a bare integer is seconds (as in
-/// `docker stop -t 30`). Millisecond precision.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let bad = || format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1m30s)");
-    if t.is_empty() {
-        return Err(bad());
-    }
-    if t.bytes().all(|b| b.is_ascii_digit()) {
-        return t.parse::<u64>().map(Duration::from_secs).map_err(|_| bad());
-    }
-    let mut total_ms: u64 = 0;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let (num, tail) = rest.split_at(num_end);
-        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let unit_ms: u64 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            _ => return Err(bad()),
-        };
-        // Fixed point with three decimals, so `1.5s` is exact without floating point.
-        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        if int.is_empty() && frac.is_empty() || frac.len() > 3 || frac.contains('.') {
-            return Err(bad());
-        }
-        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
-        let frac_thousandths: u64 = if frac.is_empty() { 0 } else { format!("{frac:0<3}").parse().map_err(|_| bad())? };
-        let part = int
-            .checked_mul(1000)
-            .and_then(|x| x.checked_add(frac_thousandths))
-            .and_then(|x| x.checked_mul(unit_ms))
-            .ok_or_else(bad)?
-            / 1000;
-        total_ms = total_ms.checked_add(part).ok_or_else(bad)?;
-        rest = tail;
-    }
-    Ok(Duration::from_millis(total_ms))
-}
-
-/// Standard base64 (padding optional, whitespace ignored); `None` on any other character.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 /// `host:port`, `[v6]:port`.
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     let t = s.trim();
@@ -439,23 +371,21 @@ mod tests {
 
     #[test]
     fn durations() {
-        let ok = [
-            ("500ms", 500),
-            ("5s", 5000),
-            ("2m", 120_000),
-            ("1h", 3_600_000),
-            ("1m30s", 90_000),
-            ("1.5s", 1500),
-            ("0.25m", 15_000),
-            ("1.5ms", 1),
-            ("30", 30_000),
-            (" 0s ", 0),
-        ];
-        for (s, ms) in ok {
-            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
-        }
-        for s in ["abc", "", "5x", "ms", "-1s", "1.2.3s", "s5", "5 s", ".s", "1.2345s", "99999999999999999h"] {
-            assert!(parse_duration(s).is_err(), "{s:?} should be refused");
+        // The one duration syntax (waypost_proto::parse_duration, tested there), for every
+        // duration variable; a malformed value names the variable.
+        for name in ["WAYPOST_STARTUP_TIMEOUT", "WAYPOST_STOP_TIMEOUT", "WAYPOST_FLUSH_TIMEOUT"] {
+            let field = |s: Settings| match name {
+                "WAYPOST_STARTUP_TIMEOUT" => s.startup_timeout,
+                "WAYPOST_STOP_TIMEOUT" => s.stop_timeout,
+                _ => s.flush_timeout,
+            };
+            for (v, want) in [("500ms", Duration::from_millis(500)), ("1.5s", Duration::from_millis(1500)), ("17", Duration::from_secs(17)), ("1d", Duration::from_secs(86_400)), (" 1m30s ", Duration::from_secs(90))] {
+                assert_eq!(field(parse(&[(name, v)]).unwrap()), want, "{name}={v}");
+            }
+            for v in ["abc", " ", "5x", "-1s", "1m30", "99999999999999999h"] {
+                let e = env_error(&[(name, v)]);
+                assert!(e.contains(name) && e.contains("is not a duration"), "{name}={v:?}: {e}");
+            }
         }
     }
 
@@ -572,9 +502,10 @@ mod tests {
         let b64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=";
         assert_eq!(parse(&[("WAYPOST_CA", b64)]).unwrap().ca, CaSource::Pem(pem.into()));
         assert!(env_error(&[("WAYPOST_CA", "LS0tLS1CRUdJTi!!")]).contains("base64"));
-        assert_eq!(base64_decode("aGk="), Some(b"hi".to_vec()));
-        assert_eq!(base64_decode("aGk"), Some(b"hi".to_vec()));
-        assert_eq!(base64_decode("a G\nk ="), Some(b"hi".to_vec()));
+        // Padding optional, whitespace ignored (waypost_proto::base64, tested there).
+        assert_eq!(parse(&[("WAYPOST_CA", &b64.replace('=', ""))]).unwrap().ca, CaSource::Pem(pem.into()));
+        let wrapped: String = b64.as_bytes().chunks(20).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n");
+        assert_eq!(parse(&[("WAYPOST_CA", &wrapped)]).unwrap().ca, CaSource::Pem(pem.into()));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Exec sessions, sans-IO: who may run what, the table of live sessions, their credit windows
 //! in both directions, pending stdin, and when a session's exit may be reported.
 //!
-//! The reactor owns the file descriptors (a PTY master, or stdin/stdout/stderr pipes) in a table
-//! parallel to this one, indexed by the same slot.
+//! Each session owns its state; the agent (`crate::agent`) keeps them in a table whose slots the
+//! reactor's fd table (a PTY master, or stdin/stdout/stderr pipes) shares.
 //!
 //! Flow control: each direction of each session starts with [`INITIAL_WINDOW`] credits. Output
 //! is read from the process only while the server has granted credits (a session printing fast
@@ -13,7 +13,7 @@ use crate::flow::{Inbound, Outbound, Overrun};
 use std::time::{Duration, Instant};
 use waypost_proto::{ExecExit, ExecStart};
 
-/// Concurrent sessions per instance (issue #6).
+/// Concurrent sessions per instance.
 pub const MAX_SESSIONS: usize = 16;
 /// Output bytes per ExecOutput frame.
 pub const CHUNK: usize = 16 * 1024;
@@ -50,9 +50,10 @@ pub fn admit(start: &ExecStart, disabled: bool, allow: Option<&[String]>, active
 /// The state of one session.
 #[derive(Debug)]
 pub struct Session {
-    pub id: u64,
-    pub pid: i32,
-    pub pty: bool,
+    id: u64,
+    /// 0 until the process is started.
+    pid: i32,
+    pty: bool,
     /// Output: the credits the server granted.
     output: Outbound,
     /// Input received and not yet written to the process.
@@ -68,6 +69,10 @@ pub struct Session {
     eof_sent: bool,
     /// PTY sessions: the master reported the terminal closed.
     output_closed: bool,
+    /// Pipe sessions: stdout and stderr not at EOF yet.
+    outputs: [bool; 2],
+    /// Pipe sessions: stdin was closed after the end of input.
+    stdin_closed: bool,
 }
 
 impl Session {
@@ -84,7 +89,81 @@ impl Session {
             killed: false,
             eof_sent: false,
             output_closed: false,
+            outputs: [true; 2],
+            stdin_closed: false,
         }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The process's pid (0 while it is being started).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn is_pty(&self) -> bool {
+        self.pty
+    }
+
+    /// The process was started as `pid`.
+    pub fn started(&mut self, pid: i32) {
+        self.pid = pid;
+    }
+
+    /// Whether output is read from fd `which` (0: the PTY master, 1 stdout, 2 stderr).
+    pub fn reads_from(&self, which: usize) -> bool {
+        match which {
+            0 => self.pty && !self.output_closed,
+            _ => !self.pty && self.outputs[which - 1],
+        }
+    }
+
+    /// Fd `which` reached its end (a PTY master says EIO once the terminal side is closed
+    /// everywhere).
+    pub fn output_eof(&mut self, which: usize) {
+        match which {
+            0 => self.output_closed = true,
+            _ => self.outputs[which - 1] = false,
+        }
+    }
+
+    /// Whether output may still come.
+    pub fn outputs_open(&self) -> bool {
+        if self.pty { !self.output_closed } else { self.outputs.iter().any(|&o| o) }
+    }
+
+    /// What to write to the process now: pending input, or on a PTY the EOF character (^D) once
+    /// the input is over — a terminal has no half-close, and a shell takes ^D on an empty line
+    /// as the end.
+    pub fn to_write(&self) -> &[u8] {
+        let pending = self.input.pending();
+        if pending.is_empty() && self.pty && self.stdin_done() { b"\x04" } else { pending }
+    }
+
+    /// `n` bytes of [`Session::to_write`] were written; returns credits to grant back, if due.
+    pub fn wrote(&mut self, n: usize) -> Option<u32> {
+        if self.input.pending().is_empty() {
+            if self.pty && self.stdin_done() && n > 0 {
+                self.mark_eof_sent();
+            }
+            return None;
+        }
+        self.wrote_input(n)
+    }
+
+    /// Writing failed: the process closed its stdin, and what it did not read is dropped.
+    pub fn write_failed(&mut self) {
+        let n = self.input.pending().len();
+        self.wrote_input(n);
+    }
+
+    /// Whether a pipe stdin must be closed now (the input is over and written); true once.
+    pub fn take_stdin_close(&mut self) -> bool {
+        let due = !self.pty && !self.stdin_closed && self.stdin_done();
+        self.stdin_closed |= due;
+        due
     }
 
     /// PTY: the EOF character went out; it is not sent again.

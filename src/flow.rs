@@ -1,70 +1,45 @@
 //! Credit-based flow control for data-carrying streams (exec sessions, tunnel streams), sans-IO.
 //!
-//! Each direction starts with [`INITIAL_WINDOW`] credits. [`Outbound`]: we send only what the
+//! Each direction starts with [`waypost_proto::INITIAL_WINDOW`] credits. [`Outbound`]: we send only what the
 //! peer has granted. [`Inbound`]: the peer may send only what we granted; we buffer it until the
-//! local end (a process, a socket) takes it, and grant credits back as it does.
+//! local end (a process, a socket) takes it, and grant credits back as it does. The credit
+//! arithmetic is the one both ends share ([`waypost_proto::credit`]); the buffer is ours.
 
-use waypost_proto::INITIAL_WINDOW;
+use waypost_proto::credit::{RecvWindow, SendCredits};
 
 /// Our side of sending: the credits the peer granted.
-#[derive(Debug)]
-pub struct Outbound {
-    credits: u32,
-}
+pub type Outbound = SendCredits;
 
-impl Default for Outbound {
-    fn default() -> Self {
-        Outbound { credits: INITIAL_WINDOW }
-    }
-}
+/// The peer sent more than it was granted, or data after its end: a protocol violation.
+pub use waypost_proto::credit::Overrun;
 
-impl Outbound {
-    /// How many bytes may be read and sent now, at most `max` (0: wait for credits).
-    pub fn budget(&self, max: usize) -> usize {
-        (self.credits as usize).min(max)
-    }
-
-    /// `n` bytes were sent.
-    pub fn sent(&mut self, n: usize) {
-        self.credits = self.credits.saturating_sub(n as u32);
-    }
-
-    /// The peer granted more.
-    pub fn grant(&mut self, credits: u32) {
-        self.credits = self.credits.saturating_add(credits);
-    }
-}
+/// Credits go back once half the window is consumed (or when the buffer ran dry with the window
+/// below half), so a sender never stalls and small writes do not each cost a WindowUpdate.
+const GRANT_AT: u32 = waypost_proto::INITIAL_WINDOW / 2;
 
 /// Our side of receiving: data the peer sent and the local end has not taken yet.
 #[derive(Debug)]
 pub struct Inbound {
+    // INVARIANT: buf.len() <= INITIAL_WINDOW: the window refuses anything more.
     buf: Vec<u8>,
-    /// Bytes the peer may still send.
-    window: u32,
-    /// Taken by the local end since we last granted credits back.
-    consumed: u32,
+    window: RecvWindow,
     /// The peer will send no more.
     eof: bool,
 }
 
 impl Default for Inbound {
     fn default() -> Self {
-        Inbound { buf: Vec::new(), window: INITIAL_WINDOW, consumed: 0, eof: false }
+        Inbound { buf: Vec::new(), window: RecvWindow::new(GRANT_AT), eof: false }
     }
 }
-
-/// The peer sent more than it was granted, or data after its end: a protocol violation.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Overrun;
 
 impl Inbound {
     /// Data arrived from the peer.
     pub fn push(&mut self, data: &[u8]) -> Result<(), Overrun> {
-        let n = u32::try_from(data.len()).map_err(|_| Overrun)?;
-        if n > self.window || self.eof {
+        if self.eof {
             return Err(Overrun);
         }
-        self.window -= n;
+        self.window.received(data.len())?;
         self.buf.extend_from_slice(data);
         Ok(())
     }
@@ -91,14 +66,7 @@ impl Inbound {
         if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
             self.buf = Vec::new();
         }
-        self.consumed += n as u32;
-        let half = INITIAL_WINDOW / 2;
-        if self.consumed > 0 && (self.consumed >= half || (self.buf.is_empty() && self.window < half)) {
-            let grant = std::mem::take(&mut self.consumed);
-            self.window += grant;
-            return Some(grant);
-        }
-        None
+        self.window.took(n, self.buf.is_empty())
     }
 
     /// Everything the peer sent has been taken and it sent its end.
@@ -116,6 +84,7 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use waypost_proto::INITIAL_WINDOW;
 
     #[test]
     fn outbound_never_exceeds_the_grant() {

@@ -2,14 +2,16 @@
 //! reaping, exit codes) that, given a waypost server, also ships the app's logs and takes its
 //! configuration, exec sessions and URL traffic over one outbound TLS connection.
 //!
-//! Layout (DESIGN.md): `reactor` is the one event loop and the only place doing I/O or reading
-//! the clock; `supervisor` (and the other policy cores) are sans-IO; `sys` holds all raw system
-//! calls that need it.
+//! Layout (docs/architecture.md): `reactor` is the one event loop and the only place doing I/O or
+//! reading the clock; `agent` is the one sans-IO core it drives, which owns the other policy
+//! cores (`session`, `supervisor`, `logs`, `appconfig`, `exec`, `tunnel`); `sys` holds all raw
+//! system calls that need it.
 #![deny(unsafe_code)]
 
 pub mod logger;
 pub mod logs;
 
+pub mod agent;
 pub mod appconfig;
 pub mod config;
 pub mod error;

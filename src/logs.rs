@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use waypost_proto::LogStream;
 
-/// Longest log entry; longer lines are split (CONTRACT.md: 64 KiB).
+/// Longest log entry; longer lines are split (64 KiB, a user-visible limit).
 pub const LINE_CAP: usize = 64 * 1024;
 /// A partial line is shipped after this long without more output on its stream.
 pub const LINE_IDLE: Duration = Duration::from_millis(250);
@@ -107,7 +107,7 @@ impl Logs {
         Logs {
             meta: VecDeque::new(),
             data: ByteRing::default(),
-            // The cap is for log data (CONTRACT.md); entry headers get 0.1% on top, so exactly
+            // The cap is for log data (as documented for users); entry headers get 0.1% on top, so exactly
             // `cap` bytes of lines fit (a 1 MiB line in sixteen 64 KiB pieces in the default
             // 1 MiB), while a flood of empty lines stays bounded by the same ring.
             cap: cap + cap / 1024 + HEADER,

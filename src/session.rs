@@ -18,10 +18,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use waypost_proto::{reject, Hello, Kind, Ping, Pong, Reject, Status, Welcome};
 
-/// First reconnect delay; doubles per failed attempt (CONTRACT.md).
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// First reconnect delay; doubles per failed attempt (docs/protocol.md, "Reconnect backoff").
+pub const BACKOFF_MIN: Duration = waypost_proto::backoff::MIN;
 /// Longest reconnect delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_MAX: Duration = waypost_proto::backoff::MAX;
 /// After the child exited, a failed connection attempt is retried after this instead of the
 /// exponential backoff: the flush timeout is a couple of seconds, and one exiting instance
 /// retrying this often costs a restarting server nothing.
@@ -357,22 +357,10 @@ impl Session {
 }
 
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
-/// lost its server at the same moment does not come back at the same moment.
+/// lost its server at the same moment does not come back at the same moment. The one rule, shared
+/// with the fleet simulator: [`waypost_proto::backoff::delay`].
 pub fn backoff_delay(attempts: u32, rng: &mut u64) -> Duration {
-    let base = BACKOFF_MIN.saturating_mul(1u32 << attempts.min(16)).min(BACKOFF_MAX);
-    let half = base / 2;
-    let jitter = next_random(rng) % (half.as_micros() as u64 + 1);
-    half + Duration::from_micros(jitter)
-}
-
-/// xorshift64*: plenty for jitter, and deterministic under test.
-fn next_random(state: &mut u64) -> u64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    waypost_proto::backoff::delay(attempts, rng)
 }
 
 #[cfg(test)]

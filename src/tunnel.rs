@@ -2,12 +2,14 @@
 //! carried to a TCP connection to the app (127.0.0.1, then ::1, on `PORT`), with credit-based
 //! flow control both ways and TCP-like half-close.
 //!
-//! The reactor owns the sockets in a table parallel to this state.
+//! Each stream owns its state; the agent (`crate::agent`) keeps them in a table whose slots the
+//! reactor's socket table shares.
 
-use crate::flow::{Inbound, Outbound};
+use crate::flow::{Inbound, Outbound, Overrun};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Concurrent streams per instance (issue #7); more are refused cleanly.
+/// Concurrent streams per instance; more are refused cleanly.
 pub const MAX_STREAMS: usize = 1024;
 /// Bytes per StreamData frame.
 pub const CHUNK: usize = 16 * 1024;
@@ -26,22 +28,26 @@ pub fn admit(disabled: bool, active: usize) -> Result<(), String> {
 
 #[derive(Debug)]
 pub struct Stream {
-    pub id: u64,
+    id: u64,
     /// App → server.
-    pub output: Outbound,
+    output: Outbound,
     /// Server → app.
-    pub input: Inbound,
-    pub connected: bool,
+    input: Inbound,
+    /// The reactor holds a socket for it (connecting or connected).
+    has_sock: bool,
+    connected: bool,
+    /// The address to try next if this connect is refused (::1 after 127.0.0.1).
+    fallback: Option<SocketAddr>,
     /// The app closed its side (we read EOF); a half-close was or will be sent.
-    pub app_eof: bool,
-    pub fin_sent: bool,
+    app_eof: bool,
+    fin_sent: bool,
     /// The server's end arrived and everything before it was written: the socket's write side
     /// is shut down.
-    pub shut_down: bool,
+    shut_down: bool,
     /// Connects that are refused are retried until then (the app is restarting).
-    pub retry_until: Option<Instant>,
+    retry_until: Option<Instant>,
     /// Next connect attempt, while waiting to retry.
-    pub retry_at: Option<Instant>,
+    retry_at: Option<Instant>,
 }
 
 impl Stream {
@@ -50,7 +56,9 @@ impl Stream {
             id,
             output: Outbound::default(),
             input: Inbound::default(),
+            has_sock: false,
             connected: false,
+            fallback: None,
             app_eof: false,
             fin_sent: false,
             shut_down: false,
@@ -59,14 +67,116 @@ impl Stream {
         }
     }
 
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Held for a restart: the first connect waits for the new child, until `until` at most.
+    pub fn hold(&mut self, now: Instant, until: Instant) {
+        self.retry_at = Some(now + RETRY);
+        self.retry_until = Some(until);
+    }
+
+    /// A connect was started; `fallback`: the address to try if it is refused.
+    pub fn connecting(&mut self, fallback: Option<SocketAddr>) {
+        self.has_sock = true;
+        if fallback.is_some() {
+            self.fallback = fallback;
+        }
+    }
+
+    /// The address to try after a refusal, once.
+    pub fn take_fallback(&mut self) -> Option<SocketAddr> {
+        self.fallback.take()
+    }
+
+    pub fn handle_connected(&mut self) {
+        self.connected = true;
+    }
+
+    /// The socket is gone (the connect failed, or could not be started).
+    pub fn handle_no_socket(&mut self) {
+        self.has_sock = false;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Connected to the app, or about to be: a restart waits for it.
+    pub fn is_busy(&self) -> bool {
+        self.connected || self.has_sock
+    }
+
+    /// When the next connect attempt is due, while waiting to retry.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Whether a connect should be retried now (true once per retry).
+    pub fn retry_due(&mut self, now: Instant) -> bool {
+        let due = !self.has_sock && self.retry_at.is_some_and(|t| now >= t);
+        if due {
+            self.retry_at = None;
+        }
+        due
+    }
+
+    /// The hold after a restart: not yet connected streams retry refused connects until then.
+    pub fn extend_hold(&mut self, until: Instant) {
+        if !self.connected {
+            self.retry_until = Some(until);
+        }
+    }
+
     /// How many bytes to read from the app now.
     pub fn budget(&self) -> usize {
         if !self.connected || self.app_eof { 0 } else { self.output.budget(CHUNK) }
     }
 
+    /// `n` bytes from the app were sent.
+    pub fn sent(&mut self, n: usize) {
+        self.output.sent(n);
+    }
+
+    /// The server granted more credits.
+    pub fn handle_window(&mut self, credits: u32) {
+        self.output.grant(credits);
+    }
+
+    /// The app closed its side: the half-close goes out now.
+    pub fn handle_app_eof(&mut self) {
+        self.app_eof = true;
+        self.fin_sent = true;
+    }
+
+    /// Data from the server; `Err` beyond the window we granted.
+    pub fn handle_data(&mut self, data: &[u8]) -> Result<(), Overrun> {
+        self.input.push(data)
+    }
+
+    /// The server's half-close.
+    pub fn handle_close(&mut self) {
+        self.input.close();
+    }
+
+    /// What waits to be written to the app.
+    pub fn pending(&self) -> &[u8] {
+        self.input.pending()
+    }
+
+    /// `n` bytes were written to the app; returns credits to grant back, if due.
+    pub fn wrote(&mut self, n: usize) -> Option<u32> {
+        self.input.took(n)
+    }
+
     /// The server's end is in and written: shut the app socket's write side now.
     pub fn should_shut_down(&self) -> bool {
         self.connected && !self.shut_down && self.input.finished()
+    }
+
+    pub fn mark_shut_down(&mut self) {
+        self.shut_down = true;
     }
 
     /// Both directions are over: the stream can go.
@@ -101,19 +211,19 @@ mod tests {
     fn half_close_both_ways() {
         let mut s = Stream::new(1, None);
         assert_eq!(s.budget(), 0, "nothing to read before connecting");
-        s.connected = true;
+        s.connecting(None);
+        s.handle_connected();
         assert_eq!(s.budget(), CHUNK);
-        s.input.push(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        s.input.close();
+        s.handle_data(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        s.handle_close();
         assert!(!s.should_shut_down(), "request not written yet");
-        let n = s.input.pending().len();
-        s.input.took(n);
+        let n = s.pending().len();
+        s.wrote(n);
         assert!(s.should_shut_down());
-        s.shut_down = true;
+        s.mark_shut_down();
         assert!(!s.finished(), "the response is still coming");
-        s.app_eof = true;
+        s.handle_app_eof();
         assert_eq!(s.budget(), 0);
-        s.fin_sent = true;
         assert!(s.finished());
     }
 
@@ -124,7 +234,10 @@ mod tests {
         assert!(!s.refused(t0));
         let mut s = Stream::new(1, Some(t0 + Duration::from_secs(1)));
         assert!(s.refused(t0));
-        assert_eq!(s.retry_at, Some(t0 + RETRY));
+        assert_eq!(s.retry_at(), Some(t0 + RETRY));
+        assert!(!s.retry_due(t0), "not yet");
+        assert!(s.retry_due(t0 + RETRY));
+        assert!(!s.retry_due(t0 + RETRY), "once");
         assert!(!s.refused(t0 + Duration::from_secs(1)), "the hold is over");
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! [`RecvBuf`] collects decrypted bytes and hands out whole frames; it is small while frames are
 //! small and grows only as far as a checked length prefix says (never past MAX_FRAME), shrinking
-//! back afterwards. [`SendBuf`] holds encoded frames until TLS takes them.
+//! back afterwards. It is the receive buffer both ends share ([`waypost_proto::RecvBuf`]) with the
+//! entrypoint's read size and cap. [`SendBuf`] holds encoded frames until TLS takes them.
 
-use waypost_proto::{Frame, HEADER_LEN, MAX_FRAME};
+use waypost_proto::{Frame, MAX_FRAME};
 
 /// Receive buffer size for ordinary traffic (control frames, exec keystrokes, tunnel chunks).
 pub const RECV_INITIAL: usize = 16 * 1024;
@@ -12,86 +13,39 @@ pub const RECV_INITIAL: usize = 16 * 1024;
 /// is encoded, so a short queue here keeps a log flood from delaying a keystroke.
 pub const SEND_LOW_WATER: usize = 16 * 1024;
 
-pub struct RecvBuf {
-    buf: Vec<u8>,
-    // INVARIANT: start <= end <= buf.len()
-    start: usize,
-    end: usize,
-}
-
-impl Default for RecvBuf {
-    fn default() -> Self {
-        RecvBuf::new()
-    }
-}
+/// Whole frames out of decrypted bytes: [`RECV_INITIAL`] bytes while frames are small, one
+/// [`MAX_FRAME`] at most.
+#[derive(Default)]
+pub struct RecvBuf(waypost_proto::RecvBuf);
 
 impl RecvBuf {
     pub fn new() -> RecvBuf {
-        RecvBuf { buf: Vec::new(), start: 0, end: 0 }
+        RecvBuf(waypost_proto::RecvBuf::new())
     }
 
     /// Room for the next read (never empty): enough for the frame being received, whose size the
     /// length prefix announces once it is here.
     pub fn space(&mut self) -> &mut [u8] {
-        let pending = self.end - self.start;
-        let need = match waypost_proto::frame_len(&self.buf[self.start..self.end]) {
-            Some(Ok(total)) => total,
-            // Oversized prefix: next_frame() reports it; meanwhile take no more.
-            Some(Err(_)) => pending.max(HEADER_LEN),
-            None => HEADER_LEN,
-        };
-        let want = need.max(RECV_INITIAL);
-        if self.start > 0 && (self.buf.len() - self.end < want.saturating_sub(pending) || pending == 0) {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.start = 0;
-            self.end = pending;
-        }
-        if self.buf.len() < want {
-            // INVARIANT: want <= MAX_FRAME + HEADER_LEN, checked by frame_len.
-            self.buf.resize(want, 0);
-        } else if pending == 0 && self.buf.len() > 4 * RECV_INITIAL {
-            // A big frame went through; give the memory back.
-            self.buf = vec![0; RECV_INITIAL];
-        }
-        if self.end == self.buf.len() {
-            // Full of an incomplete oversized frame: next_frame() will fail; offer a byte anyway
-            // so callers never pass an empty buffer.
-            self.buf.push(0);
-        }
-        &mut self.buf[self.end..]
+        self.0.spare(RECV_INITIAL)
     }
 
     pub fn filled(&mut self, n: usize) {
-        self.end += n;
-        debug_assert!(self.end <= self.buf.len());
+        self.0.filled(n);
     }
 
     /// The next complete frame, if any. An error means the stream is corrupt: close it.
     pub fn next_frame(&mut self) -> Option<Result<Frame, waypost_proto::Error>> {
-        let mut input = &self.buf[self.start..self.end];
-        let before = input.len();
-        let r = waypost_proto::decode(&mut input)?;
-        if r.is_ok() {
-            self.start += before - input.len();
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            }
-        }
-        Some(r)
+        // Every frame the protocol allows: the server is authenticated by TLS.
+        self.0.next_frame(MAX_FRAME)
     }
 
     /// Bytes held (for memory accounting in tests).
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.0.capacity()
     }
 
     pub fn clear(&mut self) {
-        self.start = 0;
-        self.end = 0;
-        if self.buf.len() > RECV_INITIAL {
-            self.buf = Vec::new();
-        }
+        self.0.clear(RECV_INITIAL);
     }
 }
 
@@ -151,13 +105,10 @@ impl SendBuf {
     }
 }
 
-// A frame can never need more than this; RecvBuf relies on frame_len's check.
-const _: () = assert!(MAX_FRAME + HEADER_LEN < u32::MAX as usize);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use waypost_proto::{Kind, Ping, StreamData};
+    use waypost_proto::{Kind, Ping, StreamData, HEADER_LEN};
 
     fn wire(frames: &[Frame]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -1,8 +1,9 @@
 //! Small helpers shared by the server and the CLI: time formatting, durations, base64, names,
 //! atomic file writes. Hand-written where a dependency would cost more compile time than the
-//! few lines it saves.
+//! few lines it saves. Dates, durations, base64 and signal names are the entrypoint's own
+//! (`waypost_proto`), so both ends read and write them the same way.
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,117 +16,17 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31). Howard Hinnant's `civil_from_days`.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01. Inverse of [`civil_from_days`].
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
+pub use waypost_proto::date::{civil_from_days, days_from_civil, parse_rfc3339};
 
 /// Unix milliseconds → RFC 3339 UTC with milliseconds, e.g. `2026-11-27T19:03:16.123Z`.
 pub fn fmt_rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let milli = ms.rem_euclid(1000);
-    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
-    let sod = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
+    waypost_proto::date::Rfc3339(ms).to_string()
 }
 
-/// Parses what [`fmt_rfc3339`] writes (also without the fraction). Other offsets are not needed:
-/// the API only ever emits UTC.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let s = s.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut dp = date.splitn(3, '-');
-    let y: i64 = dp.next()?.parse().ok()?;
-    let mo: u32 = dp.next()?.parse().ok()?;
-    let d: u32 = dp.next()?.parse().ok()?;
-    let (hms, frac) = match time.split_once('.') {
-        Some((hms, frac)) => (hms, frac),
-        None => (time, "0"),
-    };
-    let mut tp = hms.splitn(3, ':');
-    let h: i64 = tp.next()?.parse().ok()?;
-    let mi: i64 = tp.next()?.parse().ok()?;
-    let sec: i64 = tp.next()?.parse().ok()?;
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    // Milliseconds from the first three fraction digits.
-    let mut ms = 0i64;
-    for (i, c) in frac.chars().chain("000".chars()).take(3).enumerate() {
-        let _ = i;
-        ms = ms * 10 + c.to_digit(10)? as i64;
-    }
-    let days = days_from_civil(y, mo, d);
-    Some(((days * 86_400 + h * 3600 + mi * 60 + sec) * 1000) + ms)
-}
-
-/// Parses `500ms`, `15s`, `10m`, `2h`, `1d`, `1h30m`, `1.5s`. A bare number is seconds.
+/// The duration syntax of every flag and setting (`500ms`, `15s`, `1.5h`, `1m30s`, `2d`; a bare
+/// number is seconds): [`waypost_proto::parse_duration`], where the grammar is documented.
 pub fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        bail!("empty duration");
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return secs_f64(secs, s);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_end == 0 {
-            bail!("invalid duration {s:?} (expected e.g. 500ms, 15s, 10m, 2h)");
-        }
-        let n: f64 = rest[..num_end]
-            .parse()
-            .with_context(|| format!("invalid duration {s:?}"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_end];
-        rest = &rest[unit_end..];
-        let mult = match unit {
-            "ms" => 0.001,
-            "s" | "sec" => 1.0,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            _ => bail!("invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h, d)"),
-        };
-        total += n * mult;
-    }
-    secs_f64(total, s)
-}
-
-fn secs_f64(secs: f64, s: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(secs).map_err(|_| anyhow::anyhow!("invalid duration {s:?}"))
+    waypost_proto::parse_duration(s).map_err(anyhow::Error::msg)
 }
 
 /// Short human duration for tables: `45s`, `12m`, `3h`, `5d`.
@@ -154,60 +55,9 @@ pub fn fmt_bytes(n: u64) -> String {
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding, no line breaks.
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard base64 (padding optional, ASCII whitespace ignored). `None` if malformed.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    let mut padding = false;
-    for c in s.bytes() {
-        if c.is_ascii_whitespace() {
-            continue;
-        }
-        if c == b'=' {
-            padding = true;
-            continue;
-        }
-        if padding {
-            return None; // data after padding
-        }
-        let v = B64.iter().position(|&x| x == c)? as u32;
-        acc = acc << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 {
-        return None; // a lone sextet cannot end valid base64
-    }
-    Some(out)
-}
+/// Standard base64: `base64_encode` pads and writes one line; `base64_decode` takes padding or
+/// none and ignores ASCII whitespace (`None` if malformed).
+pub use waypost_proto::base64::{decode as base64_decode, encode as base64_encode};
 
 /// The machine's host name (Linux: the kernel's), or `localhost` if unknown.
 pub fn hostname() -> String {
@@ -279,29 +129,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     result.with_context(|| format!("writing {}", path.display()))
 }
 
-/// Linux signal number → name, for "killed by SIGTERM".
+/// Linux signal number → name, for "killed by SIGTERM" (`signal 40` for one without a name).
 pub fn signal_name(sig: i32) -> String {
-    let name = match sig {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        3 => "SIGQUIT",
-        4 => "SIGILL",
-        5 => "SIGTRAP",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        10 => "SIGUSR1",
-        11 => "SIGSEGV",
-        12 => "SIGUSR2",
-        13 => "SIGPIPE",
-        14 => "SIGALRM",
-        15 => "SIGTERM",
-        24 => "SIGXCPU",
-        25 => "SIGXFSZ",
-        _ => return format!("signal {sig}"),
-    };
-    name.to_string()
+    match waypost_proto::signal::name(sig) {
+        Some(name) => name.to_string(),
+        None => format!("signal {sig}"),
+    }
 }
 
 /// Hex encoding (lowercase).

@@ -48,6 +48,18 @@ pub fn write(path: &str, mode: u32, contents: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Writes every file of a config snapshot and removes the ones no longer configured; stops at
+/// the first failure.
+pub fn apply(write: &[waypost_proto::ConfigFile], remove: &[String]) -> Result<(), String> {
+    for f in write {
+        self::write(&f.path, f.mode, &f.contents)?;
+    }
+    for path in remove {
+        self::remove(path)?;
+    }
+    Ok(())
+}
+
 /// Removes the file at the absolute `path` (a symlink there is removed itself, not followed);
 /// a file or directory already gone is fine.
 pub fn remove(path: &str) -> Result<(), String> {

@@ -167,52 +167,15 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
 
 /// Human name of a signal for log lines ("SIGTERM"), or its number.
 pub fn name(sig: i32) -> String {
-    let known = match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSTKFLT => "SIGSTKFLT",
-        libc::SIGCHLD => "SIGCHLD",
-        libc::SIGCONT => "SIGCONT",
-        libc::SIGSTOP => "SIGSTOP",
-        libc::SIGTSTP => "SIGTSTP",
-        libc::SIGTTIN => "SIGTTIN",
-        libc::SIGTTOU => "SIGTTOU",
-        libc::SIGURG => "SIGURG",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGVTALRM => "SIGVTALRM",
-        libc::SIGPROF => "SIGPROF",
-        libc::SIGWINCH => "SIGWINCH",
-        libc::SIGIO => "SIGIO",
-        libc::SIGPWR => "SIGPWR",
-        libc::SIGSYS => "SIGSYS",
-        _ => return format!("signal {sig}"),
-    };
-    known.to_owned()
+    match waypost_proto::signal::name(sig) {
+        Some(known) => known.to_owned(),
+        None => format!("signal {sig}"),
+    }
 }
 
 /// Signal number for a name like `HUP`, `SIGHUP`, `sighup` or a number `1`.
 pub fn from_name(s: &str) -> Option<i32> {
-    let t = s.trim();
-    if let Ok(n) = t.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
-    }
-    let upper = t.to_ascii_uppercase();
-    let want = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    (1..32).find(|&n| name(n) == want)
+    waypost_proto::signal::from_name(s)
 }
 
 #[cfg(test)]
@@ -233,5 +196,50 @@ mod tests {
         assert_eq!(from_name("SIGNOPE"), None);
         assert_eq!(from_name("0"), None);
         assert_eq!(name(40), "signal 40");
+    }
+
+    #[test]
+    fn the_shared_table_matches_this_libc() {
+        // waypost_proto::signal fixes Linux's generic numbers (the server names signals the
+        // entrypoint reported from another machine); this target's libc must agree.
+        let libc_names = [
+            (libc::SIGHUP, "SIGHUP"),
+            (libc::SIGINT, "SIGINT"),
+            (libc::SIGQUIT, "SIGQUIT"),
+            (libc::SIGILL, "SIGILL"),
+            (libc::SIGTRAP, "SIGTRAP"),
+            (libc::SIGABRT, "SIGABRT"),
+            (libc::SIGBUS, "SIGBUS"),
+            (libc::SIGFPE, "SIGFPE"),
+            (libc::SIGKILL, "SIGKILL"),
+            (libc::SIGUSR1, "SIGUSR1"),
+            (libc::SIGSEGV, "SIGSEGV"),
+            (libc::SIGUSR2, "SIGUSR2"),
+            (libc::SIGPIPE, "SIGPIPE"),
+            (libc::SIGALRM, "SIGALRM"),
+            (libc::SIGTERM, "SIGTERM"),
+            (libc::SIGSTKFLT, "SIGSTKFLT"),
+            (libc::SIGCHLD, "SIGCHLD"),
+            (libc::SIGCONT, "SIGCONT"),
+            (libc::SIGSTOP, "SIGSTOP"),
+            (libc::SIGTSTP, "SIGTSTP"),
+            (libc::SIGTTIN, "SIGTTIN"),
+            (libc::SIGTTOU, "SIGTTOU"),
+            (libc::SIGURG, "SIGURG"),
+            (libc::SIGXCPU, "SIGXCPU"),
+            (libc::SIGXFSZ, "SIGXFSZ"),
+            (libc::SIGVTALRM, "SIGVTALRM"),
+            (libc::SIGPROF, "SIGPROF"),
+            (libc::SIGWINCH, "SIGWINCH"),
+            (libc::SIGIO, "SIGIO"),
+            (libc::SIGPWR, "SIGPWR"),
+            (libc::SIGSYS, "SIGSYS"),
+        ];
+        for (sig, n) in libc_names {
+            assert_eq!(name(sig), n);
+            assert_eq!(from_name(n), Some(sig));
+        }
+        assert_eq!(libc_names.len(), 31);
+        assert!(libc::SIGRTMAX() <= waypost_proto::signal::MAX);
     }
 }

@@ -96,7 +96,7 @@ pub fn run(a: ExecArgs) -> Result<i32> {
         ];
         // Raw mode only when there is a terminal to put in it; restored when `raw` drops (also
         // on an early error return) and by the panic hook.
-        let raw = if tty && isatty(0) {
+        let raw = if tty && stdin_is_terminal() {
             Some(RawMode::enter()?)
         } else {
             None
@@ -319,39 +319,33 @@ async fn connect(t: &Target, path: &str) -> Result<Ws> {
 
 // ---- the local terminal --------------------------------------------------------------------
 
-fn isatty(fd: i32) -> bool {
-    // SAFETY: isatty(3) only inspects the descriptor.
-    unsafe { libc::isatty(fd) == 1 }
+/// Whether stdin is a terminal.
+fn stdin_is_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdin())
 }
 
 /// (rows, cols) of the terminal on stdin, stdout or stderr, whichever is one.
 fn term_size() -> Option<(u16, u16)> {
-    for fd in [0, 1, 2] {
-        let mut ws = libc::winsize {
-            ws_row: 0,
-            ws_col: 0,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCGWINSZ writes one `winsize` into the live struct we pass.
-        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0
-            && ws.ws_row > 0
-            && ws.ws_col > 0
-        {
-            return Some((ws.ws_row, ws.ws_col));
-        }
-    }
-    None
+    use std::os::fd::AsFd as _;
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]
+        .into_iter()
+        .filter_map(|fd| rustix::termios::tcgetwinsize(fd).ok())
+        .find(|ws| ws.ws_row > 0 && ws.ws_col > 0)
+        .map(|ws| (ws.ws_row, ws.ws_col))
 }
 
 /// The terminal settings to put back; also read by the panic hook.
-static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+static SAVED: Mutex<Option<rustix::termios::Termios>> = Mutex::new(None);
 
 fn restore_terminal() {
     let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(t) = saved {
-        // SAFETY: tcsetattr(3) reads the live termios we saved from this same descriptor.
-        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &t) };
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Drain,
+            &t,
+        );
     }
 }
 
@@ -361,13 +355,11 @@ struct RawMode;
 
 impl RawMode {
     fn enter() -> Result<RawMode> {
-        // SAFETY: a zeroed termios is a valid out-parameter for tcgetattr(3).
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: tcgetattr writes into the live struct.
-        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("reading the terminal settings");
-        }
-        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        use rustix::termios::{OptionalActions, tcgetattr, tcsetattr};
+        let t = tcgetattr(std::io::stdin())
+            .map_err(std::io::Error::from)
+            .context("reading the terminal settings")?;
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.clone());
         static HOOK: std::sync::Once = std::sync::Once::new();
         HOOK.call_once(|| {
             let prev = std::panic::take_hook();
@@ -377,15 +369,10 @@ impl RawMode {
             }));
         });
         let mut raw = t;
-        // SAFETY: cfmakeraw edits the struct we own; tcsetattr reads it.
-        let rc = unsafe {
-            libc::cfmakeraw(&mut raw);
-            libc::tcsetattr(0, libc::TCSADRAIN, &raw)
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        raw.make_raw();
+        if let Err(e) = tcsetattr(std::io::stdin(), OptionalActions::Drain, &raw) {
             restore_terminal();
-            return Err(e).context("putting the terminal in raw mode");
+            return Err(std::io::Error::from(e)).context("putting the terminal in raw mode");
         }
         Ok(RawMode)
     }

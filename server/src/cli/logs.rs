@@ -232,8 +232,7 @@ pub fn warn_if_intake_stalled(state: &Value) {
 }
 
 fn stdout_is_terminal() -> bool {
-    // SAFETY: isatty(2) on our own stdout descriptor; no memory involved.
-    unsafe { libc::isatty(1) == 1 }
+    std::io::IsTerminal::is_terminal(&std::io::stdout())
 }
 
 pub async fn run(a: LogsArgs) -> Result<()> {

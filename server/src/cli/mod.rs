@@ -62,9 +62,6 @@ enum Cmd {
     /// Put the static entrypoint into a container image (OCI layout, oci-archive or
     /// docker-archive), without a container daemon.
     Inject(inject::InjectArgs),
-    /// Load generators for the benchmark report (e.g. a simulated fleet of entrypoints).
-    #[command(subcommand)]
-    Bench(crate::bench::BenchCmd),
     /// Internal (used by `up`): start `waypost ARGS...` detached, print its pid, exit.
     #[command(name = "__detach", hide = true)]
     Detach {
@@ -81,8 +78,10 @@ enum ServerCmd {
     Run(RunArgs),
 }
 
+/// Every duration flag (`--splay 10s`, `--heartbeat-interval 300ms`, `--ingress-timeout 1.5m`):
+/// the syntax of the entrypoint's variables too, documented at [`waypost_proto::parse_duration`].
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    util::parse_duration(s).map_err(|e| e.to_string())
+    waypost_proto::parse_duration(s)
 }
 
 fn parse_heartbeat(s: &str) -> Result<Duration, String> {
@@ -216,7 +215,6 @@ pub fn main() -> i32 {
         Cmd::Up(a) => up::run(a),
         Cmd::Exec(a) => exec::run(a),
         Cmd::Inject(a) => inject::run(a),
-        Cmd::Bench(b) => crate::bench::run(b),
         Cmd::Detach { log, args } => up::detach(&log, &args),
         cmd => block_on(async move {
             match cmd {
@@ -230,7 +228,6 @@ pub fn main() -> i32 {
                 Cmd::Token(TokenCmd::List { app, output }) => token_list(app, output).await,
                 Cmd::Token(TokenCmd::Revoke { id }) => token_revoke(&id).await,
                 Cmd::Instances(a) => instances(a).await,
-                Cmd::Bench(_) => unreachable!("handled above"),
                 Cmd::Config(c) => config::run(c).await,
                 Cmd::Logs(a) => logs::run(a).await,
                 Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
@@ -281,7 +278,7 @@ fn env(name: &str) -> Option<String> {
 
 /// `WAYPOST_CA` forms: PEM text, base64 of PEM text (what `token create -o env` prints), or a
 /// path to a PEM file.
-pub(crate) fn read_ca(v: &str) -> Result<String> {
+pub fn read_ca(v: &str) -> Result<String> {
     let t = v.trim();
     if t.starts_with("-----BEGIN") {
         return Ok(t.to_string() + "\n");

@@ -265,8 +265,14 @@ async fn start_server(a: &UpArgs) -> Result<ApiClient> {
 /// Whether process `pid` exists. The server is not our child (see the module doc), so it never
 /// lingers as our zombie: once it exits, its new parent reaps it and the pid is gone.
 fn alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks that the process exists; no memory is involved.
-    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+    // Signal 0 only checks that the process exists: EPERM means it does (as another user).
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
 }
 
 /// `waypost __detach --log FILE -- ARGS...`: starts `waypost ARGS...` in its own session with
@@ -274,7 +280,6 @@ fn alive(pid: libc::pid_t) -> bool {
 /// so the started process is re-parented away from our caller.
 pub fn detach(log: &Path, args: &[String]) -> Result<i32> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    use std::os::unix::process::CommandExt as _;
     // 0600 like everything else in the data dir (the server tightens an older, looser one).
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -288,14 +293,8 @@ pub fn detach(log: &Path, args: &[String]) -> Result<i32> {
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid() is async-signal-safe and touches no memory; it detaches the server from
-    // the caller's session and terminal, so a Ctrl-C there does not stop it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // Its own session, away from the caller's terminal: a Ctrl-C there does not stop it.
+    crate::sys::new_session_on_spawn(&mut cmd);
     let child = cmd.spawn().context("spawning")?;
     println!("{}", child.id());
     Ok(0)

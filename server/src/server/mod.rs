@@ -1,4 +1,4 @@
-//! `waypost server run`: one process, one SQLite file, two listeners (control, API).
+//! `waypost server run`: one process, one SQLite file, three listeners (control, API, ingress).
 //!
 //! Start-up order: umask 077 → data dir (0700; modes checked) → database (migrate; rows left
 //! live by a crash become "lost") → PKI → bind listeners → admin token + CLI context →
@@ -7,18 +7,39 @@
 //! The data dir holds secrets (the database has the CA and server private keys, `admin-token`
 //! the admin token), so it is owner-only: see [`PRIVATE_UMASK`] and [`check_data_dir`]. The admin
 //! token never goes to the server's output unless that output is a terminal.
+//!
+//! Inside, four layers; a lower one never uses a higher one (`scripts/check-layers.sh` checks it
+//! in `make test`; the table is in docs/architecture.md):
+//!
+//! | layer | what |
+//! |---|---|
+//! | `model` | plain types: ids, states, rows, the config model and its rules |
+//! | `store` | the database: every SQL statement, the migrations; no SQLite type leaves it |
+//! | `service` | live registry, config service, log service, the exec/tunnel mux, PKI, tokens |
+//! | `transport` | the control listener, the HTTPS API, the URL ingress |
+//!
+//! This file is above them all: it starts the server and wires the layers together.
 
-pub mod api;
-pub mod auth;
-pub mod config;
-pub mod control;
-pub mod exec;
-pub mod ingress;
-pub mod live;
-pub mod logs;
-pub mod pki;
+pub mod model;
+pub mod service;
 pub mod store;
-pub mod tunnel;
+pub mod transport;
+
+// The paths these modules had before the layers (the CLI, the tests and the bench tools use
+// them).
+pub use service::{auth, live, mux as tunnel, pki};
+pub use transport::{Shared, api, control, ingress};
+/// The app-configuration rules and service (model/config.rs, service/config.rs).
+pub mod config {
+    pub use super::model::config::*;
+    pub use super::service::config::*;
+}
+/// The log service and the logs endpoint (service/logs.rs, transport/api/logs.rs).
+pub mod logs {
+    pub use super::service::logs::*;
+    pub use super::transport::api::logs::{INTAKE_HEADER, fmt_us, intake_json};
+}
+pub use transport::api::exec;
 
 use crate::{context, util};
 use anyhow::{Context as _, Result};
@@ -30,6 +51,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
+pub use transport::wait_shutdown;
 
 /// How often live instances' heartbeat data is written to SQLite.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -76,56 +98,6 @@ pub struct Options {
     pub ingress_addr: String,
     /// The ingress answers 504 when the app has not answered for this long.
     pub ingress_timeout: Duration,
-}
-
-/// State shared by every task of the server.
-pub struct Shared {
-    pub store: store::Store,
-    pub live: live::Registry,
-    pub heartbeat: Duration,
-    /// `host:port` entrypoints connect to (given out with tokens).
-    pub control_addr: String,
-    /// `host:port` of the API, as written to the context file.
-    pub api_addr: String,
-    pub ca_pem: String,
-    pub url_domain: String,
-    /// Exec sessions and URL-service streams of live connections (issues 6, 7).
-    pub mux: Arc<tunnel::Mux>,
-    /// `ip:port` of the ingress, as a local client reaches it (for `waypost url`).
-    pub ingress_addr: String,
-    pub ingress_timeout: Duration,
-    /// The ingress's idle upstream connections per instance.
-    pub pool: ingress::Pool,
-    /// App configuration: cache, pushes, Welcome snapshots (issue 4).
-    pub config: config::ConfigService,
-    /// Log ingest (the writer thread) and reading (issue 5).
-    pub logs: logs::LogService,
-    /// Flips to true once on SIGTERM/SIGINT.
-    pub shutdown: watch::Receiver<bool>,
-}
-
-/// The next connection on `listener` (TCP_NODELAY set), or None once shutdown is signalled.
-/// Accept errors (EMFILE and friends) are logged and retried after a pause instead of spinning.
-pub(crate) async fn accept(
-    listener: &TcpListener,
-    shutdown: &mut watch::Receiver<bool>,
-    what: &str,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    return Some((tcp, peer));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what} accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.changed() => return None,
-        }
-    }
 }
 
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
@@ -219,24 +191,20 @@ fn check_data_dir(dir: &std::path::Path) -> Result<()> {
 /// Raises the soft open-files limit to the hard limit: each instance holds one socket, and the
 /// usual soft default (1024) would cap a server at about a thousand instances.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a pointer to a live, properly typed struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-                tracing::debug!(
-                    from = lim.rlim_cur,
-                    to = lim.rlim_max,
-                    "raised the open-files limit"
-                );
-            }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // None is "unlimited".
+    let (cur, max) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if cur < max {
+        let wanted = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, wanted).is_ok() {
+            tracing::debug!(from = cur, to = max, "raised the open-files limit");
         }
     }
 }
@@ -244,7 +212,6 @@ fn raise_fd_limit() {
 /// Takes an exclusive lock on `DATA_DIR/server.lock` for the life of the process, so two servers
 /// never share one database. The kernel drops the lock when the process dies, even by SIGKILL.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join("server.lock");
     let file = std::fs::OpenOptions::new()
@@ -254,8 +221,7 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock(2) on a descriptor we own for the duration of the call; no memory involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let pid = std::fs::read_to_string(dir.join("server.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -292,14 +258,14 @@ fn ensure_context(
     };
     let known = |token: &str| -> Result<bool> {
         let h = auth::hash_token(token);
-        Ok(st.with(|c| store::lookup_token(c, &h))? == Some(store::TokenScope::Admin))
+        Ok(st.with(|c| store::lookup_token(c, &h))? == Some(model::TokenScope::Admin))
     };
     let (token, minted) = match existing {
         Some(ctx) if known(&ctx.admin_token)? => (ctx.admin_token, false),
         _ => {
             let token = auth::new_token(auth::ADMIN_PREFIX);
             let h = auth::hash_token(&token);
-            st.with(|c| store::insert_token(c, &h, &store::TokenScope::Admin, util::now_ms()))?;
+            st.with(|c| store::insert_token(c, &h, &model::TokenScope::Admin, util::now_ms()))?;
             (token, true)
         }
     };
@@ -342,11 +308,6 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Resolves once shutdown has begun.
-pub async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|&down| down).await;
-}
-
 /// Runs the server until SIGTERM/SIGINT.
 pub fn run(opts: Options) -> Result<()> {
     // First of all, before any file is created (see PRIVATE_UMASK). Process-wide and before the
@@ -383,7 +344,8 @@ async fn run_async(opts: Options) -> Result<()> {
             "marked instances left live by the previous run as lost"
         );
     }
-    let pki = st.with(|c| pki::load_or_create(c, &pki::wanted_sans(&opts.tls_san)))?;
+    let pki =
+        st.with(|c| service::pki::load_or_create(c, &service::pki::wanted_sans(&opts.tls_san)))?;
     util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o600)?;
 
     let control_tls = TlsAcceptor::from(pki::server_config(&pki, &[waypost_proto::ALPN])?);
@@ -443,7 +405,7 @@ async fn run_async(opts: Options) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         store: st.clone(),
-        live: live::Registry::default(),
+        live: service::live::Registry::default(),
         heartbeat: opts.heartbeat,
         control_addr,
         api_addr,
@@ -452,30 +414,36 @@ async fn run_async(opts: Options) -> Result<()> {
         mux: Default::default(),
         ingress_addr: local_connect_addr(ingress_local),
         ingress_timeout: opts.ingress_timeout,
-        pool: ingress::Pool::default(),
-        config: config::ConfigService::default(),
-        logs: logs::LogService::start(&db_path)?,
+        pool: transport::ingress::Pool::default(),
+        config: service::config::ConfigService::new(st.clone()),
+        logs: service::logs::LogService::start(&db_path)?,
         shutdown: shutdown_rx,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    tokio::spawn(control::serve(
+    tokio::spawn(transport::control::serve(
         shared.clone(),
         control_listener,
         control_tls,
         done_tx.clone(),
     ));
-    tokio::spawn(api::serve(
+    tokio::spawn(transport::api::serve(
         shared.clone(),
         api_listener,
         api_tls,
         done_tx.clone(),
     ));
-    tokio::spawn(ingress::serve(
+    tokio::spawn(transport::ingress::serve(
         shared.clone(),
         ingress_listener,
         done_tx.clone(),
     ));
-    let flusher = tokio::spawn(control::flusher(shared.clone(), FLUSH_INTERVAL));
+    let flusher = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let down = shared.shutdown.clone();
+            service::live::flush_loop(&shared.live, &shared.store, FLUSH_INTERVAL, down).await
+        })
+    };
     drop(done_tx);
 
     let sig = tokio::select! {

@@ -1,0 +1,1505 @@
+//! `waypost-fleet`: N simulated entrypoints — tokio tasks speaking the real protocol (TLS
+//! 1.3 + ALPN `waypost/1`, Hello → Welcome, Ping + Status every heartbeat, LogBatch with
+//! sequence numbers and resend after reconnect, ConfigApplied, the entrypoint's jittered
+//! exponential backoff) — against one server, and what that fleet costs the server.
+//!
+//! Phases, one run:
+//! 1. ramp: every instance connects (at most `--connect-concurrency` handshakes in flight, so
+//!    the ramp measures the server, not a SYN flood);
+//! 2. idle: logs paused, heartbeats only; server CPU over `--idle-window`, RSS per instance;
+//! 3. logs: a trickle (`--log-lines-per-sec` per instance) for the rest of `--duration`; lines the
+//!    server acknowledged per second;
+//! 4. config: `waypost config set --app APP BENCH_FLEET_GEN=n` through the API; time until each
+//!    instance has the new snapshot (p50/p99/max);
+//! 5. burst: every instance sends batches back to back (one unacknowledged batch each) for
+//!    `--burst`; the server's peak ingest rate;
+//! 6. restart (with `--spawn-server`): SIGKILL the server, start it again on the same ports and
+//!    data directory; time until every instance is welcomed again.
+//!
+//! The simulator shares the machine with the server (that is the point of a loopback test), so
+//! its own CPU is reported next to the server's.
+//!
+//! A simulated instance is made of the test kit's fake-entrypoint parts (`waypost_testkit`: the
+//! TLS client config, the Hello, the frame encoder and reader) and the protocol's own backoff
+//! and PRNG (`waypost_proto::{backoff, rand}`), but not of `waypost_testkit::Fake` itself: its
+//! loop reads and writes one connection from two halves inside a `select!` and must live
+//! through a lost server, where `Fake` panics.
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use rustix::process::Signal;
+use serde_json::json;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncWriteExt as _, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{sleep, sleep_until, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use waypost_proto::{self as proto, Frame, Kind, backoff, rand::next as next_random};
+use waypost_testkit::{FrameReader, encode as frame_bytes};
+
+/// Mirrors the entrypoint: TCP + TLS must finish within this, and the Welcome within as long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines a simulated instance keeps for resending before it drops the oldest (the entrypoint
+/// keeps WAYPOST_LOG_BUFFER bytes; ~10,000 of these lines is about its 1 MiB default).
+const MAX_UNACKED: u64 = 10_000;
+/// Entries per LogBatch frame when resending or bursting.
+const BATCH_LINES: u64 = 100;
+/// Attempts at `waypost config set` before the figure is n/a.
+const CONFIG_TRIES: usize = 5;
+/// The config variable whose value marks a config generation.
+const GEN_KEY: &str = "BENCH_FLEET_GEN";
+
+/// Simulate a fleet of entrypoints against one server and report what it costs the server:
+/// RSS per instance, CPU at idle, config propagation, log ingest, reconnect after a restart.
+#[derive(Parser, Debug)]
+#[command(name = "waypost-fleet", version)]
+pub struct FleetArgs {
+    /// Number of simulated entrypoints.
+    #[arg(long, default_value_t = 1000)]
+    instances: usize,
+    /// Control address of an existing server (needs --ca and --token).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "spawn_server", requires_all = ["ca", "token"])]
+    server: Option<String>,
+    /// The server's CA: PEM text, base64 of it, or a path.
+    #[arg(long)]
+    ca: Option<String>,
+    /// An entrypoint token for the app the fleet joins.
+    #[arg(long)]
+    token: Option<String>,
+    /// The existing server's pid, to read its RSS and CPU from /proc (default: from
+    /// --server-data-dir/server.json, else not measured).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Start a private server (fresh data dir, free ports) for the run, and restart it at the end.
+    #[arg(long)]
+    spawn_server: bool,
+    /// Data directory of the spawned server (default: a new temporary one, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The `waypost` binary used to run the server and `config set` (default: the `waypost` next
+    /// to this executable, else the one on PATH).
+    #[arg(long)]
+    waypost_bin: Option<PathBuf>,
+    /// Heartbeat interval the spawned server gives its entrypoints.
+    #[arg(long, default_value = "15s", value_parser = proto::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Steady-state time after the ramp: the idle window, then logs for the rest.
+    #[arg(long, default_value = "60s", value_parser = proto::parse_duration)]
+    duration: Duration,
+    /// Server CPU at idle fleet is measured over this long (logs paused, heartbeats only).
+    #[arg(long, default_value = "30s", value_parser = proto::parse_duration)]
+    idle_window: Duration,
+    /// Log lines per second each instance sends during the log phase (batched every second).
+    #[arg(long, default_value_t = 1.0)]
+    log_lines_per_sec: f64,
+    /// Length of the burst phase (0s: skip).
+    #[arg(long, default_value = "10s", value_parser = proto::parse_duration)]
+    burst: Duration,
+    /// Skip the config-change phase.
+    #[arg(long)]
+    no_config: bool,
+    /// Skip the server restart (only possible with --spawn-server anyway).
+    #[arg(long)]
+    no_restart: bool,
+    /// Handshakes in flight during the initial ramp.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Source addresses, comma-separated (e.g. 127.0.0.1,127.0.0.2); default: enough 127.0.0.x
+    /// for ~8,000 connections each when the server is on loopback.
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<IpAddr>,
+    /// How long to wait for the ramp, a config change, or the reconnect before giving up.
+    #[arg(long, default_value = "300s", value_parser = proto::parse_duration)]
+    phase_timeout: Duration,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the results as a Markdown table here (for bench/REPORT.md).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+pub fn run(a: FleetArgs) -> Result<i32> {
+    let limit = raise_fd_limit();
+    if (limit as usize) < a.instances + 64 {
+        bail!(
+            "the open-files limit is {limit}, too low for {} instances (raise the hard limit: ulimit -Hn)",
+            a.instances
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleet")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(fleet(a))
+}
+
+/// Raises the soft open-files limit to the hard limit; returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // None: unlimited.
+    let lim = getrlimit(Resource::Nofile);
+    let (cur, max) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if cur < max {
+        let wanted = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, wanted).is_ok() {
+            return max;
+        }
+    }
+    cur
+}
+
+// ---- the simulated entrypoint -----------------------------------------------------------------
+
+const LOGS_OFF: u8 = 0;
+const LOGS_TRICKLE: u8 = 1;
+const LOGS_BURST: u8 = 2;
+
+/// State shared by the coordinator and every simulated instance.
+struct Fleet {
+    addr: SocketAddr,
+    server_name: rustls::pki_types::ServerName<'static>,
+    connector: TlsConnector,
+    token: String,
+    sources: Vec<IpAddr>,
+    /// Limits handshakes in flight during the initial ramp only.
+    ramp_gate: Semaphore,
+    /// The log mode (LOGS_*); instances wake on a change, and not at all while it is off.
+    logs: watch::Sender<u8>,
+    lines_per_sec: f64,
+    epoch: Instant,
+    /// Per instance: when it was last welcomed (ns since `epoch` + 1; 0 = never).
+    welcomed_at: Vec<AtomicU64>,
+    /// Per instance: the newest config generation it has, and when it got it.
+    config_gen: Vec<AtomicU64>,
+    config_at: Vec<AtomicU64>,
+    ready: AtomicUsize,
+    lines_sent: AtomicU64,
+    lines_acked: AtomicU64,
+    frames_sent: AtomicU64,
+    rejects: AtomicU64,
+    failures: AtomicU64,
+    /// The app name from the first Welcome.
+    app: OnceLock<String>,
+    /// The heartbeat interval the server gave (ms, from the last Welcome).
+    heartbeat_ms: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+impl Fleet {
+    fn stamp(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+    fn at(&self, stamp: u64) -> Option<Instant> {
+        (stamp > 0).then(|| self.epoch + Duration::from_nanos(stamp - 1))
+    }
+    fn note_error(&self, e: impl std::fmt::Display) {
+        self.failures.fetch_add(1, Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+}
+
+/// What one simulated instance keeps across reconnects (the entrypoint's resume state).
+struct Sim {
+    idx: usize,
+    id: [u8; 16],
+    rng: u64,
+    attempts: u32,
+    /// Sequence number of the next new line.
+    next_seq: u64,
+    /// Every line below this is acknowledged by the server (or dropped).
+    acked: u64,
+    /// Lines below this were sent on the current connection.
+    sent: u64,
+    /// Lines dropped since the last batch (buffer full), reported in the next batch.
+    dropped_unsent: u64,
+    /// Fractional lines owed by the trickle.
+    owed: f64,
+    config_version: u64,
+    /// Burst mode: the end of the batch in flight.
+    in_flight: Option<u64>,
+}
+
+enum End {
+    Stop,
+    Lost,
+    Rejected(Duration),
+}
+
+fn status(idx: usize, config_version: u64) -> proto::Status {
+    proto::Status {
+        state: proto::status::State::Running as i32,
+        child_pid: 1000 + idx as u32,
+        child_rss_bytes: 8 << 20,
+        child_cpu_ms: 1,
+        starts: 1,
+        config_version,
+        entrypoint_rss_bytes: 2 << 20,
+        ..Default::default()
+    }
+}
+
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Sim {
+    /// A LogBatch of up to `max` unsent lines, or None.
+    fn batch(&mut self, max: u64) -> Option<Kind> {
+        // Drop the oldest beyond the resend buffer, as the entrypoint does.
+        if self.next_seq - self.acked > MAX_UNACKED {
+            let drop_to = self.next_seq - MAX_UNACKED;
+            let unsent_from = self.sent.max(self.acked);
+            if unsent_from < drop_to {
+                self.dropped_unsent += drop_to - unsent_from;
+                self.sent = drop_to;
+            }
+            self.acked = drop_to;
+        }
+        let from = self.sent.max(self.acked);
+        if from >= self.next_seq {
+            return None;
+        }
+        let to = self.next_seq.min(from + max);
+        let ts = unix_us();
+        let entries = (from..to)
+            .map(|seq| proto::LogEntry {
+                stream: proto::LogStream::Stdout as i32,
+                timestamp_unix_us: ts,
+                data: format!(
+                    "fleet instance {:05} line {seq:08} GET /healthz 200 0.3ms ok",
+                    self.idx
+                )
+                .into_bytes(),
+                truncated: false,
+            })
+            .collect();
+        let dropped = std::mem::take(&mut self.dropped_unsent);
+        self.sent = to;
+        Some(Kind::LogBatch(proto::LogBatch {
+            first_seq: from,
+            entries,
+            dropped,
+        }))
+    }
+}
+
+async fn sim(f: Arc<Fleet>, idx: usize, mut stop: watch::Receiver<bool>) {
+    let mut id = [0u8; 16];
+    // Random like a real instance id (so runs do not collide in one data dir), then the index.
+    rustix::rand::getrandom(&mut id[..8], rustix::rand::GetRandomFlags::empty())
+        .expect("the kernel's random numbers");
+    id[8..].copy_from_slice(&(idx as u64).to_be_bytes());
+    let mut sim = Sim {
+        idx,
+        id,
+        rng: u64::from_le_bytes(id[..8].try_into().expect("8 bytes")) | 1,
+        attempts: 0,
+        next_seq: 0,
+        acked: 0,
+        sent: 0,
+        dropped_unsent: 0,
+        owed: 0.0,
+        config_version: 0,
+        in_flight: None,
+    };
+    let mut first = true;
+    loop {
+        if f.stop.load(Relaxed) {
+            return;
+        }
+        let end = session(&f, &mut sim, &mut stop, first).await;
+        first = false;
+        let at_least = match end {
+            Ok(End::Stop) => return,
+            Ok(End::Lost) => Duration::ZERO,
+            Ok(End::Rejected(hint)) => hint,
+            Err(e) => {
+                f.note_error(format!("{e:#}"));
+                Duration::ZERO
+            }
+        };
+        let delay = backoff::delay(sim.attempts, &mut sim.rng).max(at_least);
+        sim.attempts = sim.attempts.saturating_add(1);
+        tokio::select! {
+            _ = sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn connect(f: &Fleet, idx: usize) -> Result<TlsStream<TcpStream>> {
+    let sock = if f.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if !f.sources.is_empty() {
+        let src = f.sources[idx % f.sources.len()];
+        if src.is_ipv4() == f.addr.is_ipv4() {
+            use std::os::fd::AsRawFd as _;
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+            // IP_BIND_ADDRESS_NO_PORT: the port is picked at connect time per destination, so
+            // binding the source address does not use up the ephemeral range.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            sock.bind(SocketAddr::new(src, 0))?;
+        }
+    }
+    sock.set_nodelay(true)?;
+    let tcp = sock.connect(f.addr).await?;
+    let tls = f.connector.connect(f.server_name.clone(), tcp).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(proto::ALPN) {
+        bail!("the server did not negotiate ALPN waypost/1");
+    }
+    Ok(tls)
+}
+
+async fn send(
+    wr: &mut WriteHalf<TlsStream<TcpStream>>,
+    f: &Fleet,
+    buf: &[u8],
+    frames: u64,
+) -> Result<()> {
+    wr.write_all(buf).await?;
+    wr.flush().await?;
+    f.frames_sent.fetch_add(frames, Relaxed);
+    Ok(())
+}
+
+/// One connection, from connect to loss. Err: the attempt failed before the Welcome.
+async fn session(
+    f: &Fleet,
+    sim: &mut Sim,
+    stop: &mut watch::Receiver<bool>,
+    first: bool,
+) -> Result<End> {
+    let idx = sim.idx;
+    let permit = if first {
+        Some(f.ramp_gate.acquire().await.expect("never closed"))
+    } else {
+        None
+    };
+    let tls = tokio::select! {
+        r = timeout(CONNECT_TIMEOUT, connect(f, idx)) => r.context("connect timed out")??,
+        _ = stop.changed() => return Ok(End::Stop),
+    };
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(rd);
+    let mut buf = Vec::with_capacity(256);
+    let hello = proto::Hello {
+        entrypoint_version: "fleet-sim".into(),
+        hostname: format!("fleet-{idx:05}"),
+        pid: 1,
+        disabled: None,
+        config_version: sim.config_version,
+        next_log_seq: sim.next_seq,
+        status: Some(status(idx, sim.config_version)),
+        ..waypost_testkit::hello(&f.token, &sim.id)
+    };
+    frame_bytes([Kind::Hello(hello)], &mut buf);
+    send(&mut wr, f, &buf, 1).await?;
+    let deadline = tokio::time::Instant::now() + WELCOME_TIMEOUT;
+    let welcome = loop {
+        let frame = tokio::select! {
+            r = reader.next() => r?,
+            _ = sleep_until(deadline) => bail!("no Welcome within {WELCOME_TIMEOUT:?}"),
+            _ = stop.changed() => return Ok(End::Stop),
+        };
+        match frame.and_then(|f| f.kind) {
+            Some(Kind::Welcome(w)) => break w,
+            Some(Kind::Reject(r)) => {
+                f.rejects.fetch_add(1, Relaxed);
+                *f.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("rejected: {}", r.message));
+                return Ok(End::Rejected(Duration::from_millis(u64::from(
+                    r.retry_after_ms,
+                ))));
+            }
+            Some(_) => continue,
+            None => bail!("the server closed the connection before its Welcome"),
+        }
+    };
+    drop(permit);
+    sim.attempts = 0;
+    let _ = f.app.set(welcome.app.clone());
+    f.heartbeat_ms
+        .store(u64::from(welcome.heartbeat_interval_ms), Relaxed);
+    f.welcomed_at[idx].store(f.stamp(), Relaxed);
+    f.ready.fetch_add(1, Relaxed);
+    let end = ready(f, sim, stop, &mut reader, &mut wr, welcome).await;
+    f.ready.fetch_sub(1, Relaxed);
+    // Leave politely (close_notify + FIN) unless the connection is already gone.
+    if matches!(end, Ok(End::Stop)) {
+        let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+    }
+    end
+}
+
+fn on_config(f: &Fleet, sim: &mut Sim, c: &proto::Config) -> Kind {
+    sim.config_version = sim.config_version.max(c.version);
+    if let Some(g) = c.env.get(GEN_KEY).and_then(|v| v.parse::<u64>().ok()) {
+        if g > f.config_gen[sim.idx].load(Relaxed) {
+            f.config_at[sim.idx].store(f.stamp(), Relaxed);
+            f.config_gen[sim.idx].store(g, Relaxed);
+        }
+    }
+    Kind::ConfigApplied(proto::ConfigApplied {
+        version: c.version,
+        error: String::new(),
+    })
+}
+
+async fn ready(
+    f: &Fleet,
+    sim: &mut Sim,
+    stop: &mut watch::Receiver<bool>,
+    reader: &mut FrameReader<tokio::io::ReadHalf<TlsStream<TcpStream>>>,
+    wr: &mut WriteHalf<TlsStream<TcpStream>>,
+    welcome: proto::Welcome,
+) -> Result<End> {
+    let idx = sim.idx;
+    let hb = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+    let mut buf = Vec::with_capacity(1024);
+    // Resume: the server has everything below log_acked_seq; the rest goes again.
+    sim.acked = sim.acked.max(welcome.log_acked_seq.min(sim.next_seq));
+    sim.sent = sim.acked;
+    sim.in_flight = None;
+    let mut out = vec![Kind::Status(status(idx, sim.config_version))];
+    if let Some(c) = &welcome.config {
+        out.insert(0, on_config(f, sim, c));
+    }
+    frame_bytes(out, &mut buf);
+    send(wr, f, &buf, 1).await?;
+    let now = tokio::time::Instant::now();
+    let mut next_beat = now + hb;
+    let mut dead_at = now + hb * 3;
+    // Log batches once a second, each instance at its own phase.
+    let phase = Duration::from_micros(next_random(&mut sim.rng) % 1_000_000);
+    let mut next_log = now + phase;
+    let mut nonce = 0u64;
+    let mut mode_rx = f.logs.subscribe();
+    let mut logging = *mode_rx.borrow_and_update() != LOGS_OFF;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(End::Stop),
+            _ = mode_rx.changed() => {
+                logging = *mode_rx.borrow_and_update() != LOGS_OFF;
+                next_log = tokio::time::Instant::now() + phase;
+            }
+            r = reader.next() => {
+                let frame = match r {
+                    Ok(Some(fr)) => fr,
+                    Ok(None) | Err(_) => return Ok(End::Lost),
+                };
+                dead_at = tokio::time::Instant::now() + hb * 3;
+                let reply = match frame.kind {
+                    Some(Kind::Ping(p)) => Some(Kind::Pong(proto::Pong { nonce: p.nonce })),
+                    Some(Kind::LogAck(a)) => {
+                        let up = a.up_to_seq.min(sim.next_seq);
+                        if up > sim.acked {
+                            f.lines_acked.fetch_add(up - sim.acked, Relaxed);
+                            sim.acked = up;
+                        }
+                        if sim.in_flight.is_some_and(|end| sim.acked >= end) {
+                            sim.in_flight = None;
+                            if *f.logs.borrow() == LOGS_BURST {
+                                next_log = tokio::time::Instant::now();
+                            }
+                        }
+                        None
+                    }
+                    Some(Kind::Config(c)) => Some(on_config(f, sim, &c)),
+                    Some(Kind::ExecStart(s)) => Some(Kind::ExecExit(proto::ExecExit {
+                        session: s.session, code: 126, signal: 0, error: "the fleet simulator runs no commands".into(),
+                    })),
+                    Some(Kind::StreamOpen(s)) => Some(Kind::StreamClose(proto::StreamClose {
+                        stream: s.stream, half: false, error: "the fleet simulator has no app".into(),
+                    })),
+                    Some(Kind::Reject(r)) => {
+                        f.rejects.fetch_add(1, Relaxed);
+                        return Ok(End::Rejected(Duration::from_millis(u64::from(r.retry_after_ms))));
+                    }
+                    _ => None,
+                };
+                if let Some(k) = reply {
+                    frame_bytes([k], &mut buf);
+                    if send(wr, f, &buf, 1).await.is_err() {
+                        return Ok(End::Lost);
+                    }
+                }
+            }
+            _ = sleep_until(next_beat) => {
+                nonce += 1;
+                frame_bytes([Kind::Ping(proto::Ping { nonce }), Kind::Status(status(idx, sim.config_version))], &mut buf);
+                if send(wr, f, &buf, 2).await.is_err() {
+                    return Ok(End::Lost);
+                }
+                next_beat += hb;
+            }
+            _ = sleep_until(dead_at) => return Ok(End::Lost),
+            _ = sleep_until(next_log), if logging => {
+                let mode = *f.logs.borrow();
+                let now = tokio::time::Instant::now();
+                let max = match mode {
+                    LOGS_TRICKLE => {
+                        sim.owed += f.lines_per_sec;
+                        let n = sim.owed.floor();
+                        sim.owed -= n;
+                        sim.next_seq += n as u64;
+                        f.lines_sent.fetch_add(n as u64, Relaxed);
+                        next_log += Duration::from_secs(1);
+                        u64::MAX
+                    }
+                    LOGS_BURST if sim.in_flight.is_none() => {
+                        sim.next_seq = sim.next_seq.max(sim.sent) + BATCH_LINES;
+                        f.lines_sent.fetch_add(BATCH_LINES, Relaxed);
+                        // Until the ack comes back (or a slow server: a second later).
+                        next_log = now + Duration::from_secs(1);
+                        BATCH_LINES
+                    }
+                    _ => {
+                        next_log = now + Duration::from_millis(200);
+                        0
+                    }
+                };
+                if next_log <= now {
+                    next_log = now + Duration::from_secs(1);
+                }
+                // Unsent lines (new, or owed after a reconnect), in frames of BATCH_LINES.
+                buf.clear();
+                let mut frames = 0;
+                let mut budget = if max == 0 { 0 } else { 10 };
+                while budget > 0 {
+                    let Some(k) = sim.batch(BATCH_LINES) else { break };
+                    proto::encode(&Frame::from(k), &mut buf).expect("a batch fits a frame");
+                    frames += 1;
+                    budget -= 1;
+                }
+                if frames > 0 {
+                    if mode == LOGS_BURST {
+                        sim.in_flight = Some(sim.sent);
+                    }
+                    if send(wr, f, &buf, frames).await.is_err() {
+                        return Ok(End::Lost);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- measuring the server ---------------------------------------------------------------------
+
+/// (utime + stime) of a process, seconds.
+fn proc_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // After the comm: state is field 3, utime 14, stime 15 (1-based) → index 11, 12 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// A `kB` field of /proc/PID/status, in KiB.
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// CPU of `pid` (and of this process) over `window`: (server cores used, simulator cores used).
+async fn cpu_over(pid: Option<u32>, window: Duration) -> (Option<f64>, Option<f64>) {
+    let me = std::process::id();
+    let (s0, m0) = (pid.and_then(proc_cpu_s), proc_cpu_s(me));
+    let t0 = Instant::now();
+    sleep(window).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let (s1, m1) = (pid.and_then(proc_cpu_s), proc_cpu_s(me));
+    let d = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
+    (d(s0, s1), d(m0, m1))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---- a spawned server -------------------------------------------------------------------------
+
+struct Spawned {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    temp: bool,
+    child: Option<std::process::Child>,
+    pid: u32,
+    control_addr: String,
+    api_addr: String,
+    heartbeat: Duration,
+    ingress_flag: bool,
+}
+
+impl Spawned {
+    fn context_path(&self) -> PathBuf {
+        self.data_dir.join("bench-context.json")
+    }
+
+    fn start(&mut self, control: &str, api: &str) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("server.log"))
+            .context("opening the server log")?;
+        let _ = std::fs::remove_file(self.data_dir.join("server.json"));
+        let mut cmd = std::process::Command::new(&self.bin);
+        cmd.args(["server", "run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--control-addr", control, "--api-addr", api])
+            .arg("--heartbeat-interval")
+            .arg(format!("{}ms", self.heartbeat.as_millis()));
+        if self.ingress_flag {
+            cmd.args(["--ingress-addr", "127.0.0.1:0"]);
+        }
+        cmd.env("WAYPOST_CONTEXT", self.context_path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.pid = child.id();
+        self.child = Some(child);
+        // Ready once server.json names this process.
+        let t0 = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.data_dir.join("server.json")) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    if v["pid"].as_u64() == Some(u64::from(self.pid)) {
+                        self.control_addr =
+                            v["control_addr"].as_str().unwrap_or_default().to_string();
+                        self.api_addr = v["api_addr"].as_str().unwrap_or_default().to_string();
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let tail =
+                    std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "the server exited ({st}) during start-up: {}",
+                    tail.join(" | ")
+                );
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("the server did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn kill(&mut self, sig: Signal) {
+        if let Some(mut c) = self.child.take() {
+            // Our own unreaped child: the pid cannot have been reused.
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+            let t0 = Instant::now();
+            loop {
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(15) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn context(&self) -> Result<waypost::context::Context> {
+        let bytes =
+            std::fs::read(self.context_path()).context("reading the spawned server's context")?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill(Signal::TERM);
+        if self.temp {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+// ---- the run ----------------------------------------------------------------------------------
+
+/// How the CLI reaches the server's API: (address, admin token, CA PEM).
+type ApiAccess = (String, String, String);
+
+/// Figures of one run (JSON keys follow the field names).
+#[derive(Default, serde::Serialize)]
+struct Results {
+    instances: usize,
+    connected: usize,
+    heartbeat_s: f64,
+    ramp_s: Option<f64>,
+    server_rss_base_kib: Option<u64>,
+    server_rss_kib: Option<u64>,
+    server_rss_per_instance_kib: Option<f64>,
+    server_cpu_idle_cores: Option<f64>,
+    sim_cpu_idle_cores: Option<f64>,
+    log_lines_offered_per_s: Option<f64>,
+    log_lines_acked_per_s: Option<f64>,
+    server_cpu_logs_cores: Option<f64>,
+    log_burst_lines_acked_per_s: Option<f64>,
+    server_cpu_burst_cores: Option<f64>,
+    config: Option<String>,
+    config_p50_ms: Option<f64>,
+    config_p99_ms: Option<f64>,
+    config_max_ms: Option<f64>,
+    config_reached: Option<usize>,
+    config_cli_ms: Option<f64>,
+    /// Errors of `config set` attempts that failed before one succeeded.
+    config_failures: Option<String>,
+    restart: Option<String>,
+    restart_server_up_ms: Option<f64>,
+    reconnect_all_from_kill_ms: Option<f64>,
+    reconnect_all_from_up_ms: Option<f64>,
+    reconnect_p50_ms: Option<f64>,
+    reconnect_p99_ms: Option<f64>,
+    reconnected: Option<usize>,
+    server_rss_after_restart_kib: Option<u64>,
+    rejects: u64,
+    failed_attempts: u64,
+    last_error: Option<String>,
+    load_avg: String,
+}
+
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn help_mentions(bin: &Path, args: &[&str], needle: &str) -> bool {
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(needle))
+        .unwrap_or(false)
+}
+
+/// `waypost` next to this executable (both are built into the same target directory), else the
+/// one on PATH.
+fn default_waypost_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|me| Some(me.parent()?.join("waypost")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("waypost"))
+}
+
+/// Waits until `done()` or the timeout; polls every 20 ms.
+async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while !done() {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn fleet(a: FleetArgs) -> Result<i32> {
+    let bin = match &a.waypost_bin {
+        Some(b) => b.clone(),
+        None => default_waypost_bin(),
+    };
+    let mut res = Results {
+        instances: a.instances,
+        heartbeat_s: a.heartbeat_interval.as_secs_f64(),
+        ..Default::default()
+    };
+
+    // ---- the server ----
+    let mut spawned: Option<Spawned> = None;
+    let (control, ca_pem, token, server_pid, api): (_, _, _, _, Option<ApiAccess>) =
+        if a.spawn_server {
+            let (data_dir, temp) = match &a.data_dir {
+                Some(d) => (d.clone(), false),
+                None => (
+                    std::env::temp_dir().join(format!("waypost-fleet-{}", std::process::id())),
+                    true,
+                ),
+            };
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let mut s = Spawned {
+                bin: bin.clone(),
+                data_dir,
+                temp,
+                child: None,
+                pid: 0,
+                control_addr: String::new(),
+                api_addr: String::new(),
+                heartbeat: a.heartbeat_interval,
+                ingress_flag: help_mentions(&bin, &["server", "run"], "--ingress-addr"),
+            };
+            s.start("127.0.0.1:0", "127.0.0.1:0")?;
+            let ctx = s.context()?;
+            let c = waypost::client::ApiClient::new(
+                &s.api_addr,
+                Some(ctx.admin_token.clone()),
+                &ctx.ca_pem,
+            )?;
+            let _: serde_json::Value = c
+                .post("/v1/apps", &json!({ "name": "fleet" }))
+                .await
+                .context("creating the app")?;
+            let t: serde_json::Value = c
+                .post("/v1/tokens", &json!({ "app": "fleet", "deployment": null }))
+                .await
+                .context("creating a token")?;
+            let token = t["token"]
+                .as_str()
+                .context("the server's answer has no token")?
+                .to_string();
+            let out = (
+                s.control_addr.clone(),
+                ctx.ca_pem.clone(),
+                token,
+                Some(s.pid),
+                Some((s.api_addr.clone(), ctx.admin_token, ctx.ca_pem)),
+            );
+            spawned = Some(s);
+            out
+        } else {
+            let Some(server) = a.server.clone() else {
+                bail!("give --spawn-server, or --server ADDR --ca PEM --token T");
+            };
+            let ca = waypost::cli::read_ca(a.ca.as_deref().unwrap_or_default())?;
+            (
+                server,
+                ca,
+                a.token.clone().unwrap_or_default(),
+                a.server_pid,
+                None,
+            )
+        };
+
+    let addr: SocketAddr = tokio::net::lookup_host(&control)
+        .await
+        .with_context(|| format!("resolving {control}"))?
+        .next()
+        .with_context(|| format!("{control} has no address"))?;
+    let host = waypost::client::host_of(&control)?.to_string();
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+        .with_context(|| format!("server name {host}"))?;
+    // Every reconnect is a full handshake, like a fresh entrypoint (the test kit's config has
+    // resumption off: no ticket from the old server).
+    let tls = waypost_testkit::client_config(&ca_pem, Some(proto::ALPN))?;
+    let sources = if !a.sources.is_empty() {
+        a.sources.clone()
+    } else if addr.ip().is_loopback() && addr.is_ipv4() && a.instances > 8000 {
+        (1..=a.instances.div_ceil(8000) as u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let n = a.instances;
+    let f = Arc::new(Fleet {
+        addr,
+        server_name,
+        connector: TlsConnector::from(Arc::new(tls)),
+        token,
+        sources,
+        ramp_gate: Semaphore::new(a.connect_concurrency.max(1)),
+        logs: watch::Sender::new(LOGS_OFF),
+        lines_per_sec: a.log_lines_per_sec,
+        epoch: Instant::now(),
+        welcomed_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        config_gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        config_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        ready: AtomicUsize::new(0),
+        lines_sent: AtomicU64::new(0),
+        lines_acked: AtomicU64::new(0),
+        frames_sent: AtomicU64::new(0),
+        rejects: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
+        app: OnceLock::new(),
+        heartbeat_ms: AtomicU64::new(0),
+        last_error: std::sync::Mutex::new(None),
+        stop: AtomicBool::new(false),
+    });
+    let server_pid = server_pid.or_else(|| {
+        let text = std::fs::read_to_string(a.data_dir.as_ref()?.join("server.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+    });
+    sleep(Duration::from_millis(500)).await;
+    res.server_rss_base_kib = server_pid.and_then(|p| proc_status_kb(p, "VmRSS"));
+    eprintln!(
+        "fleet: {n} instances against {addr} (server pid {server_pid:?}, sources {:?})",
+        f.sources
+    );
+
+    // ---- ramp ----
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let t_ramp = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for idx in 0..n {
+        tasks.spawn(sim(f.clone(), idx, stop_rx.clone()));
+    }
+    let all_welcomed = |f: &Fleet| f.welcomed_at.iter().all(|w| w.load(Relaxed) > 0);
+    let ramp_ok = {
+        let f2 = f.clone();
+        let mut last = Instant::now();
+        wait_for(a.phase_timeout, move || {
+            if last.elapsed() > Duration::from_secs(5) {
+                last = Instant::now();
+                eprintln!("fleet: ramp: {} of {n} connected", f2.ready.load(Relaxed));
+            }
+            all_welcomed(&f2)
+        })
+        .await
+    };
+    res.connected = f.ready.load(Relaxed);
+    if ramp_ok {
+        res.ramp_s = Some(t_ramp.elapsed().as_secs_f64());
+        eprintln!(
+            "fleet: all {n} connected in {:.1} s",
+            t_ramp.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "fleet: only {} of {n} connected within {:?}",
+            res.connected, a.phase_timeout
+        );
+    }
+
+    // ---- idle ----
+    let hb = f.heartbeat_ms.load(Relaxed);
+    if hb > 0 {
+        res.heartbeat_s = hb as f64 / 1000.0;
+    }
+    sleep(Duration::from_secs(3)).await;
+    let idle = a.idle_window.min(a.duration);
+    eprintln!("fleet: idle window {idle:?} (heartbeats only)");
+    let (srv, me) = cpu_over(server_pid, idle).await;
+    res.server_cpu_idle_cores = srv;
+    res.sim_cpu_idle_cores = me;
+    res.server_rss_kib = server_pid.and_then(|p| proc_status_kb(p, "VmRSS"));
+    if let (Some(r), Some(b)) = (res.server_rss_kib, res.server_rss_base_kib) {
+        let c = f.ready.load(Relaxed).max(1);
+        res.server_rss_per_instance_kib = Some((r.saturating_sub(b)) as f64 / c as f64);
+    }
+
+    // ---- log trickle ----
+    let log_window = a.duration.saturating_sub(idle);
+    if log_window >= Duration::from_secs(2) && a.log_lines_per_sec > 0.0 {
+        eprintln!(
+            "fleet: log trickle for {log_window:?} ({} lines/s per instance)",
+            a.log_lines_per_sec
+        );
+        f.logs.send_replace(LOGS_TRICKLE);
+        // Let the first batches and acks flow before measuring.
+        sleep(Duration::from_secs(1)).await;
+        let (s0, a0) = (f.lines_sent.load(Relaxed), f.lines_acked.load(Relaxed));
+        let t0 = Instant::now();
+        let (srv, _) = cpu_over(server_pid, log_window - Duration::from_secs(1)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        res.log_lines_offered_per_s = Some((f.lines_sent.load(Relaxed) - s0) as f64 / secs);
+        res.log_lines_acked_per_s = Some((f.lines_acked.load(Relaxed) - a0) as f64 / secs);
+        res.server_cpu_logs_cores = srv;
+    }
+
+    // ---- config change ----
+    if !a.no_config {
+        res.config = Some(config_phase(&a, &f, &bin, api.as_ref(), &mut res).await);
+    }
+
+    // ---- burst ----
+    if !a.burst.is_zero() {
+        eprintln!("fleet: log burst for {:?}", a.burst);
+        f.logs.send_replace(LOGS_BURST);
+        sleep(Duration::from_secs(1)).await;
+        let a0 = f.lines_acked.load(Relaxed);
+        let t0 = Instant::now();
+        let (srv, _) = cpu_over(server_pid, a.burst).await;
+        res.log_burst_lines_acked_per_s =
+            Some((f.lines_acked.load(Relaxed) - a0) as f64 / t0.elapsed().as_secs_f64());
+        res.server_cpu_burst_cores = srv;
+    }
+    f.logs.send_replace(LOGS_OFF);
+    // Let the last acks arrive so the restart does not measure a resend storm of old lines only.
+    sleep(Duration::from_secs(2)).await;
+
+    // ---- restart ----
+    match spawned.as_mut() {
+        Some(s) if !a.no_restart => {
+            let (control_addr, api_addr) = (s.control_addr.clone(), s.api_addr.clone());
+            eprintln!("fleet: restarting the server (SIGKILL, then the same ports and data dir)");
+            let t_kill = Instant::now();
+            s.kill(Signal::KILL);
+            let started = s.start(&control_addr, &api_addr);
+            match started {
+                Err(e) => res.restart = Some(format!("the server did not come back: {e:#}")),
+                Ok(()) => {
+                    let t_up = Instant::now();
+                    res.restart_server_up_ms = Some((t_up - t_kill).as_secs_f64() * 1e3);
+                    let kill_stamp = (t_kill - f.epoch).as_nanos() as u64 + 1;
+                    let f2 = f.clone();
+                    let ok = wait_for(a.phase_timeout, move || {
+                        f2.welcomed_at.iter().all(|w| w.load(Relaxed) > kill_stamp)
+                    })
+                    .await;
+                    let mut lat: Vec<f64> = f
+                        .welcomed_at
+                        .iter()
+                        .filter_map(|w| f.at(w.load(Relaxed)).filter(|&t| t > t_kill))
+                        .map(|t| (t - t_kill).as_secs_f64() * 1e3)
+                        .collect();
+                    lat.sort_by(f64::total_cmp);
+                    res.reconnected = Some(lat.len());
+                    res.reconnect_p50_ms = Some(percentile(&lat, 50.0));
+                    res.reconnect_p99_ms = Some(percentile(&lat, 99.0));
+                    if ok {
+                        let all = *lat.last().unwrap_or(&0.0);
+                        res.reconnect_all_from_kill_ms = Some(all);
+                        res.reconnect_all_from_up_ms =
+                            Some(all - (t_up - t_kill).as_secs_f64() * 1e3);
+                        res.restart = Some("ok".into());
+                    } else {
+                        res.restart = Some(format!(
+                            "only {} of {n} reconnected within {:?}",
+                            lat.len(),
+                            a.phase_timeout
+                        ));
+                    }
+                    sleep(Duration::from_secs(2)).await;
+                    res.server_rss_after_restart_kib = proc_status_kb(s.pid, "VmRSS");
+                }
+            }
+        }
+        Some(_) => res.restart = Some("skipped (--no-restart)".into()),
+        None => res.restart = Some("n/a (needs --spawn-server)".into()),
+    }
+
+    // ---- stop ----
+    f.stop.store(true, Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    res.rejects = f.rejects.load(Relaxed);
+    res.failed_attempts = f.failures.load(Relaxed);
+    res.last_error = f
+        .last_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    res.load_avg = load_avg();
+    drop(spawned);
+
+    let text = summary(&res);
+    print!("{text}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&res)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, markdown(&res)).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(if ramp_ok { 0 } else { 1 })
+}
+
+/// Changes the config through the API (`waypost config set`) and waits for every instance to
+/// have it. Returns "ok" or why the figure is n/a.
+async fn config_phase(
+    a: &FleetArgs,
+    f: &Arc<Fleet>,
+    bin: &Path,
+    api: Option<&ApiAccess>,
+    res: &mut Results,
+) -> String {
+    if !help_mentions(bin, &["config", "set"], "--app") {
+        return "n/a (`waypost config set` is not built yet)".into();
+    }
+    let Some(app) = f.app.get().cloned() else {
+        return "n/a (no instance connected)".into();
+    };
+    let gen_value = 1 + f
+        .config_gen
+        .iter()
+        .map(|g| g.load(Relaxed))
+        .max()
+        .unwrap_or(0);
+    eprintln!("fleet: config change ({GEN_KEY}={gen_value}) to all instances");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args([
+        "config",
+        "set",
+        "--app",
+        &app,
+        &format!("{GEN_KEY}={gen_value}"),
+    ]);
+    if let Some((addr, token, ca)) = api {
+        cmd.env("WAYPOST_ADDR", addr)
+            .env("WAYPOST_ADMIN_TOKEN", token)
+            .env("WAYPOST_CA", ca);
+    }
+    // A failed `config set` is retried (as a user would) and reported with the figure.
+    let mut failures = Vec::new();
+    let t0 = loop {
+        let t0 = Instant::now();
+        let out = match cmd.output().await {
+            Ok(o) => o,
+            Err(e) => return format!("n/a (running `waypost config set`: {e})"),
+        };
+        res.config_cli_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        if out.status.success() {
+            break t0;
+        }
+        failures.push(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        if failures.len() >= CONFIG_TRIES {
+            return format!(
+                "n/a (`waypost config set` failed {CONFIG_TRIES} times: {})",
+                failures.join(" / ")
+            );
+        }
+        sleep(Duration::from_secs(1)).await;
+    };
+    if !failures.is_empty() {
+        res.config_failures = Some(failures.join(" / "));
+    }
+    let f2 = f.clone();
+    let ok = wait_for(a.phase_timeout.min(Duration::from_secs(120)), move || {
+        f2.config_gen.iter().all(|g| g.load(Relaxed) >= gen_value)
+    })
+    .await;
+    let mut lat: Vec<f64> = f
+        .config_gen
+        .iter()
+        .zip(&f.config_at)
+        .filter(|(g, _)| g.load(Relaxed) >= gen_value)
+        .filter_map(|(_, t)| f.at(t.load(Relaxed)))
+        .map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1e3)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    res.config_reached = Some(lat.len());
+    res.config_p50_ms = Some(percentile(&lat, 50.0));
+    res.config_p99_ms = Some(percentile(&lat, 99.0));
+    res.config_max_ms = lat.last().copied();
+    if ok {
+        "ok".into()
+    } else {
+        format!("only {} of {} got it", lat.len(), f.welcomed_at.len())
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "n/a".into(),
+    }
+}
+
+fn summary(r: &Results) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<44} {v}\n"));
+    line(
+        "instances (connected at ramp end)",
+        format!("{} ({})", r.instances, r.connected),
+    );
+    line("ramp, s", opt(r.ramp_s, 1));
+    line(
+        "server RSS before / with fleet, KiB",
+        format!(
+            "{} / {}",
+            r.server_rss_base_kib
+                .map_or("n/a".into(), |v| v.to_string()),
+            r.server_rss_kib.map_or("n/a".into(), |v| v.to_string())
+        ),
+    );
+    line(
+        "server RSS per instance, KiB",
+        opt(r.server_rss_per_instance_kib, 1),
+    );
+    line(
+        &format!("server CPU at idle fleet (hb {}s), cores", r.heartbeat_s),
+        opt(r.server_cpu_idle_cores, 4),
+    );
+    line(
+        "simulator CPU at idle fleet, cores",
+        opt(r.sim_cpu_idle_cores, 4),
+    );
+    line(
+        "log lines offered / acked per s (trickle)",
+        format!(
+            "{} / {}",
+            opt(r.log_lines_offered_per_s, 0),
+            opt(r.log_lines_acked_per_s, 0)
+        ),
+    );
+    line(
+        "log lines acked per s (burst)",
+        opt(r.log_burst_lines_acked_per_s, 0),
+    );
+    line(
+        "config change",
+        r.config.clone().unwrap_or_else(|| "skipped".into()),
+    );
+    line(
+        "config to all: p50 / p99 / max, ms",
+        format!(
+            "{} / {} / {}",
+            opt(r.config_p50_ms, 1),
+            opt(r.config_p99_ms, 1),
+            opt(r.config_max_ms, 1)
+        ),
+    );
+    line("restart", r.restart.clone().unwrap_or_default());
+    line(
+        "server back up after kill, ms",
+        opt(r.restart_server_up_ms, 0),
+    );
+    line(
+        "all reconnected after kill / after up, ms",
+        format!(
+            "{} / {}",
+            opt(r.reconnect_all_from_kill_ms, 0),
+            opt(r.reconnect_all_from_up_ms, 0)
+        ),
+    );
+    line(
+        "reconnect p50 / p99 after kill, ms",
+        format!(
+            "{} / {}",
+            opt(r.reconnect_p50_ms, 0),
+            opt(r.reconnect_p99_ms, 0)
+        ),
+    );
+    line(
+        "rejects / failed attempts",
+        format!("{} / {}", r.rejects, r.failed_attempts),
+    );
+    if let Some(e) = &r.last_error {
+        line("last error", e.clone());
+    }
+    line("load average at end", r.load_avg.clone());
+    s
+}
+
+fn markdown(r: &Results) -> String {
+    let kib = |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1} MiB", v as f64 / 1024.0));
+    let mut s = String::new();
+    s.push_str("| fleet figure | value | baseline / note |\n|---|---|---|\n");
+    let mut row = |k: &str, v: String, b: String| s.push_str(&format!("| {k} | {v} | {b} |\n"));
+    row(
+        "instances connected",
+        format!("{} of {}", r.connected, r.instances),
+        format!("ramp {} s (≤ 64 handshakes in flight)", opt(r.ramp_s, 1)),
+    );
+    row(
+        "server RSS per connected instance",
+        format!("{} KiB", opt(r.server_rss_per_instance_kib, 1)),
+        format!(
+            "server RSS {} with the fleet vs {} before it",
+            kib(r.server_rss_kib),
+            kib(r.server_rss_base_kib)
+        ),
+    );
+    row(
+        "server CPU at idle fleet",
+        format!(
+            "{} % of one core",
+            opt(r.server_cpu_idle_cores.map(|c| c * 100.0), 2)
+        ),
+        format!(
+            "heartbeat {} s, logs paused; the simulator itself: {} %",
+            r.heartbeat_s,
+            opt(r.sim_cpu_idle_cores.map(|c| c * 100.0), 2)
+        ),
+    );
+    row(
+        "log ingest, trickle",
+        format!("{} lines/s acked", opt(r.log_lines_acked_per_s, 0)),
+        format!(
+            "offered {} lines/s; server CPU {} %",
+            opt(r.log_lines_offered_per_s, 0),
+            opt(r.server_cpu_logs_cores.map(|c| c * 100.0), 1)
+        ),
+    );
+    row(
+        "log ingest, burst",
+        format!("{} lines/s acked", opt(r.log_burst_lines_acked_per_s, 0)),
+        format!(
+            "every instance 100-line batches back to back; server CPU {} %",
+            opt(r.server_cpu_burst_cores.map(|c| c * 100.0), 1)
+        ),
+    );
+    let config_note = match r.config.as_deref() {
+        Some("ok") => format!(
+            "reached {} of {}; `config set` took {} ms{}",
+            r.config_reached.unwrap_or(0),
+            r.instances,
+            opt(r.config_cli_ms, 0),
+            r.config_failures
+                .as_ref()
+                .map_or(String::new(), |e| format!(
+                    "; **earlier attempts failed**: {}",
+                    e.replace('|', "/")
+                ))
+        ),
+        Some(other) => other.to_string(),
+        None => "skipped".into(),
+    };
+    row(
+        "config change to all: p50 / p99 / max",
+        format!(
+            "{} / {} / {} ms",
+            opt(r.config_p50_ms, 1),
+            opt(r.config_p99_ms, 1),
+            opt(r.config_max_ms, 1)
+        ),
+        config_note,
+    );
+    let restart_note = match r.restart.as_deref() {
+        Some("ok") => format!(
+            "SIGKILL, same ports + data dir; server listening again after {} ms; p50 / p99 {} / {} ms",
+            opt(r.restart_server_up_ms, 0),
+            opt(r.reconnect_p50_ms, 0),
+            opt(r.reconnect_p99_ms, 0)
+        ),
+        Some(other) => other.to_string(),
+        None => "skipped".into(),
+    };
+    row(
+        "all reconnected after a restart",
+        format!(
+            "{} ms after the kill ({} ms after the server was up)",
+            opt(r.reconnect_all_from_kill_ms, 0),
+            opt(r.reconnect_all_from_up_ms, 0)
+        ),
+        restart_note,
+    );
+    row(
+        "server RSS after the reconnect",
+        kib(r.server_rss_after_restart_kib),
+        "fresh process, whole fleet reconnected".into(),
+    );
+    if r.rejects > 0 || r.failed_attempts > 0 {
+        row(
+            "rejects / failed connection attempts",
+            format!("{} / {}", r.rejects, r.failed_attempts),
+            format!(
+                "attempts refused while the server was down for the restart count here; last error: {}",
+                r.last_error.clone().unwrap_or_default().replace('|', "/")
+            ),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_matches_the_entrypoint() {
+        let mut rng = 42u64;
+        for n in 0..20u32 {
+            let d = backoff::delay(n, &mut rng);
+            let base = (backoff::MIN * (1u32 << n.min(16))).min(backoff::MAX);
+            assert!(d >= base / 2 && d <= base, "attempt {n}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn batches_are_in_sequence_and_bounded() {
+        let mut s = Sim {
+            idx: 3,
+            id: [0; 16],
+            rng: 1,
+            attempts: 0,
+            next_seq: 250,
+            acked: 0,
+            sent: 0,
+            dropped_unsent: 0,
+            owed: 0.0,
+            config_version: 0,
+            in_flight: None,
+        };
+        let Some(Kind::LogBatch(b)) = s.batch(BATCH_LINES) else {
+            panic!()
+        };
+        assert_eq!((b.first_seq, b.entries.len()), (0, 100));
+        let Some(Kind::LogBatch(b)) = s.batch(BATCH_LINES) else {
+            panic!()
+        };
+        assert_eq!(b.first_seq, 100);
+        s.batch(BATCH_LINES);
+        assert!(s.batch(BATCH_LINES).is_none());
+        // Far behind: the oldest are dropped and reported.
+        s.next_seq = 250 + MAX_UNACKED + 50;
+        let Some(Kind::LogBatch(b)) = s.batch(BATCH_LINES) else {
+            panic!()
+        };
+        assert_eq!(b.first_seq, 300);
+        assert_eq!(b.dropped, 50);
+        let mut wire = Vec::new();
+        proto::encode(&Frame::from(Kind::LogBatch(b)), &mut wire).unwrap();
+        assert!(wire.len() < proto::MAX_FRAME);
+    }
+
+    #[test]
+    fn proc_readers() {
+        let me = std::process::id();
+        assert!(proc_cpu_s(me).is_some());
+        assert!(proc_status_kb(me, "VmRSS").unwrap() > 0);
+    }
+}

@@ -1,0 +1,20 @@
+//! `waypost-fleet`: the fleet simulator (see `waypost_fleet::fleet`), e.g.
+//! `waypost-fleet --spawn-server --instances 10000`.
+
+use clap::Parser as _;
+
+fn main() {
+    let args = waypost_fleet::fleet::FleetArgs::parse();
+    let code = match waypost_fleet::fleet::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever the error chain holds (as `waypost` prints its errors).
+            eprintln!(
+                "waypost-fleet: error: {}",
+                format!("{e:#}").replace('\n', " ")
+            );
+            1
+        }
+    };
+    std::process::exit(code);
+}

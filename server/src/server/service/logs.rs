@@ -1,0 +1,907 @@
+//! The log service: every entry of every instance, stored through the store, de-duplicated by
+//! (instance, sequence), acknowledged only once committed, kept per app within a line and a
+//! byte budget. The logs endpoint (transport/api/logs.rs) serves and follows them.
+//!
+//! Ingest path: a connection task hands each LogBatch to [`LogService::on_batch`], which takes
+//! byte credits from a bounded budget (a slow disk pushes back on the connections that send,
+//! through TCP, instead of queueing without bound) and queues it for the one writer thread. The
+//! writer takes everything queued (group commit: the busier the server, the bigger the
+//! transactions), writes it in one transaction, and only then sends each batch's connection its
+//! LogAck. It also prunes apps over their retention between commits, and publishes the highest
+//! committed row id so `logs -f` requests wake up.
+//!
+//! Sequence accounting per instance ("source"): `next_seq` (H) = every entry below it is stored
+//! or known lost. A batch's entries below H are duplicates (a resend after a reconnect) and are
+//! skipped; if the first new entry is above H, exactly that many entries were lost (the
+//! entrypoint's buffer overflowed while the server was away) and a marker row records it there.
+
+use crate::server::model::InstanceId;
+pub use crate::server::model::logs::IntakeStall;
+use crate::server::model::logs::{NewLine, Retention, SourceRow, Usage};
+use crate::server::store::{self, Db};
+use crate::util;
+use anyhow::{Context as _, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use waypost_proto::{self as proto, Frame, Kind, LogStream};
+
+/// Default retention per app. A busy service logs ~20 lines/s around the clock (1.7 M lines a
+/// day) at 100-300 bytes a line, so 2 M lines keep its last day; 512 MiB bounds the disk use of
+/// an app with long lines (with indexes and SQLite overhead the file takes ~1.5x that) — a
+/// laptop can afford a few apps of that. Change per app with `waypost app set`.
+pub const DEFAULT_MAX_LINES: u64 = 2_000_000;
+pub const DEFAULT_MAX_BYTES: u64 = 512 * 1024 * 1024;
+/// Pruning deletes down to this fraction of the limits, so it runs in chunks now and then rather
+/// than a few rows after every commit.
+const PRUNE_TO: f64 = 0.9;
+/// Rows deleted per pruning transaction (the writer interleaves them with inserts).
+const PRUNE_CHUNK: usize = 50_000;
+/// Bytes of log batches queued for the writer before connections wait (TCP backpressure on the
+/// entrypoints, which buffer on their side). 64 MiB: a second or more of the busiest ingest.
+const QUEUE_BUDGET: usize = 64 * 1024 * 1024;
+/// Per-entry cost on that budget beyond its data (the decoded struct).
+const ENTRY_COST: usize = 64;
+/// One transaction holds at most about this many rows / bytes, so a commit (and the lock other
+/// writers wait for) stays short.
+const TX_ROWS: usize = 20_000;
+const TX_BYTES: usize = 16 * 1024 * 1024;
+/// The writer checks retention at least this often when idle.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Sources cached by the writer; beyond this the cache is emptied and refilled on demand.
+const SOURCE_CACHE: usize = 200_000;
+/// How long an ack may wait for a full outgoing queue.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most entries an entrypoint's resend buffer can hold: `WAYPOST_LOG_BUFFER` is at most 1 GiB,
+/// the buffer adds 1/1024 of it (and one header) for entry headers, and every entry costs at
+/// least 16 bytes of it (the metadata of an empty line). About 67 million.
+const MAX_BUFFER_ENTRIES: u64 = ((1 << 30) + (1 << 30) / 1024 + 16) / 16;
+/// How far past a source's high-water mark H a batch may start beyond what its own `dropped`
+/// count explains. An entrypoint numbers its entries consecutively and loses entries only by
+/// dropping them from that bounded buffer. Those dropped before they were ever sent are counted
+/// in the next batch's `dropped`. The ones it cannot report are those it had sent on a
+/// connection that died before the server stored them, and dropped afterwards: at most what its
+/// buffer held, plus what was in flight (socket buffers and this server's intake queue, fewer
+/// still). The server does not know an instance's buffer size, so the largest is assumed, and
+/// twice its entries covers both. A batch starting further out is not from a working
+/// entrypoint (a bug, or forged sequence numbers): storing it would move H so far that the
+/// instance's real later entries would all be discarded as duplicates.
+const UNREPORTED_GAP: u64 = 2 * MAX_BUFFER_ENTRIES;
+
+/// Whether a batch starting at `first_seq` that reports `dropped` entries may follow the
+/// high-water mark `h`: `Err(largest gap allowed)` if it starts too far past it.
+fn check_jump(h: u64, first_seq: u64, dropped: u64) -> Result<(), u64> {
+    let allowed = dropped.saturating_add(UNREPORTED_GAP);
+    if first_seq.saturating_sub(h) <= allowed {
+        Ok(())
+    } else {
+        Err(allowed)
+    }
+}
+
+/// A LogBatch waiting for the writer.
+struct Item {
+    instance: InstanceId,
+    app: String,
+    batch: proto::LogBatch,
+    /// The connection to acknowledge on (weak: never keeps a closed connection open).
+    ack: mpsc::WeakSender<Frame>,
+    _credits: OwnedSemaphorePermit,
+}
+
+enum Msg {
+    Batch(Item),
+    /// An app's retention changed.
+    Retention {
+        app: String,
+        max_lines: u64,
+        max_bytes: u64,
+    },
+}
+
+pub struct LogService {
+    tx: std_mpsc::Sender<Msg>,
+    /// Whether storing logs currently fails (see [`IntakeStall`]).
+    intake: watch::Sender<Option<IntakeStall>>,
+    budget: Arc<Semaphore>,
+    /// Highest committed log_lines id.
+    committed: watch::Receiver<i64>,
+    db_path: PathBuf,
+    /// For the Welcome lookups (short point queries).
+    reader: Arc<Mutex<Db>>,
+}
+
+impl LogService {
+    /// Opens the writer's and the reader's connections (the schema must be migrated) and starts
+    /// the writer thread. Call from inside the runtime.
+    pub fn start(db_path: &Path) -> Result<LogService> {
+        let mut db = store::logs::connect_writer(db_path)?;
+        let (tx, rx) = std_mpsc::channel();
+        let last_id = store::logs::max_line_id(&db)?;
+        let (committed_tx, committed) = watch::channel(last_id);
+        let mut writer = Writer::new(&mut db)?;
+        let handle = tokio::runtime::Handle::current();
+        let intake = watch::Sender::new(None);
+        let writer_intake = intake.clone();
+        std::thread::Builder::new()
+            .name("waypost-logs".into())
+            .spawn(move || writer.run(db, rx, committed_tx, handle, writer_intake))
+            .context("starting the log writer thread")?;
+        Ok(LogService {
+            tx,
+            intake,
+            budget: Arc::new(Semaphore::new(QUEUE_BUDGET)),
+            committed,
+            db_path: db_path.to_path_buf(),
+            reader: Arc::new(Mutex::new(store::connect(db_path)?)),
+        })
+    }
+
+    /// Some while storing logs fails.
+    pub fn intake_stall(&self) -> Option<IntakeStall> {
+        self.intake.borrow().clone()
+    }
+
+    /// Changes of [`LogService::intake_stall`].
+    pub fn watch_intake(&self) -> watch::Receiver<Option<IntakeStall>> {
+        self.intake.subscribe()
+    }
+
+    /// The highest committed row id, changed after every commit.
+    pub fn committed(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
+    }
+
+    /// A connection of its own for a reader of the logs (one per request).
+    pub fn reader(&self) -> Result<Db> {
+        store::connect(&self.db_path)
+    }
+
+    /// An app's retention was changed (and stored): the writer prunes to the new limits.
+    pub fn retention_changed(&self, app: &str, r: Retention) {
+        let _ = self.tx.send(Msg::Retention {
+            app: app.to_string(),
+            max_lines: r.max_lines.unwrap_or(DEFAULT_MAX_LINES),
+            max_bytes: r.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+        });
+    }
+
+    /// H of an instance (for Welcome.log_acked_seq): committed, so never ahead of the truth.
+    pub async fn acked_seq(&self, id: &InstanceId) -> u64 {
+        let reader = self.reader.clone();
+        let hex = util::hex(id);
+        let r = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let db = reader.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(store::logs::next_seq(&db, &hex)?.unwrap_or(0))
+        })
+        .await;
+        match r {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "reading an instance's log position failed"
+                );
+                0 // the entrypoint resends what it holds; duplicates are skipped
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// A LogBatch arrived on a connection. Waits (backpressure) while the writer is behind.
+    pub async fn on_batch(
+        &self,
+        id: &InstanceId,
+        app: &str,
+        batch: proto::LogBatch,
+        conn: &mpsc::Sender<Frame>,
+    ) {
+        if batch.entries.is_empty() && batch.first_seq == 0 && batch.dropped == 0 {
+            return; // nothing to store or acknowledge
+        }
+        // Sequence numbers are stored as SQLite integers (i64); a batch running past that is
+        // not from a real entrypoint (one would need 2^63 lines).
+        let end = batch.first_seq.checked_add(batch.entries.len() as u64);
+        if end.is_none_or(|e| e > i64::MAX as u64) || batch.dropped > i64::MAX as u64 {
+            tracing::warn!(
+                instance = util::hex(id),
+                first_seq = batch.first_seq,
+                "ignoring a log batch with impossible sequence numbers"
+            );
+            return;
+        }
+        let cost: usize = batch
+            .entries
+            .iter()
+            .map(|e| e.data.len() + ENTRY_COST)
+            .sum::<usize>()
+            .clamp(1, QUEUE_BUDGET);
+        let Ok(credits) = self.budget.clone().acquire_many_owned(cost as u32).await else {
+            return;
+        };
+        let _ = self.tx.send(Msg::Batch(Item {
+            instance: *id,
+            app: app.to_string(),
+            batch,
+            ack: conn.downgrade(),
+            _credits: credits,
+        }));
+    }
+}
+
+// ---- the writer --------------------------------------------------------------------------------
+
+/// A source as the writer keeps it.
+#[derive(Clone)]
+struct Source {
+    row: SourceRow,
+    /// The last batch was refused (see [`check_jump`]): one notice per run of refusals.
+    refusing: bool,
+}
+
+struct Writer {
+    sources: HashMap<InstanceId, Source>,
+    usage: HashMap<String, Usage>,
+    limits: HashMap<String, (u64, u64)>,
+    /// When retention was last checked (after commits when over a limit, else on a timer).
+    last_prune_check: Instant,
+    /// The last pruning failed: retry on the timer, not after every commit.
+    prune_failing: bool,
+}
+
+impl Writer {
+    fn new(db: &mut Db) -> Result<Writer> {
+        let usage = store::logs::usage(db)?;
+        let limits = store::logs::retentions(db)?
+            .into_iter()
+            .map(|(app, r)| {
+                (
+                    app,
+                    (
+                        r.max_lines.unwrap_or(DEFAULT_MAX_LINES),
+                        r.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+                    ),
+                )
+            })
+            .collect();
+        Ok(Writer {
+            sources: HashMap::new(),
+            usage,
+            limits,
+            last_prune_check: Instant::now(),
+            prune_failing: false,
+        })
+    }
+
+    fn limits(&self, app: &str) -> (u64, u64) {
+        self.limits
+            .get(app)
+            .copied()
+            .unwrap_or((DEFAULT_MAX_LINES, DEFAULT_MAX_BYTES))
+    }
+
+    fn run(
+        &mut self,
+        mut db: Db,
+        rx: std_mpsc::Receiver<Msg>,
+        committed: watch::Sender<i64>,
+        rt: tokio::runtime::Handle,
+        intake: watch::Sender<Option<IntakeStall>>,
+    ) {
+        loop {
+            let first = match rx.recv_timeout(PRUNE_EVERY) {
+                Ok(m) => Some(m),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut items = Vec::new();
+            let (mut rows, mut bytes) = (0usize, 0usize);
+            let mut next = first;
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Batch(item) => {
+                        rows += item.batch.entries.len() + 1;
+                        bytes += item
+                            .batch
+                            .entries
+                            .iter()
+                            .map(|e| e.data.len())
+                            .sum::<usize>();
+                        items.push(item);
+                    }
+                    Msg::Retention {
+                        app,
+                        max_lines,
+                        max_bytes,
+                    } => {
+                        self.limits.insert(app, (max_lines, max_bytes));
+                        self.last_prune_check = Instant::now() - PRUNE_EVERY;
+                    }
+                }
+                if rows >= TX_ROWS || bytes >= TX_BYTES {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            if !items.is_empty() {
+                // A failed commit (disk full, I/O error) is retried until it succeeds: the
+                // entrypoints resend only after a reconnect, so skipping these batches would turn
+                // entries they still hold into a gap. Meanwhile the queue credits stay taken, the
+                // connections stop being read, and the entrypoints buffer (and count what their
+                // buffers cannot hold).
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    match self.commit(&mut db, &items) {
+                        Ok((acks, max_id)) => {
+                            if intake.send_replace(None).is_some() {
+                                tracing::info!("storing logs works again; log intake resumed");
+                            }
+                            if max_id > 0 {
+                                committed.send_replace(max_id);
+                            }
+                            for (weak, up_to) in acks {
+                                send_ack(&rt, weak, up_to);
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            // The outermost message ("database or disk is full"): rusqlite's
+                            // cause only repeats it with the code.
+                            let error = e.to_string();
+                            intake.send_if_modified(|st| match st {
+                                Some(s) if s.error == error => false,
+                                Some(s) => {
+                                    s.error = error.clone();
+                                    true
+                                }
+                                None => {
+                                    *st = Some(IntakeStall {
+                                        since_ms: util::now_ms(),
+                                        error: error.clone(),
+                                    });
+                                    true
+                                }
+                            });
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                batches = items.len(),
+                                retry_in = ?backoff,
+                                "storing logs failed"
+                            );
+                            // The transaction rolled back; the caches may be ahead of it.
+                            self.sources.clear();
+                            if let Ok(w) = Writer::new(&mut db) {
+                                *self = w;
+                            }
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                drop(items); // returns the queue credits
+            }
+            let over = self.usage.iter().any(|(app, u)| {
+                let (l, b) = self.limits(app);
+                u.lines > l || u.bytes > b
+            });
+            // Over a limit: prune now (unless pruning just failed: then on the timer only).
+            if (over && !self.prune_failing) || self.last_prune_check.elapsed() >= PRUNE_EVERY {
+                self.last_prune_check = Instant::now();
+                match self.prune(&mut db) {
+                    Ok(()) => self.prune_failing = false,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "pruning logs failed");
+                        if let Ok(w) = Writer::new(&mut db) {
+                            *self = w;
+                        }
+                        self.prune_failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn source(
+        &mut self,
+        tx: &mut store::logs::LogTx<'_>,
+        id: &InstanceId,
+        app: &str,
+    ) -> Result<Source> {
+        if let Some(s) = self.sources.get(id) {
+            return Ok(s.clone());
+        }
+        if self.sources.len() >= SOURCE_CACHE {
+            self.sources.clear();
+        }
+        let s = Source {
+            row: tx.source(&util::hex(id), app)?,
+            refusing: false,
+        };
+        self.sources.insert(*id, s.clone());
+        Ok(s)
+    }
+
+    /// Stores the batches in one transaction. Returns the acks to send and the highest row id.
+    #[allow(clippy::type_complexity)]
+    fn commit(
+        &mut self,
+        db: &mut Db,
+        items: &[Item],
+    ) -> Result<(Vec<(mpsc::WeakSender<Frame>, u64)>, i64)> {
+        let mut acks = Vec::with_capacity(items.len());
+        let mut touched: HashMap<InstanceId, Source> = HashMap::new();
+        let mut usage_delta: HashMap<&str, Usage> = HashMap::new();
+        let mut max_id = 0i64;
+        store::logs::write(db, |tx| {
+            for item in items {
+                let mut src = match touched.get(&item.instance) {
+                    Some(s) => s.clone(),
+                    None => self.source(tx, &item.instance, &item.app)?,
+                };
+                let b = &item.batch;
+                let n = b.entries.len() as u64;
+                let h = src.row.next_seq;
+                if src.row.app != item.app {
+                    // Connections are bound to their instance's owner, so this means a bug:
+                    // never store one app's lines under another's instance.
+                    tracing::error!(
+                        instance = util::hex(&item.instance),
+                        app = item.app,
+                        owner = src.row.app,
+                        "refused a log batch for an instance of another app"
+                    );
+                    continue;
+                }
+                if let Err(allowed) = check_jump(h, b.first_seq, b.dropped) {
+                    // Not stored, not acknowledged, H unchanged; said once per run of refusals,
+                    // in the server's log and in the instance's own logs.
+                    if !src.refusing {
+                        let text = format!(
+                            "waypost server: refused log entries from sequence {} on: {} past the \
+                             last entry stored, more than an entrypoint can have dropped ({allowed} \
+                             at most); entries from sequence {h} on are still taken",
+                            b.first_seq,
+                            b.first_seq - h,
+                        );
+                        tracing::warn!(
+                            instance = util::hex(&item.instance),
+                            app = item.app,
+                            first_seq = b.first_seq,
+                            high_water = h,
+                            dropped = b.dropped,
+                            "refused a log batch whose sequence numbers jump too far"
+                        );
+                        let id = tx.insert_line(&NewLine {
+                            app: &item.app,
+                            src: src.row.rowid,
+                            seq: h as i64,
+                            stream: LogStream::Entrypoint as i64,
+                            ts_us: util::now_ms() * 1000,
+                            truncated: false,
+                            dropped: 0,
+                            data: text.as_bytes(),
+                        })?;
+                        max_id = max_id.max(id);
+                        let u = usage_delta.entry(item.app.as_str()).or_default();
+                        u.lines += 1;
+                        u.bytes += text.len() as u64;
+                        src.refusing = true;
+                    } else {
+                        tracing::debug!(
+                            instance = util::hex(&item.instance),
+                            first_seq = b.first_seq,
+                            high_water = h,
+                            "refused another log batch that jumps too far"
+                        );
+                    }
+                    touched.insert(item.instance, src);
+                    continue;
+                }
+                src.refusing = false;
+                // Entries below H are already stored (a resend): skip them.
+                let skip = h.saturating_sub(b.first_seq).min(n);
+                let start = b.first_seq + skip;
+                let new = &b.entries[skip as usize..];
+                let u = usage_delta.entry(item.app.as_str()).or_default();
+                if start > h {
+                    // Entries h..start never arrived and never will: record the loss where it
+                    // happened.
+                    let gap = start - h;
+                    let (stream, ts) = new
+                        .first()
+                        .map(|e| (e.stream as i64, e.timestamp_unix_us))
+                        .unwrap_or((LogStream::Entrypoint as i64, util::now_ms() * 1000));
+                    let id = tx.insert_line(&NewLine {
+                        app: &item.app,
+                        src: src.row.rowid,
+                        seq: h as i64,
+                        stream,
+                        ts_us: ts,
+                        truncated: false,
+                        dropped: gap as i64,
+                        data: &[],
+                    })?;
+                    max_id = max_id.max(id);
+                    src.row.lost += gap;
+                    src.row.next_seq = start;
+                    u.lines += 1;
+                    tracing::info!(
+                        instance = util::hex(&item.instance),
+                        app = item.app,
+                        from_seq = h,
+                        lost = gap,
+                        "log entries were lost (the entrypoint's buffer overflowed)"
+                    );
+                }
+                for (i, e) in new.iter().enumerate() {
+                    let stream = match LogStream::try_from(e.stream) {
+                        Ok(s) => s as i64,
+                        Err(_) => 0,
+                    };
+                    let id = tx.insert_line(&NewLine {
+                        app: &item.app,
+                        src: src.row.rowid,
+                        seq: (start + i as u64) as i64,
+                        stream,
+                        ts_us: e.timestamp_unix_us,
+                        truncated: e.truncated,
+                        dropped: 0,
+                        data: &e.data,
+                    })?;
+                    max_id = max_id.max(id);
+                    u.lines += 1;
+                    u.bytes += e.data.len() as u64;
+                }
+                src.row.next_seq = src.row.next_seq.max(b.first_seq + n);
+                src.row.reported = src
+                    .row
+                    .reported
+                    .saturating_add(b.dropped)
+                    .min(i64::MAX as u64);
+                acks.push((item.ack.clone(), src.row.next_seq));
+                touched.insert(item.instance, src);
+            }
+            for s in touched.values() {
+                tx.update_source(&s.row)?;
+            }
+            for (app, d) in &usage_delta {
+                tx.add_usage(app, *d)?;
+            }
+            Ok(())
+        })?;
+        for (app, d) in usage_delta {
+            let u = self.usage.entry(app.to_string()).or_default();
+            u.lines += d.lines;
+            u.bytes += d.bytes;
+        }
+        self.sources.extend(touched);
+        Ok((acks, max_id))
+    }
+
+    /// Deletes the oldest rows of every app over its limits, a chunk per transaction, down to
+    /// [`PRUNE_TO`] of the limits.
+    fn prune(&mut self, db: &mut Db) -> Result<()> {
+        let over: Vec<String> = self
+            .usage
+            .iter()
+            .filter(|(app, u)| {
+                let (l, b) = self.limits(app);
+                u.lines > l || u.bytes > b
+            })
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in over {
+            let (max_lines, max_bytes) = self.limits(&app);
+            let want_lines = (max_lines as f64 * PRUNE_TO) as u64;
+            let want_bytes = (max_bytes as f64 * PRUNE_TO) as u64;
+            let u = self.usage.get(&app).copied().unwrap_or_default();
+            let (mut del_lines, mut del_bytes, mut cutoff) = (0u64, 0u64, None);
+            store::logs::oldest_lines(db, &app, PRUNE_CHUNK, |id, len| {
+                if u.lines - del_lines <= want_lines && u.bytes - del_bytes <= want_bytes {
+                    return false;
+                }
+                cutoff = Some(id);
+                del_lines += 1;
+                del_bytes += len;
+                true
+            })?;
+            if cutoff.is_none() {
+                // Counters out of step with the table (nothing left to delete): resync.
+                del_lines = u.lines;
+                del_bytes = u.bytes;
+            }
+            let left = Usage {
+                lines: u.lines.saturating_sub(del_lines),
+                bytes: u.bytes.saturating_sub(del_bytes),
+            };
+            store::logs::prune(db, &app, cutoff, left)?;
+            self.usage.insert(app.clone(), left);
+            tracing::debug!(
+                app,
+                lines = del_lines,
+                bytes = del_bytes,
+                "pruned old log lines"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Queues a LogAck without blocking the writer; a full queue gets a task (acks are cumulative,
+/// so one arriving late or out of order is harmless).
+fn send_ack(rt: &tokio::runtime::Handle, weak: mpsc::WeakSender<Frame>, up_to: u64) {
+    let Some(tx) = weak.upgrade() else { return };
+    let frame: Frame = Kind::LogAck(proto::LogAck { up_to_seq: up_to }).into();
+    if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(ACK_TIMEOUT, tx.send(frame)).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::model::logs::LogFilter;
+
+    fn db() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let st = store::Store::open(&path).unwrap();
+        st.with(|db| store::create_app(db, "web", 0)).unwrap();
+        (dir, path)
+    }
+
+    fn open(path: &Path) -> Result<Db> {
+        store::connect(path)
+    }
+
+    fn entry(stream: LogStream, text: &str) -> proto::LogEntry {
+        proto::LogEntry {
+            stream: stream as i32,
+            timestamp_unix_us: 1_000_000,
+            data: text.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    fn item(id: InstanceId, first_seq: u64, texts: &[&str], credits: &Arc<Semaphore>) -> Item {
+        let (tx, _rx) = mpsc::channel(1);
+        Item {
+            instance: id,
+            app: "web".into(),
+            batch: proto::LogBatch {
+                first_seq,
+                entries: texts.iter().map(|t| entry(LogStream::Stdout, t)).collect(),
+                dropped: 0,
+            },
+            ack: tx.downgrade(),
+            _credits: credits.clone().try_acquire_owned().unwrap(),
+        }
+    }
+
+    /// Every stored row of app web: `{"seq", "text"}`, or `{"seq", "dropped"}` for a marker.
+    fn all(c: &Db) -> Vec<serde_json::Value> {
+        let f = LogFilter {
+            app: "web".into(),
+            src: None,
+            stream: None,
+            since_us: None,
+        };
+        let mut rows = Vec::new();
+        store::logs::lines(c, &f, 0, i64::MAX, 1000, |l| {
+            rows.push(if l.dropped > 0 {
+                serde_json::json!({ "seq": l.seq, "dropped": l.dropped })
+            } else {
+                serde_json::json!({ "seq": l.seq, "text": String::from_utf8_lossy(&l.data) })
+            });
+            Ok(())
+        })
+        .unwrap();
+        rows
+    }
+
+    #[test]
+    fn jump_window() {
+        // Gaps the entrypoint can explain: up to its buffer's worth beyond what it reports.
+        assert_eq!(check_jump(10, 5, 0), Ok(()), "a resend");
+        assert_eq!(check_jump(10, 10, 0), Ok(()));
+        assert_eq!(check_jump(10, 10 + UNREPORTED_GAP, 0), Ok(()));
+        assert_eq!(check_jump(10, 11 + UNREPORTED_GAP, 0), Err(UNREPORTED_GAP));
+        assert_eq!(
+            check_jump(10, 11 + UNREPORTED_GAP, 1),
+            Ok(()),
+            "one reported drop"
+        );
+        assert_eq!(check_jump(0, 1 << 40, 0), Err(UNREPORTED_GAP));
+        assert_eq!(check_jump(0, u64::MAX, u64::MAX), Ok(()), "no overflow");
+        // At least what the largest buffer holds (1 GiB of empty lines), and nowhere near 2^63.
+        const { assert!(UNREPORTED_GAP >= (1 << 30) / 16) };
+        const { assert!(UNREPORTED_GAP < 1 << 32) };
+    }
+
+    #[test]
+    fn a_jump_too_far_is_refused_and_the_source_keeps_working() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let a = [3u8; 16];
+        w.commit(&mut conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
+            .unwrap();
+        // Two refused batches in a row: no ack, one notice, H unchanged.
+        let huge = 1u64 << 40;
+        let (acks, _) = w
+            .commit(
+                &mut conn,
+                &[
+                    item(a, huge, &["forged"], &credits),
+                    item(a, huge + 1, &["forged2"], &credits),
+                ],
+            )
+            .unwrap();
+        assert!(acks.is_empty(), "a refused batch is not acknowledged");
+        let h = |c: &Db| -> i64 {
+            store::raw(c, |c| {
+                c.query_row("SELECT next_seq FROM log_sources", [], |r| r.get(0))
+            })
+        };
+        assert_eq!(h(&conn), 3);
+        // The instance's real next lines are still stored.
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 3, &["l3"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 4);
+        // A later refusal is noticed again (a new run of them); the writer's cache and the
+        // database agree after a restart of the writer.
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, huge, &["forged3"], &credits)])
+            .unwrap();
+        assert!(acks.is_empty());
+        assert_eq!(h(&conn), 4);
+        let texts: Vec<String> = all(&conn)
+            .iter()
+            .map(|r| r["text"].as_str().unwrap_or("?").to_string())
+            .collect();
+        assert_eq!(texts.len(), 6, "{texts:?}");
+        assert_eq!(&texts[..3], ["l0", "l1", "l2"]);
+        assert!(
+            texts[3]
+                .starts_with("waypost server: refused log entries from sequence 1099511627776 on"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[3].contains("from sequence 3 on are still taken"),
+            "{texts:?}"
+        );
+        assert_eq!(texts[4], "l3");
+        assert!(
+            texts[5].contains("from sequence 4 on are still taken"),
+            "{texts:?}"
+        );
+        assert!(!texts.iter().any(|t| t.starts_with("forged")));
+        // Negative control: a gap the batch's dropped count explains is a loss, not a refusal.
+        let mut ok = item(
+            a,
+            4 + UNREPORTED_GAP + 5,
+            &["after a long outage"],
+            &credits,
+        );
+        ok.batch.dropped = 5;
+        let (acks, _) = w.commit(&mut conn, &[ok]).unwrap();
+        assert_eq!(acks[0].1, 4 + UNREPORTED_GAP + 6);
+    }
+
+    #[test]
+    fn another_apps_batch_is_never_stored_under_an_instance() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let b = [4u8; 16];
+        w.commit(&mut conn, &[item(b, 0, &["b0"], &credits)])
+            .unwrap();
+        let mut from_a = item(b, 1, &["from a"], &credits);
+        from_a.app = "other".into();
+        let (acks, _) = w.commit(&mut conn, &[from_a]).unwrap();
+        assert!(acks.is_empty());
+        let n: i64 = store::raw(&conn, |c| {
+            c.query_row("SELECT COUNT(*) FROM log_lines", [], |r| r.get(0))
+        });
+        assert_eq!(n, 1);
+        // Also when the writer starts cold (the source comes from the database).
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let mut from_a = item(b, 1, &["from a"], &credits);
+        from_a.app = "other".into();
+        assert!(w.commit(&mut conn, &[from_a]).unwrap().0.is_empty());
+        let (acks, _) = w
+            .commit(&mut conn, &[item(b, 1, &["b1"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 2);
+    }
+
+    #[test]
+    fn dedup_gaps_and_acks() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let a = [1u8; 16];
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 3);
+        // Resent overlap + new: only l3 is new.
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 1, &["l1", "l2", "l3"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 4);
+        // A gap: 4..7 lost.
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 7, &["l7"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 8);
+        // A pure duplicate: acked, nothing stored.
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 0, &["l0"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 8);
+        let rows = all(&conn);
+        let texts: Vec<String> = rows
+            .iter()
+            .map(|r| match r.get("dropped") {
+                Some(d) => format!("[{d} dropped @{}]", r["seq"]),
+                None => r["text"].as_str().unwrap().to_string(),
+            })
+            .collect();
+        assert_eq!(texts, ["l0", "l1", "l2", "l3", "[3 dropped @4]", "l7"]);
+        // Survives a restart of the writer (state from the database).
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let (acks, _) = w
+            .commit(&mut conn, &[item(a, 8, &["l8"], &credits)])
+            .unwrap();
+        assert_eq!(acks[0].1, 9);
+        let c2 = open(&path).unwrap();
+        assert_eq!(
+            store::raw(&c2, |c| c.query_row(
+                "SELECT next_seq, lost FROM log_sources",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            )),
+            (9, 3)
+        );
+        assert_eq!(w.usage["web"].lines, 7);
+        assert_eq!(w.usage["web"].bytes, 12);
+    }
+
+    #[test]
+    fn retention_prunes_oldest() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        w.limits.insert("web".into(), (100, 1 << 30));
+        let texts: Vec<String> = (0..150).map(|i| format!("{i}")).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        w.commit(&mut conn, &[item([2u8; 16], 0, &refs, &credits)])
+            .unwrap();
+        w.prune(&mut conn).unwrap();
+        let rows = all(&conn);
+        assert_eq!(rows.len(), 90);
+        assert_eq!(rows[0]["text"], "60");
+        assert_eq!(w.usage["web"].lines, 90);
+        // By bytes too.
+        w.limits.insert("web".into(), (1000, 100));
+        w.prune(&mut conn).unwrap();
+        let rows = all(&conn);
+        let bytes: usize = rows.iter().map(|r| r["text"].as_str().unwrap().len()).sum();
+        assert!(bytes <= 90, "{bytes}");
+        assert_eq!(rows.last().unwrap()["text"], "149");
+    }
+}

@@ -1,0 +1,207 @@
+//! The server's own small PKI: a CA minted on first start (ECDSA P-256, long-lived) and a server
+//! certificate signed by it for the control and API listeners. Stored in the `meta` table; the
+//! CA certificate is also written to `DATA_DIR/ca.pem` for curl and friends.
+//!
+//! The CA is never regenerated (every token handed out embeds trust in it). The server
+//! certificate is re-issued on start when its SAN set changed or it is close to expiry.
+
+use crate::server::service::auth;
+use crate::server::store::{self, Db};
+use crate::util;
+use anyhow::{Context as _, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::Arc;
+
+/// CA lifetime: long enough never to be a chore (entrypoints embed it).
+const CA_YEARS: i64 = 20;
+/// Server certificate lifetime; it is re-issued on start within [`RENEW_BEFORE_DAYS`] of expiry.
+const SERVER_DAYS: i64 = 825;
+const RENEW_BEFORE_DAYS: i64 = 30;
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+/// The date `days` after the epoch, in rcgen's type (from the `time` crate, which rcgen does not
+/// re-export; hence a macro rather than a function whose signature would name it).
+macro_rules! date {
+    ($days:expr) => {{
+        let (y, m, d) = util::civil_from_days($days);
+        rcgen::date_time_ymd(y as i32, m as u8, d as u8)
+    }};
+}
+
+fn ca_params(cn: &str, not_before_days: i64) -> Result<CertificateParams> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "waypost");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = date!(not_before_days);
+    p.not_after = date!(not_before_days + CA_YEARS * 365);
+    Ok(p)
+}
+
+/// Loads the PKI from the database, creating what is missing. `sans` is the full wanted SAN
+/// list of the server certificate (order does not matter).
+pub fn load_or_create(db: &Db, sans: &[String]) -> Result<Pki> {
+    let today = util::now_ms() / 86_400_000;
+    // ---- CA ----
+    let (ca_pem, ca_key_pem, ca_cn) = match (
+        store::meta_get(db, "ca_cert_pem")?,
+        store::meta_get(db, "ca_key_pem")?,
+        store::meta_get(db, "ca_cn")?,
+    ) {
+        (Some(c), Some(k), Some(n)) => (c, k, n),
+        _ => {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            // A per-install name, so two waypost CAs on one machine are told apart.
+            let cn = format!("waypost CA {}", util::hex(&auth::random_bytes::<4>()));
+            // Backdated a day for clocks that lag.
+            let params = ca_params(&cn, today - 1)?;
+            let cert = params.self_signed(&key)?;
+            store::meta_set(db, "ca_cert_pem", &cert.pem())?;
+            store::meta_set(db, "ca_key_pem", &key.serialize_pem())?;
+            store::meta_set(db, "ca_cn", &cn)?;
+            store::meta_set(db, "ca_not_before_days", &(today - 1).to_string())?;
+            tracing::info!(cn, "created a new CA");
+            (cert.pem(), key.serialize_pem(), cn)
+        }
+    };
+
+    // ---- server certificate ----
+    let mut wanted: Vec<String> = sans.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let wanted_str = wanted.join(",");
+    let not_after: i64 = store::meta_get(db, "server_not_after_days")?
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let existing = match (
+        store::meta_get(db, "server_cert_pem")?,
+        store::meta_get(db, "server_key_pem")?,
+        store::meta_get(db, "server_sans")?,
+    ) {
+        (Some(c), Some(k), Some(s)) if s == wanted_str && not_after - today > RENEW_BEFORE_DAYS => {
+            Some((c, k))
+        }
+        (Some(_), _, Some(s)) => {
+            tracing::info!(
+                old = s,
+                new = wanted_str,
+                "re-issuing the server certificate"
+            );
+            None
+        }
+        _ => None,
+    };
+    let (server_cert_pem, server_key_pem) = match existing {
+        Some(pair) => pair,
+        None => {
+            let ca_key = KeyPair::from_pem(&ca_key_pem).context("the stored CA key is invalid")?;
+            let ca_nb: i64 = store::meta_get(db, "ca_not_before_days")?
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(today - 1);
+            // Rebuilt with the same subject and key, the issuer matches the stored CA cert.
+            let issuer = Issuer::new(ca_params(&ca_cn, ca_nb)?, ca_key);
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut params = CertificateParams::new(wanted.clone())
+                .context("invalid --tls-san (must be a DNS name or an IP address)")?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, "waypost");
+            dn.push(DnType::CommonName, "waypost server");
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.use_authority_key_identifier_extension = true;
+            params.not_before = date!(today - 1);
+            params.not_after = date!(today + SERVER_DAYS);
+            let cert = params.signed_by(&key, &issuer)?;
+            store::meta_set(db, "server_cert_pem", &cert.pem())?;
+            store::meta_set(db, "server_key_pem", &key.serialize_pem())?;
+            store::meta_set(db, "server_sans", &wanted_str)?;
+            store::meta_set(
+                db,
+                "server_not_after_days",
+                &(today + SERVER_DAYS).to_string(),
+            )?;
+            (cert.pem(), key.serialize_pem())
+        }
+    };
+    Ok(Pki {
+        ca_pem,
+        server_cert_pem,
+        server_key_pem,
+    })
+}
+
+/// The SANs every server certificate has, plus the host name and `extra` (`--tls-san`).
+pub fn wanted_sans(extra: &[String]) -> Vec<String> {
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let host = util::hostname();
+    // The host name goes in only if it is a plausible DNS name (rcgen refuses non-IA5 text).
+    if host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        sans.push(host.to_ascii_lowercase());
+    }
+    sans.extend(extra.iter().cloned());
+    sans
+}
+
+/// A rustls server config with our certificate: TLS 1.3 only, ring, the given ALPN ids.
+pub fn server_config(pki: &Pki, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>> {
+    let certs = CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the server certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes())
+        .context("parsing the server key")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// A rustls client config that trusts exactly the CA(s) in `ca_pem`.
+pub fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("parsing the CA certificate")?)
+            .context("adding the CA certificate")?;
+        n += 1;
+    }
+    anyhow::ensure!(n > 0, "the CA contains no PEM certificate");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,1035 @@
+//! Durable state: the only way to the database. Everything above this module (services,
+//! transports) sees the plain types of `model` and the functions here, never a SQLite type, so a
+//! second backend (PostgreSQL, for replicas) can implement the same functions without touching
+//! anything above: see "The store" in docs/architecture.md.
+//!
+//! Today's backend: one SQLite file (`DATA_DIR/waypost.db`, WAL) holding server metadata (PKI),
+//! apps, tokens (hashed), instance history, app configuration and logs. Live connections are NOT
+//! here; see service/live.rs.
+//!
+//! Every function takes a [`Db`] (one connection) and is synchronous; async callers go through
+//! [`Store::call`], which runs them on tokio's blocking pool so SQLite never stalls a runtime
+//! worker. The schema is the ordered list [`MIGRATIONS`] of `.sql` files in `server/migrations/`.
+
+pub mod config;
+pub mod logs;
+
+use crate::server::model::Conflict;
+pub use crate::server::model::{
+    App, ChildStatus, Connected, FlushRow, InstanceRow, Revoke, TokenRow, TokenScope,
+};
+use anyhow::{Context as _, Result, bail};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` = how many are applied. Append a
+/// new file for a new migration; never edit an applied one (a database that has it would not get
+/// the edit, and the test `migration_history_is_unchanged` compares them byte for byte).
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the core tables.
+    include_str!("../../../migrations/0001_core.sql"),
+    // 2: application config.
+    include_str!("../../../migrations/0002_config.sql"),
+    // 3: logs.
+    include_str!("../../../migrations/0003_logs.sql"),
+    // 4: an instance id is bound to the token that first registered it (with its app and
+    // deployment), so another token cannot take it over. NULL: recorded before this column
+    // existed; such a row binds on app and deployment, and takes the token of its next Hello.
+    include_str!("../../../migrations/0004_instance_token.sql"),
+];
+
+/// How many gone instances per app `instances --all` returns (newest first).
+pub const GONE_PER_APP: i64 = 100;
+
+/// One connection to the database. Opaque above the store: its functions are the only way in.
+pub struct Db {
+    conn: Connection,
+}
+
+/// A shared handle to the database. One connection behind a mutex: SQLite serialises writers
+/// anyway, and every statement here is short.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Mutex<Db>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // WAL: readers never block the writer; NORMAL is durable across process crashes (the
+        // state we lose on power loss is at most the last flush of heartbeats).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            db: Arc::new(Mutex::new(Db { conn })),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where the database is (for [`connect`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection, synchronously. For startup code, not async tasks.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Db) -> Result<R>) -> Result<R> {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut db)
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<R> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with(f))
+            .await
+            .context("database task panicked")?
+    }
+}
+
+/// Another connection to a database [`Store::open`] has migrated, for a thread or a request of
+/// its own (the log writer, log readers): WAL lets it read while the shared one writes.
+pub fn connect(path: &Path) -> Result<Db> {
+    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(Db { conn })
+}
+
+/// For the tests of the layers above: runs raw SQL on a connection (to set up states the store's
+/// functions cannot reach, and to check rows).
+#[cfg(test)]
+pub(crate) fn raw<R>(db: &Db, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> R {
+    f(&db.conn).expect("raw SQL in a test")
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        bail!(
+            "the database was written by a newer waypost (schema {applied}, this build knows {})",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+// ---- meta ----------------------------------------------------------------------------------
+
+pub fn meta_get(db: &Db, key: &str) -> Result<Option<String>> {
+    Ok(db
+        .conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn meta_set(db: &Db, key: &str, value: &str) -> Result<()> {
+    db.conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// The `meta` key of the next exec session id.
+const EXEC_SESSION_KEY: &str = "exec_next_session";
+
+/// Allocates the next exec session id. The counter is stored, so ids stay unique across server
+/// restarts (an entrypoint that kept a session through a restart never sees its id reused).
+pub fn next_exec_session(db: &mut Db) -> Result<u64> {
+    // IMMEDIATE: take the write lock up front. A deferred transaction that reads and then writes
+    // fails at once with SQLITE_BUSY when another connection (the log writer) wrote in between.
+    let tx = db
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let next: u64 = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [EXEC_SESSION_KEY],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [EXEC_SESSION_KEY, &(next + 1).to_string()],
+    )?;
+    tx.commit()?;
+    Ok(next)
+}
+
+// ---- apps ----------------------------------------------------------------------------------
+
+/// Creates an app; `Ok(false)` if it already exists.
+pub fn create_app(db: &Db, name: &str, now: i64) -> Result<bool> {
+    let n = db.conn.execute(
+        "INSERT INTO apps (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        params![name, now],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn app_exists(db: &Db, name: &str) -> Result<bool> {
+    Ok(db
+        .conn
+        .query_row("SELECT 1 FROM apps WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub fn list_apps(db: &Db) -> Result<Vec<App>> {
+    let mut stmt = db
+        .conn
+        .prepare("SELECT name, created_at FROM apps ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(App {
+            name: r.get(0)?,
+            created_at: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---- tokens --------------------------------------------------------------------------------
+
+pub fn insert_token(db: &Db, hash: &str, scope: &TokenScope, now: i64) -> Result<()> {
+    let (kind, app, deployment) = match scope {
+        TokenScope::Admin => ("admin", None, None),
+        TokenScope::Entrypoint { app, deployment } => {
+            ("entrypoint", Some(app.as_str()), deployment.as_deref())
+        }
+    };
+    db.conn.execute(
+        "INSERT INTO tokens (hash, kind, app, deployment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![hash, kind, app, deployment, now],
+    )?;
+    Ok(())
+}
+
+/// Tokens, oldest first; `app`: only that app's entrypoint tokens.
+pub fn list_tokens(db: &Db, app: Option<&str>) -> Result<Vec<TokenRow>> {
+    let mut st = db.conn.prepare(
+        "SELECT hash, kind, app, deployment, created_at FROM tokens
+         WHERE ?1 IS NULL OR app = ?1 ORDER BY created_at, hash",
+    )?;
+    let rows = st.query_map([app], |r| {
+        Ok(TokenRow {
+            hash: r.get(0)?,
+            kind: r.get(1)?,
+            app: r.get(2)?,
+            deployment: r.get(3)?,
+            created_at: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes the entrypoint token whose hash starts with `id_prefix` (hex).
+pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
+    // Ids are hex (LIKE would treat % and _ as wildcards).
+    if id_prefix.is_empty() || !id_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Revoke::NotFound);
+    }
+    let tx = db
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let pattern = format!("{}%", id_prefix.to_ascii_lowercase());
+    let found: Vec<TokenRow> = {
+        let mut st = tx.prepare(
+            "SELECT hash, kind, app, deployment, created_at FROM tokens WHERE hash LIKE ?1 LIMIT 2",
+        )?;
+        let rows = st.query_map([&pattern], |r| {
+            Ok(TokenRow {
+                hash: r.get(0)?,
+                kind: r.get(1)?,
+                app: r.get(2)?,
+                deployment: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let row = match found.as_slice() {
+        [] => return Ok(Revoke::NotFound),
+        [_, _, ..] => return Ok(Revoke::Ambiguous),
+        [row] if row.kind == "admin" => return Ok(Revoke::Admin),
+        [row] => row.clone(),
+    };
+    tx.execute("DELETE FROM tokens WHERE hash = ?1", [&row.hash])?;
+    tx.commit()?;
+    Ok(Revoke::Done(row))
+}
+
+pub fn lookup_token(db: &Db, hash: &str) -> Result<Option<TokenScope>> {
+    let row: Option<(String, Option<String>, Option<String>)> = db
+        .conn
+        .query_row(
+            "SELECT kind, app, deployment FROM tokens WHERE hash = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    Ok(
+        row.and_then(|(kind, app, deployment)| match (kind.as_str(), app) {
+            ("admin", _) => Some(TokenScope::Admin),
+            ("entrypoint", Some(app)) => Some(TokenScope::Entrypoint { app, deployment }),
+            _ => None,
+        }),
+    )
+}
+
+// ---- instances -----------------------------------------------------------------------------
+
+/// After a crash, rows still marked live belong to connections that no longer exist.
+pub fn mark_all_lost(db: &Db, now: i64) -> Result<usize> {
+    Ok(db.conn.execute(
+        "UPDATE instances SET disconnected_at = ?1, ended = 'lost' WHERE disconnected_at IS NULL",
+        [now],
+    )?)
+}
+
+fn status_params(s: &ChildStatus) -> [Box<dyn rusqlite::ToSql + '_>; 9] {
+    [
+        Box::new(s.state),
+        Box::new(s.child_pid),
+        Box::new(s.exit_code),
+        Box::new(s.exit_signal),
+        Box::new(s.oom_killed),
+        Box::new(s.child_rss_bytes as i64),
+        Box::new(s.child_cpu_ms as i64),
+        Box::new(s.starts),
+        Box::new(s.config_version as i64),
+    ]
+}
+
+/// Inserts the instance, or revives its row if the same instance id was seen before, and
+/// returns the child status to keep in memory: the row's previous status (so a reconnect keeps
+/// the last exit) with the Hello's status folded in.
+///
+/// The id must be free or already the caller's: `Ok(Err(conflict))`, with nothing written, if
+/// its row (live or gone) was recorded under another app, deployment or token, or its logs under
+/// another app. This is the binding's source of truth: the check and the write are one
+/// transaction, so of two Hellos racing for a new id the second finds the first's row.
+pub fn upsert_connected(
+    db: &mut Db,
+    c: &Connected,
+    hello_status: Option<&waypost_proto::Status>,
+    now: i64,
+) -> Result<Result<ChildStatus, Conflict>> {
+    // IMMEDIATE: this reads, then writes; a deferred transaction would fail at once (not after
+    // the busy timeout) if another connection (the log writer) committed in between. It also
+    // takes the write lock before the read, which makes the owner check and the insert atomic.
+    let tx = db
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let row = tx
+        .query_row(
+            &format!(
+                "SELECT app, deployment, token_hash, {STATUS_COLS} FROM instances WHERE id = ?1"
+            ),
+            [&c.id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    status_from_row(r, 3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let owner = c.owner();
+    if let Some((app, deployment, token, _)) = &row {
+        if let Some(conflict) = owner.conflict(app, deployment, token.as_deref()) {
+            return Ok(Err(conflict));
+        }
+    }
+    // Logs outlive instance rows in principle (and are stored per instance id): they must never
+    // be appended to another app's.
+    let log_app: Option<String> = tx
+        .query_row(
+            "SELECT app FROM log_sources WHERE instance = ?1",
+            [&c.id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if log_app.is_some_and(|a| a != c.app) {
+        return Ok(Err(Conflict::App));
+    }
+    let mut status = row.map(|r| r.3).unwrap_or_default();
+    if let Some(s) = hello_status {
+        status.apply(s);
+    }
+    {
+        let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
+            Box::new(&c.id),
+            Box::new(&c.app),
+            Box::new(&c.deployment),
+            Box::new(&c.hostname),
+            Box::new(c.entrypoint_pid),
+            Box::new(&c.entrypoint_version),
+            Box::new(now),
+        ];
+        p.extend(status_params(&status));
+        p.push(Box::new(c.session));
+        p.push(Box::new(&c.token_hash));
+        // The owner columns are checked above and never change on a revival; a row recorded
+        // without a token takes this one's.
+        tx.execute(
+        "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
+             connected_at, last_seen_at, disconnected_at, ended,
+             child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
+             child_cpu_ms, starts, config_version, session, token_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+         ON CONFLICT (id) DO UPDATE SET
+             token_hash = COALESCE(instances.token_hash, excluded.token_hash),
+             hostname = excluded.hostname,
+             entrypoint_pid = excluded.entrypoint_pid,
+             entrypoint_version = excluded.entrypoint_version,
+             connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at,
+             disconnected_at = NULL, ended = NULL,
+             child_state = excluded.child_state, child_pid = excluded.child_pid,
+             exit_code = excluded.exit_code, exit_signal = excluded.exit_signal,
+             oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
+             child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
+             config_version = excluded.config_version, session = excluded.session",
+        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+    )?;
+    }
+    tx.commit()?;
+    Ok(Ok(status))
+}
+
+const STATUS_COLS: &str = "child_state, child_pid, exit_code, exit_signal, oom_killed, \
+    child_rss_bytes, child_cpu_ms, starts, config_version";
+
+/// Reads the [`STATUS_COLS`] starting at column `at`.
+fn status_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ChildStatus> {
+    Ok(ChildStatus {
+        state: ChildStatus::state_from_text(r.get::<_, Option<String>>(at)?.as_deref()),
+        child_pid: r.get(at + 1)?,
+        exit_code: r.get(at + 2)?,
+        exit_signal: r.get(at + 3)?,
+        oom_killed: r.get(at + 4)?,
+        child_rss_bytes: r.get::<_, i64>(at + 5)? as u64,
+        child_cpu_ms: r.get::<_, i64>(at + 6)? as u64,
+        starts: r.get(at + 7)?,
+        config_version: r.get::<_, i64>(at + 8)? as u64,
+    })
+}
+
+/// Periodic flush of live instances' last-seen time and child status, in one transaction.
+pub fn flush_live(db: &mut Db, rows: &[FlushRow]) -> Result<()> {
+    let tx = db.conn.transaction()?;
+    {
+        let mut stmt = tx.prepare(
+            "UPDATE instances SET last_seen_at = ?2, child_state = ?3, child_pid = ?4,
+                 exit_code = ?5, exit_signal = ?6, oom_killed = ?7, child_rss_bytes = ?8,
+                 child_cpu_ms = ?9, starts = ?10, config_version = ?11
+             WHERE id = ?1 AND session = ?12 AND disconnected_at IS NULL",
+        )?;
+        for (id, session, last_seen, status) in rows {
+            let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> =
+                vec![Box::new(id), Box::new(*last_seen)];
+            p.extend(status_params(status));
+            p.push(Box::new(*session));
+            stmt.execute(rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())))?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The connection ended: record the final status and how it ended.
+pub fn mark_disconnected(
+    db: &Db,
+    id: &str,
+    session: i64,
+    last_seen: i64,
+    status: &ChildStatus,
+    now: i64,
+) -> Result<()> {
+    let ended = if status.state == Some("exited") {
+        "exited"
+    } else {
+        "lost"
+    };
+    let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
+        Box::new(id),
+        Box::new(last_seen),
+        Box::new(now),
+        Box::new(ended),
+    ];
+    p.extend(status_params(status));
+    p.push(Box::new(session));
+    db.conn.execute(
+        "UPDATE instances SET last_seen_at = ?2, disconnected_at = ?3, ended = ?4,
+             child_state = ?5, child_pid = ?6, exit_code = ?7, exit_signal = ?8, oom_killed = ?9,
+             child_rss_bytes = ?10, child_cpu_ms = ?11, starts = ?12, config_version = ?13
+         WHERE id = ?1 AND session = ?14",
+        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+    )?;
+    Ok(())
+}
+
+/// Live rows (optionally of one app) and, with `all`, the newest [`GONE_PER_APP`] gone ones of
+/// each app. Live first (newest connection first), then gone (newest disconnection first).
+pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<InstanceRow>> {
+    const COLS: &str = "id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
+        connected_at, last_seen_at, disconnected_at, ended, child_state, child_pid, exit_code,
+        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version";
+    let sql = format!(
+        "SELECT {COLS} FROM (
+             SELECT {COLS}, 0 AS grp, connected_at AS ord FROM instances
+                 WHERE disconnected_at IS NULL AND (?1 IS NULL OR app = ?1)
+             UNION ALL
+             SELECT {COLS}, 1 AS grp, disconnected_at AS ord FROM (
+                 SELECT *, ROW_NUMBER() OVER (PARTITION BY app ORDER BY disconnected_at DESC) AS rn
+                 FROM instances WHERE ?2 AND disconnected_at IS NOT NULL AND (?1 IS NULL OR app = ?1)
+             ) WHERE rn <= {GONE_PER_APP}
+         ) ORDER BY grp, ord DESC, id"
+    );
+    let mut stmt = db.conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![app, all], |r| {
+        Ok(InstanceRow {
+            id: r.get(0)?,
+            app: r.get(1)?,
+            deployment: r.get(2)?,
+            hostname: r.get(3)?,
+            entrypoint_pid: r.get(4)?,
+            entrypoint_version: r.get(5)?,
+            connected_at: r.get(6)?,
+            last_seen_at: r.get(7)?,
+            disconnected_at: r.get(8)?,
+            ended: r.get(9)?,
+            status: status_from_row(r, 10)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Db {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        Db { conn }
+    }
+
+    fn connected(id: &str, app: &str) -> Connected {
+        Connected {
+            id: id.into(),
+            app: app.into(),
+            deployment: String::new(),
+            hostname: "h".into(),
+            entrypoint_pid: 1,
+            entrypoint_version: "0.1.0".into(),
+            session: 1,
+            token_hash: "t".into(),
+        }
+    }
+
+    fn app_of(c: &Db, id: &str) -> (String, String, Option<String>, i64) {
+        c.conn
+            .query_row(
+                "SELECT app, deployment, token_hash, session FROM instances WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn an_instance_id_stays_with_its_first_owner() {
+        use super::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        create_app(&c, "b", 1).unwrap();
+        upsert_connected(&mut c, &connected("bb", "b"), None, 10)
+            .unwrap()
+            .unwrap();
+        let before = app_of(&c, "bb");
+        let other_app = Connected {
+            session: 2,
+            ..connected("bb", "a")
+        };
+        let other_dep = Connected {
+            session: 3,
+            deployment: "d".into(),
+            ..connected("bb", "b")
+        };
+        let other_token = Connected {
+            session: 4,
+            token_hash: "u".into(),
+            ..connected("bb", "b")
+        };
+        for (who, want) in [
+            (&other_app, Conflict::App),
+            (&other_dep, Conflict::Deployment),
+            (&other_token, Conflict::Token),
+        ] {
+            assert_eq!(upsert_connected(&mut c, who, None, 20).unwrap(), Err(want));
+            assert_eq!(app_of(&c, "bb"), before, "nothing written");
+        }
+        // Gone (exited or lost) rows stay bound too.
+        mark_disconnected(&c, "bb", 1, 30, &ChildStatus::default(), 31).unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &other_app, None, 40).unwrap(),
+            Err(Conflict::App)
+        );
+        assert_eq!(list_instances(&c, Some("a"), true).unwrap().len(), 0);
+        // The owner's reconnect revives it (negative control).
+        let again = Connected {
+            session: 5,
+            ..connected("bb", "b")
+        };
+        assert!(upsert_connected(&mut c, &again, None, 50).unwrap().is_ok());
+        assert_eq!(app_of(&c, "bb").3, 5);
+    }
+
+    #[test]
+    fn rows_from_before_token_binding_bind_on_app_and_deployment() {
+        use super::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        create_app(&c, "b", 1).unwrap();
+        upsert_connected(&mut c, &connected("old", "b"), None, 10)
+            .unwrap()
+            .unwrap();
+        c.conn
+            .execute("UPDATE instances SET token_hash = NULL", [])
+            .unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &connected("old", "a"), None, 20).unwrap(),
+            Err(Conflict::App)
+        );
+        // Same app and deployment, any token: allowed, and the row now holds that token.
+        let t2 = Connected {
+            token_hash: "t2".into(),
+            ..connected("old", "b")
+        };
+        assert!(upsert_connected(&mut c, &t2, None, 30).unwrap().is_ok());
+        assert_eq!(app_of(&c, "old").2.as_deref(), Some("t2"));
+        assert_eq!(
+            upsert_connected(&mut c, &connected("old", "b"), None, 40).unwrap(),
+            Err(Conflict::Token)
+        );
+    }
+
+    #[test]
+    fn logs_of_an_id_bind_it_to_their_app() {
+        use super::Conflict;
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        c.conn
+            .execute(
+                "INSERT INTO log_sources (instance, app) VALUES ('ll', 'b')",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            upsert_connected(&mut c, &connected("ll", "a"), None, 10).unwrap(),
+            Err(Conflict::App)
+        );
+        assert!(
+            upsert_connected(&mut c, &connected("ll", "b"), None, 10)
+                .unwrap()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn racing_hellos_for_a_new_id_bind_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.db");
+        let st = Store::open(&path).unwrap();
+        st.with(|c| {
+            create_app(c, "a", 1)?;
+            create_app(c, "b", 1)
+        })
+        .unwrap();
+        for round in 0..20 {
+            let id = format!("race{round}");
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|app| {
+                    // Separate connections: SQLite's locking decides, not the Store's mutex.
+                    let conn = Connection::open(&path).unwrap();
+                    conn.busy_timeout(std::time::Duration::from_secs(5))
+                        .unwrap();
+                    let mut conn = Db { conn };
+                    let (id, barrier) = (id.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        upsert_connected(&mut conn, &connected(&id, app), None, 1)
+                            .unwrap()
+                            .is_ok()
+                    })
+                })
+                .collect();
+            let won: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert_eq!(
+                won.iter().filter(|w| **w).count(),
+                1,
+                "round {round}: {won:?}"
+            );
+            let winner = if won[0] { "a" } else { "b" };
+            assert_eq!(st.with(|c| Ok(app_of(c, &id).0)).unwrap(), winner);
+        }
+    }
+
+    #[test]
+    fn exec_session_ids_survive_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let st = Store::open(&path).unwrap();
+        assert_eq!(st.with(next_exec_session).unwrap(), 1);
+        assert_eq!(st.with(next_exec_session).unwrap(), 2);
+        drop(st);
+        let st = Store::open(&path).unwrap();
+        assert_eq!(st.with(next_exec_session).unwrap(), 3);
+    }
+
+    /// The schema as the build before the migrations became `.sql` files wrote it, frozen here:
+    /// databases made by it must keep opening.
+    const OLD_MIGRATIONS: [&str; 4] = [
+        r#"CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
+     CREATE TABLE tokens (
+         hash TEXT PRIMARY KEY,               -- hex SHA-256 of the token text
+         kind TEXT NOT NULL CHECK (kind IN ('admin', 'entrypoint')),
+         app TEXT REFERENCES apps(name),      -- entrypoint tokens: the app they are scoped to
+         deployment TEXT,                     -- NULL: any deployment ('' on the instance)
+         created_at INTEGER NOT NULL
+     );
+     CREATE TABLE instances (
+         id TEXT PRIMARY KEY,                 -- hex of the 16-byte instance id
+         app TEXT NOT NULL,
+         deployment TEXT NOT NULL DEFAULT '',
+         hostname TEXT NOT NULL DEFAULT '',
+         entrypoint_pid INTEGER NOT NULL DEFAULT 0,
+         entrypoint_version TEXT NOT NULL DEFAULT '',
+         connected_at INTEGER NOT NULL,       -- unix ms, of the latest connection
+         last_seen_at INTEGER NOT NULL,       -- unix ms; flushed from memory every few seconds
+         disconnected_at INTEGER,             -- NULL while live
+         ended TEXT,                          -- 'exited' | 'lost' once disconnected
+         child_state TEXT,                    -- starting | running | restarting | exited
+         child_pid INTEGER,
+         exit_code INTEGER,                   -- of the last exit
+         exit_signal INTEGER,
+         oom_killed INTEGER NOT NULL DEFAULT 0,
+         child_rss_bytes INTEGER NOT NULL DEFAULT 0,
+         child_cpu_ms INTEGER NOT NULL DEFAULT 0,
+         starts INTEGER NOT NULL DEFAULT 0,
+         config_version INTEGER NOT NULL DEFAULT 0,
+         session INTEGER NOT NULL DEFAULT 0   -- random per connection; guards late writes
+     );
+     CREATE INDEX instances_live ON instances (disconnected_at, app);
+     CREATE INDEX instances_gone ON instances (app, disconnected_at);"#,
+        r#"
+    CREATE TABLE config_apps (
+        app TEXT PRIMARY KEY REFERENCES apps(name),
+        version INTEGER NOT NULL DEFAULT 0,     -- bumped by every change
+        on_change TEXT NOT NULL DEFAULT 'restart' CHECK (on_change IN ('restart', 'signal', 'none')),
+        signal TEXT NOT NULL DEFAULT '',        -- e.g. SIGHUP when on_change = 'signal'
+        splay_ms INTEGER,                       -- NULL: DEFAULT_SPLAY
+        stop_grace_ms INTEGER NOT NULL DEFAULT 0 -- 0: the entrypoint's WAYPOST_STOP_TIMEOUT
+    );
+    CREATE TABLE config_vars (
+        app TEXT NOT NULL REFERENCES apps(name),
+        deployment TEXT NOT NULL DEFAULT '',    -- '': app-wide; else overrides for that deployment
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (app, deployment, key)
+    );
+    CREATE TABLE config_files (
+        app TEXT NOT NULL REFERENCES apps(name),
+        path TEXT NOT NULL,                     -- absolute, inside the app's environment
+        mode INTEGER NOT NULL,
+        contents BLOB NOT NULL,
+        PRIMARY KEY (app, path)
+    );"#,
+        r#"
+    CREATE TABLE log_sources (
+        id INTEGER PRIMARY KEY,              -- referenced by log_lines.src (smaller than the hex)
+        instance TEXT NOT NULL UNIQUE,       -- hex instance id
+        app TEXT NOT NULL,
+        next_seq INTEGER NOT NULL DEFAULT 0, -- H: every entry below is stored or known lost
+        lost INTEGER NOT NULL DEFAULT 0,     -- entries known lost (sum of the markers)
+        reported_dropped INTEGER NOT NULL DEFAULT 0 -- sum of LogBatch.dropped (informational)
+    );
+    CREATE INDEX log_sources_app ON log_sources (app);
+    CREATE TABLE log_lines (
+        id INTEGER PRIMARY KEY,              -- arrival order: the order `logs` shows
+        app TEXT NOT NULL,
+        src INTEGER NOT NULL,                -- log_sources.id
+        seq INTEGER NOT NULL,
+        stream INTEGER NOT NULL,             -- 0 stdout, 1 stderr, 2 entrypoint
+        ts_us INTEGER NOT NULL,              -- first byte of the line, Unix µs
+        truncated INTEGER NOT NULL DEFAULT 0,-- 1: the line continues in a later entry
+        dropped INTEGER NOT NULL DEFAULT 0,  -- > 0: a marker: entries seq..seq+dropped were lost
+        data BLOB NOT NULL
+    );
+    -- Reading an app in arrival order, and one instance of it (src is in the index, so the
+    -- filter needs no table lookups). Not (src, id): with many instances logging at once its
+    -- inserts land all over the tree, which costs about a quarter of the ingest rate.
+    CREATE INDEX log_lines_app ON log_lines (app, id, src);
+    -- Where --since starts (appends near the end: timestamps grow).
+    CREATE INDEX log_lines_time ON log_lines (app, ts_us);
+    CREATE TABLE log_settings (
+        app TEXT PRIMARY KEY REFERENCES apps(name),
+        max_lines INTEGER,                   -- NULL: DEFAULT_MAX_LINES
+        max_bytes INTEGER                    -- NULL: DEFAULT_MAX_BYTES
+    );
+    CREATE TABLE log_usage (
+        app TEXT PRIMARY KEY,
+        lines INTEGER NOT NULL DEFAULT 0,    -- rows in log_lines (markers included)
+        bytes INTEGER NOT NULL DEFAULT 0     -- sum of length(data)
+    );"#,
+        r#"ALTER TABLE instances ADD COLUMN token_hash TEXT;"#,
+    ];
+
+    /// Builds a database the way the previous build did: its migrations, up to `upto`, counted
+    /// by `PRAGMA user_version`.
+    fn old_database(path: &Path, upto: usize) {
+        let mut conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        for (i, sql) in OLD_MIGRATIONS.iter().enumerate().take(upto) {
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(sql).unwrap();
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+    }
+
+    /// Every table, index and its SQL text, and the schema version.
+    fn schema(path: &Path) -> (Vec<(String, String, Option<String>)>, i64) {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let v = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        (rows, v)
+    }
+
+    #[test]
+    fn migration_history_is_unchanged() {
+        // Applied migrations are never edited: the files are the old text, byte for byte (later
+        // ones may follow).
+        assert!(MIGRATIONS.len() >= OLD_MIGRATIONS.len());
+        for (i, old) in OLD_MIGRATIONS.iter().enumerate() {
+            assert_eq!(MIGRATIONS[i], *old, "migration {} changed", i + 1);
+        }
+    }
+
+    #[test]
+    fn databases_of_the_previous_build_open_and_migrate() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("fresh.db");
+        drop(Store::open(&fresh).unwrap());
+        let (want, version) = schema(&fresh);
+        assert_eq!(version as usize, MIGRATIONS.len());
+        // A database at every schema version the previous build could leave behind: this build
+        // brings each to the same schema as a new one, and keeps its rows.
+        for upto in 0..=OLD_MIGRATIONS.len() {
+            let path = dir.path().join(format!("old-{upto}.db"));
+            old_database(&path, upto);
+            if upto >= 1 {
+                let c = Connection::open(&path).unwrap();
+                c.execute_batch(
+                    "INSERT INTO apps VALUES ('web', 1);
+                     INSERT INTO meta VALUES ('ca_cn', 'waypost CA 0000');
+                     INSERT INTO tokens VALUES ('aa11', 'entrypoint', 'web', NULL, 1);
+                     INSERT INTO instances (id, app, connected_at, last_seen_at)
+                         VALUES ('00ff', 'web', 1, 2);",
+                )
+                .unwrap();
+            }
+            let st = Store::open(&path).unwrap();
+            assert_eq!(
+                schema(&path),
+                (want.clone(), version),
+                "from version {upto}"
+            );
+            if upto >= 1 {
+                st.with(|db| {
+                    assert_eq!(list_apps(db)?.len(), 1);
+                    assert_eq!(meta_get(db, "ca_cn")?.as_deref(), Some("waypost CA 0000"));
+                    assert!(lookup_token(db, "aa11")?.is_some());
+                    let rows = list_instances(db, Some("web"), true)?;
+                    assert_eq!((rows.len(), rows[0].last_seen_at), (1, 2));
+                    Ok(())
+                })
+                .unwrap();
+            }
+        }
+        // A database from a newer build is refused, not touched.
+        let newer = dir.path().join("newer.db");
+        old_database(&newer, OLD_MIGRATIONS.len());
+        Connection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", (MIGRATIONS.len() + 1) as i64)
+            .unwrap();
+        let err = Store::open(&newer).err().expect("refused").to_string();
+        assert!(err.contains("newer waypost"), "{err}");
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let mut c = mem();
+        migrate(&mut c.conn).unwrap();
+        let v: i64 = c
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn apps_and_tokens() {
+        let mut c = mem();
+        assert!(create_app(&c, "web", 1).unwrap());
+        assert!(!create_app(&c, "web", 2).unwrap());
+        assert_eq!(list_apps(&c).unwrap().len(), 1);
+        let scope = TokenScope::Entrypoint {
+            app: "web".into(),
+            deployment: Some("d1".into()),
+        };
+        insert_token(&c, "aa11", &scope, 1).unwrap();
+        insert_token(&c, "aa22", &TokenScope::Admin, 1).unwrap();
+        assert_eq!(lookup_token(&c, "aa11").unwrap(), Some(scope.clone()));
+        assert_eq!(lookup_token(&c, "aa22").unwrap(), Some(TokenScope::Admin));
+        assert_eq!(lookup_token(&c, "nope").unwrap(), None);
+        // Listing never needs the token text; revoking takes a hash prefix.
+        let all = list_tokens(&c, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(list_tokens(&c, Some("web")).unwrap().len(), 1);
+        assert_eq!(revoke_token(&mut c, "aa").unwrap(), Revoke::Ambiguous);
+        assert_eq!(revoke_token(&mut c, "aa22").unwrap(), Revoke::Admin);
+        assert_eq!(revoke_token(&mut c, "ff").unwrap(), Revoke::NotFound);
+        assert_eq!(revoke_token(&mut c, "a%").unwrap(), Revoke::NotFound);
+        assert!(
+            matches!(revoke_token(&mut c, "AA11").unwrap(), Revoke::Done(r) if r.hash == "aa11")
+        );
+        assert_eq!(lookup_token(&c, "aa11").unwrap(), None);
+        assert_eq!(lookup_token(&c, "aa22").unwrap(), Some(TokenScope::Admin));
+        insert_token(&c, "aa11", &scope, 1).unwrap();
+        // Foreign key: tokens for unknown apps are refused.
+        let bad = TokenScope::Entrypoint {
+            app: "nope".into(),
+            deployment: None,
+        };
+        assert!(insert_token(&c, "h3", &bad, 1).is_err());
+    }
+
+    #[test]
+    fn instance_lifecycle() {
+        let mut c = mem();
+        create_app(&c, "web", 1).unwrap();
+        upsert_connected(&mut c, &connected("aa", "web"), None, 10)
+            .unwrap()
+            .unwrap();
+        let mut st = ChildStatus::default();
+        st.apply(&waypost_proto::Status {
+            state: 2,
+            child_pid: 42,
+            child_rss_bytes: 1000,
+            ..Default::default()
+        });
+        flush_live(&mut c, &[("aa".into(), 1, 20, st.clone())]).unwrap();
+        let rows = list_instances(&c, Some("web"), false).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].status.child_pid, Some(42));
+        assert_eq!(rows[0].last_seen_at, 20);
+
+        st.apply(&waypost_proto::Status {
+            state: 4,
+            child_pid: 42,
+            exit_code: 3,
+            ..Default::default()
+        });
+        mark_disconnected(&c, "aa", 1, 30, &st, 31).unwrap();
+        assert!(list_instances(&c, Some("web"), false).unwrap().is_empty());
+        let rows = list_instances(&c, Some("web"), true).unwrap();
+        assert_eq!(rows[0].ended.as_deref(), Some("exited"));
+        assert_eq!(rows[0].status.exit_code, Some(3));
+        assert_eq!(rows[0].disconnected_at, Some(31));
+
+        // Reconnect revives the row; the last exit is kept.
+        let st = upsert_connected(&mut c, &connected("aa", "web"), None, 40)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            st.exit_code,
+            Some(3),
+            "the in-memory status starts from the row"
+        );
+        let rows = list_instances(&c, None, false).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].ended, None);
+        assert_eq!(rows[0].status.exit_code, Some(3));
+
+        assert_eq!(mark_all_lost(&c, 50).unwrap(), 1);
+        let rows = list_instances(&c, None, true).unwrap();
+        assert_eq!(rows[0].ended.as_deref(), Some("lost"));
+    }
+
+    #[test]
+    fn gone_instances_are_bounded_per_app() {
+        let mut c = mem();
+        create_app(&c, "a", 1).unwrap();
+        for i in 0..(GONE_PER_APP + 5) {
+            let id = format!("{i:04}");
+            upsert_connected(&mut c, &connected(&id, "a"), None, i)
+                .unwrap()
+                .unwrap();
+            mark_disconnected(&c, &id, 1, i, &ChildStatus::default(), 1000 + i).unwrap();
+        }
+        upsert_connected(&mut c, &connected("live", "a"), None, 5)
+            .unwrap()
+            .unwrap();
+        let rows = list_instances(&c, Some("a"), true).unwrap();
+        assert_eq!(rows.len() as i64, GONE_PER_APP + 1);
+        assert_eq!(rows[0].id, "live");
+        assert_eq!(
+            rows[1].id,
+            format!("{:04}", GONE_PER_APP + 4),
+            "newest gone first"
+        );
+    }
+}

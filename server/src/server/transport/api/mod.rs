@@ -1,0 +1,515 @@
+//! The HTTPS JSON API under `/v1/`, for the CLI, curl and browsers. Every request needs
+//! `Authorization: Bearer <admin token>` (401 without a valid token, 403 for an entrypoint
+//! token). Errors are `{"error": "..."}` with the matching status: one type, [`ApiError`], for
+//! every route.
+//!
+//! Served by hyper's HTTP/1.1 connection builder over tokio-rustls (same server certificate as
+//! the control listener), with axum's Router as the service. Routes: apps, tokens, instances and
+//! the server here; `config`, `logs` and `exec` in their modules.
+
+pub mod config;
+pub mod exec;
+pub mod logs;
+
+use crate::server::model::{self, TokenScope};
+use crate::server::service::auth;
+use crate::server::store;
+use crate::server::transport::{Shared, accept, control, serve_http};
+use crate::util;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+type AppState = Arc<Shared>;
+
+/// An API error: status + message, rendered as `{"error": message}` (and `WWW-Authenticate:
+/// Bearer` with a 401).
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError(status, msg.into())
+    }
+    pub fn bad(msg: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, msg)
+    }
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = format!("{e:#}"), "API request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        // A body that parses but does not fit the schema (axum's 422) is a bad request like any
+        // other: 400 on every route. Other rejections keep their status (415 without a JSON
+        // content type, 413 too large, 400 unparseable).
+        let status = match e.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            s => s,
+        };
+        ApiError::new(status, e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::new(e.status(), e.body_text())
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(shared: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/server", get(get_server))
+        .route("/apps", get(list_apps).post(create_app))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/instances", get(list_instances))
+        .merge(exec::routes())
+        .merge(config::routes())
+        .merge(logs::routes());
+    Router::new()
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        // Outermost: authentication runs before routing, so unknown paths also need a token.
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_admin,
+        ))
+        .with_state(shared)
+}
+
+async fn require_admin(State(shared): State<AppState>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string());
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <admin token>)",
+        )
+        .into_response();
+    };
+    let hash = auth::hash_token(&token);
+    match shared
+        .store
+        .call(move |c| store::lookup_token(c, &hash))
+        .await
+    {
+        Ok(Some(TokenScope::Admin)) => next.run(req).await,
+        Ok(Some(TokenScope::Entrypoint { .. })) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "an entrypoint token cannot use the API; use an admin token",
+        )
+        .into_response(),
+        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+// ---- /v1/server ----------------------------------------------------------------------------
+
+async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": crate::VERSION,
+        "control_addr": s.control_addr,
+        "api_addr": s.api_addr,
+        "ca_pem": s.ca_pem,
+        "url_domain": s.url_domain,
+        "ingress_addr": s.ingress_addr,
+        "live_instances": s.live.len(),
+        "log_intake": logs::intake_json(s.logs.intake_stall().as_ref()),
+    }))
+}
+
+// ---- /v1/apps ------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateApp {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct AppJson {
+    name: String,
+    created_at: String,
+}
+
+impl From<model::App> for AppJson {
+    fn from(a: model::App) -> Self {
+        AppJson {
+            name: a.name,
+            created_at: util::fmt_rfc3339(a.created_at),
+        }
+    }
+}
+
+async fn create_app(
+    State(s): State<AppState>,
+    body: Result<Json<CreateApp>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<AppJson>)> {
+    let Json(body) = body?;
+    if !util::valid_app_name(&body.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid app name {:?}: use 1-63 lowercase letters, digits and '-', \
+                 starting and ending with a letter or digit (it becomes a host name)",
+                body.name
+            ),
+        ));
+    }
+    let now = util::now_ms();
+    let name = body.name.clone();
+    if !s
+        .store
+        .call(move |c| store::create_app(c, &name, now))
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("app {} already exists", body.name),
+        ));
+    }
+    tracing::info!(app = body.name, "app created");
+    Ok((
+        StatusCode::CREATED,
+        Json(AppJson {
+            name: body.name,
+            created_at: util::fmt_rfc3339(now),
+        }),
+    ))
+}
+
+async fn list_apps(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let apps = s.store.call(|c| store::list_apps(c)).await?;
+    let apps: Vec<AppJson> = apps.into_iter().map(AppJson::from).collect();
+    Ok(Json(json!({ "apps": apps })))
+}
+
+/// 404 unless the app exists. The one check every app-scoped route makes.
+pub(crate) async fn require_app(s: &Shared, app: &str) -> ApiResult<()> {
+    let name = app.to_string();
+    if s.store.call(move |c| store::app_exists(c, &name)).await? {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no app named {app}")))
+    }
+}
+
+// ---- /v1/tokens ----------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateToken {
+    app: String,
+    #[serde(default)]
+    deployment: Option<String>,
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    body: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let Json(body) = body?;
+    let deployment = body.deployment.filter(|d| !d.is_empty());
+    if let Some(d) = &deployment {
+        if d.len() > 128 || d.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid deployment id: at most 128 characters, no whitespace",
+            ));
+        }
+    }
+    require_app(&s, &body.app).await?;
+    let token = auth::new_token(auth::ENTRYPOINT_PREFIX);
+    let hash = auth::hash_token(&token);
+    let scope = TokenScope::Entrypoint {
+        app: body.app.clone(),
+        deployment: deployment.clone(),
+    };
+    let now = util::now_ms();
+    s.store
+        .call(move |c| store::insert_token(c, &hash, &scope, now))
+        .await?;
+    tracing::info!(app = body.app, deployment, "entrypoint token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "id": token_id(&auth::hash_token(&token)),
+            "app": body.app,
+            "deployment": deployment,
+            "control_addr": s.control_addr,
+            "ca_pem": s.ca_pem,
+        })),
+    ))
+}
+
+/// A token's public id: the start of its hash (the token text itself is never stored). Long
+/// enough to be unique in practice; `token revoke` also takes any unique prefix.
+pub fn token_id(hash: &str) -> String {
+    hash.chars().take(TOKEN_ID_LEN).collect()
+}
+const TOKEN_ID_LEN: usize = 12;
+
+#[derive(Deserialize)]
+struct TokensQuery {
+    app: Option<String>,
+}
+
+async fn list_tokens(
+    State(s): State<AppState>,
+    q: Result<Query<TokensQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q?;
+    if let Some(app) = &q.app {
+        require_app(&s, app).await?;
+    }
+    let app = q.app.clone();
+    let rows = s
+        .store
+        .call(move |c| store::list_tokens(c, app.as_deref()))
+        .await?;
+    let live = s.live.token_counts();
+    let tokens: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|t| {
+            json!({
+                "id": token_id(&t.hash),
+                "kind": t.kind,
+                "app": t.app,
+                "deployment": t.deployment,
+                "created_at": util::fmt_rfc3339(t.created_at),
+                "live_instances": live.get(&t.hash).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// Deletes an entrypoint token: it can no longer connect, and the live connections that used
+/// it are closed with a Reject (their apps keep running; the entrypoints retry with backoff and
+/// stay refused until they get a new token).
+async fn revoke_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid token id {id:?}: use the ID column of `waypost token list` (at least 6 hex digits)"
+            ),
+        ));
+    }
+    let prefix = id.clone();
+    let row = match s
+        .store
+        .call(move |c| store::revoke_token(c, &prefix))
+        .await?
+    {
+        model::Revoke::Done(row) => row,
+        model::Revoke::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no token with id {id}"),
+            ));
+        }
+        model::Revoke::Ambiguous => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("token id {id} matches more than one token; give more of it"),
+            ));
+        }
+        model::Revoke::Admin => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("token {id} is the admin token; it is not revoked through the API"),
+            ));
+        }
+    };
+    let closed = s
+        .live
+        .close_token(&row.hash, "its token was revoked", control::revoked_goodbye);
+    tracing::info!(
+        app = row.app,
+        id = token_id(&row.hash),
+        closed,
+        "entrypoint token revoked"
+    );
+    Ok(Json(json!({
+        "id": token_id(&row.hash),
+        "app": row.app,
+        "deployment": row.deployment,
+        "disconnected_instances": closed,
+    })))
+}
+
+// ---- /v1/instances -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct InstancesQuery {
+    app: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// One instance as the API shows it.
+#[derive(Serialize)]
+struct InstanceJson {
+    id: String,
+    app: String,
+    deployment: String,
+    hostname: String,
+    entrypoint_pid: u32,
+    entrypoint_version: String,
+    live: bool,
+    /// "exited" | "lost" once disconnected, else null.
+    ended: Option<String>,
+    connected_at: String,
+    last_seen_at: String,
+    disconnected_at: Option<String>,
+    /// starting | running | restarting | exited (null before the first Status).
+    child_state: Option<&'static str>,
+    child_pid: Option<u32>,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    oom_killed: bool,
+    child_rss_bytes: u64,
+    child_cpu_ms: u64,
+    starts: u32,
+    config_version: u64,
+}
+
+async fn list_instances(
+    State(s): State<AppState>,
+    q: Result<Query<InstancesQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q?;
+    let app = q.app.filter(|a| !a.is_empty());
+    if let Some(app) = &app {
+        require_app(&s, app).await?;
+    }
+    let all = q.all;
+    let rows = s
+        .store
+        .call(move |c| store::list_instances(c, app.as_deref(), all))
+        .await?;
+    let instances: Vec<InstanceJson> = rows
+        .into_iter()
+        .map(|mut r| {
+            // A live instance's heartbeat data in memory is fresher than its row.
+            let snap = model::parse_id(&r.id).and_then(|id| s.live.snapshot(&id));
+            let live = snap.is_some() && r.disconnected_at.is_none();
+            if let (true, Some((last_seen, status))) = (live, snap) {
+                r.last_seen_at = last_seen;
+                r.status = status;
+            }
+            InstanceJson {
+                id: r.id,
+                app: r.app,
+                deployment: r.deployment,
+                hostname: r.hostname,
+                entrypoint_pid: r.entrypoint_pid,
+                entrypoint_version: r.entrypoint_version,
+                live,
+                ended: r.ended,
+                connected_at: util::fmt_rfc3339(r.connected_at),
+                last_seen_at: util::fmt_rfc3339(r.last_seen_at),
+                disconnected_at: r.disconnected_at.map(util::fmt_rfc3339),
+                child_state: r.status.state,
+                child_pid: r.status.child_pid,
+                exit_code: r.status.exit_code,
+                exit_signal: r.status.exit_signal,
+                oom_killed: r.status.oom_killed,
+                child_rss_bytes: r.status.child_rss_bytes,
+                child_cpu_ms: r.status.child_cpu_ms,
+                starts: r.status.starts,
+                config_version: r.status.config_version,
+            }
+        })
+        .collect();
+    // Per server, not per instance: one writer stores every instance's logs. A stall is why
+    // `logs` shows nothing new, so `instances` (the first thing one looks at) says so too.
+    let log_intake = logs::intake_json(s.logs.intake_stall().as_ref());
+    Ok(Json(
+        json!({ "instances": instances, "log_intake": log_intake }),
+    ))
+}
+
+// ---- serving -------------------------------------------------------------------------------
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts API connections until shutdown. `done`: see `control::serve`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    done: mpsc::Sender<()>,
+) {
+    let app = router(shared.clone());
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let Some((tcp, peer)) = accept(&listener, &mut shutdown, "API").await else {
+            break;
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let done = done.clone();
+        let shutdown = shared.shutdown.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "API TLS handshake timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if let Err(e) = serve_http(io, service, shutdown).await {
+                tracing::debug!(%peer, error = %e, "API connection error");
+            }
+        });
+    }
+}

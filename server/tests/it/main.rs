@@ -1,0 +1,21 @@
+//! The server crate's integration tests, as one test binary (one link step instead of one per
+//! file): each module is one area, run against a real `waypost server run` process — and, where
+//! the area needs it, the real entrypoint binary, real children and real containers.
+//!
+//! `common` is the harness (a server per test, the CLI with a private environment, the real
+//! entrypoint); `apps` the test app for `exec` and `url`. The protocol-level fake entrypoint is
+//! `waypost_testkit::Fake`, shared with the fleet simulator.
+
+mod apps;
+mod common;
+
+mod api;
+mod config;
+mod containers;
+mod control;
+mod exec;
+mod logs;
+mod security;
+mod session;
+mod up;
+mod url;
