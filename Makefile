@@ -16,6 +16,8 @@ build: setup
 ## setup: the musl target and musl-tools (needed by ring), installed when missing
 setup:
 	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 	@command -v musl-gcc >/dev/null || { echo "installing musl-tools"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q musl-tools; else sudo apt-get install -y -q musl-tools; fi; }
 
@@ -27,8 +29,11 @@ run: build
 	@echo
 	target/debug/waypost up --app demo --entrypoint-binary $(BIN) -- target/debug/waypost-demo
 
-## test: everything CI checks: dependency boundary, size budget, unit and integration tests
+## test: everything CI checks: formatting, clippy, dependency boundary, server layers, size budget,
+## unit and integration tests
 test: build
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
 	scripts/check-deps.sh
 	scripts/check-layers.sh
 	size-report/check-budget.sh $(BIN)

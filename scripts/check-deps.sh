@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Enforce the entrypoint's dependency boundary (DESIGN.md): no tokio, anyhow, thiserror, clap,
+# Enforce the entrypoint's dependency boundary (docs/architecture.md): no tokio, anyhow, thiserror, clap,
 # tracing or serde in the entrypoint's normal (non-dev, non-build) dependency tree.
 #
 #   scripts/check-deps.sh [--package P] [--manifest-path PATH] [--target T]
@@ -68,7 +68,7 @@ while read -r name version; do
 done < <(grep -E "$forbidden" <<<"$all_ids" || true)
 
 if ((failed)); then
-    echo "dependency boundary VIOLATED for $package: see above; DESIGN.md forbids tokio, anyhow, thiserror, clap, tracing, serde in the entrypoint" >&2
+    echo "dependency boundary VIOLATED for $package: see above; docs/architecture.md forbids tokio, anyhow, thiserror, clap, tracing, serde in the entrypoint" >&2
     exit 1
 fi
 echo "dependency boundary OK ($count crates)"

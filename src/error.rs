@@ -1,4 +1,4 @@
-//! The entrypoint's one error type (house rule 9): hand-written Display, context as `&'static str`.
+//! The entrypoint's one error type (docs/architecture.md): hand-written Display, context as `&'static str`.
 
 use std::fmt;
 use std::io;

@@ -31,7 +31,12 @@ pub fn allowed(argv0: &str, allow: Option<&[String]>) -> bool {
 }
 
 /// Checks an ExecStart before anything is spawned; the error text goes back to the user.
-pub fn admit(start: &ExecStart, disabled: bool, allow: Option<&[String]>, active: usize) -> Result<(), String> {
+pub fn admit(
+    start: &ExecStart,
+    disabled: bool,
+    allow: Option<&[String]>,
+    active: usize,
+) -> Result<(), String> {
     if disabled {
         return Err("exec is disabled on this instance (WAYPOST_DISABLE_EXEC=1)".into());
     }
@@ -39,10 +44,15 @@ pub fn admit(start: &ExecStart, disabled: bool, allow: Option<&[String]>, active
         return Err("no command given".into());
     };
     if !allowed(argv0, allow) {
-        return Err(format!("{argv0:?} is not allowed here (WAYPOST_EXEC_ALLOW={})", allow.unwrap_or_default().join(",")));
+        return Err(format!(
+            "{argv0:?} is not allowed here (WAYPOST_EXEC_ALLOW={})",
+            allow.unwrap_or_default().join(",")
+        ));
     }
     if active >= MAX_SESSIONS {
-        return Err(format!("too many exec sessions on this instance (at most {MAX_SESSIONS})"));
+        return Err(format!(
+            "too many exec sessions on this instance (at most {MAX_SESSIONS})"
+        ));
     }
     Ok(())
 }
@@ -131,7 +141,11 @@ impl Session {
 
     /// Whether output may still come.
     pub fn outputs_open(&self) -> bool {
-        if self.pty { !self.output_closed } else { self.outputs.iter().any(|&o| o) }
+        if self.pty {
+            !self.output_closed
+        } else {
+            self.outputs.iter().any(|&o| o)
+        }
     }
 
     /// What to write to the process now: pending input, or on a PTY the EOF character (^D) once
@@ -139,7 +153,11 @@ impl Session {
     /// as the end.
     pub fn to_write(&self) -> &[u8] {
         let pending = self.input.pending();
-        if pending.is_empty() && self.pty && self.stdin_done() { b"\x04" } else { pending }
+        if pending.is_empty() && self.pty && self.stdin_done() {
+            b"\x04"
+        } else {
+            pending
+        }
     }
 
     /// `n` bytes of [`Session::to_write`] were written; returns credits to grant back, if due.
@@ -235,7 +253,12 @@ impl Session {
     pub fn exit_report(&self, outputs_open: bool, now: Instant) -> Option<ExecExit> {
         let (code, signal) = self.exit?;
         let drained = !outputs_open || self.exited_at.is_some_and(|t| now >= t + DRAIN_GRACE);
-        drained.then(|| ExecExit { session: self.id, code: if signal != 0 { 128 + signal } else { code }, signal, error: String::new() })
+        drained.then(|| ExecExit {
+            session: self.id,
+            code: if signal != 0 { 128 + signal } else { code },
+            signal,
+            error: String::new(),
+        })
     }
 
     /// The connection is gone: returns true the first time (send SIGHUP now).
@@ -265,7 +288,9 @@ impl Session {
 
     /// Whether the hang-up grace is over and the process must be killed (true once).
     pub fn kill_due(&mut self, now: Instant) -> bool {
-        let due = !self.killed && self.exit.is_none() && self.hung_up_at.is_some_and(|t| now >= t + HANGUP_GRACE);
+        let due = !self.killed
+            && self.exit.is_none()
+            && self.hung_up_at.is_some_and(|t| now >= t + HANGUP_GRACE);
         self.killed |= due;
         due
     }
@@ -276,7 +301,11 @@ mod tests {
     use super::*;
 
     fn start(argv: &[&str]) -> ExecStart {
-        ExecStart { session: 1, argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        ExecStart {
+            session: 1,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -288,10 +317,23 @@ mod tests {
         assert!(admit(&start(&["sh", "-c", "x"]), false, Some(&allow), 0).is_ok());
         assert!(admit(&start(&["/bin/ls"]), false, Some(&allow), 0).is_ok());
         let e = admit(&start(&["bash"]), false, Some(&allow), 0).unwrap_err();
-        assert!(e.contains("\"bash\" is not allowed") && e.contains("WAYPOST_EXEC_ALLOW=sh,/bin/ls"), "{e}");
-        assert!(admit(&start(&["/tmp/evil/sh"]), false, Some(&allow), 0).is_err(), "a path is not a name");
-        assert!(admit(&start(&["ls"]), false, Some(&allow), 0).is_err(), "a name is not a path");
-        assert!(admit(&start(&[]), false, None, 0).unwrap_err().contains("no command"));
+        assert!(
+            e.contains("\"bash\" is not allowed") && e.contains("WAYPOST_EXEC_ALLOW=sh,/bin/ls"),
+            "{e}"
+        );
+        assert!(
+            admit(&start(&["/tmp/evil/sh"]), false, Some(&allow), 0).is_err(),
+            "a path is not a name"
+        );
+        assert!(
+            admit(&start(&["ls"]), false, Some(&allow), 0).is_err(),
+            "a name is not a path"
+        );
+        assert!(
+            admit(&start(&[]), false, None, 0)
+                .unwrap_err()
+                .contains("no command")
+        );
         let e = admit(&start(&["sh"]), false, None, MAX_SESSIONS).unwrap_err();
         assert!(e.contains("at most 16"), "{e}");
     }
@@ -306,7 +348,11 @@ mod tests {
             s.sent(n);
             sent += n;
         }
-        assert_eq!(sent, waypost_proto::INITIAL_WINDOW as usize, "never beyond the window");
+        assert_eq!(
+            sent,
+            waypost_proto::INITIAL_WINDOW as usize,
+            "never beyond the window"
+        );
         s.handle_window(1000);
         assert_eq!(s.readable_budget(), 1000);
         let big = vec![0u8; waypost_proto::INITIAL_WINDOW as usize];
@@ -351,11 +397,19 @@ mod tests {
         assert!(!s.kill_due(t0));
         assert!(s.kill_due(t0 + HANGUP_GRACE));
         assert!(!s.kill_due(t0 + HANGUP_GRACE), "once");
-        assert_eq!(s.poll_timeout(t0 + HANGUP_GRACE), None, "nothing more to wait for until it exits");
+        assert_eq!(
+            s.poll_timeout(t0 + HANGUP_GRACE),
+            None,
+            "nothing more to wait for until it exits"
+        );
         let mut s = Session::new(1, 10, true);
         s.hang_up(t0);
         s.handle_exit(None, Some(1), t0 + Duration::from_secs(1));
         assert!(!s.kill_due(t0 + HANGUP_GRACE), "already gone");
-        assert_eq!(s.poll_timeout(t0 + DRAIN_GRACE * 2), None, "past deadlines are not reported");
+        assert_eq!(
+            s.poll_timeout(t0 + DRAIN_GRACE * 2),
+            None,
+            "past deadlines are not reported"
+        );
     }
 }

@@ -29,7 +29,11 @@ pub struct Inbound {
 
 impl Default for Inbound {
     fn default() -> Self {
-        Inbound { buf: Vec::new(), window: RecvWindow::new(GRANT_AT), eof: false }
+        Inbound {
+            buf: Vec::new(),
+            window: RecvWindow::new(GRANT_AT),
+            eof: false,
+        }
     }
 }
 
@@ -127,7 +131,10 @@ mod tests {
                 granted += u64::from(g);
             }
         }
-        assert!(sent - granted < u64::from(INITIAL_WINDOW), "the window never ran out");
+        assert!(
+            sent - granted < u64::from(INITIAL_WINDOW),
+            "the window never ran out"
+        );
     }
 
     #[test]

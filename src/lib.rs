@@ -4,7 +4,7 @@
 //!
 //! Layout (docs/architecture.md): `reactor` is the one event loop and the only place doing I/O or
 //! reading the clock; `agent` is the one sans-IO core it drives, which owns the other policy
-//! cores (`session`, `supervisor`, `logs`, `appconfig`, `exec`, `tunnel`); `sys` holds all raw
+//! cores (`session`, `supervisor`, `logs`, `app_config`, `exec`, `tunnel`); `sys` holds all raw
 //! system calls that need it.
 #![deny(unsafe_code)]
 
@@ -12,14 +12,14 @@ pub mod logger;
 pub mod logs;
 
 pub mod agent;
-pub mod appconfig;
-pub mod config;
+pub mod app_config;
 pub mod error;
 pub mod exec;
 pub mod flow;
 pub mod reactor;
 pub mod relay;
 pub mod session;
+pub mod settings;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;
@@ -68,16 +68,20 @@ pub enum Cli {
 /// `[--] CMD [ARG...]`, `--version`, `--help`. Everything after CMD belongs to CMD.
 pub fn parse_args(args: Vec<OsString>) -> Result<Cli, error::Error> {
     let Some(first) = args.first() else {
-        return Err(error::Error::Usage("no command given (usage: waypost-entrypoint [--] CMD [ARG...])".into()));
+        return Err(error::Error::Usage(
+            "no command given (usage: waypost-entrypoint [--] CMD [ARG...])".into(),
+        ));
     };
     match first.to_str() {
         Some("--help" | "-h") => Ok(Cli::Help),
         Some("--version" | "-V") => Ok(Cli::Version),
-        Some("--") if args.len() == 1 => Err(error::Error::Usage("no command given after --".into())),
-        Some("--") => Ok(Cli::Run(args[1..].to_vec())),
-        Some(opt) if opt.starts_with('-') && opt.len() > 1 => {
-            Err(error::Error::Usage(format!("unknown option {opt} (usage: waypost-entrypoint [--] CMD [ARG...])")))
+        Some("--") if args.len() == 1 => {
+            Err(error::Error::Usage("no command given after --".into()))
         }
+        Some("--") => Ok(Cli::Run(args[1..].to_vec())),
+        Some(opt) if opt.starts_with('-') && opt.len() > 1 => Err(error::Error::Usage(format!(
+            "unknown option {opt} (usage: waypost-entrypoint [--] CMD [ARG...])"
+        ))),
         _ => Ok(Cli::Run(args)),
     }
 }
@@ -96,7 +100,7 @@ pub fn main() -> i32 {
         Ok(Cli::Run(argv)) => argv,
         Err(e) => return reactor::fail_early(&e),
     };
-    let settings = match config::Settings::from_vars(std::env::vars_os()) {
+    let settings = match settings::Settings::from_vars(std::env::vars_os()) {
         Ok(s) => s,
         Err(e) => return reactor::fail_early(&e),
     };
@@ -105,9 +109,11 @@ pub fn main() -> i32 {
     // own copy in the environment block (the app, running as our user, could read it in
     // /proc/PID/environ) and close /proc/PID/mem and ptrace to our user. The child's environment
     // is built from what is left, minus the same names.
-    sys::environ::scrub(&config::SECRET_VARS);
+    sys::environ::scrub(&settings::SECRET_VARS);
     if let Err(e) = sys::environ::forbid_inspection() {
-        crate::warn!("cannot mark the entrypoint non-dumpable (its memory stays readable by the app's user): {e}");
+        crate::warn!(
+            "cannot mark the entrypoint non-dumpable (its memory stays readable by the app's user): {e}"
+        );
     }
     reactor::run(settings, argv)
 }
@@ -124,10 +130,24 @@ mod tests {
     fn command_lines() {
         assert_eq!(parse_args(args(&["--help"])).unwrap(), Cli::Help);
         assert_eq!(parse_args(args(&["--version"])).unwrap(), Cli::Version);
-        assert_eq!(parse_args(args(&["sh", "-c", "x"])).unwrap(), Cli::Run(args(&["sh", "-c", "x"])));
-        assert_eq!(parse_args(args(&["--", "-weird"])).unwrap(), Cli::Run(args(&["-weird"])));
-        assert_eq!(parse_args(args(&["app", "--version"])).unwrap(), Cli::Run(args(&["app", "--version"])));
-        for bad in [&[][..], &["--"][..], &["--frobnicate"][..], &["-x", "sh"][..]] {
+        assert_eq!(
+            parse_args(args(&["sh", "-c", "x"])).unwrap(),
+            Cli::Run(args(&["sh", "-c", "x"]))
+        );
+        assert_eq!(
+            parse_args(args(&["--", "-weird"])).unwrap(),
+            Cli::Run(args(&["-weird"]))
+        );
+        assert_eq!(
+            parse_args(args(&["app", "--version"])).unwrap(),
+            Cli::Run(args(&["app", "--version"]))
+        );
+        for bad in [
+            &[][..],
+            &["--"][..],
+            &["--frobnicate"][..],
+            &["-x", "sh"][..],
+        ] {
             let e = parse_args(args(bad)).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }

@@ -59,7 +59,11 @@ struct State {
     dropped: u64,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { level: Level::Debug, queue: VecDeque::new(), dropped: 0 });
+static STATE: Mutex<State> = Mutex::new(State {
+    level: Level::Debug,
+    queue: VecDeque::new(),
+    dropped: 0,
+});
 
 fn state() -> std::sync::MutexGuard<'static, State> {
     // A poisoned lock cannot happen with panic=abort; recover anyway rather than lose logging.
@@ -96,7 +100,10 @@ pub fn drain(mut f: impl FnMut(Record)) {
         (std::mem::take(&mut s.queue), std::mem::take(&mut s.dropped))
     };
     if dropped > 0 {
-        f(Record { level: Level::Warn, msg: format!("{dropped} entrypoint log lines dropped (stderr was not writable)") });
+        f(Record {
+            level: Level::Warn,
+            msg: format!("{dropped} entrypoint log lines dropped (stderr was not writable)"),
+        });
     }
     records.into_iter().for_each(f);
 }
@@ -175,7 +182,10 @@ mod tests {
         for ms in [0u64, 951_868_799_999, 1_764_270_196_123, 4_102_444_800_000] {
             let mut out = Vec::new();
             write_rfc3339(ms, &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), waypost_proto::date::Rfc3339(ms as i64).to_string());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                waypost_proto::date::Rfc3339(ms as i64).to_string()
+            );
         }
     }
 
@@ -191,7 +201,17 @@ mod tests {
     #[test]
     fn line_format() {
         let mut out = Vec::new();
-        format_line(&Record { level: Level::Info, msg: "child started (pid 7)".into() }, 1000, &mut out);
-        assert_eq!(out, b"[waypost] 1970-01-01T00:00:01.000Z INFO child started (pid 7)\n");
+        format_line(
+            &Record {
+                level: Level::Info,
+                msg: "child started (pid 7)".into(),
+            },
+            1000,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"[waypost] 1970-01-01T00:00:01.000Z INFO child started (pid 7)\n"
+        );
     }
 }

@@ -160,7 +160,13 @@ impl Logs {
     /// Bytes the child wrote on `stream` (Stdout or Stderr). `wall_us`: now, Unix µs. Returns
     /// how many were taken: all of them in drop mode; in block mode only whole entries that fit
     /// (the caller offers the rest again later, see [`Logs::blocked`]).
-    pub fn handle_output(&mut self, stream: LogStream, offered: &[u8], wall_us: i64, now: Instant) -> usize {
+    pub fn handle_output(
+        &mut self,
+        stream: LogStream,
+        offered: &[u8],
+        wall_us: i64,
+        now: Instant,
+    ) -> usize {
         let i = if stream == LogStream::Stderr { 1 } else { 0 };
         let mut bytes = offered;
         while !bytes.is_empty() {
@@ -231,14 +237,24 @@ impl Logs {
 
     /// One of the entrypoint's own log lines.
     pub fn handle_own(&mut self, line: &[u8], wall_us: i64, now: Instant) {
-        self.push(LogStream::Entrypoint, wall_us, &line[..line.len().min(LINE_CAP)], false, now);
+        self.push(
+            LogStream::Entrypoint,
+            wall_us,
+            &line[..line.len().min(LINE_CAP)],
+            false,
+            now,
+        );
     }
 
     fn flush_partial(&mut self, i: usize, now: Instant) {
         if self.partial[i].buf.is_empty() || !self.admits(self.partial[i].buf.len()) {
             return;
         }
-        let stream = if i == 1 { LogStream::Stderr } else { LogStream::Stdout };
+        let stream = if i == 1 {
+            LogStream::Stderr
+        } else {
+            LogStream::Stdout
+        };
         let piece = std::mem::take(&mut self.partial[i].buf);
         let ts = self.partial[i].ts;
         self.push(stream, ts, &piece, true, now);
@@ -252,7 +268,10 @@ impl Logs {
         let size = HEADER + data.len();
         // Make room: the oldest entries go first. Block mode never pushes out anything (the
         // app's entries arrive only when they fit).
-        while self.mode == LogMode::Drop && self.held() + size > self.cap && self.front_seq < self.next_seq {
+        while self.mode == LogMode::Drop
+            && self.held() + size > self.cap
+            && self.front_seq < self.next_seq
+        {
             self.drop_front();
         }
         if self.held() + size > self.cap {
@@ -269,7 +288,12 @@ impl Logs {
             // number, so the app's entries around it stay contiguous; the count still goes out.
             return;
         }
-        self.meta.push_back(Meta { ts, len: data.len() as u32, stream: stream as u8, truncated });
+        self.meta.push_back(Meta {
+            ts,
+            len: data.len() as u32,
+            stream: stream as u8,
+            truncated,
+        });
         self.data.push(data, self.cap);
         self.next_seq += 1;
         if self.unsent_since.is_none() {
@@ -338,9 +362,19 @@ impl Logs {
             .partial
             .iter()
             .filter(|p| !p.buf.is_empty() && !p.stalled && self.admits(p.buf.len()))
-            .filter_map(|p| if p.eof { Some(now) } else { p.last.map(|t| t + LINE_IDLE) })
+            .filter_map(|p| {
+                if p.eof {
+                    Some(now)
+                } else {
+                    p.last.map(|t| t + LINE_IDLE)
+                }
+            })
             .min();
-        let batch = self.unsent_since.filter(|_| connected).map(|t| t + BATCH_AGE).filter(|&t| t > now);
+        let batch = self
+            .unsent_since
+            .filter(|_| connected)
+            .map(|t| t + BATCH_AGE)
+            .filter(|&t| t > now);
         match (partial, batch) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -375,7 +409,8 @@ impl Logs {
         }
         // Pick entries: at least one, then up to BATCH_BYTES of data.
         let first = (self.send_seq - self.front_seq) as usize;
-        let (mut seq, mut off, mut entries_len, mut data) = (self.send_seq, self.send_off, 0usize, 0usize);
+        let (mut seq, mut off, mut entries_len, mut data) =
+            (self.send_seq, self.send_off, 0usize, 0usize);
         for m in self.meta.range(first..) {
             let d = m.len as usize;
             if data > 0 && data + d > BATCH_BYTES {
@@ -404,7 +439,10 @@ impl Logs {
             put_varint(out, self.send_seq);
         }
         let mut o = self.send_off;
-        for m in self.meta.range(first..first + (seq - self.send_seq) as usize) {
+        for m in self
+            .meta
+            .range(first..first + (seq - self.send_seq) as usize)
+        {
             out.push(2 << 3 | 2);
             put_varint(out, entry_body_len(m) as u64);
             self.put_entry(m, o, out);
@@ -509,7 +547,11 @@ impl ByteRing {
         }
         let cap = self.buf.len();
         let start = wrap(self.head + off, cap);
-        if start + n <= cap { (&self.buf[start..start + n], &[]) } else { (&self.buf[start..], &self.buf[..n - (cap - start)]) }
+        if start + n <= cap {
+            (&self.buf[start..start + n], &[])
+        } else {
+            (&self.buf[start..], &self.buf[..n - (cap - start)])
+        }
     }
 }
 
@@ -565,13 +607,17 @@ mod tests {
         let mut batches = Vec::new();
         while l.encode_batch(&mut out, now) {
             let mut input = &out[..];
-            let frame = waypost_proto::decode(&mut input).expect("whole").expect("valid");
+            let frame = waypost_proto::decode(&mut input)
+                .expect("whole")
+                .expect("valid");
             assert!(input.is_empty());
             // The bytes are exactly what prost produces for the same message.
             let mut again = Vec::new();
             waypost_proto::encode(&frame, &mut again).unwrap();
             assert_eq!(again, out);
-            let Some(Kind::LogBatch(b)) = frame.kind else { panic!("not a LogBatch") };
+            let Some(Kind::LogBatch(b)) = frame.kind else {
+                panic!("not a LogBatch")
+            };
             batches.push(b);
             out.clear();
         }
@@ -582,7 +628,13 @@ mod tests {
         batches
             .iter()
             .flat_map(|b| b.entries.iter())
-            .map(|e| (LogStream::try_from(e.stream).unwrap(), String::from_utf8_lossy(&e.data).into_owned(), e.truncated))
+            .map(|e| {
+                (
+                    LogStream::try_from(e.stream).unwrap(),
+                    String::from_utf8_lossy(&e.data).into_owned(),
+                    e.truncated,
+                )
+            })
             .collect()
     }
 
@@ -596,8 +648,16 @@ mod tests {
             l.handle_output(LogStream::Stderr, b"err 1\n", 2, t0);
             l.handle_output(LogStream::Stdout, &text[split..], 3, t0);
             let got = lines(&ship(&mut l, t0));
-            let out: Vec<_> = got.iter().filter(|x| x.0 == LogStream::Stdout).map(|x| x.1.as_str()).collect();
-            assert_eq!(out, ["alpha", "beta gamma", "", "delta"], "split at {split}");
+            let out: Vec<_> = got
+                .iter()
+                .filter(|x| x.0 == LogStream::Stdout)
+                .map(|x| x.1.as_str())
+                .collect();
+            assert_eq!(
+                out,
+                ["alpha", "beta gamma", "", "delta"],
+                "split at {split}"
+            );
             assert!(got.contains(&(LogStream::Stderr, "err 1".into(), false)));
             assert!(got.iter().all(|x| !x.2));
         }
@@ -625,9 +685,16 @@ mod tests {
         let batches = ship(&mut l, t0);
         let entries: Vec<&LogEntry> = batches.iter().flat_map(|b| b.entries.iter()).collect();
         assert_eq!(entries.len(), 16);
-        assert!(entries[..15].iter().all(|e| e.truncated && e.data.len() == LINE_CAP));
+        assert!(
+            entries[..15]
+                .iter()
+                .all(|e| e.truncated && e.data.len() == LINE_CAP)
+        );
         assert!(!entries[15].truncated);
-        let joined: Vec<u8> = entries.iter().flat_map(|e| e.data.iter().copied()).collect();
+        let joined: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| e.data.iter().copied())
+            .collect();
         assert_eq!(joined, line);
     }
 
@@ -641,10 +708,16 @@ mod tests {
         l.handle_timeout(t(100, t0));
         assert!(ship(&mut l, t(100, t0)).is_empty(), "not idle yet");
         l.handle_timeout(t0 + LINE_IDLE);
-        assert_eq!(lines(&ship(&mut l, t0 + LINE_IDLE)), [(LogStream::Stdout, "Password: ".into(), true)]);
+        assert_eq!(
+            lines(&ship(&mut l, t0 + LINE_IDLE)),
+            [(LogStream::Stdout, "Password: ".into(), true)]
+        );
         l.handle_output(LogStream::Stderr, b"bye", 1, t0);
         l.handle_eof(LogStream::Stderr, t0);
-        assert_eq!(lines(&ship(&mut l, t0)), [(LogStream::Stderr, "bye".into(), true)]);
+        assert_eq!(
+            lines(&ship(&mut l, t0)),
+            [(LogStream::Stderr, "bye".into(), true)]
+        );
     }
 
     #[test]
@@ -655,8 +728,16 @@ mod tests {
         assert!(!l.batch_due(t0, false));
         assert!(l.batch_due(t0, true), "urgent (exiting) sends at once");
         assert_eq!(l.poll_timeout(true, t0), Some(t0 + BATCH_AGE));
-        assert_eq!(l.poll_timeout(false, t0), None, "no wake-ups while disconnected");
-        assert_eq!(l.poll_timeout(true, t0 + BATCH_AGE), None, "due: waits for the connection, not a timer");
+        assert_eq!(
+            l.poll_timeout(false, t0),
+            None,
+            "no wake-ups while disconnected"
+        );
+        assert_eq!(
+            l.poll_timeout(true, t0 + BATCH_AGE),
+            None,
+            "due: waits for the connection, not a timer"
+        );
         assert!(l.batch_due(t0 + BATCH_AGE, false));
         let line = vec![b'x'; 1000];
         let mut l = Logs::new(4 << 20, LogMode::Drop);
@@ -665,7 +746,10 @@ mod tests {
             l.handle_output(LogStream::Stdout, b"\n", 1, t0);
         }
         let b = ship(&mut l, t0);
-        assert!(b.iter().all(|b| b.entries.iter().map(|e| e.data.len()).sum::<usize>() <= BATCH_BYTES));
+        assert!(
+            b.iter()
+                .all(|b| b.entries.iter().map(|e| e.data.len()).sum::<usize>() <= BATCH_BYTES)
+        );
     }
 
     #[test]
@@ -689,7 +773,10 @@ mod tests {
         l.handle_reconnect(6, t0);
         let b = ship(&mut l, t0);
         assert_eq!(b[0].first_seq, 6);
-        assert_eq!(lines(&b).iter().map(|x| x.1.clone()).collect::<Vec<_>>(), (6..12).map(|i| format!("line {i}")).collect::<Vec<_>>());
+        assert_eq!(
+            lines(&b).iter().map(|x| x.1.clone()).collect::<Vec<_>>(),
+            (6..12).map(|i| format!("line {i}")).collect::<Vec<_>>()
+        );
         l.handle_ack(12);
         assert!(!l.unacked());
         assert_eq!(l.held(), 0);
@@ -702,7 +789,12 @@ mod tests {
         // Room for 10 entries of 10 data bytes (the cap's header allowance is tiny here).
         let mut l = Logs::new(10 * (HEADER + 10) - HEADER, LogMode::Drop);
         for i in 0..25 {
-            l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
+            l.handle_output(
+                LogStream::Stdout,
+                format!("line {i:04}\n").as_bytes(),
+                1,
+                t0,
+            );
         }
         assert!(l.held() <= 10 * (HEADER + 10));
         let b = ship(&mut l, t0);
@@ -713,11 +805,19 @@ mod tests {
         // Sent but unacknowledged entries are dropped too when space is needed; the next batch
         // starts after the gap, and the counter only counts the never-sent.
         for i in 25..30 {
-            l.handle_output(LogStream::Stdout, format!("line {i:04}\n").as_bytes(), 1, t0);
+            l.handle_output(
+                LogStream::Stdout,
+                format!("line {i:04}\n").as_bytes(),
+                1,
+                t0,
+            );
         }
         l.handle_reconnect(0, t0);
         let b = ship(&mut l, t0);
-        assert_eq!(b[0].first_seq, 20, "entries 15..20 were dropped to make room");
+        assert_eq!(
+            b[0].first_seq, 20,
+            "entries 15..20 were dropped to make room"
+        );
         assert_eq!(b[0].dropped, 0);
         assert_eq!(l.dropped(), 20);
     }
@@ -730,7 +830,11 @@ mod tests {
         l.handle_output(LogStream::Stdout, &line, 1, t0);
         l.handle_output(LogStream::Stdout, b"\n", 1, t0);
         assert_eq!(l.dropped(), 0);
-        let joined: Vec<u8> = ship(&mut l, t0).iter().flat_map(|b| b.entries.iter()).flat_map(|e| e.data.iter().copied()).collect();
+        let joined: Vec<u8> = ship(&mut l, t0)
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .flat_map(|e| e.data.iter().copied())
+            .collect();
         assert_eq!(joined, line);
     }
 
@@ -751,7 +855,10 @@ mod tests {
         let mut l = Logs::new(1 << 20, LogMode::Drop);
         l.handle_own(b"[waypost] connected", 5, t0);
         let b = ship(&mut l, t0);
-        assert_eq!(lines(&b), [(LogStream::Entrypoint, "[waypost] connected".into(), false)]);
+        assert_eq!(
+            lines(&b),
+            [(LogStream::Entrypoint, "[waypost] connected".into(), false)]
+        );
     }
 
     #[test]
@@ -807,7 +914,9 @@ mod tests {
     fn drop_mode_always_takes_everything() {
         let t0 = Instant::now();
         let mut l = Logs::new(2000, LogMode::Drop);
-        let text: Vec<u8> = (0..500).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let text: Vec<u8> = (0..500)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
         assert_eq!(offer(&mut l, LogStream::Stdout, &text, t0), text.len());
         assert!(l.dropped() > 0);
     }
@@ -817,7 +926,9 @@ mod tests {
         let t0 = Instant::now();
         let cap = 32 * 1024;
         let mut l = Logs::new(cap, LogMode::Block);
-        let text: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i:05}\n").into_bytes()).collect();
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("line {i:05}\n").into_bytes())
+            .collect();
         let mut at = 0;
         let mut got = Vec::new();
         let mut rounds = 0;
@@ -826,7 +937,10 @@ mod tests {
             if at + took < text.len() {
                 assert_eq!(text[at + took - 1], b'\n', "stops at a line boundary");
                 assert!(l.held() <= l.cap, "never over the cap");
-                assert!(l.held() + HEADER + 11 > l.cap - OWN_RESERVE, "stops only when full");
+                assert!(
+                    l.held() + HEADER + 11 > l.cap - OWN_RESERVE,
+                    "stops only when full"
+                );
                 // Nothing more fits until the server acknowledges.
                 assert_eq!(offer(&mut l, LogStream::Stdout, &text[at + took..], t0), 0);
             }
@@ -834,7 +948,10 @@ mod tests {
             got.extend(ship_and_ack(&mut l, t0));
             rounds += 1;
         }
-        assert!(rounds > 5, "the buffer filled several times ({rounds} rounds)");
+        assert!(
+            rounds > 5,
+            "the buffer filled several times ({rounds} rounds)"
+        );
         assert_eq!(l.dropped(), 0, "nothing dropped");
         let want: Vec<String> = (0..20_000).map(|i| format!("line {i:05}")).collect();
         assert_eq!(got.iter().map(|x| x.1.clone()).collect::<Vec<_>>(), want);
@@ -846,7 +963,9 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Logs::new(16 * 1024, LogMode::Block);
         // Fill the buffer with whole lines...
-        let filler: Vec<u8> = (0..2000).flat_map(|i| format!("fill {i:05}\n").into_bytes()).collect();
+        let filler: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("fill {i:05}\n").into_bytes())
+            .collect();
         assert!(offer(&mut l, LogStream::Stdout, &filler, t0) < filler.len());
         // ...then the start of a line is held aside (it is not an entry yet)...
         assert_eq!(offer(&mut l, LogStream::Stdout, b"the start ", t0), 10);
@@ -856,13 +975,24 @@ mod tests {
         // Long after the idle time the line is not shipped in pieces, and no timer is due (the
         // loop would spin on it).
         let late = t0 + LINE_IDLE * 10;
-        assert_eq!(l.poll_timeout(true, late).filter(|&t| t <= late), None, "no due timer while stalled");
+        assert_eq!(
+            l.poll_timeout(true, late).filter(|&t| t <= late),
+            None,
+            "no due timer while stalled"
+        );
         l.handle_timeout(late);
         let first = ship_and_ack(&mut l, late);
-        assert!(first.iter().all(|x| x.1.starts_with("fill")), "only the filler went: {:?}", first.last());
+        assert!(
+            first.iter().all(|x| x.1.starts_with("fill")),
+            "only the filler went: {:?}",
+            first.last()
+        );
         // Room again: the line goes whole.
         assert_eq!(offer(&mut l, LogStream::Stdout, rest, late), rest.len());
-        assert_eq!(ship_and_ack(&mut l, late), [(LogStream::Stdout, "the start and the end".into(), false)]);
+        assert_eq!(
+            ship_and_ack(&mut l, late),
+            [(LogStream::Stdout, "the start and the end".into(), false)]
+        );
         assert_eq!(l.dropped(), 0);
     }
 
@@ -870,7 +1000,9 @@ mod tests {
     fn block_mode_keeps_room_for_our_own_lines_and_never_pushes_out_the_apps() {
         let t0 = Instant::now();
         let mut l = Logs::new(32 * 1024, LogMode::Block);
-        let text: Vec<u8> = (0..10_000).flat_map(|i| format!("app {i:05}\n").into_bytes()).collect();
+        let text: Vec<u8> = (0..10_000)
+            .flat_map(|i| format!("app {i:05}\n").into_bytes())
+            .collect();
         let took = offer(&mut l, LogStream::Stdout, &text, t0);
         assert!(took < text.len());
         let apps = took / 10;
@@ -886,20 +1018,29 @@ mod tests {
         assert!(l.held() <= l.cap);
         let b = ship(&mut l, t0);
         let all = lines(&b);
-        assert_eq!(all.iter().filter(|x| x.0 == LogStream::Stdout).count(), apps, "every app line kept");
+        assert_eq!(
+            all.iter().filter(|x| x.0 == LogStream::Stdout).count(),
+            apps,
+            "every app line kept"
+        );
         let mut next = b[0].first_seq;
         for batch in &b {
             assert_eq!(batch.first_seq, next, "no gap in the numbers");
             next += batch.entries.len() as u64;
         }
-        assert!(b.iter().map(|x| x.dropped).sum::<u64>() > 0, "the count is reported");
+        assert!(
+            b.iter().map(|x| x.dropped).sum::<u64>() > 0,
+            "the count is reported"
+        );
     }
 
     #[test]
     fn block_mode_ships_the_last_partial_line_at_eof_once_it_fits() {
         let t0 = Instant::now();
         let mut l = Logs::new(16 * 1024, LogMode::Block);
-        let filler: Vec<u8> = (0..2000).flat_map(|i| format!("fill {i:05}\n").into_bytes()).collect();
+        let filler: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("fill {i:05}\n").into_bytes())
+            .collect();
         let took = offer(&mut l, LogStream::Stderr, &filler, t0);
         // Back up to a buffer just short of full, then a last unterminated line and EOF.
         let mut l = Logs::new(16 * 1024, LogMode::Block);
@@ -910,10 +1051,16 @@ mod tests {
         l.handle_eof(LogStream::Stderr, t0);
         assert!(l.unacked());
         let first = ship_and_ack(&mut l, t0);
-        assert!(first.iter().all(|x| x.1.starts_with("fill")), "the tail waited for room");
+        assert!(
+            first.iter().all(|x| x.1.starts_with("fill")),
+            "the tail waited for room"
+        );
         assert_eq!(l.poll_timeout(true, t0), Some(t0), "and goes at once now");
         l.handle_timeout(t0);
-        assert_eq!(ship_and_ack(&mut l, t0), [(LogStream::Stderr, "z".repeat(4000), true)]);
+        assert_eq!(
+            ship_and_ack(&mut l, t0),
+            [(LogStream::Stderr, "z".repeat(4000), true)]
+        );
         assert!(!l.unacked());
         assert_eq!(l.dropped(), 0);
     }
@@ -954,12 +1101,17 @@ mod tests {
         }
         // Block mode, buffer full, the app waiting: whatever is unsent goes now.
         let mut l = Logs::new(64 * 1024, LogMode::Block);
-        let text: Vec<u8> = (0..10_000).flat_map(|i| format!("line {i:05}\n").into_bytes()).collect();
+        let text: Vec<u8> = (0..10_000)
+            .flat_map(|i| format!("line {i:05}\n").into_bytes())
+            .collect();
         let took = offer(&mut l, LogStream::Stdout, &text, t0);
         ship(&mut l, t0);
         l.handle_ack(100);
         let more = offer(&mut l, LogStream::Stdout, &text[took..], t0);
-        assert!(more > 0 && took + more < text.len(), "a little room, then stalled again");
+        assert!(
+            more > 0 && took + more < text.len(),
+            "a little room, then stalled again"
+        );
         assert!(l.batch_due(t0, false), "the app waits: no batch age");
         // Negative control: the same few entries without a waiting app wait for the age.
         let mut l = Logs::new(64 * 1024, LogMode::Block);

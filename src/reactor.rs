@@ -5,99 +5,38 @@
 //! mio is edge-triggered: every ready fd is drained until `WouldBlock`, and a source that stopped
 //! because a buffer was full is resumed by hand once there is room (no new edge comes).
 //!
-//! This file holds the loop, the tokens, the dispatch and the child; the fd tables of each kind
-//! are in submodules: `output` (the child's pipes, our stdout/stderr), `link` (the connection to
-//! the server), `fds` (exec sessions and URL-service streams).
+//! This file holds the loop, the dispatch and the child; the fd tables of each kind are in
+//! submodules: `output` (the child's pipes, our stdout/stderr), `link` (the connection to the
+//! server), `fds` (exec sessions and URL-service streams); `tokens` maps fds to mio tokens.
 
 mod fds;
 mod link;
 mod output;
+mod tokens;
 
 use crate::agent::{Agent, Identity, IoAction, IoEvent, Local, Transmit};
-use crate::config::Settings;
 use crate::error::Error;
-use crate::exec::MAX_SESSIONS;
-use crate::logger::{self, Record};
+use crate::settings::Settings;
 use crate::sys::proc;
 use crate::sys::signals::{self, SigSet};
 use crate::sys::sink::Out;
 use crate::sys::spawn::{self, Placement, Spec, Stdio};
-use crate::tunnel::MAX_STREAMS;
 use crate::{debug, error, warn};
 use fds::{ExecSpec, Fds};
 use link::Link;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Waker};
 use output::Output;
+pub use output::fail_early;
 use rustix::io::Errno;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
+use tokens::Tok;
 use waypost_proto::Frame;
 
 pub use output::wall_ms;
-
-/// Reports an error that ends the entrypoint before the loop runs, and gives its exit code.
-pub fn fail_early(e: &Error) -> i32 {
-    let mut line = Vec::new();
-    logger::format_line(&Record { level: logger::Level::Error, msg: e.to_string() }, wall_ms(), &mut line);
-    let _ = rustix::io::write(rustix::stdio::stderr(), &line);
-    e.exit_code()
-}
-
-/// First token number of exec sessions (4 per slot).
-const EXEC_TOKENS: usize = 0x100;
-/// First token number of URL-service streams (1 per slot).
-const TUNNEL_TOKENS: usize = 0x1000;
-
-/// Every registered fd, as one enum; dispatch is an exhaustive match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tok {
-    Signals,
-    /// Our read end of the child's stdout/stderr pipe.
-    ChildPipe(Out),
-    /// Our own stdout/stderr, when writes to it can block.
-    Sink(Out),
-    /// The connection to the server (or its proxy).
-    Control,
-    /// Wake-ups from the DNS helper thread.
-    Waker,
-    /// An exec session's fd: slot, and which (0 stdin or PTY master, 1 stdout, 2 stderr).
-    Exec(u8, u8),
-    /// A URL-service stream's socket to the app, by slot.
-    Tunnel(u16),
-}
-
-impl Tok {
-    fn token(self) -> Token {
-        Token(match self {
-            Tok::Signals => 0,
-            Tok::ChildPipe(o) => 1 + o as usize,
-            Tok::Sink(o) => 3 + o as usize,
-            Tok::Control => 5,
-            Tok::Waker => 6,
-            Tok::Exec(slot, which) => EXEC_TOKENS + 4 * slot as usize + which as usize,
-            Tok::Tunnel(slot) => TUNNEL_TOKENS + slot as usize,
-        })
-    }
-
-    fn from_token(t: Token) -> Option<Tok> {
-        let out = |n| if n == 0 { Out::Stdout } else { Out::Stderr };
-        Some(match t.0 {
-            0 => Tok::Signals,
-            t @ 1..=2 => Tok::ChildPipe(out(t - 1)),
-            t @ 3..=4 => Tok::Sink(out(t - 3)),
-            5 => Tok::Control,
-            6 => Tok::Waker,
-            t if (EXEC_TOKENS..EXEC_TOKENS + 4 * MAX_SESSIONS).contains(&t) && (t - EXEC_TOKENS) % 4 < 3 => {
-                Tok::Exec(((t - EXEC_TOKENS) / 4) as u8, ((t - EXEC_TOKENS) % 4) as u8)
-            }
-            t if (TUNNEL_TOKENS..TUNNEL_TOKENS + MAX_STREAMS).contains(&t) => Tok::Tunnel((t - TUNNEL_TOKENS) as u16),
-            _ => return None,
-        })
-    }
-}
 
 pub struct Reactor {
     poll: Poll,
@@ -139,8 +78,12 @@ impl Reactor {
         let own_pid = rustix::process::getpid().as_raw_nonzero().get();
         if own_pid != 1 {
             // Orphans of the app are re-parented to us (not to the host's init), and reaped.
-            rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-                .map_err(|e| Error::Io { context: "becoming a child subreaper", source: e.into() })?;
+            rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(|e| {
+                Error::Io {
+                    context: "becoming a child subreaper",
+                    source: e.into(),
+                }
+            })?;
         }
         // A terminal is inherited directly (the app sees a TTY) unless WAYPOST_CAPTURE asks for
         // the output anyway; WAYPOST_DISABLE means no capture at all.
@@ -150,17 +93,33 @@ impl Reactor {
 
         let poll = Poll::new().map_err(Error::io("creating the epoll instance"))?;
         let reg = poll.registry();
-        reg.register(&mut SourceFd(&signals_fd.as_raw_fd()), Tok::Signals.token(), Interest::READABLE).map_err(Error::io("registering the signalfd"))?;
+        reg.register(
+            &mut SourceFd(&signals_fd.as_raw_fd()),
+            Tok::Signals.token(),
+            Interest::READABLE,
+        )
+        .map_err(Error::io("registering the signalfd"))?;
         let output = Output::new(capture, reg, |out| Tok::Sink(out).token());
         let random = crate::sys::random::u64;
-        let mut id = Identity { instance_id: Vec::new(), hostname: String::new(), pid: own_pid, env: std::env::vars_os().collect(), seeds: [random(), random()] };
+        let mut id = Identity {
+            instance_id: Vec::new(),
+            hostname: String::new(),
+            pid: own_pid,
+            env: std::env::vars_os().collect(),
+            seeds: [random(), random()],
+        };
         let link = match &settings.server {
             Some(server) if settings.server_enabled() => {
-                let waker = Waker::new(reg, Tok::Waker.token()).map_err(Error::io("creating the waker"))?;
+                let waker =
+                    Waker::new(reg, Tok::Waker.token()).map_err(Error::io("creating the waker"))?;
                 let link = Link::new(settings, server, Tok::Control.token(), waker)?;
                 id.instance_id = vec![0u8; 16];
-                crate::sys::random::fill(&mut id.instance_id).map_err(Error::io("reading random bytes"))?;
-                id.hostname = rustix::system::uname().nodename().to_string_lossy().into_owned();
+                crate::sys::random::fill(&mut id.instance_id)
+                    .map_err(Error::io("reading random bytes"))?;
+                id.hostname = rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned();
                 Some(link)
             }
             _ => None,
@@ -178,7 +137,11 @@ impl Reactor {
             reap_pending: false,
             exit: None,
             // Only the server is told about OOM kills: without one, no files to read.
-            oom_counter: if settings.server_enabled() { proc::find_oom_counter() } else { None },
+            oom_counter: if settings.server_enabled() {
+                proc::find_oom_counter()
+            } else {
+                None
+            },
         })
     }
 
@@ -190,10 +153,14 @@ impl Reactor {
                 if let Some(link) = &mut self.link {
                     link.close();
                 }
-                self.output.finish(&mut self.agent, self.poll.registry(), now);
+                self.output
+                    .finish(&mut self.agent, self.poll.registry(), now);
                 return code;
             }
-            let timeout = self.agent.poll_timeout(now).map(|d| d.saturating_duration_since(now));
+            let timeout = self
+                .agent
+                .poll_timeout(now)
+                .map(|d| d.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     // epoll_wait cannot fail on a valid epoll fd short of a kernel bug; back off
@@ -220,8 +187,13 @@ impl Reactor {
                         }
                         self.act(now);
                     }
-                    Some(Tok::Tunnel(slot)) => self.fds.tunnel_ready(slot as usize, readable, writable),
-                    Some(Tok::Exec(slot, which)) => self.fds.exec_ready(slot as usize, which as usize, readable, writable),
+                    Some(Tok::Tunnel(slot)) => {
+                        self.fds.tunnel_ready(slot as usize, readable, writable)
+                    }
+                    Some(Tok::Exec(slot, which)) => {
+                        self.fds
+                            .exec_ready(slot as usize, which as usize, readable, writable)
+                    }
                     None => debug!("event for unknown token {}", event.token().0),
                 }
             }
@@ -241,11 +213,13 @@ impl Reactor {
         }
         self.act(now);
         for out in [Out::Stdout, Out::Stderr] {
-            self.output.pump(out, &mut self.agent, self.poll.registry(), now);
+            self.output
+                .pump(out, &mut self.agent, self.poll.registry(), now);
         }
         self.fds.exec_input(&mut self.agent, now);
         self.act(now);
-        self.fds.tunnel_io(self.poll.registry(), &mut self.agent, now);
+        self.fds
+            .tunnel_io(self.poll.registry(), &mut self.agent, now);
         self.act(now);
         self.output.flush_own_log(&mut self.agent);
         self.write_control(now);
@@ -275,7 +249,10 @@ impl Reactor {
                     if let Some(pgid) = pgid {
                         let _ = signals::kill(-pgid, sig);
                     }
-                    let n = proc::children_of(self.own_pid).into_iter().filter(|&pid| signals::kill(pid, sig).is_ok()).count();
+                    let n = proc::children_of(self.own_pid)
+                        .into_iter()
+                        .filter(|&pid| signals::kill(pid, sig).is_ok())
+                        .count();
                     if n > 0 {
                         debug!("sent {} to {n} leftover processes", signals::name(sig));
                     }
@@ -291,20 +268,51 @@ impl Reactor {
                         link.drop_conn(reg, polite);
                     }
                 }
-                IoAction::WriteConfig { version, write, remove } => {
+                IoAction::WriteConfig {
+                    version,
+                    write,
+                    remove,
+                } => {
                     let result = crate::sys::files::apply(&write, &remove);
                     let (wrote, removed) = (write.len(), remove.len());
-                    self.agent.handle_io(IoEvent::ConfigWritten { version, wrote, removed, result }, now);
+                    self.agent.handle_io(
+                        IoEvent::ConfigWritten {
+                            version,
+                            wrote,
+                            removed,
+                            result,
+                        },
+                        now,
+                    );
                 }
-                IoAction::StartExec { slot, id, argv, env, pty, stdin } => {
-                    let spec = ExecSpec { slot, id, argv: &argv, env: &env, pty, stdin };
+                IoAction::StartExec {
+                    slot,
+                    id,
+                    argv,
+                    env,
+                    pty,
+                    stdin,
+                } => {
+                    let spec = ExecSpec {
+                        slot,
+                        id,
+                        argv: &argv,
+                        env: &env,
+                        pty,
+                        stdin,
+                    };
                     self.fds.start_exec(spec, reg, &mut self.agent, now);
                 }
                 IoAction::ResizeExec { slot, rows, cols } => self.fds.resize_exec(slot, rows, cols),
                 IoAction::CloseExecStdin(slot) => self.fds.close_exec(reg, slot, Some(0)),
-                IoAction::CloseExecOutput { slot, which } => self.fds.close_exec(reg, slot, Some(which)),
+                IoAction::CloseExecOutput { slot, which } => {
+                    self.fds.close_exec(reg, slot, Some(which))
+                }
                 IoAction::CloseExec(slot) => self.fds.close_exec(reg, slot, None),
-                IoAction::ConnectTunnel { slot, id, addr } => self.fds.connect_tunnel(slot, id, addr, reg, &mut self.agent, now),
+                IoAction::ConnectTunnel { slot, id, addr } => {
+                    self.fds
+                        .connect_tunnel(slot, id, addr, reg, &mut self.agent, now)
+                }
                 IoAction::ShutdownTunnel(slot) => self.fds.shutdown_tunnel(slot),
                 IoAction::CloseTunnel(slot) => self.fds.close_tunnel(reg, slot),
             }
@@ -313,22 +321,52 @@ impl Reactor {
 
     fn spawn_child(&mut self, now: Instant) {
         let env = self.agent.child_env();
-        let (stdout, stderr) = (self.output.stdio(Out::Stdout), self.output.stdio(Out::Stderr));
-        let spec = Spec { argv: &self.argv, env: &env, stdin: Stdio::Inherit, stdout, stderr, placement: Placement::Group { foreground: true } };
+        let (stdout, stderr) = (
+            self.output.stdio(Out::Stdout),
+            self.output.stdio(Out::Stderr),
+        );
+        let spec = Spec {
+            argv: &self.argv,
+            env: &env,
+            stdin: Stdio::Inherit,
+            stdout,
+            stderr,
+            placement: Placement::Group { foreground: true },
+        };
         match spawn::spawn(spec) {
             Ok(child) => {
-                debug!("started {} (pid {})", self.argv[0].to_string_lossy(), child.pid);
+                debug!(
+                    "started {} (pid {})",
+                    self.argv[0].to_string_lossy(),
+                    child.pid
+                );
                 let oom_kills = self.oom_counter.as_deref().and_then(proc::oom_kills);
-                self.agent.handle_io(IoEvent::ChildSpawned { pid: child.pid, oom_kills }, now);
+                self.agent.handle_io(
+                    IoEvent::ChildSpawned {
+                        pid: child.pid,
+                        oom_kills,
+                    },
+                    now,
+                );
                 for (out, pipe) in [(Out::Stdout, child.stdout), (Out::Stderr, child.stderr)] {
                     if let Some(pipe) = pipe {
-                        self.output.add_pipe(out, pipe, self.poll.registry(), Tok::ChildPipe(out).token());
+                        self.output.add_pipe(
+                            out,
+                            pipe,
+                            self.poll.registry(),
+                            Tok::ChildPipe(out).token(),
+                        );
                     }
                 }
             }
             Err(e) => {
                 error!("{e}");
-                self.agent.handle_io(IoEvent::ChildSpawnFailed { code: e.exit_code() }, now);
+                self.agent.handle_io(
+                    IoEvent::ChildSpawnFailed {
+                        code: e.exit_code(),
+                    },
+                    now,
+                );
             }
         }
     }
@@ -361,9 +399,24 @@ impl Reactor {
                 Ok(Some((pid, status))) => {
                     let pid = pid.as_raw_nonzero().get();
                     // The OOM-kill count matters only for the main child.
-                    let counter = self.oom_counter.as_deref().filter(|_| Some(pid) == self.agent.child_pid());
-                    let (code, signal, oom_kills) = (status.exit_status(), status.terminating_signal(), counter.and_then(proc::oom_kills));
-                    self.agent.handle_io(IoEvent::Reaped { pid, code, signal, oom_kills }, now);
+                    let counter = self
+                        .oom_counter
+                        .as_deref()
+                        .filter(|_| Some(pid) == self.agent.child_pid());
+                    let (code, signal, oom_kills) = (
+                        status.exit_status(),
+                        status.terminating_signal(),
+                        counter.and_then(proc::oom_kills),
+                    );
+                    self.agent.handle_io(
+                        IoEvent::Reaped {
+                            pid,
+                            code,
+                            signal,
+                            oom_kills,
+                        },
+                        now,
+                    );
                 }
                 Ok(None) | Err(Errno::CHILD) => return,
                 Err(Errno::INTR) => continue,
@@ -374,11 +427,17 @@ impl Reactor {
 
     /// What is still around locally while finishing.
     fn local(&self) -> Local {
-        use rustix::process::{WaitId, WaitIdOptions, waitid};
-        let children = !matches!(waitid(WaitId::All, WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT), Err(Errno::CHILD));
-        let group = self.agent.child_pgid().is_some_and(|pgid| signals::kill(-pgid, 0).is_ok());
+        let children = proc::has_children();
+        let group = self
+            .agent
+            .child_pgid()
+            .is_some_and(|pgid| signals::kill(-pgid, 0).is_ok());
         let (output, unlogged) = self.output.leftovers();
-        Local { descendants: children || group, output, unlogged }
+        Local {
+            descendants: children || group,
+            output,
+            unlogged,
+        }
     }
 
     /// The connection's socket is ready: advance setup, read, write (which also keeps the
@@ -396,7 +455,11 @@ impl Reactor {
     /// the next (an ExecStart's process exists before that session's input arrives; a Welcome
     /// sets where the log resend starts before any batch is written).
     fn read_control(&mut self, now: Instant) {
-        while let Some(next) = self.link.as_mut().and_then(|l| l.next_frame(self.poll.registry())) {
+        while let Some(next) = self
+            .link
+            .as_mut()
+            .and_then(|l| l.next_frame(self.poll.registry()))
+        {
             match next {
                 Ok(kind) => self.agent.handle_frame(kind, now),
                 Err(why) => self.agent.handle_io(IoEvent::Closed(&why), now),
@@ -419,24 +482,16 @@ impl Reactor {
                             error!("dropping a frame that cannot be sent: {e}");
                         }
                     }
-                    Some(Transmit::LogBatch) => drop(wbuf.append(|out| agent.encode_logs(out, now))),
+                    Some(Transmit::LogBatch) => {
+                        // Announced as due; should nothing be encoded after all, stop here
+                        // rather than be offered the same batch again in this loop.
+                        if !wbuf.append(|out| agent.encode_logs(out, now)) {
+                            break;
+                        }
+                    }
                     None => break,
                 }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip() {
-        let (o, e) = (Out::Stdout, Out::Stderr);
-        for t in [Tok::Signals, Tok::ChildPipe(o), Tok::ChildPipe(e), Tok::Sink(o), Tok::Sink(e), Tok::Control, Tok::Waker, Tok::Exec(0, 0), Tok::Exec(15, 2), Tok::Exec(7, 1), Tok::Tunnel(0), Tok::Tunnel(1023)] {
-            assert_eq!(Tok::from_token(t.token()), Some(t));
-        }
-        assert_eq!(Tok::from_token(Token(999)), None);
     }
 }

@@ -31,7 +31,12 @@ impl Default for Relay {
 impl Relay {
     pub fn new() -> Relay {
         // Allocated lazily: an idle or uncaptured stream costs nothing.
-        Relay { buf: Box::default(), start: 0, log: 0, end: 0 }
+        Relay {
+            buf: Box::default(),
+            start: 0,
+            log: 0,
+            end: 0,
+        }
     }
 
     /// Where the bytes still needed by either consumer begin.
@@ -135,12 +140,24 @@ mod tests {
         assert_eq!(r.pending(), b"456789");
         // Fill to the end, then consuming some makes room at the front after compaction.
         let n = r.space().len();
-        assert_eq!(n, RELAY_CAP - 10, "4 consumed bytes are not worth moving 6 for");
+        assert_eq!(
+            n,
+            RELAY_CAP - 10,
+            "4 consumed bytes are not worth moving 6 for"
+        );
         fill_logged(&mut r, n);
-        assert_eq!(r.space().len(), 4, "at the end, compaction reclaims the consumed front");
+        assert_eq!(
+            r.space().len(),
+            4,
+            "at the end, compaction reclaims the consumed front"
+        );
         assert_eq!(&r.pending()[..6], b"456789");
         r.consume(100);
-        assert_eq!(r.space().len(), 104, "front reclaimed again, plus the 4 left at the end");
+        assert_eq!(
+            r.space().len(),
+            104,
+            "front reclaimed again, plus the 4 left at the end"
+        );
         r.consume(r.pending().len());
         assert!(r.is_empty());
         assert_eq!(r.space().len(), RELAY_CAP);
@@ -176,11 +193,19 @@ mod tests {
         assert_eq!(r.space().len(), 2);
         r.filled(2);
         assert!(r.is_full(), "the shipper holds everything else");
-        assert_eq!(&r.unlogged()[..4], b"cdef", "compaction kept the unlogged bytes");
+        assert_eq!(
+            &r.unlogged()[..4],
+            b"cdef",
+            "compaction kept the unlogged bytes"
+        );
         // Both catch up: everything is free again.
         let u = r.unlogged().len();
         r.logged(u);
-        assert_eq!(r.space().len(), RELAY_CAP - 2, "the last 2 bytes still wait for our fd");
+        assert_eq!(
+            r.space().len(),
+            RELAY_CAP - 2,
+            "the last 2 bytes still wait for our fd"
+        );
         r.consume(2);
         assert_eq!(r.space().len(), RELAY_CAP);
     }

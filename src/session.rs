@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use waypost_proto::{reject, Hello, Kind, Ping, Pong, Reject, Status, Welcome};
+use waypost_proto::{Hello, Kind, Ping, Pong, Reject, Status, Welcome, reject};
 
 /// First reconnect delay; doubles per failed attempt (docs/protocol.md, "Reconnect backoff").
 pub const BACKOFF_MIN: Duration = waypost_proto::backoff::MIN;
@@ -60,10 +60,19 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Idle,
-    Backoff { until: Instant },
-    Connecting { deadline: Instant },
-    AwaitingWelcome { deadline: Instant },
-    Ready { next_beat: Instant, dead_at: Instant },
+    Backoff {
+        until: Instant,
+    },
+    Connecting {
+        deadline: Instant,
+    },
+    AwaitingWelcome {
+        deadline: Instant,
+    },
+    Ready {
+        next_beat: Instant,
+        dead_at: Instant,
+    },
 }
 
 pub struct Session {
@@ -122,7 +131,10 @@ impl Session {
 
     /// Whether a connection is open or being opened (the reactor holds a socket).
     pub fn has_connection(&self) -> bool {
-        matches!(self.state, State::Connecting { .. } | State::AwaitingWelcome { .. } | State::Ready { .. })
+        matches!(
+            self.state,
+            State::Connecting { .. } | State::AwaitingWelcome { .. } | State::Ready { .. }
+        )
     }
 
     /// The server's heartbeat interval (ours until the Welcome).
@@ -131,7 +143,9 @@ impl Session {
     }
 
     fn connect(&mut self, now: Instant) {
-        self.state = State::Connecting { deadline: now + CONNECT_TIMEOUT };
+        self.state = State::Connecting {
+            deadline: now + CONNECT_TIMEOUT,
+        };
         self.transmit.clear();
         self.events.push_back(Event::Connect);
     }
@@ -139,7 +153,9 @@ impl Session {
     /// The connection is open (TLS handshake done); `hello` is what we tell the server.
     pub fn handle_connected(&mut self, hello: Hello, now: Instant) {
         if let State::Connecting { .. } = self.state {
-            self.state = State::AwaitingWelcome { deadline: now + WELCOME_TIMEOUT };
+            self.state = State::AwaitingWelcome {
+                deadline: now + WELCOME_TIMEOUT,
+            };
             self.transmit.push_back(Kind::Hello(hello));
         }
     }
@@ -148,7 +164,9 @@ impl Session {
     pub fn handle_closed(&mut self, why: &str, now: Instant) {
         match self.state {
             State::Idle | State::Backoff { .. } => return,
-            State::Ready { .. } => crate::warn!("lost the connection to the server: {why}; reconnecting"),
+            State::Ready { .. } => {
+                crate::warn!("lost the connection to the server: {why}; reconnecting")
+            }
             State::Connecting { .. } | State::AwaitingWelcome { .. } => {
                 if self.attempts == 0 && !self.rejected {
                     crate::warn!("cannot reach the server: {why}; retrying with backoff")
@@ -162,7 +180,12 @@ impl Session {
     }
 
     fn back_off(&mut self, now: Instant, at_least: Duration) {
-        let delay = if self.hurry { HURRY_RETRY } else { backoff_delay(self.attempts, &mut self.rng) }.max(at_least);
+        let delay = if self.hurry {
+            HURRY_RETRY
+        } else {
+            backoff_delay(self.attempts, &mut self.rng)
+        }
+        .max(at_least);
         self.attempts = self.attempts.saturating_add(1);
         self.hinted_until = (at_least > Duration::ZERO).then_some(now + at_least);
         self.state = State::Backoff { until: now + delay };
@@ -205,7 +228,9 @@ impl Session {
 
     /// Queues the final Status and a Ping whose Pong confirms it.
     fn send_last_words(&mut self, now: Instant) {
-        let Some(status) = self.last_words.clone() else { return };
+        let Some(status) = self.last_words.clone() else {
+            return;
+        };
         self.queue(Kind::Status(status), now);
         self.nonce = self.nonce.wrapping_add(1);
         self.queue(Kind::Ping(Ping { nonce: self.nonce }), now);
@@ -227,16 +252,24 @@ impl Session {
         match (self.state, kind) {
             (State::AwaitingWelcome { .. }, Kind::Welcome(w)) => {
                 if w.heartbeat_interval_ms > 0 {
-                    self.heartbeat = Duration::from_millis(u64::from(w.heartbeat_interval_ms)).max(MIN_HEARTBEAT);
+                    self.heartbeat = Duration::from_millis(u64::from(w.heartbeat_interval_ms))
+                        .max(MIN_HEARTBEAT);
                 }
                 crate::info!(
                     "connected to the server as app {:?}{}",
                     w.app,
-                    if w.deployment.is_empty() { String::new() } else { format!(", deployment {:?}", w.deployment) }
+                    if w.deployment.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", deployment {:?}", w.deployment)
+                    }
                 );
                 self.attempts = 0;
                 self.rejected = false;
-                self.state = State::Ready { next_beat: now + self.heartbeat, dead_at: now + self.dead_after() };
+                self.state = State::Ready {
+                    next_beat: now + self.heartbeat,
+                    dead_at: now + self.dead_after(),
+                };
                 self.events.push_back(Event::Welcome(w));
                 // Tell the server right away what the child is doing.
                 self.events.push_back(Event::Heartbeat);
@@ -244,12 +277,17 @@ impl Session {
                     self.send_last_words(now);
                 }
             }
-            (State::AwaitingWelcome { .. } | State::Ready { .. }, Kind::Reject(r)) => self.rejected(r, now),
+            (State::AwaitingWelcome { .. } | State::Ready { .. }, Kind::Reject(r)) => {
+                self.rejected(r, now)
+            }
             (State::AwaitingWelcome { .. }, other) => {
                 crate::debug!("ignoring {} before the Welcome", other.name());
             }
             (State::Ready { next_beat, .. }, kind) => {
-                self.state = State::Ready { next_beat, dead_at: now + self.dead_after() };
+                self.state = State::Ready {
+                    next_beat,
+                    dead_at: now + self.dead_after(),
+                };
                 match kind {
                     // Through the bounded queue: a server that pings but never reads cannot grow
                     // it (found by the `session` fuzz target).
@@ -270,10 +308,17 @@ impl Session {
     fn rejected(&mut self, r: Reject, now: Instant) {
         let reason = reject::Reason::try_from(r.reason).map_or("UNKNOWN", |x| x.as_str_name());
         if !self.rejected {
-            crate::error!("the server refused this entrypoint ({reason}): {}; retrying with backoff", r.message);
+            crate::error!(
+                "the server refused this entrypoint ({reason}): {}; retrying with backoff",
+                r.message
+            );
         }
         self.rejected = true;
-        self.abandon("rejected", now, Duration::from_millis(u64::from(r.retry_after_ms)));
+        self.abandon(
+            "rejected",
+            now,
+            Duration::from_millis(u64::from(r.retry_after_ms)),
+        );
     }
 
     /// Silence longer than this means the server (or the path to it) is gone: two heartbeats,
@@ -300,7 +345,9 @@ impl Session {
             }
             State::AwaitingWelcome { deadline } if now >= deadline => {
                 if self.attempts == 0 {
-                    crate::warn!("the server accepted the connection but did not answer; retrying with backoff");
+                    crate::warn!(
+                        "the server accepted the connection but did not answer; retrying with backoff"
+                    );
                 }
                 self.abandon("no welcome", now, Duration::ZERO);
             }
@@ -320,7 +367,10 @@ impl Session {
                 if next <= now {
                     next = now + self.heartbeat;
                 }
-                self.state = State::Ready { next_beat: next, dead_at };
+                self.state = State::Ready {
+                    next_beat: next,
+                    dead_at,
+                };
             }
             _ => {}
         }
@@ -381,7 +431,11 @@ mod tests {
     }
 
     fn welcome(hb_ms: u32) -> Kind {
-        Kind::Welcome(Welcome { heartbeat_interval_ms: hb_ms, app: "web".into(), ..Default::default() })
+        Kind::Welcome(Welcome {
+            heartbeat_interval_ms: hb_ms,
+            app: "web".into(),
+            ..Default::default()
+        })
     }
 
     /// A session that is Ready at `t0` with a 1 s heartbeat.
@@ -390,11 +444,20 @@ mod tests {
         let mut s = Session::new(7);
         s.start(t0);
         assert_eq!(events(&mut s), [Event::Connect]);
-        s.handle_connected(Hello { token: "t".into(), ..Default::default() }, t0);
+        s.handle_connected(
+            Hello {
+                token: "t".into(),
+                ..Default::default()
+            },
+            t0,
+        );
         assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]));
         s.handle_frame(welcome(1000), t0);
         let ev = events(&mut s);
-        assert!(matches!(ev[..], [Event::Welcome(_), Event::Heartbeat]), "{ev:?}");
+        assert!(
+            matches!(ev[..], [Event::Welcome(_), Event::Heartbeat]),
+            "{ev:?}"
+        );
         assert!(s.is_ready());
         (s, t0)
     }
@@ -448,7 +511,10 @@ mod tests {
     fn other_frames_go_to_the_other_cores() {
         let (mut s, t0) = ready();
         s.handle_frame(Kind::LogAck(LogAck { up_to_seq: 9 }), t0);
-        assert_eq!(events(&mut s), [Event::Frame(Kind::LogAck(LogAck { up_to_seq: 9 }))]);
+        assert_eq!(
+            events(&mut s),
+            [Event::Frame(Kind::LogAck(LogAck { up_to_seq: 9 }))]
+        );
     }
 
     #[test]
@@ -472,9 +538,16 @@ mod tests {
         }
         for (n, d) in delays.iter().enumerate() {
             let base = (BACKOFF_MIN * (1 << n)).min(BACKOFF_MAX);
-            assert!(*d >= base / 2 && *d <= base, "attempt {n}: {d:?} outside [{:?}, {base:?}]", base / 2);
+            assert!(
+                *d >= base / 2 && *d <= base,
+                "attempt {n}: {d:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
         }
-        assert!(delays[13] >= ms(15_000), "capped at 30 s, at least half of it");
+        assert!(
+            delays[13] >= ms(15_000),
+            "capped at 30 s, at least half of it"
+        );
         // Jitter: two sessions with different seeds do not retry in lockstep.
         let mut a = 1u64;
         let mut b = 2u64;
@@ -512,13 +585,19 @@ mod tests {
         sent(&mut s);
         assert_eq!(s.poll_timeout(), Some(t0 + WELCOME_TIMEOUT));
         s.handle_timeout(t0 + WELCOME_TIMEOUT);
-        assert_eq!(events(&mut s), [Event::Disconnect("no welcome"), Event::Lost]);
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("no welcome"), Event::Lost]
+        );
         // A connection that never completes is abandoned too.
         let t1 = s.poll_timeout().unwrap();
         s.handle_timeout(t1);
         assert_eq!(events(&mut s), [Event::Connect]);
         s.handle_timeout(t1 + CONNECT_TIMEOUT);
-        assert_eq!(events(&mut s), [Event::Disconnect("connect timeout"), Event::Lost]);
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("connect timeout"), Event::Lost]
+        );
     }
 
     #[test]
@@ -528,7 +607,14 @@ mod tests {
         s.start(t0);
         events(&mut s);
         s.handle_connected(Hello::default(), t0);
-        s.handle_frame(Kind::Reject(Reject { reason: reject::Reason::BadToken as i32, message: "invalid token".into(), retry_after_ms: 5000 }), t0);
+        s.handle_frame(
+            Kind::Reject(Reject {
+                reason: reject::Reason::BadToken as i32,
+                message: "invalid token".into(),
+                retry_after_ms: 5000,
+            }),
+            t0,
+        );
         assert_eq!(events(&mut s), [Event::Disconnect("rejected"), Event::Lost]);
         assert!(s.poll_timeout().unwrap() >= t0 + ms(5000));
     }
@@ -542,7 +628,10 @@ mod tests {
         s.start(t0);
         s.handle_connected(Hello::default(), t0);
         s.send(Kind::Status(Status::default()), t0);
-        assert!(matches!(sent(&mut s)[..], [Kind::Hello(_)]), "Status waits for the Welcome");
+        assert!(
+            matches!(sent(&mut s)[..], [Kind::Hello(_)]),
+            "Status waits for the Welcome"
+        );
     }
 
     #[test]
@@ -558,8 +647,14 @@ mod tests {
             i += 1;
             assert!(i < 10 * TRANSMIT_CAP as u64, "never abandoned");
         }
-        assert_eq!(events(&mut s), [Event::Disconnect("server not reading"), Event::Lost]);
-        assert!(sent(&mut s).is_empty(), "the stuck queue went with the connection");
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("server not reading"), Event::Lost]
+        );
+        assert!(
+            sent(&mut s).is_empty(),
+            "the stuck queue went with the connection"
+        );
         // A burst well within the cap is fine.
         let (mut s, t0) = ready();
         for k in 0..1000 {
@@ -592,7 +687,10 @@ mod tests {
         }
         s.handle_closed("refused", t);
         events(&mut s);
-        assert!(s.poll_timeout().unwrap() >= t + ms(10_000), "a long backoff");
+        assert!(
+            s.poll_timeout().unwrap() >= t + ms(10_000),
+            "a long backoff"
+        );
         (s, t)
     }
 
@@ -601,7 +699,11 @@ mod tests {
         let (mut s, t) = backed_off_far();
         let now = t + ms(300);
         s.handle_hurry(now);
-        assert_eq!(events(&mut s), [Event::Connect], "no waiting out the backoff");
+        assert_eq!(
+            events(&mut s),
+            [Event::Connect],
+            "no waiting out the backoff"
+        );
         // Refused again (the server is still restarting): retried after HURRY_RETRY, every time.
         let mut at = now;
         for _ in 0..10 {
@@ -639,7 +741,14 @@ mod tests {
         s.start(t0);
         events(&mut s);
         s.handle_connected(Hello::default(), t0);
-        s.handle_frame(Kind::Reject(Reject { reason: reject::Reason::Unavailable as i32, message: "busy".into(), retry_after_ms: 1000 }), t0);
+        s.handle_frame(
+            Kind::Reject(Reject {
+                reason: reject::Reason::Unavailable as i32,
+                message: "busy".into(),
+                retry_after_ms: 1000,
+            }),
+            t0,
+        );
         events(&mut s);
         s.handle_hurry(t0 + ms(10));
         assert_eq!(events(&mut s), []);
@@ -649,7 +758,11 @@ mod tests {
     }
 
     fn exited(code: i32) -> Status {
-        Status { state: waypost_proto::status::State::Exited as i32, exit_code: code, ..Default::default() }
+        Status {
+            state: waypost_proto::status::State::Exited as i32,
+            exit_code: code,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -659,10 +772,17 @@ mod tests {
         s.handle_last_words(exited(3), t0);
         assert!(s.last_words_pending());
         let out = sent(&mut s);
-        let [Kind::Status(st), Kind::Ping(Ping { nonce })] = &out[..] else { panic!("{out:?}") };
+        let [Kind::Status(st), Kind::Ping(Ping { nonce })] = &out[..] else {
+            panic!("{out:?}")
+        };
         assert_eq!(st.exit_code, 3);
         // Some other Pong (a heartbeat's) proves nothing about the Status.
-        s.handle_frame(Kind::Pong(Pong { nonce: nonce.wrapping_add(100) }), t0);
+        s.handle_frame(
+            Kind::Pong(Pong {
+                nonce: nonce.wrapping_add(100),
+            }),
+            t0,
+        );
         assert!(s.last_words_pending());
         s.handle_frame(Kind::Pong(Pong { nonce: *nonce }), t0);
         assert!(!s.last_words_pending());
@@ -677,7 +797,10 @@ mod tests {
         s.handle_connected(Hello::default(), t);
         s.handle_frame(welcome(1000), t);
         let out = sent(&mut s);
-        assert!(matches!(out[..], [Kind::Hello(_), Kind::Status(_), Kind::Ping(_)]), "{out:?}");
+        assert!(
+            matches!(out[..], [Kind::Hello(_), Kind::Status(_), Kind::Ping(_)]),
+            "{out:?}"
+        );
         // Lost before the Pong: the next connection says it again.
         s.handle_closed("reset", t + ms(5));
         assert!(s.last_words_pending());
@@ -685,12 +808,16 @@ mod tests {
         s.handle_timeout(t + ms(5) + HURRY_RETRY);
         s.handle_connected(Hello::default(), t + ms(200));
         // A late Pong from the old connection's numbering does not count on the new one.
-        let Kind::Ping(Ping { nonce: old }) = out[2] else { unreachable!() };
+        let Kind::Ping(Ping { nonce: old }) = out[2] else {
+            unreachable!()
+        };
         s.handle_frame(welcome(1000), t + ms(200));
         s.handle_frame(Kind::Pong(Pong { nonce: old }), t + ms(200));
         assert!(s.last_words_pending());
         let again = sent(&mut s);
-        let Some(Kind::Ping(Ping { nonce })) = again.last() else { panic!("{again:?}") };
+        let Some(Kind::Ping(Ping { nonce })) = again.last() else {
+            panic!("{again:?}")
+        };
         assert!(again.iter().any(|k| matches!(k, Kind::Status(_))));
         s.handle_frame(Kind::Pong(Pong { nonce: *nonce }), t + ms(210));
         assert!(!s.last_words_pending());

@@ -84,7 +84,9 @@ pub enum ChildState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Not started; start at `start_at` even without the server's config (None: wait forever).
-    Waiting { start_at: Option<Instant> },
+    Waiting {
+        start_at: Option<Instant>,
+    },
     Running {
         pid: i32,
         /// Set when a terminating signal was forwarded: SIGKILL at this time.
@@ -178,7 +180,11 @@ impl Supervisor {
     pub fn restart(&mut self, grace: Option<Duration>, now: Instant) {
         if let State::Running { pid, kill_at: None } = self.state {
             let grace = grace.unwrap_or(self.stop_timeout);
-            self.state = State::Restarting { pid, kill_at: Some(now + grace), then_exit: false };
+            self.state = State::Restarting {
+                pid,
+                kill_at: Some(now + grace),
+                then_exit: false,
+            };
             self.push(Action::Signal(self.target(), libc::SIGTERM));
         }
     }
@@ -191,7 +197,11 @@ impl Supervisor {
     }
 
     fn target(&self) -> Target {
-        if self.signal_group { Target::Group } else { Target::Child }
+        if self.signal_group {
+            Target::Group
+        } else {
+            Target::Child
+        }
     }
 
     /// Whether the child has not been started yet.
@@ -274,15 +284,35 @@ impl Supervisor {
 
     /// Some process `pid` was reaped, having exited with `code` or been killed by `signal`;
     /// `oom_kills`: the cgroup's OOM-kill count now. Only the main child matters here.
-    pub fn handle_exit(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, oom_kills: Option<u64>, now: Instant) {
+    pub fn handle_exit(
+        &mut self,
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        oom_kills: Option<u64>,
+        now: Instant,
+    ) {
         match self.state {
-            State::Running { pid: child, .. } | State::Restarting { pid: child, then_exit: true, .. } if child == pid => {
+            State::Running { pid: child, .. }
+            | State::Restarting {
+                pid: child,
+                then_exit: true,
+                ..
+            } if child == pid => {
                 let oom_killed = oom_killed(self.oom_at_start, oom_kills, signal);
-                let ended = Ended { code: exit_code(code, signal), signal, oom_killed };
+                let ended = Ended {
+                    code: exit_code(code, signal),
+                    signal,
+                    oom_killed,
+                };
                 self.ended = Some(ended);
                 self.enter_cleanup(ended.code, now);
             }
-            State::Restarting { pid: child, then_exit: false, .. } if child == pid => {
+            State::Restarting {
+                pid: child,
+                then_exit: false,
+                ..
+            } if child == pid => {
                 // Whatever the old child left in its group goes too, then the new one starts.
                 self.push(Action::Signal(Target::Group, libc::SIGTERM));
                 self.state = State::Waiting { start_at: None };
@@ -293,7 +323,12 @@ impl Supervisor {
     }
 
     fn enter_cleanup(&mut self, code: i32, now: Instant) {
-        self.state = State::Cleanup { code, kill_at: Some(now + CLEANUP_GRACE), give_up_at: None, flush_until: None };
+        self.state = State::Cleanup {
+            code,
+            kill_at: Some(now + CLEANUP_GRACE),
+            give_up_at: None,
+            flush_until: None,
+        };
         self.push(Action::SignalDescendants(libc::SIGTERM));
         // Reconnecting starts now, while the leftovers are cleaned up, not after.
         self.push(Action::LastWords);
@@ -318,11 +353,22 @@ impl Supervisor {
     /// Local cleanup is over and the server still lacks our last words: it gets the flush
     /// timeout from now (none at all: exit now).
     fn start_flush(&mut self, now: Instant) {
-        if let State::Cleanup { code, kill_at, give_up_at, .. } = self.state {
+        if let State::Cleanup {
+            code,
+            kill_at,
+            give_up_at,
+            ..
+        } = self.state
+        {
             if self.flush_timeout.is_zero() {
                 self.finish(code);
             } else {
-                self.state = State::Cleanup { code, kill_at, give_up_at, flush_until: Some(now + self.flush_timeout) };
+                self.state = State::Cleanup {
+                    code,
+                    kill_at,
+                    give_up_at,
+                    flush_until: Some(now + self.flush_timeout),
+                };
             }
         }
     }
@@ -337,7 +383,15 @@ impl Supervisor {
         match self.state {
             State::Waiting { start_at } => start_at,
             State::Running { kill_at, .. } | State::Restarting { kill_at, .. } => kill_at,
-            State::Cleanup { kill_at, give_up_at, flush_until, .. } => [kill_at, give_up_at, flush_until].into_iter().flatten().min(),
+            State::Cleanup {
+                kill_at,
+                give_up_at,
+                flush_until,
+                ..
+            } => [kill_at, give_up_at, flush_until]
+                .into_iter()
+                .flatten()
+                .min(),
             State::Done => None,
         }
     }
@@ -357,33 +411,66 @@ impl Supervisor {
     fn timeout_step(&mut self, now: Instant, left: Leftovers) {
         match self.state {
             State::Waiting { start_at: Some(at) } if now >= at => {
-                crate::warn!("no config from the server yet; starting without it (WAYPOST_STARTUP_TIMEOUT)");
+                crate::warn!(
+                    "no config from the server yet; starting without it (WAYPOST_STARTUP_TIMEOUT)"
+                );
                 self.state = State::Waiting { start_at: None };
                 self.push(Action::Spawn);
             }
-            State::Running { pid, kill_at: Some(at) } if now >= at => {
+            State::Running {
+                pid,
+                kill_at: Some(at),
+            } if now >= at => {
                 self.state = State::Running { pid, kill_at: None };
                 // The child ignored the stop signal: kill it and everything in its group.
                 self.push(Action::Signal(Target::Group, libc::SIGKILL));
                 self.push(Action::Signal(Target::Child, libc::SIGKILL));
             }
-            State::Restarting { pid, kill_at: Some(at), then_exit } if now >= at => {
-                self.state = State::Restarting { pid, kill_at: None, then_exit };
+            State::Restarting {
+                pid,
+                kill_at: Some(at),
+                then_exit,
+            } if now >= at => {
+                self.state = State::Restarting {
+                    pid,
+                    kill_at: None,
+                    then_exit,
+                };
                 self.push(Action::Signal(Target::Group, libc::SIGKILL));
                 self.push(Action::Signal(Target::Child, libc::SIGKILL));
             }
-            State::Cleanup { code, kill_at: Some(at), flush_until, .. } if now >= at => {
-                self.state = State::Cleanup { code, kill_at: None, give_up_at: Some(now + FINAL_GRACE), flush_until };
+            State::Cleanup {
+                code,
+                kill_at: Some(at),
+                flush_until,
+                ..
+            } if now >= at => {
+                self.state = State::Cleanup {
+                    code,
+                    kill_at: None,
+                    give_up_at: Some(now + FINAL_GRACE),
+                    flush_until,
+                };
                 if left.descendants {
                     self.push(Action::SignalDescendants(libc::SIGKILL));
                 } else {
                     self.handle_leftovers(left, now);
                 }
             }
-            State::Cleanup { code, kill_at, give_up_at: Some(at), flush_until } if now >= at => {
+            State::Cleanup {
+                code,
+                kill_at,
+                give_up_at: Some(at),
+                flush_until,
+            } if now >= at => {
                 // Local leftovers are given up on (a pipe held open by something we cannot
                 // kill); the server still gets its flush window, once.
-                self.state = State::Cleanup { code, kill_at, give_up_at: None, flush_until };
+                self.state = State::Cleanup {
+                    code,
+                    kill_at,
+                    give_up_at: None,
+                    flush_until,
+                };
                 if flush_until.is_none() {
                     if left.server {
                         self.start_flush(now);
@@ -392,7 +479,11 @@ impl Supervisor {
                     }
                 }
             }
-            State::Cleanup { code, flush_until: Some(at), .. } if now >= at => {
+            State::Cleanup {
+                code,
+                flush_until: Some(at),
+                ..
+            } if now >= at => {
                 crate::warn!("the server did not take our last log lines and status in time");
                 self.finish(code);
             }
@@ -423,7 +514,10 @@ pub fn oom_counter_paths(proc_self_cgroup: &str) -> Vec<String> {
     let mut v1 = Vec::new();
     for line in proc_self_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
         if !path.starts_with('/') {
             continue;
         }
@@ -444,7 +538,9 @@ pub fn oom_counter_paths(proc_self_cgroup: &str) -> Vec<String> {
 pub fn parse_oom_kills(contents: &str) -> Option<u64> {
     contents.lines().find_map(|line| {
         let (key, value) = line.split_once(' ')?;
-        (key == "oom_kill").then(|| value.trim().parse().ok()).flatten()
+        (key == "oom_kill")
+            .then(|| value.trim().parse().ok())
+            .flatten()
     })
 }
 
@@ -453,7 +549,7 @@ mod tests {
     use super::*;
 
     const TERM: i32 = libc::SIGTERM;
-    const FLUSH: Duration = crate::config::DEFAULT_FLUSH_TIMEOUT;
+    const FLUSH: Duration = crate::settings::DEFAULT_FLUSH_TIMEOUT;
     const KILL: i32 = libc::SIGKILL;
 
     fn drain(s: &mut Supervisor) -> Vec<Action> {
@@ -469,7 +565,11 @@ mod tests {
         (s, t0)
     }
 
-    const NONE: Leftovers = Leftovers { descendants: false, output: false, server: false };
+    const NONE: Leftovers = Leftovers {
+        descendants: false,
+        output: false,
+        server: false,
+    };
 
     #[test]
     fn exit_codes() {
@@ -484,7 +584,10 @@ mod tests {
     fn signals_are_forwarded_to_child_or_group() {
         let (mut s, t0) = running(30, false);
         s.handle_signal(libc::SIGUSR1, t0);
-        assert_eq!(drain(&mut s), [Action::Signal(Target::Child, libc::SIGUSR1)]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::Signal(Target::Child, libc::SIGUSR1)]
+        );
         assert_eq!(s.poll_timeout(), None, "USR1 arms no stop timer");
 
         let (mut s, t0) = running(30, true);
@@ -507,11 +610,20 @@ mod tests {
         s.handle_timeout(at - Duration::from_millis(1), NONE);
         assert_eq!(drain(&mut s), []);
         s.handle_timeout(at, NONE);
-        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
+        assert_eq!(
+            drain(&mut s),
+            [
+                Action::Signal(Target::Group, KILL),
+                Action::Signal(Target::Child, KILL)
+            ]
+        );
         assert_eq!(s.poll_timeout(), None);
         // The child dies of it: 137.
         s.handle_exit(100, None, Some(9), None, at);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(137)]);
     }
@@ -522,14 +634,31 @@ mod tests {
         s.handle_exit(999, Some(0), None, None, t0); // not the child (an adopted orphan): nothing happens
         assert_eq!(drain(&mut s), []);
         s.handle_exit(100, Some(3), None, None, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         assert!(s.finishing());
         // Descendants still alive: wait.
-        s.handle_leftovers(Leftovers { descendants: true, output: true, server: false }, t0);
+        s.handle_leftovers(
+            Leftovers {
+                descendants: true,
+                output: true,
+                server: false,
+            },
+            t0,
+        );
         assert_eq!(drain(&mut s), []);
         let kill_at = t0 + CLEANUP_GRACE;
         assert_eq!(s.poll_timeout(), Some(kill_at));
-        s.handle_timeout(kill_at, Leftovers { descendants: true, output: true, server: false });
+        s.handle_timeout(
+            kill_at,
+            Leftovers {
+                descendants: true,
+                output: true,
+                server: false,
+            },
+        );
         assert_eq!(drain(&mut s), [Action::SignalDescendants(KILL)]);
         assert_eq!(s.poll_timeout(), Some(kill_at + FINAL_GRACE));
         // They die, the pipes close: exit with the child's code.
@@ -546,7 +675,11 @@ mod tests {
         let (mut s, t0) = running(30, false);
         s.handle_exit(100, Some(0), None, None, t0);
         drain(&mut s);
-        let stuck = Leftovers { descendants: false, output: true, server: false };
+        let stuck = Leftovers {
+            descendants: false,
+            output: true,
+            server: false,
+        };
         s.handle_leftovers(stuck, t0);
         s.handle_timeout(t0 + CLEANUP_GRACE, stuck);
         assert_eq!(drain(&mut s), [], "no one left to kill");
@@ -561,7 +694,10 @@ mod tests {
         s.handle_signal(libc::SIGUSR1, t0);
         assert_eq!(drain(&mut s), []);
         s.handle_signal(TERM, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         s.start();
         assert_eq!(drain(&mut s), [], "never spawned after a stop");
         s.handle_leftovers(NONE, t0);
@@ -619,12 +755,26 @@ mod tests {
         let (mut s, t0) = running(30, false);
         s.handle_exit(100, None, Some(15), None, t0);
         drain(&mut s);
-        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 143, signal: Some(15), oom_killed: false })));
-        let pending = Leftovers { descendants: false, output: false, server: true };
+        assert_eq!(
+            s.child_state(),
+            ChildState::Exited(Some(Ended {
+                code: 143,
+                signal: Some(15),
+                oom_killed: false
+            }))
+        );
+        let pending = Leftovers {
+            descendants: false,
+            output: false,
+            server: true,
+        };
         let t1 = t0 + Duration::from_millis(10);
         s.handle_leftovers(pending, t1);
         assert_eq!(drain(&mut s), [], "waits for the server");
-        assert_eq!(s.poll_timeout(), Some(t1 + FLUSH).min(Some(t0 + CLEANUP_GRACE)));
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t1 + FLUSH).min(Some(t0 + CLEANUP_GRACE))
+        );
         // Flushed in time: exit at once.
         s.handle_leftovers(NONE, t1 + Duration::from_millis(500));
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
@@ -649,7 +799,10 @@ mod tests {
         s.restart(None, t0);
         assert_eq!(drain(&mut s), []);
         s.handle_exit(100, None, Some(15), None, t0 + Duration::from_secs(1));
-        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::Signal(Target::Group, TERM), Action::Spawn]
+        );
         assert!(!s.finishing(), "a restart is not an exit");
         s.handle_spawned(101, None);
         assert_eq!(s.child_state(), ChildState::Running(101));
@@ -662,9 +815,18 @@ mod tests {
         s.restart(None, t0);
         assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM)]);
         s.handle_timeout(t0 + Duration::from_secs(30), NONE);
-        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, KILL), Action::Signal(Target::Child, KILL)]);
+        assert_eq!(
+            drain(&mut s),
+            [
+                Action::Signal(Target::Group, KILL),
+                Action::Signal(Target::Child, KILL)
+            ]
+        );
         s.handle_exit(100, None, Some(9), None, t0 + Duration::from_secs(30));
-        assert_eq!(drain(&mut s), [Action::Signal(Target::Group, TERM), Action::Spawn]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::Signal(Target::Group, TERM), Action::Spawn]
+        );
     }
 
     #[test]
@@ -675,7 +837,10 @@ mod tests {
         s.handle_signal(TERM, t0);
         assert_eq!(drain(&mut s), [Action::Signal(Target::Child, TERM)]);
         s.handle_exit(100, None, Some(15), None, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
     }
@@ -689,14 +854,21 @@ mod tests {
 
     #[test]
     fn the_flush_timeout_is_configurable_and_zero_means_no_wait() {
-        let pending = Leftovers { descendants: false, output: false, server: true };
+        let pending = Leftovers {
+            descendants: false,
+            output: false,
+            server: true,
+        };
         let t0 = Instant::now();
         let mut s = Supervisor::new(Duration::from_secs(30), false, Duration::from_secs(7));
         s.start();
         s.handle_spawned(100, None);
         drain(&mut s);
         s.handle_exit(100, Some(0), None, None, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         s.handle_leftovers(pending, t0);
         s.handle_timeout(t0 + Duration::from_secs(6), pending);
         assert_eq!(drain(&mut s), [], "7 s, not the default 2 s");
@@ -720,15 +892,30 @@ mod tests {
         s.handle_spawned(100, None);
         s.handle_exit(100, Some(0), None, None, t0);
         drain(&mut s);
-        let stuck = Leftovers { descendants: false, output: true, server: true };
+        let stuck = Leftovers {
+            descendants: false,
+            output: true,
+            server: true,
+        };
         s.handle_leftovers(stuck, t0);
         s.handle_timeout(t0 + CLEANUP_GRACE, stuck);
         let gave_up = t0 + CLEANUP_GRACE + FINAL_GRACE;
         s.handle_timeout(gave_up, stuck);
         assert_eq!(drain(&mut s), [], "the server still gets its window");
         assert_eq!(s.poll_timeout(), Some(gave_up + Duration::from_secs(10)));
-        s.handle_leftovers(Leftovers { descendants: false, output: true, server: false }, gave_up + Duration::from_secs(1));
-        assert_eq!(drain(&mut s), [], "(output still counts until the window ends)");
+        s.handle_leftovers(
+            Leftovers {
+                descendants: false,
+                output: true,
+                server: false,
+            },
+            gave_up + Duration::from_secs(1),
+        );
+        assert_eq!(
+            drain(&mut s),
+            [],
+            "(output still counts until the window ends)"
+        );
         s.handle_timeout(gave_up + Duration::from_secs(10), stuck);
         assert_eq!(drain(&mut s), [Action::Exit(0)]);
     }
@@ -739,13 +926,19 @@ mod tests {
         // Stopped before it ever started.
         let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.handle_signal(TERM, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         // Could not be started.
         let mut s = Supervisor::new(Duration::from_secs(30), false, FLUSH);
         s.start();
         drain(&mut s);
         s.handle_spawn_failed(127, t0);
-        assert_eq!(drain(&mut s), [Action::SignalDescendants(TERM), Action::LastWords]);
+        assert_eq!(
+            drain(&mut s),
+            [Action::SignalDescendants(TERM), Action::LastWords]
+        );
         s.handle_leftovers(NONE, t0);
         s.handle_timeout(t0 + CLEANUP_GRACE, NONE);
         assert_eq!(drain(&mut s), [Action::Exit(127)]);
@@ -756,19 +949,39 @@ mod tests {
         assert!(oom_killed(Some(0), Some(1), Some(KILL)));
         assert!(oom_killed(Some(7), Some(9), Some(KILL)));
         assert!(!oom_killed(Some(1), Some(1), Some(KILL)), "a plain kill -9");
-        assert!(!oom_killed(Some(0), Some(1), Some(TERM)), "killed for memory means SIGKILL");
+        assert!(
+            !oom_killed(Some(0), Some(1), Some(TERM)),
+            "killed for memory means SIGKILL"
+        );
         assert!(!oom_killed(Some(0), Some(1), None));
-        assert!(!oom_killed(None, Some(1), Some(KILL)), "unknown counts mean no");
+        assert!(
+            !oom_killed(None, Some(1), Some(KILL)),
+            "unknown counts mean no"
+        );
         assert!(!oom_killed(Some(0), None, Some(KILL)));
 
         let (mut s, t0) = running(30, false);
         s.handle_spawned(100, Some(4));
         s.handle_exit(100, None, Some(KILL), Some(5), t0);
-        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: true })));
+        assert_eq!(
+            s.child_state(),
+            ChildState::Exited(Some(Ended {
+                code: 137,
+                signal: Some(KILL),
+                oom_killed: true
+            }))
+        );
         let (mut s, t0) = running(30, false);
         s.handle_spawned(100, Some(4));
         s.handle_exit(100, None, Some(KILL), Some(4), t0);
-        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: false })));
+        assert_eq!(
+            s.child_state(),
+            ChildState::Exited(Some(Ended {
+                code: 137,
+                signal: Some(KILL),
+                oom_killed: false
+            }))
+        );
         // The count is taken per start: a kill of an earlier child does not count for this one.
         let (mut s, t0) = running(30, false);
         s.handle_spawned(100, Some(2));
@@ -776,7 +989,14 @@ mod tests {
         s.handle_exit(100, None, Some(KILL), Some(3), t0);
         s.handle_spawned(101, Some(3));
         s.handle_exit(101, None, Some(KILL), Some(3), t0);
-        assert_eq!(s.child_state(), ChildState::Exited(Some(Ended { code: 137, signal: Some(KILL), oom_killed: false })));
+        assert_eq!(
+            s.child_state(),
+            ChildState::Exited(Some(Ended {
+                code: 137,
+                signal: Some(KILL),
+                oom_killed: false
+            }))
+        );
     }
 
     #[test]
@@ -784,21 +1004,39 @@ mod tests {
         // Pure cgroup v2.
         assert_eq!(
             oom_counter_paths("0::/system.slice/app.service\n"),
-            ["/sys/fs/cgroup/system.slice/app.service/memory.events", "/sys/fs/cgroup/unified/system.slice/app.service/memory.events"]
+            [
+                "/sys/fs/cgroup/system.slice/app.service/memory.events",
+                "/sys/fs/cgroup/unified/system.slice/app.service/memory.events"
+            ]
         );
         // A container with its own cgroup namespace: the path is `/`.
-        assert_eq!(oom_counter_paths("0::/\n")[0], "/sys/fs/cgroup/memory.events");
+        assert_eq!(
+            oom_counter_paths("0::/\n")[0],
+            "/sys/fs/cgroup/memory.events"
+        );
         // Hybrid: v2 first (it may lack the memory controller), then the v1 memory hierarchy.
         let hybrid = "9:name=systemd:/\n4:memory:/process_api/f654\n3:cpuset:/\n1:cpu:/\n0::/\n";
         assert_eq!(
             oom_counter_paths(hybrid),
-            ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/unified/memory.events", "/sys/fs/cgroup/memory/process_api/f654/memory.oom_control"]
+            [
+                "/sys/fs/cgroup/memory.events",
+                "/sys/fs/cgroup/unified/memory.events",
+                "/sys/fs/cgroup/memory/process_api/f654/memory.oom_control"
+            ]
         );
         // v1 with the memory controller co-mounted, and at the root.
-        assert_eq!(oom_counter_paths("5:cpu,memory:/docker/abc"), ["/sys/fs/cgroup/memory/docker/abc/memory.oom_control"]);
-        assert_eq!(oom_counter_paths("5:memory:/"), ["/sys/fs/cgroup/memory/memory.oom_control"]);
+        assert_eq!(
+            oom_counter_paths("5:cpu,memory:/docker/abc"),
+            ["/sys/fs/cgroup/memory/docker/abc/memory.oom_control"]
+        );
+        assert_eq!(
+            oom_counter_paths("5:memory:/"),
+            ["/sys/fs/cgroup/memory/memory.oom_control"]
+        );
         // Not memory, or not a line at all.
-        assert!(oom_counter_paths("3:memoryx:/a\n2:cpu:/b\ngarbage\n7:memory:relative\n").is_empty());
+        assert!(
+            oom_counter_paths("3:memoryx:/a\n2:cpu:/b\ngarbage\n7:memory:relative\n").is_empty()
+        );
         assert!(oom_counter_paths("").is_empty());
     }
 
@@ -810,7 +1048,11 @@ mod tests {
         assert_eq!(parse_oom_kills(v1), Some(17));
         // Kernels before 4.13 have no oom_kill line in memory.oom_control.
         assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
-        assert_eq!(parse_oom_kills("oom_group_kill 5\n"), None, "not the same counter");
+        assert_eq!(
+            parse_oom_kills("oom_group_kill 5\n"),
+            None,
+            "not the same counter"
+        );
         assert_eq!(parse_oom_kills("oom_kill many\n"), None);
         assert_eq!(parse_oom_kills(""), None);
     }

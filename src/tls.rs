@@ -5,15 +5,19 @@
 //! call again. The crypto provider is cut down to what the protocol uses (one AEAD suite that
 //! every TLS 1.3 server must implement, X25519, no client keys) so the binary stays small.
 
-use crate::config::CaSource;
 use crate::error::Error;
-use mio::net::TcpStream;
+use crate::settings::CaSource;
 use mio::Interest;
+use mio::net::TcpStream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, GetRandomFailed, KeyProvider, SecureRandom, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    CryptoProvider, GetRandomFailed, KeyProvider, SecureRandom, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
@@ -49,15 +53,45 @@ static SIG_ALGS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
         webpki::ring::RSA_PKCS1_2048_8192_SHA512,
     ],
     mapping: &[
-        (SignatureScheme::ECDSA_NISTP384_SHA384, &[webpki::ring::ECDSA_P384_SHA384, webpki::ring::ECDSA_P256_SHA384]),
-        (SignatureScheme::ECDSA_NISTP256_SHA256, &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA256]),
+        (
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            &[
+                webpki::ring::ECDSA_P384_SHA384,
+                webpki::ring::ECDSA_P256_SHA384,
+            ],
+        ),
+        (
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            &[
+                webpki::ring::ECDSA_P256_SHA256,
+                webpki::ring::ECDSA_P384_SHA256,
+            ],
+        ),
         (SignatureScheme::ED25519, &[webpki::ring::ED25519]),
-        (SignatureScheme::RSA_PSS_SHA512, &[webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY]),
-        (SignatureScheme::RSA_PSS_SHA384, &[webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY]),
-        (SignatureScheme::RSA_PSS_SHA256, &[webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY]),
-        (SignatureScheme::RSA_PKCS1_SHA512, &[webpki::ring::RSA_PKCS1_2048_8192_SHA512]),
-        (SignatureScheme::RSA_PKCS1_SHA384, &[webpki::ring::RSA_PKCS1_2048_8192_SHA384]),
-        (SignatureScheme::RSA_PKCS1_SHA256, &[webpki::ring::RSA_PKCS1_2048_8192_SHA256]),
+        (
+            SignatureScheme::RSA_PSS_SHA512,
+            &[webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY],
+        ),
+        (
+            SignatureScheme::RSA_PSS_SHA384,
+            &[webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY],
+        ),
+        (
+            SignatureScheme::RSA_PSS_SHA256,
+            &[webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY],
+        ),
+        (
+            SignatureScheme::RSA_PKCS1_SHA512,
+            &[webpki::ring::RSA_PKCS1_2048_8192_SHA512],
+        ),
+        (
+            SignatureScheme::RSA_PKCS1_SHA384,
+            &[webpki::ring::RSA_PKCS1_2048_8192_SHA384],
+        ),
+        (
+            SignatureScheme::RSA_PKCS1_SHA256,
+            &[webpki::ring::RSA_PKCS1_2048_8192_SHA256],
+        ),
     ],
 };
 
@@ -67,8 +101,13 @@ static SIG_ALGS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
 struct NoKeys;
 
 impl KeyProvider for NoKeys {
-    fn load_private_key(&self, _: PrivateKeyDer<'static>) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
-        Err(rustls::Error::General("the entrypoint has no client keys".into()))
+    fn load_private_key(
+        &self,
+        _: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        Err(rustls::Error::General(
+            "the entrypoint has no client keys".into(),
+        ))
     }
 }
 
@@ -97,13 +136,30 @@ fn provider() -> CryptoProvider {
 struct SkipVerify;
 
 impl ServerCertVerifier for SkipVerify {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("TLS 1.2 is not used".into()))
     }
-    fn verify_tls13_signature(&self, msg: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The peer still proves it holds the key of the certificate it sent.
         rustls::crypto::verify_tls13_signature(msg, cert, dss, &SIG_ALGS)
     }
@@ -119,9 +175,14 @@ pub fn client_config(ca: &CaSource, skip_verify: bool) -> Result<Arc<ClientConfi
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls("configuring TLS", e))?;
     let mut config = if skip_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(SkipVerify)).with_no_client_auth()
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipVerify))
+            .with_no_client_auth()
     } else {
-        builder.with_root_certificates(roots(ca)?).with_no_client_auth()
+        builder
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth()
     };
     config.alpn_protocols = vec![waypost_proto::ALPN.to_vec()];
     // No session resumption: one long-lived connection, and less state held in memory.
@@ -133,14 +194,22 @@ fn roots(ca: &CaSource) -> Result<RootCertStore, Error> {
     let (pem, origin): (Vec<u8>, String) = match ca {
         CaSource::Pem(text) => (text.clone().into_bytes(), "WAYPOST_CA".into()),
         CaSource::Path(p) => (
-            std::fs::read(p).map_err(|e| Error::Env { name: "WAYPOST_CA", why: format!("cannot read {p}: {e}") })?,
+            std::fs::read(p).map_err(|e| Error::Env {
+                name: "WAYPOST_CA",
+                why: format!("cannot read {p}: {e}"),
+            })?,
             p.clone(),
         ),
         CaSource::System => {
-            let found = std::env::var("SSL_CERT_FILE").ok().into_iter().chain(SYSTEM_BUNDLES.iter().map(|s| s.to_string())).find_map(|p| std::fs::read(&p).ok().map(|b| (b, p)));
+            let found = std::env::var("SSL_CERT_FILE")
+                .ok()
+                .into_iter()
+                .chain(SYSTEM_BUNDLES.iter().map(|s| s.to_string()))
+                .find_map(|p| std::fs::read(&p).ok().map(|b| (b, p)));
             found.ok_or_else(|| Error::Env {
                 name: "WAYPOST_CA",
-                why: "is unset and no system CA bundle was found; set it to the server's CA (PEM text or a file)".into(),
+                why: "is unset and no system CA bundle was found; set it to the server's CA (PEM text or a file)"
+                    .into(),
             })?
         }
     };
@@ -152,7 +221,10 @@ fn roots(ca: &CaSource) -> Result<RootCertStore, Error> {
         }
     }
     if store.is_empty() {
-        return Err(Error::Env { name: "WAYPOST_CA", why: format!("{origin} holds no usable PEM certificate") });
+        return Err(Error::Env {
+            name: "WAYPOST_CA",
+            why: format!("{origin} holds no usable PEM certificate"),
+        });
     }
     if bad > 0 && !matches!(ca, CaSource::System) {
         crate::warn!("{bad} certificates in {origin} could not be used");
@@ -165,7 +237,11 @@ enum Phase {
     /// TCP connect in progress; then the proxy exchange if `proxy_req` is set, else TLS.
     Connecting { proxy_req: Option<Vec<u8>> },
     /// Talking to the HTTP proxy: `req[sent..]` still to send, then its reply header.
-    Proxy { req: Vec<u8>, sent: usize, reply: Vec<u8> },
+    Proxy {
+        req: Vec<u8>,
+        sent: usize,
+        reply: Vec<u8>,
+    },
     /// TLS handshake.
     Handshake,
     /// Ready for frames.
@@ -196,15 +272,32 @@ impl Conn {
     /// A connection whose TCP connect to `sock`'s peer has been started. `host` is the server's
     /// name (for SNI and certificate checks); `proxy_target` the `host:port` to ask an HTTP
     /// proxy for, when `sock` goes to a proxy.
-    pub fn new(sock: TcpStream, config: Arc<ClientConfig>, host: &str, proxy_target: Option<&str>) -> Result<Conn, Error> {
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| Error::Env { name: "WAYPOST_SERVER", why: format!("{host:?} is not a valid host name") })?;
-        let mut tls = ClientConnection::new(config, name).map_err(|e| Error::Tls("starting TLS", e))?;
+    pub fn new(
+        sock: TcpStream,
+        config: Arc<ClientConfig>,
+        host: &str,
+        proxy_target: Option<&str>,
+    ) -> Result<Conn, Error> {
+        let name = ServerName::try_from(host.to_owned()).map_err(|_| Error::Env {
+            name: "WAYPOST_SERVER",
+            why: format!("{host:?} is not a valid host name"),
+        })?;
+        let mut tls =
+            ClientConnection::new(config, name).map_err(|e| Error::Tls("starting TLS", e))?;
         tls.set_buffer_limit(Some(SEND_BUFFER));
         let proxy_req = proxy_target.map(|t| {
-            format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nUser-Agent: waypost-entrypoint/{}\r\n\r\n", env!("CARGO_PKG_VERSION")).into_bytes()
+            format!(
+                "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nUser-Agent: waypost-entrypoint/{}\r\n\r\n",
+                env!("CARGO_PKG_VERSION")
+            )
+            .into_bytes()
         });
-        Ok(Conn { sock, tls, phase: Phase::Connecting { proxy_req }, eof: false })
+        Ok(Conn {
+            sock,
+            tls,
+            phase: Phase::Connecting { proxy_req },
+            eof: false,
+        })
     }
 
     pub fn socket(&mut self) -> &mut TcpStream {
@@ -222,7 +315,11 @@ impl Conn {
             Phase::Proxy { req, sent, .. } => *sent < req.len(),
             Phase::Handshake | Phase::Open => self.tls.wants_write(),
         };
-        if write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
+        if write {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        }
     }
 
     /// Advances connect, proxy and handshake as far as the socket allows. `Ok(true)` exactly once:
@@ -232,17 +329,29 @@ impl Conn {
             match &mut self.phase {
                 Phase::Connecting { proxy_req } => {
                     if let Some(e) = self.sock.take_error().map_err(Error::io("connecting"))? {
-                        return Err(Error::Io { context: "connecting", source: e });
+                        return Err(Error::Io {
+                            context: "connecting",
+                            source: e,
+                        });
                     }
                     match self.sock.peer_addr() {
                         Ok(_) => {
                             self.phase = match proxy_req.take() {
-                                Some(req) => Phase::Proxy { req, sent: 0, reply: Vec::new() },
+                                Some(req) => Phase::Proxy {
+                                    req,
+                                    sent: 0,
+                                    reply: Vec::new(),
+                                },
                                 None => Phase::Handshake,
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
-                        Err(e) => return Err(Error::Io { context: "connecting", source: e }),
+                        Err(e) => {
+                            return Err(Error::Io {
+                                context: "connecting",
+                                source: e,
+                            });
+                        }
                     }
                 }
                 Phase::Proxy { req, sent, reply } => {
@@ -251,23 +360,39 @@ impl Conn {
                             Ok(n) => *sent += n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(Error::Io { context: "talking to the proxy", source: e }),
+                            Err(e) => {
+                                return Err(Error::Io {
+                                    context: "talking to the proxy",
+                                    source: e,
+                                });
+                            }
                         }
                     }
                     // The reply header ends before the server says anything (it waits for our
                     // ClientHello), so whatever arrives now belongs to the header.
                     let mut buf = [0u8; 512];
                     match self.sock.read(&mut buf) {
-                        Ok(0) => return Err(Error::Proxy("the proxy closed the connection".into())),
+                        Ok(0) => {
+                            return Err(Error::Proxy("the proxy closed the connection".into()));
+                        }
                         Ok(n) => reply.extend_from_slice(&buf[..n]),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(Error::Io { context: "talking to the proxy", source: e }),
+                        Err(e) => {
+                            return Err(Error::Io {
+                                context: "talking to the proxy",
+                                source: e,
+                            });
+                        }
                     }
                     match proxy_reply(reply).map_err(Error::Proxy)? {
                         Some(n) if n == reply.len() => self.phase = Phase::Handshake,
-                        Some(_) => return Err(Error::Proxy("the proxy sent data after its reply".into())),
-                        None if reply.len() > PROXY_REPLY_CAP => return Err(Error::Proxy("the proxy's reply is too long".into())),
+                        Some(_) => {
+                            return Err(Error::Proxy("the proxy sent data after its reply".into()));
+                        }
+                        None if reply.len() > PROXY_REPLY_CAP => {
+                            return Err(Error::Proxy("the proxy's reply is too long".into()));
+                        }
                         None => {}
                     }
                 }
@@ -278,13 +403,24 @@ impl Conn {
                         return Ok(true);
                     }
                     match self.tls.read_tls(&mut self.sock) {
-                        Ok(0) => return Err(Error::Proxy("the server closed the connection during the TLS handshake".into())),
+                        Ok(0) => {
+                            return Err(Error::Proxy(
+                                "the server closed the connection during the TLS handshake".into(),
+                            ));
+                        }
                         Ok(_) => {
-                            self.tls.process_new_packets().map_err(|e| Error::Tls("TLS handshake", e))?;
+                            self.tls
+                                .process_new_packets()
+                                .map_err(|e| Error::Tls("TLS handshake", e))?;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(Error::Io { context: "TLS handshake", source: e }),
+                        Err(e) => {
+                            return Err(Error::Io {
+                                context: "TLS handshake",
+                                source: e,
+                            });
+                        }
                     }
                 }
                 Phase::Open => return Ok(false),
@@ -299,24 +435,40 @@ impl Conn {
             match self.tls.reader().read(space) {
                 Ok(0) => return Ok(Received::Closed),
                 Ok(n) => return Ok(Received::Data(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.eof => return Ok(Received::Closed),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.eof => {
+                    return Ok(Received::Closed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The TCP stream ended without a TLS close_notify.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Received::Closed),
-                Err(e) => return Err(Error::Io { context: "reading from the server", source: e }),
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: "reading from the server",
+                        source: e,
+                    });
+                }
             }
             match self.tls.read_tls(&mut self.sock) {
                 Ok(0) => {
                     // EOF: the next round hands out what was still decrypted, then Closed.
-                    self.tls.process_new_packets().map_err(|e| Error::Tls("reading from the server", e))?;
+                    self.tls
+                        .process_new_packets()
+                        .map_err(|e| Error::Tls("reading from the server", e))?;
                     self.eof = true;
                 }
                 Ok(_) => {
-                    self.tls.process_new_packets().map_err(|e| Error::Tls("reading from the server", e))?;
+                    self.tls
+                        .process_new_packets()
+                        .map_err(|e| Error::Tls("reading from the server", e))?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Received::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::Io { context: "reading from the server", source: e }),
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: "reading from the server",
+                        source: e,
+                    });
+                }
             }
         }
     }
@@ -333,7 +485,12 @@ impl Conn {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::Io { context: "writing to the server", source: e }),
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: "writing to the server",
+                        source: e,
+                    });
+                }
             }
         }
         Ok(true)
@@ -362,7 +519,11 @@ fn proxy_reply(reply: &[u8]) -> Result<Option<usize>, String> {
         Ok(httparse::Status::Partial) => Ok(None),
         Ok(httparse::Status::Complete(n)) => match resp.code {
             Some(200..=299) => Ok(Some(n)),
-            code => Err(format!("the proxy refused the tunnel: {} {}", code.unwrap_or(0), resp.reason.unwrap_or(""))),
+            code => Err(format!(
+                "the proxy refused the tunnel: {} {}",
+                code.unwrap_or(0),
+                resp.reason.unwrap_or("")
+            )),
         },
         Err(e) => Err(format!("bad reply from the proxy: {e}")),
     }
@@ -374,8 +535,14 @@ mod tests {
 
     #[test]
     fn proxy_replies() {
-        assert_eq!(proxy_reply(b"HTTP/1.1 200 Connection established\r\n\r\n"), Ok(Some(39)));
-        assert_eq!(proxy_reply(b"HTTP/1.0 200 OK\r\nProxy-Agent: x\r\n\r\n"), Ok(Some(35)));
+        assert_eq!(
+            proxy_reply(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            Ok(Some(39))
+        );
+        assert_eq!(
+            proxy_reply(b"HTTP/1.0 200 OK\r\nProxy-Agent: x\r\n\r\n"),
+            Ok(Some(35))
+        );
         assert_eq!(proxy_reply(b"HTTP/1.1 200 Conn"), Ok(None));
         assert_eq!(proxy_reply(b"HTTP/1.1 200 OK\r\n"), Ok(None));
         let e = proxy_reply(b"HTTP/1.1 403 Forbidden\r\n\r\n").unwrap_err();
@@ -385,10 +552,19 @@ mod tests {
 
     #[test]
     fn a_ca_that_is_not_pem_is_a_clear_error() {
-        let e = client_config(&CaSource::Pem("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into()), false).unwrap_err();
+        let e = client_config(
+            &CaSource::Pem(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(),
+            ),
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no usable PEM certificate"), "{e}");
         let e = client_config(&CaSource::Path("/nonexistent/ca.pem".into()), false).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
-        assert!(client_config(&CaSource::System, true).is_ok(), "skip-verify needs no roots");
+        assert!(
+            client_config(&CaSource::System, true).is_ok(),
+            "skip-verify needs no roots"
+        );
     }
 }

@@ -21,7 +21,9 @@ pub fn admit(disabled: bool, active: usize) -> Result<(), String> {
         return Err("the URL service is disabled on this instance (WAYPOST_DISABLE_URL=1)".into());
     }
     if active >= MAX_STREAMS {
-        return Err(format!("too many streams on this instance (at most {MAX_STREAMS})"));
+        return Err(format!(
+            "too many streams on this instance (at most {MAX_STREAMS})"
+        ));
     }
     Ok(())
 }
@@ -131,7 +133,11 @@ impl Stream {
 
     /// How many bytes to read from the app now.
     pub fn budget(&self) -> usize {
-        if !self.connected || self.app_eof { 0 } else { self.output.budget(CHUNK) }
+        if !self.connected || self.app_eof {
+            0
+        } else {
+            self.output.budget(CHUNK)
+        }
     }
 
     /// `n` bytes from the app were sent.

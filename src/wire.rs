@@ -108,7 +108,7 @@ impl SendBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use waypost_proto::{Kind, Ping, StreamData, HEADER_LEN};
+    use waypost_proto::{HEADER_LEN, Kind, Ping, StreamData};
 
     fn wire(frames: &[Frame]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -142,7 +142,16 @@ mod tests {
     #[test]
     fn frames_come_out_whole_whatever_the_read_sizes() {
         let frames: Vec<Frame> = (0..50u64)
-            .map(|i| if i % 7 == 0 { Frame::from(Kind::StreamData(StreamData { stream: i, data: vec![i as u8; 40_000] })) } else { Frame::from(Kind::Ping(Ping { nonce: i })) })
+            .map(|i| {
+                if i % 7 == 0 {
+                    Frame::from(Kind::StreamData(StreamData {
+                        stream: i,
+                        data: vec![i as u8; 40_000],
+                    }))
+                } else {
+                    Frame::from(Kind::Ping(Ping { nonce: i }))
+                }
+            })
             .collect();
         let bytes = wire(&frames);
         for chunk in [1, 2, 3, 7, 100, 4096, 16 * 1024, 1 << 20] {
@@ -153,7 +162,10 @@ mod tests {
 
     #[test]
     fn grows_for_a_big_frame_then_shrinks_back() {
-        let big = Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![1; 900_000] }));
+        let big = Frame::from(Kind::StreamData(StreamData {
+            stream: 1,
+            data: vec![1; 900_000],
+        }));
         let small = Frame::from(Kind::Ping(Ping { nonce: 1 }));
         let bytes = wire(&[small.clone(), big.clone(), small.clone()]);
         let mut rb = RecvBuf::new();
@@ -172,14 +184,23 @@ mod tests {
             }
         }
         assert_eq!(got, [small.clone(), big, small]);
-        assert!(peak <= MAX_FRAME + HEADER_LEN + 1, "never past one max frame: {peak}");
+        assert!(
+            peak <= MAX_FRAME + HEADER_LEN + 1,
+            "never past one max frame: {peak}"
+        );
         let _ = rb.space();
-        assert!(rb.capacity() <= RECV_INITIAL, "shrunk back: {}", rb.capacity());
+        assert!(
+            rb.capacity() <= RECV_INITIAL,
+            "shrunk back: {}",
+            rb.capacity()
+        );
     }
 
     #[test]
     fn small_traffic_stays_small() {
-        let frames: Vec<Frame> = (0..1000).map(|i| Frame::from(Kind::Ping(Ping { nonce: i }))).collect();
+        let frames: Vec<Frame> = (0..1000)
+            .map(|i| Frame::from(Kind::Ping(Ping { nonce: i })))
+            .collect();
         let (got, peak) = feed(&wire(&frames), 333);
         assert_eq!(got.len(), 1000);
         assert_eq!(peak, RECV_INITIAL);
@@ -191,7 +212,10 @@ mod tests {
         let space = rb.space();
         space[..4].copy_from_slice(&u32::MAX.to_be_bytes());
         rb.filled(4);
-        assert!(matches!(rb.next_frame(), Some(Err(waypost_proto::Error::TooLarge(_)))));
+        assert!(matches!(
+            rb.next_frame(),
+            Some(Err(waypost_proto::Error::TooLarge(_)))
+        ));
         assert!(!rb.space().is_empty());
         assert!(rb.capacity() <= RECV_INITIAL + 1);
     }
@@ -201,7 +225,11 @@ mod tests {
         let mut sb = SendBuf::default();
         let mut n = 0;
         while sb.wants_more() {
-            sb.push(&Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![0; 1000] }))).unwrap();
+            sb.push(&Frame::from(Kind::StreamData(StreamData {
+                stream: 1,
+                data: vec![0; 1000],
+            })))
+            .unwrap();
             n += 1;
         }
         assert!((16..=17).contains(&n), "{n}");

@@ -1,5 +1,5 @@
-//! Integration tests of the entrypoint's init duties (CONTRACT.md, "waypost-entrypoint" and
-//! "Init duties"): exit codes, signal forwarding, zombie reaping (as PID 1 and as a subreaper),
+//! Integration tests of the entrypoint's init duties (the README's "The entrypoint as an init":
+//! exit codes, signal forwarding, zombie reaping (as PID 1 and as a subreaper),
 //! stop timeout, cleanup of descendants, byte-exact output with backpressure, terminals,
 //! `WAYPOST_DISABLE`, the command line and configuration errors, and the child's environment.
 //!
@@ -27,10 +27,19 @@ fn exit_codes_0_to_255_propagate() {
     for n in 0..=255 {
         let out = Running::spawn_captured(entrypoint_sh(&dir, &format!("exit {n}"))).finish();
         if out.status.code() != Some(n) {
-            wrong.push(format!("child `exit {n}`: entrypoint {}\n{}", describe_status(out.status), out.context()));
+            wrong.push(format!(
+                "child `exit {n}`: entrypoint {}\n{}",
+                describe_status(out.status),
+                out.context()
+            ));
         }
     }
-    assert!(wrong.is_empty(), "{} of 256 exit codes did not propagate:\n{}", wrong.len(), wrong.join("\n\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of 256 exit codes did not propagate:\n{}",
+        wrong.len(),
+        wrong.join("\n\n")
+    );
 }
 
 #[test]
@@ -54,15 +63,32 @@ fn child_killed_by_signal_gives_128_plus_signal_number() {
         let script = format!("kill -{name} $$; echo 'still alive after kill -{name}'; exit 99");
         // Premise: without the entrypoint, this child really dies of the signal (dash does not
         // ignore INT/QUIT here, since std's spawn gives it default dispositions).
-        let direct = plain_command(&dir, "sh").args(["-c", &script]).stdout(Stdio::null()).status().unwrap();
-        assert_eq!(direct.signal(), Some(sig), "premise: `sh -c 'kill -{name} $$'` run directly {}", describe_status(direct));
+        let direct = plain_command(&dir, "sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            direct.signal(),
+            Some(sig),
+            "premise: `sh -c 'kill -{name} $$'` run directly {}",
+            describe_status(direct)
+        );
 
         let out = Running::spawn_captured(entrypoint_sh(&dir, &script)).finish();
         if out.status.code() != Some(128 + sig) {
-            wrong.push(format!("SIG{name}: expected exit code {}, but {}", 128 + sig, out.context()));
+            wrong.push(format!(
+                "SIG{name}: expected exit code {}, but {}",
+                128 + sig,
+                out.context()
+            ));
         }
     }
-    assert!(wrong.is_empty(), "child killed by a signal → 128+N failed for:\n{}", wrong.join("\n\n"));
+    assert!(
+        wrong.is_empty(),
+        "child killed by a signal → 128+N failed for:\n{}",
+        wrong.join("\n\n")
+    );
 }
 
 #[test]
@@ -77,19 +103,40 @@ fn child_starts_with_default_signal_dispositions_and_empty_mask() {
     let script = "grep -E '^(SigBlk|SigIgn):' /proc/self/status";
     let masks = |text: &str| -> (u64, u64) {
         let field = |key: &str| {
-            let line = text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {text:?}"));
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {text:?}"));
             u64::from_str_radix(line.trim(), 16).unwrap() & ((1 << 31) - 1)
         };
         (field("SigBlk:"), field("SigIgn:"))
     };
-    let names = |mask: u64| -> Vec<&str> { (1..=31).filter(|s| mask & (1 << (s - 1)) != 0).map(signal_name).collect() };
-    let direct = plain_command(&dir, "sh").args(["-c", script]).output().unwrap();
+    let names = |mask: u64| -> Vec<&str> {
+        (1..=31)
+            .filter(|s| mask & (1 << (s - 1)) != 0)
+            .map(signal_name)
+            .collect()
+    };
+    let direct = plain_command(&dir, "sh")
+        .args(["-c", script])
+        .output()
+        .unwrap();
     let (direct_blk, direct_ign) = masks(&String::from_utf8_lossy(&direct.stdout));
     let out = Running::spawn_captured(entrypoint_sh(&dir, script)).finish();
     out.assert_code(0, "grep exits 0");
     let (blk, ign) = masks(&out.stdout_str());
-    assert_eq!(names(blk), names(direct_blk), "signals blocked in the child (left: under the entrypoint, right: run directly): {}", out.context());
-    assert_eq!(names(ign), names(direct_ign), "signals ignored in the child (left: under the entrypoint, right: run directly): {}", out.context());
+    assert_eq!(
+        names(blk),
+        names(direct_blk),
+        "signals blocked in the child (left: under the entrypoint, right: run directly): {}",
+        out.context()
+    );
+    assert_eq!(
+        names(ign),
+        names(direct_ign),
+        "signals ignored in the child (left: under the entrypoint, right: run directly): {}",
+        out.context()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,8 +162,15 @@ fn assert_signal_forwarded(sig: i32, extra_env: &[(&str, &str)]) {
     let mut ep = Running::spawn_captured(cmd);
     ep.wait_for_file(&dir.join("ready"));
     ep.signal(sig);
-    ep.wait_until(&format!("the child received SIG{name} (forwarded by the entrypoint)"), || dir.exists("got"));
-    assert_eq!(dir.read("got").as_deref(), Some(name), "the child's trap recorded the wrong signal");
+    ep.wait_until(
+        &format!("the child received SIG{name} (forwarded by the entrypoint)"),
+        || dir.exists("got"),
+    );
+    assert_eq!(
+        dir.read("got").as_deref(),
+        Some(name),
+        "the child's trap recorded the wrong signal"
+    );
     let out = ep.finish();
     out.assert_code(0, &format!("the child exits 0 from its SIG{name} trap"));
 }
@@ -146,7 +200,11 @@ forwarding_tests! {
 /// to the entrypoint. Returns (dir, entrypoint, grandchild pid) with the child's receipt
 /// already confirmed; the child exits 0 once the test creates `go`.
 fn signal_group_scenario(group: bool) -> (TestDir, Running, i32) {
-    let dir = TestDir::new(if group { "signal-group" } else { "signal-no-group" });
+    let dir = TestDir::new(if group {
+        "signal-group"
+    } else {
+        "signal-no-group"
+    });
     let grandchild = dir.script(
         "grandchild.sh",
         "trap 'put gc_got USR1; kill $! 2>/dev/null; exit 0' USR1\n\
@@ -185,7 +243,11 @@ fn signal_group_scenario(group: bool) -> (TestDir, Running, i32) {
     );
     // SAFETY: getpgrp has no preconditions.
     let test_pgrp = unsafe { libc::getpgrp() };
-    assert_ne!(c.map(|s| s.pgrp), Some(test_pgrp), "premise: the child is not in the test's process group");
+    assert_ne!(
+        c.map(|s| s.pgrp),
+        Some(test_pgrp),
+        "premise: the child is not in the test's process group"
+    );
     ep.signal(libc::SIGUSR1);
     ep.wait_until("the child received SIGUSR1", || dir.exists("child_got"));
     (dir, ep, gc_pid)
@@ -199,7 +261,8 @@ fn signal_group_forwards_to_whole_process_group() {
         || dir.exists("gc_got"),
     );
     dir.touch("go");
-    ep.finish().assert_code(0, "the child exits 0 after its USR1 trap");
+    ep.finish()
+        .assert_code(0, "the child exits 0 after its USR1 trap");
 }
 
 #[test]
@@ -217,9 +280,13 @@ fn without_signal_group_only_the_child_gets_the_signal() {
     );
     // Control: the grandchild was able to receive it, had it been sent.
     send_signal(gc, libc::SIGUSR1).expect("signalling the grandchild directly");
-    ep.wait_until("the grandchild's own USR1 trap ran when signalled directly", || dir.exists("gc_got"));
+    ep.wait_until(
+        "the grandchild's own USR1 trap ran when signalled directly",
+        || dir.exists("gc_got"),
+    );
     dir.touch("go");
-    ep.finish().assert_code(0, "the child exits 0 after its USR1 trap");
+    ep.finish()
+        .assert_code(0, "the child exits 0 after its USR1 trap");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,16 +297,24 @@ fn without_signal_group_only_the_child_gets_the_signal() {
 /// `$D/NAME.pid`, then waits for `$D/release` and exits.
 fn write_orphan_scripts(dir: &TestDir) -> String {
     let orphan = dir.script("orphan.sh", "put \"$1.pid\" $$\nwait_for release");
-    format!("for i in 1 2 3; do ( sh {} orphan$i & ); done", sh_quote(&orphan))
+    format!(
+        "for i in 1 2 3; do ( sh {} orphan$i & ); done",
+        sh_quote(&orphan)
+    )
 }
 
 const ORPHANS: [&str; 3] = ["orphan1.pid", "orphan2.pid", "orphan3.pid"];
 
 /// `unshare` can make a PID namespace here, else a loud reason to skip.
 fn pid_namespace_unavailable() -> Option<String> {
-    let out = match Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "--kill-child", "true"]).output() {
+    let out = match Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "true"])
+        .output()
+    {
         Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some("`unshare` is not installed".to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some("`unshare` is not installed".to_owned());
+        }
         Err(e) => panic!("running unshare: {e}"),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -248,7 +323,10 @@ fn pid_namespace_unavailable() -> Option<String> {
     } else if stderr.contains("Operation not permitted") || stderr.contains("EPERM") {
         Some(format!("unshare is not permitted here: {stderr}"))
     } else {
-        panic!("`unshare --pid --fork --mount-proc true` failed unexpectedly ({}): {stderr}", describe_status(out.status))
+        panic!(
+            "`unshare --pid --fork --mount-proc true` failed unexpectedly ({}): {stderr}",
+            describe_status(out.status)
+        )
     }
 }
 
@@ -288,7 +366,11 @@ fn parse_result(dir: &TestDir) -> (usize, String, String) {
             .unwrap_or_else(|| panic!("no {k}= in the scenario's result {text:?}"))
             .to_owned()
     };
-    (field("zombies").parse().unwrap(), field("ppid"), field("pid1"))
+    (
+        field("zombies").parse().unwrap(),
+        field("ppid"),
+        field("pid1"),
+    )
 }
 
 #[test]
@@ -300,34 +382,68 @@ fn reaps_zombies_as_pid_1_in_a_pid_namespace() {
     let dir = TestDir::new("zombies-pid1");
     let scenario = write_namespace_scenario(&dir);
     let mut cmd = plain_command(&dir, "unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"]).arg(entrypoint_bin()).args(["sh", &scenario, "400"]);
+    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(entrypoint_bin())
+        .args(["sh", &scenario, "400"]);
     let mut ns = Running::spawn_captured(cmd);
     ns.wait_for_file(&dir.join("result"));
     let (zombies, ppid, pid1) = parse_result(&dir);
-    let bin_name = entrypoint_bin().file_name().unwrap().to_string_lossy().into_owned();
+    let bin_name = entrypoint_bin()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let comm: String = bin_name.chars().take(15).collect(); // the kernel truncates comm to 15 bytes
-    assert_eq!((ppid.as_str(), pid1.as_str()), ("1", comm.as_str()), "premise: the entrypoint is PID 1 and the scenario's parent");
-    assert_eq!(zombies, 0, "zombies left in the namespace with the entrypoint as PID 1: {}", ns.context());
-    ns.finish().assert_code(0, "the scenario exits 0, and so do the entrypoint and unshare");
+    assert_eq!(
+        (ppid.as_str(), pid1.as_str()),
+        ("1", comm.as_str()),
+        "premise: the entrypoint is PID 1 and the scenario's parent"
+    );
+    assert_eq!(
+        zombies,
+        0,
+        "zombies left in the namespace with the entrypoint as PID 1: {}",
+        ns.context()
+    );
+    ns.finish().assert_code(
+        0,
+        "the scenario exits 0, and so do the entrypoint and unshare",
+    );
 }
 
 #[test]
 fn zombies_pile_up_under_a_pid_1_that_does_not_reap() {
     // Negative control for the test above: the same scenario with `sleep` as PID 1.
     if let Some(why) = pid_namespace_unavailable() {
-        eprintln!("\n!!!!! SKIPPED zombies_pile_up_under_a_pid_1_that_does_not_reap: {why} !!!!!\n");
+        eprintln!(
+            "\n!!!!! SKIPPED zombies_pile_up_under_a_pid_1_that_does_not_reap: {why} !!!!!\n"
+        );
         return;
     }
     let dir = TestDir::new("zombies-pid1-control");
     let scenario = write_namespace_scenario(&dir);
     let mut cmd = plain_command(&dir, "unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c"])
-        .arg(format!("sh {} 20 & exec sleep 1000", sh_quote(&scenario)));
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-c",
+    ])
+    .arg(format!("sh {} 20 & exec sleep 1000", sh_quote(&scenario)));
     let mut ns = Running::spawn_captured(cmd);
     ns.wait_for_file(&dir.join("result"));
     let (zombies, ppid, pid1) = parse_result(&dir);
-    assert_eq!((ppid.as_str(), pid1.as_str()), ("1", "sleep"), "premise: `sleep` is PID 1 and the scenario's parent");
-    assert!(zombies > 0, "control: the orphans should stay zombies under a non-reaping PID 1, got {zombies}");
+    assert_eq!(
+        (ppid.as_str(), pid1.as_str()),
+        ("1", "sleep"),
+        "premise: `sleep` is PID 1 and the scenario's parent"
+    );
+    assert!(
+        zombies > 0,
+        "control: the orphans should stay zombies under a non-reaping PID 1, got {zombies}"
+    );
     // Dropping `ns` kills unshare, whose --kill-child takes the namespace (and its zombies) down.
 }
 
@@ -360,19 +476,32 @@ fn reaps_adopted_orphans_as_subreaper() {
     let ep_pid = ep.pid();
     let orphans = orphan_pids(&dir, &mut ep);
     for &p in &orphans {
-        ep.wait_until(&format!("orphan {p} is re-parented to the entrypoint {ep_pid} (a child subreaper)"), || {
-            proc_stat(p).is_some_and(|s| s.ppid == ep_pid)
-        });
+        ep.wait_until(
+            &format!("orphan {p} is re-parented to the entrypoint {ep_pid} (a child subreaper)"),
+            || proc_stat(p).is_some_and(|s| s.ppid == ep_pid),
+        );
     }
     dir.touch("release");
     for &p in &orphans {
         // Reaped = gone from /proc altogether; a zombie would stay, with the entrypoint as parent.
         let reaped = poll_until(TIMEOUT, || !pid_exists(p));
-        assert!(reaped, "orphan {p} was not reaped: {}; {}", describe_pid(p), ep.context());
+        assert!(
+            reaped,
+            "orphan {p} was not reaped: {}; {}",
+            describe_pid(p),
+            ep.context()
+        );
     }
-    assert_eq!(zombies_of(ep_pid), Vec::<i32>::new(), "zombies whose parent is the entrypoint");
+    assert_eq!(
+        zombies_of(ep_pid),
+        Vec::<i32>::new(),
+        "zombies whose parent is the entrypoint"
+    );
     ep.signal(libc::SIGTERM);
-    ep.finish().assert_code(128 + libc::SIGTERM, "the child (`sleep`) dies of the forwarded SIGTERM");
+    ep.finish().assert_code(
+        128 + libc::SIGTERM,
+        "the child (`sleep`) dies of the forwarded SIGTERM",
+    );
 }
 
 #[test]
@@ -399,15 +528,19 @@ fn adopted_orphans_stay_zombies_under_a_subreaper_that_does_not_reap() {
     let reaper_pid = reaper.pid();
     let orphans = orphan_pids(&dir, &mut reaper);
     for &p in &orphans {
-        reaper.wait_until(&format!("orphan {p} is re-parented to the subreaper {reaper_pid}"), || {
-            proc_stat(p).is_some_and(|s| s.ppid == reaper_pid)
-        });
+        reaper.wait_until(
+            &format!("orphan {p} is re-parented to the subreaper {reaper_pid}"),
+            || proc_stat(p).is_some_and(|s| s.ppid == reaper_pid),
+        );
     }
     dir.touch("release");
-    reaper.wait_until("all three orphans are zombies of the non-reaping subreaper", || {
-        let zombies = zombies_of(reaper_pid);
-        orphans.iter().all(|p| zombies.contains(p))
-    });
+    reaper.wait_until(
+        "all three orphans are zombies of the non-reaping subreaper",
+        || {
+            let zombies = zombies_of(reaper_pid);
+            orphans.iter().all(|p| zombies.contains(p))
+        },
+    );
     // Dropping `reaper` kills it; its zombies go to PID 1, which reaps them.
 }
 
@@ -420,7 +553,11 @@ fn run_not_spawned(dir: &TestDir, args: &[&str], env: &[(&str, &str)]) -> Finish
     let mut cmd = entrypoint(dir);
     cmd.args(args).envs(env.iter().copied());
     let out = Running::spawn_captured(cmd).finish();
-    assert!(!dir.exists("spawned"), "the child must not be spawned: {}", out.context());
+    assert!(
+        !dir.exists("spawned"),
+        "the child must not be spawned: {}",
+        out.context()
+    );
     out
 }
 
@@ -431,10 +568,17 @@ fn spawn_marker_script(dir: &TestDir) -> String {
 #[test]
 fn command_not_found_gives_127() {
     let dir = TestDir::new("not-found");
-    for cmd in ["waypost-test-no-such-command", "/nonexistent/waypost-test-no-such-command"] {
+    for cmd in [
+        "waypost-test-no-such-command",
+        "/nonexistent/waypost-test-no-such-command",
+    ] {
         let out = run_not_spawned(&dir, &[cmd, "arg"], &[]);
         out.assert_code(127, &format!("CMD {cmd} does not exist"));
-        assert!(out.stderr_str().contains("waypost-test-no-such-command"), "stderr should name the command: {}", out.context());
+        assert!(
+            out.stderr_str().contains("waypost-test-no-such-command"),
+            "stderr should name the command: {}",
+            out.context()
+        );
     }
 }
 
@@ -450,14 +594,30 @@ fn command_not_executable_gives_126() {
 
     type Env<'a> = &'a [(&'a str, &'a str)];
     let cases: [(&str, String, Env); 3] = [
-        ("a file without execute permission (by path)", file.to_string_lossy().into_owned(), &[]),
-        ("a file without execute permission (found on PATH)", "waypost-test-noexec".to_owned(), &[("PATH", &path_with_bin)]),
-        ("a directory", dir.join("a-directory").to_string_lossy().into_owned(), &[]),
+        (
+            "a file without execute permission (by path)",
+            file.to_string_lossy().into_owned(),
+            &[],
+        ),
+        (
+            "a file without execute permission (found on PATH)",
+            "waypost-test-noexec".to_owned(),
+            &[("PATH", &path_with_bin)],
+        ),
+        (
+            "a directory",
+            dir.join("a-directory").to_string_lossy().into_owned(),
+            &[],
+        ),
     ];
     for (what, cmd, env) in cases {
         let out = run_not_spawned(&dir, &[&cmd], env);
         out.assert_code(126, &format!("CMD is {what}: {cmd}"));
-        assert!(out.stderr_str().contains(&cmd), "stderr should name the command {cmd}: {}", out.context());
+        assert!(
+            out.stderr_str().contains(&cmd),
+            "stderr should name the command {cmd}: {}",
+            out.context()
+        );
     }
 }
 
@@ -466,7 +626,11 @@ fn missing_command_is_a_usage_error() {
     let dir = TestDir::new("no-command");
     let out = run_not_spawned(&dir, &[], &[]);
     out.assert_code(2, "no CMD is a usage error");
-    assert!(!out.stderr.is_empty(), "a usage error should say something on stderr: {}", out.context());
+    assert!(
+        !out.stderr.is_empty(),
+        "a usage error should say something on stderr: {}",
+        out.context()
+    );
     let out = run_not_spawned(&dir, &["--"], &[]);
     out.assert_code(2, "`--` without CMD is a usage error");
 }
@@ -477,7 +641,11 @@ fn unknown_option_is_a_usage_error() {
     let script = spawn_marker_script(&dir);
     let out = run_not_spawned(&dir, &["--frobnicate", "sh", "-c", &script], &[]);
     out.assert_code(2, "an unknown option before CMD is a usage error");
-    assert!(out.stderr_str().contains("--frobnicate"), "stderr should name the unknown option: {}", out.context());
+    assert!(
+        out.stderr_str().contains("--frobnicate"),
+        "stderr should name the unknown option: {}",
+        out.context()
+    );
     let out = run_not_spawned(&dir, &["--frobnicate"], &[]);
     out.assert_code(2, "an unknown option alone is a usage error");
 }
@@ -504,7 +672,10 @@ fn malformed_env_values_are_errors_before_spawn() {
         let out = Running::spawn_captured(cmd).finish();
         let mut problems = Vec::new();
         if out.status.code() != Some(2) {
-            problems.push(format!("exit: {} (expected code 2)", describe_status(out.status)));
+            problems.push(format!(
+                "exit: {} (expected code 2)",
+                describe_status(out.status)
+            ));
         }
         if dir.exists("spawned") {
             problems.push("the child was spawned".to_owned());
@@ -514,10 +685,18 @@ fn malformed_env_values_are_errors_before_spawn() {
             problems.push(format!("stderr does not name {var}"));
         }
         if !problems.is_empty() {
-            wrong.push(format!("{var}={value}: {}\n{}", problems.join("; "), out.context()));
+            wrong.push(format!(
+                "{var}={value}: {}\n{}",
+                problems.join("; "),
+                out.context()
+            ));
         }
     }
-    assert!(wrong.is_empty(), "malformed values must be an error (exit 2) before spawning:\n{}", wrong.join("\n\n"));
+    assert!(
+        wrong.is_empty(),
+        "malformed values must be an error (exit 2) before spawning:\n{}",
+        wrong.join("\n\n")
+    );
 }
 
 #[test]
@@ -526,9 +705,17 @@ fn unknown_waypost_variable_is_only_a_warning() {
     let mut cmd = entrypoint_sh(&dir, &format!(": > {}; exit 3", dir.sh("spawned")));
     cmd.env("WAYPOST_FOO", "1");
     let out = Running::spawn_captured(cmd).finish();
-    assert!(dir.exists("spawned"), "the child must run despite an unknown WAYPOST_ variable: {}", out.context());
+    assert!(
+        dir.exists("spawned"),
+        "the child must run despite an unknown WAYPOST_ variable: {}",
+        out.context()
+    );
     out.assert_code(3, "the exit code is the child's");
-    assert!(out.stderr_str().contains("WAYPOST_FOO"), "the warning should name the variable: {}", out.context());
+    assert!(
+        out.stderr_str().contains("WAYPOST_FOO"),
+        "the warning should name the variable: {}",
+        out.context()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,19 +725,27 @@ fn unknown_waypost_variable_is_only_a_warning() {
 fn child_ignoring_sigterm_is_killed_after_stop_timeout() {
     let dir = TestDir::new("stop-timeout");
     // `trap '' TERM` sets SIG_IGN, which survives the exec into `sleep`.
-    let mut cmd = entrypoint_sh(&dir, &format!("trap '' TERM; : > {}; exec sleep 1000", dir.sh("ready")));
+    let mut cmd = entrypoint_sh(
+        &dir,
+        &format!("trap '' TERM; : > {}; exec sleep 1000", dir.sh("ready")),
+    );
     cmd.env("WAYPOST_STOP_TIMEOUT", "500ms");
     let mut ep = Running::spawn_captured(cmd);
     ep.wait_for_file(&dir.join("ready"));
     let ep_pid = ep.pid();
     ep.wait_until("the child ignores SIGTERM", || {
-        children_of(ep_pid).iter().any(|c| c.comm == "sleep" && sig_ignored(c.pid, libc::SIGTERM) == Some(true))
+        children_of(ep_pid)
+            .iter()
+            .any(|c| c.comm == "sleep" && sig_ignored(c.pid, libc::SIGTERM) == Some(true))
     });
     let sent = Instant::now();
     ep.signal(libc::SIGTERM);
     let out = ep.finish();
     let elapsed = sent.elapsed();
-    out.assert_code(128 + libc::SIGKILL, "a child that ignores SIGTERM is SIGKILLed after WAYPOST_STOP_TIMEOUT");
+    out.assert_code(
+        128 + libc::SIGKILL,
+        "a child that ignores SIGTERM is SIGKILLed after WAYPOST_STOP_TIMEOUT",
+    );
     assert!(
         elapsed >= Duration::from_millis(500),
         "the child was killed {elapsed:?} after SIGTERM, before WAYPOST_STOP_TIMEOUT=500ms: {}",
@@ -561,10 +756,16 @@ fn child_ignoring_sigterm_is_killed_after_stop_timeout() {
 #[test]
 fn child_dying_of_forwarded_sigterm_gives_143() {
     let dir = TestDir::new("term-143");
-    let mut ep = Running::spawn_captured(entrypoint_sh(&dir, &format!(": > {}; exec sleep 100", dir.sh("ready"))));
+    let mut ep = Running::spawn_captured(entrypoint_sh(
+        &dir,
+        &format!(": > {}; exec sleep 100", dir.sh("ready")),
+    ));
     ep.wait_for_file(&dir.join("ready"));
     ep.signal(libc::SIGTERM);
-    ep.finish().assert_code(128 + libc::SIGTERM, "the child dies of the forwarded SIGTERM (default action)");
+    ep.finish().assert_code(
+        128 + libc::SIGTERM,
+        "the child dies of the forwarded SIGTERM (default action)",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,8 +774,14 @@ fn child_dying_of_forwarded_sigterm_gives_143() {
 /// Runs `setup` (sh, may start descendants and `put NAME.pid`) in a child that then waits for
 /// `go` and exits 0. Returns the pids named by `pid_files`, checked alive, and the entrypoint.
 fn descendants_scenario(dir: &TestDir, setup: &str, pid_files: &[&str]) -> (Running, Vec<i32>) {
-    let waits: String = pid_files.iter().map(|f| format!("wait_for {f}\n")).collect();
-    let child = dir.script("child.sh", &format!("{setup}\n{waits}: > \"$D/ready\"\nwait_for go\nexit 0"));
+    let waits: String = pid_files
+        .iter()
+        .map(|f| format!("wait_for {f}\n"))
+        .collect();
+    let child = dir.script(
+        "child.sh",
+        &format!("{setup}\n{waits}: > \"$D/ready\"\nwait_for go\nexit 0"),
+    );
     let mut cmd = entrypoint(dir);
     cmd.args(["sh", &child]);
     let mut ep = Running::spawn_captured(cmd);
@@ -582,7 +789,11 @@ fn descendants_scenario(dir: &TestDir, setup: &str, pid_files: &[&str]) -> (Runn
     let pids: Vec<i32> = pid_files.iter().map(|f| dir.read_pid(f)).collect();
     for &p in &pids {
         ep.kill_on_drop(p);
-        assert!(is_alive(p), "premise: descendant {p} is running: {}", describe_pid(p));
+        assert!(
+            is_alive(p),
+            "premise: descendant {p} is running: {}",
+            describe_pid(p)
+        );
     }
     (ep, pids)
 }
@@ -591,7 +802,12 @@ fn assert_all_gone(pids: &[i32], what: &str, out: &Finished) {
     for &p in pids {
         // They are reaped as the entrypoint exits; allow a moment for that.
         let gone = poll_until(TIMEOUT, || !pid_exists(p));
-        assert!(gone, "{what} {p} survived the entrypoint: {}\n{}", describe_pid(p), out.context());
+        assert!(
+            gone,
+            "{what} {p} survived the entrypoint: {}\n{}",
+            describe_pid(p),
+            out.context()
+        );
     }
 }
 
@@ -604,12 +820,26 @@ fn descendants_are_terminated_when_the_child_exits() {
     let (ep, pids) = descendants_scenario(&dir, setup, &["bg.pid", "daemon.pid"]);
     let (bg, daemon) = (pids[0], pids[1]);
     let (bg_stat, daemon_stat) = (proc_stat(bg).unwrap(), proc_stat(daemon).unwrap());
-    assert_ne!(bg_stat.pgrp, daemon_stat.pgrp, "premise: the daemon left the child's process group");
+    assert_ne!(
+        bg_stat.pgrp, daemon_stat.pgrp,
+        "premise: the daemon left the child's process group"
+    );
     dir.touch("go");
     let out = ep.finish();
-    out.assert_code(0, "the exit code is the child's, whatever its descendants do");
-    assert_all_gone(&[bg], "the background `sleep` in the child's process group", &out);
-    assert_all_gone(&[daemon], "the daemon that left the process group (adopted by the entrypoint)", &out);
+    out.assert_code(
+        0,
+        "the exit code is the child's, whatever its descendants do",
+    );
+    assert_all_gone(
+        &[bg],
+        "the background `sleep` in the child's process group",
+        &out,
+    );
+    assert_all_gone(
+        &[daemon],
+        "the daemon that left the process group (adopted by the entrypoint)",
+        &out,
+    );
 }
 
 #[test]
@@ -618,12 +848,17 @@ fn descendant_ignoring_sigterm_is_killed_after_grace() {
     let setup = "sh -c 'trap \"\" TERM; echo $$ > \"$D/stubborn.pid.tmp\" && mv \"$D/stubborn.pid.tmp\" \"$D/stubborn.pid\"; exec sleep 1000' &";
     let (mut ep, pids) = descendants_scenario(&dir, setup, &["stubborn.pid"]);
     let stubborn = pids[0];
-    ep.wait_until("the stubborn descendant ignores SIGTERM", || sig_ignored(stubborn, libc::SIGTERM) == Some(true));
+    ep.wait_until("the stubborn descendant ignores SIGTERM", || {
+        sig_ignored(stubborn, libc::SIGTERM) == Some(true)
+    });
     let go = Instant::now();
     dir.touch("go");
     let out = ep.finish();
     let elapsed = go.elapsed();
-    out.assert_code(0, "the exit code is the child's, whatever its descendants do");
+    out.assert_code(
+        0,
+        "the exit code is the child's, whatever its descendants do",
+    );
     assert_all_gone(&[stubborn], "the descendant ignoring SIGTERM", &out);
     // SIGTERM is sent after the child exited, which is after `go`; SIGKILL follows 2 s later
     // (CONTRACT), and the entrypoint exits after that. 100 ms of slack for timer rounding.
@@ -673,7 +908,10 @@ fn stderr_is_byte_identical() {
 
 #[test]
 fn stdout_and_stderr_written_at_once_are_byte_identical() {
-    let (out, a, b) = big_output("both-bytes", "cat \"$D/a.bin\" & cat \"$D/b.bin\" >&2; wait");
+    let (out, a, b) = big_output(
+        "both-bytes",
+        "cat \"$D/a.bin\" & cat \"$D/b.bin\" >&2; wait",
+    );
     assert_bytes_eq("stdout", &out.stdout, &a);
     assert_bytes_eq("stderr (WAYPOST_LOG_LEVEL=ERROR)", &out.stderr, &b);
 }
@@ -683,7 +921,12 @@ fn stdout_and_stderr_stay_separate() {
     let dir = TestDir::new("separate");
     let out = Running::spawn_captured(entrypoint_sh(&dir, "echo out; echo err >&2")).finish();
     out.assert_code(0, "the child exits 0");
-    assert_eq!(out.stdout_str(), "out\n", "stdout must hold exactly the child's stdout: {}", out.context());
+    assert_eq!(
+        out.stdout_str(),
+        "out\n",
+        "stdout must hold exactly the child's stdout: {}",
+        out.context()
+    );
     assert_eq!(
         out.stderr_without_logs(),
         "err\n",
@@ -712,7 +955,10 @@ fn slow_reader_gets_backpressure_and_nothing_is_lost() {
         }
         thread::sleep(POLL);
     }
-    let seq: Vec<ProcStat> = children_of(ep.pid()).into_iter().filter(|c| c.comm == "seq").collect();
+    let seq: Vec<ProcStat> = children_of(ep.pid())
+        .into_iter()
+        .filter(|c| c.comm == "seq")
+        .collect();
     assert!(
         ep.try_status().is_none() && seq.iter().any(|s| s.state != 'Z'),
         "the child should be stalled, still running, while stdout is not read; children: {:?}; {}",
@@ -729,8 +975,15 @@ fn slow_reader_gets_backpressure_and_nothing_is_lost() {
     let out = ep.finish_within(Duration::from_secs(60));
     out.assert_code(0, "seq exits 0");
     let mut expected = 1u64;
-    for line in out.stdout.strip_suffix(b"\n").unwrap_or(&out.stdout).split(|&b| b == b'\n') {
-        let got = std::str::from_utf8(line).ok().and_then(|s| s.parse::<u64>().ok());
+    for line in out
+        .stdout
+        .strip_suffix(b"\n")
+        .unwrap_or(&out.stdout)
+        .split(|&b| b == b'\n')
+    {
+        let got = std::str::from_utf8(line)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok());
         assert_eq!(
             got,
             Some(expected),
@@ -749,7 +1002,11 @@ fn slow_reader_gets_backpressure_and_nothing_is_lost() {
 /// Runs `script` under the entrypoint on a new PTY, as `docker run -t` would (the entrypoint
 /// leads a session with the PTY as its controlling terminal and as stdin/stdout/stderr); returns
 /// the exit status, what appeared on the terminal (CRs removed), and the PTY's name.
-fn run_on_a_terminal(name: &str, script: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
+fn run_on_a_terminal(
+    name: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String, String) {
     let dir = TestDir::new(name);
     let (master, slave, slave_name) = open_pty();
     let mut cmd = entrypoint_sh(&dir, script);
@@ -770,18 +1027,36 @@ fn run_on_a_terminal(name: &str, script: &str, env: &[(&str, &str)]) -> (std::pr
     let mut term = Capture::start(fs::File::from(master));
     let mut ep = Running::spawn(cmd); // drops our copies of the slave
     let status = ep.wait_exit();
-    assert!(term.wait_eof(TIMEOUT), "the terminal was not hung up after the entrypoint exited");
+    assert!(
+        term.wait_eof(TIMEOUT),
+        "the terminal was not hung up after the entrypoint exited"
+    );
     let output = String::from_utf8_lossy(&term.take()).replace('\r', "");
     (status, output, slave_name)
 }
 
 #[test]
 fn child_inherits_the_terminal() {
-    let (status, output, slave_name) = run_on_a_terminal("tty", "tty; readlink /proc/self/fd/1; test -t 1 && echo STDOUT_IS_TTY; exit 0", &[]);
-    assert_eq!(status.code(), Some(0), "entrypoint {}; terminal output:\n{output}", describe_status(status));
-    let lines: Vec<&str> = output.lines().filter(|l| !l.starts_with(LOG_PREFIX)).collect();
+    let (status, output, slave_name) = run_on_a_terminal(
+        "tty",
+        "tty; readlink /proc/self/fd/1; test -t 1 && echo STDOUT_IS_TTY; exit 0",
+        &[],
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "entrypoint {}; terminal output:\n{output}",
+        describe_status(status)
+    );
+    let lines: Vec<&str> = output
+        .lines()
+        .filter(|l| !l.starts_with(LOG_PREFIX))
+        .collect();
     assert!(
-        lines.len() >= 3 && lines[0] == slave_name && lines[1] == slave_name && lines[2] == "STDOUT_IS_TTY",
+        lines.len() >= 3
+            && lines[0] == slave_name
+            && lines[1] == slave_name
+            && lines[2] == "STDOUT_IS_TTY",
         "the child's stdin and stdout should be the terminal {slave_name} itself; terminal output:\n{output}"
     );
 }
@@ -791,9 +1066,16 @@ fn capture_on_a_terminal_relays_through_pipes() {
     // WAYPOST_CAPTURE=1 (what `waypost up` sets): on a terminal too, the output goes through the
     // entrypoint (so it can be shipped as logs); the child writes to a pipe, and the text still
     // reaches the terminal.
-    let (status, output, _) = run_on_a_terminal("tty-capture", "test -t 1 || echo STDOUT_IS_A_PIPE; echo to-stderr >&2; exit 0", &[("WAYPOST_CAPTURE", "1")]);
+    let (status, output, _) = run_on_a_terminal(
+        "tty-capture",
+        "test -t 1 || echo STDOUT_IS_A_PIPE; echo to-stderr >&2; exit 0",
+        &[("WAYPOST_CAPTURE", "1")],
+    );
     assert_eq!(status.code(), Some(0), "terminal output:\n{output}");
-    assert!(output.contains("STDOUT_IS_A_PIPE") && output.contains("to-stderr"), "terminal output:\n{output}");
+    assert!(
+        output.contains("STDOUT_IS_A_PIPE") && output.contains("to-stderr"),
+        "terminal output:\n{output}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -801,7 +1083,11 @@ fn capture_on_a_terminal_relays_through_pipes() {
 
 /// The child reports where its fd 1 and 2 point; returns them with the entrypoint's own.
 fn stdio_identity(disable: bool) -> (Finished, [String; 2], [String; 2]) {
-    let dir = TestDir::new(if disable { "disable-stdio" } else { "captured-stdio" });
+    let dir = TestDir::new(if disable {
+        "disable-stdio"
+    } else {
+        "captured-stdio"
+    });
     let child = dir.script(
         "child.sh",
         "readlink /proc/self/fd/1\nreadlink /proc/self/fd/2 >&2\n: > \"$D/ready\"\nwait_for go\nexit 5",
@@ -817,14 +1103,22 @@ fn stdio_identity(disable: bool) -> (Finished, [String; 2], [String; 2]) {
     dir.touch("go");
     let out = ep.finish();
     out.assert_code(5, "the exit code is the child's");
-    let child_fds = [out.stdout_str().trim().to_owned(), out.stderr_without_logs().trim().to_owned()];
+    let child_fds = [
+        out.stdout_str().trim().to_owned(),
+        out.stderr_without_logs().trim().to_owned(),
+    ];
     (out, ep_fds, child_fds)
 }
 
 #[test]
 fn disable_gives_the_child_the_entrypoints_own_stdout_and_stderr() {
     let (out, ep_fds, child_fds) = stdio_identity(true);
-    assert_eq!(child_fds, ep_fds, "with WAYPOST_DISABLE=1 the child's fd 1 and 2 are the entrypoint's (no capture): {}", out.context());
+    assert_eq!(
+        child_fds,
+        ep_fds,
+        "with WAYPOST_DISABLE=1 the child's fd 1 and 2 are the entrypoint's (no capture): {}",
+        out.context()
+    );
 }
 
 #[test]
@@ -847,10 +1141,15 @@ fn disable_keeps_signals_and_exit_codes() {
     let dir = TestDir::new("disable-killed");
     let mut cmd = entrypoint_sh(&dir, "kill -TERM $$");
     cmd.env("WAYPOST_DISABLE", "1");
-    Running::spawn_captured(cmd).finish().assert_code(128 + libc::SIGTERM, "child killed by SIGTERM under WAYPOST_DISABLE=1");
+    Running::spawn_captured(cmd).finish().assert_code(
+        128 + libc::SIGTERM,
+        "child killed by SIGTERM under WAYPOST_DISABLE=1",
+    );
     let mut cmd = entrypoint_sh(&dir, "exit 42");
     cmd.env("WAYPOST_DISABLE", "1");
-    Running::spawn_captured(cmd).finish().assert_code(42, "child's exit code under WAYPOST_DISABLE=1");
+    Running::spawn_captured(cmd)
+        .finish()
+        .assert_code(42, "child's exit code under WAYPOST_DISABLE=1");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -878,7 +1177,11 @@ fn help_flag() {
     cmd.arg("--help");
     let out = Running::spawn_captured(cmd).finish();
     out.assert_code(0, "--help succeeds");
-    assert!(out.stdout_str().contains("WAYPOST_SERVER"), "--help should print usage mentioning WAYPOST_SERVER on stdout: {}", out.context());
+    assert!(
+        out.stdout_str().contains("WAYPOST_SERVER"),
+        "--help should print usage mentioning WAYPOST_SERVER on stdout: {}",
+        out.context()
+    );
 }
 
 #[test]
@@ -886,7 +1189,9 @@ fn double_dash_separates_the_command() {
     let dir = TestDir::new("double-dash");
     let mut cmd = entrypoint(&dir);
     cmd.args(["--", "sh", "-c", "exit 7"]);
-    Running::spawn_captured(cmd).finish().assert_code(7, "`waypost-entrypoint -- sh -c 'exit 7'`");
+    Running::spawn_captured(cmd)
+        .finish()
+        .assert_code(7, "`waypost-entrypoint -- sh -c 'exit 7'`");
 }
 
 #[test]
@@ -896,7 +1201,12 @@ fn options_after_the_command_belong_to_the_child() {
     cmd.args(["sh", "-c", "echo \"$1\"", "x", "--version"]);
     let out = Running::spawn_captured(cmd).finish();
     out.assert_code(0, "the child exits 0");
-    assert_eq!(out.stdout_str(), "--version\n", "`--version` after CMD is the child's argument: {}", out.context());
+    assert_eq!(
+        out.stdout_str(),
+        "--version\n",
+        "`--version` after CMD is the child's argument: {}",
+        out.context()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -915,22 +1225,49 @@ fn child_env(extra: &[(&str, &str)]) -> (Finished, Vec<String>) {
 #[test]
 fn child_gets_port_5000_when_unset() {
     let (out, env) = child_env(&[("WAYPOST_TEST_MARKER", "passed-through")]);
-    assert!(env.iter().any(|l| l == "WAYPOST_TEST_MARKER=passed-through"), "premise: the environment reaches the child: {}", out.context());
-    assert_eq!(env.iter().filter(|l| l.starts_with("PORT=")).collect::<Vec<_>>(), ["PORT=5000"], "{}", out.context());
+    assert!(
+        env.iter()
+            .any(|l| l == "WAYPOST_TEST_MARKER=passed-through"),
+        "premise: the environment reaches the child: {}",
+        out.context()
+    );
+    assert_eq!(
+        env.iter()
+            .filter(|l| l.starts_with("PORT="))
+            .collect::<Vec<_>>(),
+        ["PORT=5000"],
+        "{}",
+        out.context()
+    );
 }
 
 #[test]
 fn child_keeps_port_when_set() {
     let (out, env) = child_env(&[("PORT", "8080")]);
-    assert_eq!(env.iter().filter(|l| l.starts_with("PORT=")).collect::<Vec<_>>(), ["PORT=8080"], "{}", out.context());
+    assert_eq!(
+        env.iter()
+            .filter(|l| l.starts_with("PORT="))
+            .collect::<Vec<_>>(),
+        ["PORT=8080"],
+        "{}",
+        out.context()
+    );
 }
 
 #[test]
 fn token_is_not_passed_to_the_child() {
-    let (out, env) = child_env(&[("WAYPOST_TOKEN", "secret-token-value"), ("APP_SETTING", "kept")]);
-    assert!(env.iter().any(|l| l == "APP_SETTING=kept"), "premise: other variables reach the child: {}", out.context());
+    let (out, env) = child_env(&[
+        ("WAYPOST_TOKEN", "secret-token-value"),
+        ("APP_SETTING", "kept"),
+    ]);
     assert!(
-        !env.iter().any(|l| l.starts_with("WAYPOST_TOKEN=") || l.contains("secret-token-value")),
+        env.iter().any(|l| l == "APP_SETTING=kept"),
+        "premise: other variables reach the child: {}",
+        out.context()
+    );
+    assert!(
+        !env.iter()
+            .any(|l| l.starts_with("WAYPOST_TOKEN=") || l.contains("secret-token-value")),
         "WAYPOST_TOKEN leaked into the child's environment: {env:?}"
     );
 }
@@ -959,18 +1296,38 @@ fn a_boolean_error_lists_exactly_the_words_accepted() {
         .split_once("is not a boolean (")
         .and_then(|(_, rest)| rest.split_once(')'))
         .map(|(list, _)| list.to_owned())
-        .unwrap_or_else(|| panic!("the error should list the accepted words in parentheses: {}", out.context()));
-    let words: Vec<&str> = list.split(", ").filter(|w| w.contains('/')).flat_map(|w| w.split('/')).collect();
-    assert_eq!(words, ["1", "0", "true", "false", "yes", "no", "on", "off"], "listed: {list:?}");
+        .unwrap_or_else(|| {
+            panic!(
+                "the error should list the accepted words in parentheses: {}",
+                out.context()
+            )
+        });
+    let words: Vec<&str> = list
+        .split(", ")
+        .filter(|w| w.contains('/'))
+        .flat_map(|w| w.split('/'))
+        .collect();
+    assert_eq!(
+        words,
+        ["1", "0", "true", "false", "yes", "no", "on", "off"],
+        "listed: {list:?}"
+    );
     assert!(list.contains("any case"), "{list:?}");
     let mut wrong = Vec::new();
-    for w in words.iter().flat_map(|w| [w.to_string(), w.to_ascii_uppercase()]) {
+    for w in words
+        .iter()
+        .flat_map(|w| [w.to_string(), w.to_ascii_uppercase()])
+    {
         let (ran, out) = accepted(&dir, "WAYPOST_SIGNAL_GROUP", &w);
         if !ran {
             wrong.push(format!("WAYPOST_SIGNAL_GROUP={w}: {}", out.context()));
         }
     }
-    assert!(wrong.is_empty(), "words the error lists must be accepted:\n{}", wrong.join("\n\n"));
+    assert!(
+        wrong.is_empty(),
+        "words the error lists must be accepted:\n{}",
+        wrong.join("\n\n")
+    );
 }
 
 #[test]
@@ -978,25 +1335,44 @@ fn the_smallest_log_buffer_holds_one_longest_line() {
     let dir = TestDir::new("log-buffer-min");
     for ok in ["64KiB", "65536", "1MiB"] {
         let (ran, out) = accepted(&dir, "WAYPOST_LOG_BUFFER", ok);
-        assert!(ran, "WAYPOST_LOG_BUFFER={ok} is accepted: {}", out.context());
+        assert!(
+            ran,
+            "WAYPOST_LOG_BUFFER={ok} is accepted: {}",
+            out.context()
+        );
     }
     let (ran, out) = accepted(&dir, "WAYPOST_LOG_BUFFER", "64000");
-    assert!(!ran, "WAYPOST_LOG_BUFFER=64000 is below the minimum: {}", out.context());
+    assert!(
+        !ran,
+        "WAYPOST_LOG_BUFFER=64000 is below the minimum: {}",
+        out.context()
+    );
     out.assert_code(2, "a too small log buffer is a config error");
-    assert!(out.stderr_str().contains("minimum") && out.stderr_str().contains("64KiB"), "the error says the minimum: {}", out.context());
+    assert!(
+        out.stderr_str().contains("minimum") && out.stderr_str().contains("64KiB"),
+        "the error says the minimum: {}",
+        out.context()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // The entrypoint's own copy of its secrets
 
 /// Secret variables with values the tests search for, including the legacy token names.
-const SECRETS: [(&str, &str); 3] =
-    [("WAYPOST_TOKEN", "tok-4f1d9e-secret"), ("WAYPOINT_CEB_INVITE_TOKEN", "legacy-invite-8c2e51"), ("WAYPOINT_CEB_TOKEN", "legacy-ceb-77aa03")];
+const SECRETS: [(&str, &str); 3] = [
+    ("WAYPOST_TOKEN", "tok-4f1d9e-secret"),
+    ("WAYPOINT_CEB_INVITE_TOKEN", "legacy-invite-8c2e51"),
+    ("WAYPOINT_CEB_TOKEN", "legacy-ceb-77aa03"),
+];
 
 /// The secret values found in `bytes` (an environ block or any text).
 fn leaked(bytes: &[u8]) -> Vec<&'static str> {
     let text = String::from_utf8_lossy(bytes);
-    SECRETS.iter().flat_map(|(name, value)| [*name, *value]).filter(|s| text.contains(s)).collect()
+    SECRETS
+        .iter()
+        .flat_map(|(name, value)| [*name, *value])
+        .filter(|s| text.contains(s))
+        .collect()
 }
 
 #[test]
@@ -1010,7 +1386,10 @@ fn removing_a_variable_leaves_it_in_proc_environ() {
         .env("WAYPOST_TOKEN", SECRETS[0].1)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains(SECRETS[0].1), "premise: unset left the bytes: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(SECRETS[0].1),
+        "premise: unset left the bytes: {out:?}"
+    );
 }
 
 #[test]
@@ -1024,7 +1403,10 @@ cat /proc/self/environ > "$D/own-env"
 wait_for go"#,
     );
     let mut cmd = entrypoint(&dir);
-    cmd.args(["sh", &script]).envs(SECRETS).env("WAYPOST_LOG_LEVEL", "DEBUG").env("APP_SETTING", "kept");
+    cmd.args(["sh", &script])
+        .envs(SECRETS)
+        .env("WAYPOST_LOG_LEVEL", "DEBUG")
+        .env("APP_SETTING", "kept");
     let mut ep = Running::spawn_captured(cmd);
     let parent_env = dir.join("parent-env");
     ep.wait_for_file(&parent_env);
@@ -1035,18 +1417,36 @@ wait_for go"#,
     out.assert_code(0, "the app exits 0");
 
     for (what, bytes) in [
-        ("the entrypoint's environ read by the app", fs::read(&parent_env).unwrap()),
+        (
+            "the entrypoint's environ read by the app",
+            fs::read(&parent_env).unwrap(),
+        ),
         ("the entrypoint's environ read by the test", seen_by_us),
     ] {
         let text = String::from_utf8_lossy(&bytes).replace('\0', "\n");
         // Negative control: the block is readable and non-secret variables are still in it, so
         // the absence below is not an empty or unreadable file.
-        assert!(text.lines().any(|l| l == "WAYPOST_LOG_LEVEL=DEBUG") && text.lines().any(|l| l == "APP_SETTING=kept"), "{what}: {text}");
-        assert_eq!(leaked(&bytes), Vec::<&str>::new(), "{what} still shows secrets: {text}");
+        assert!(
+            text.lines().any(|l| l == "WAYPOST_LOG_LEVEL=DEBUG")
+                && text.lines().any(|l| l == "APP_SETTING=kept"),
+            "{what}: {text}"
+        );
+        assert_eq!(
+            leaked(&bytes),
+            Vec::<&str>::new(),
+            "{what} still shows secrets: {text}"
+        );
     }
     let own = fs::read(dir.join("own-env")).unwrap();
-    assert!(String::from_utf8_lossy(&own).contains("APP_SETTING=kept"), "premise: the app's environ was read");
-    assert_eq!(leaked(&own), Vec::<&str>::new(), "the app's own environment shows secrets");
+    assert!(
+        String::from_utf8_lossy(&own).contains("APP_SETTING=kept"),
+        "premise: the app's environ was read"
+    );
+    assert_eq!(
+        leaked(&own),
+        Vec::<&str>::new(),
+        "the app's own environment shows secrets"
+    );
 }
 
 /// The `setpriv` prefix that runs a command as nobody (65534), or None (after a loud skip line)
@@ -1054,12 +1454,25 @@ wait_for go"#,
 fn as_nobody() -> Option<[&'static str; 5]> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let setpriv = Command::new("setpriv").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let setpriv = Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !root || !setpriv {
-        eprintln!("SKIPPED: needs root and setpriv(1) to run the entrypoint as another user (root: {root}, setpriv: {setpriv})");
+        eprintln!(
+            "SKIPPED: needs root and setpriv(1) to run the entrypoint as another user (root: {root}, setpriv: {setpriv})"
+        );
         return None;
     }
-    Some(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    Some([
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ])
 }
 
 /// Run by the app as nobody: can it read its parent's environ, and its own; who owns them.
@@ -1071,7 +1484,8 @@ put me "$(id -u)"
 put done yes"#;
 
 fn inspect_results(dir: &TestDir) -> [String; 5] {
-    ["me", "parent", "parent-owner", "self", "self-owner"].map(|f| dir.read(f).unwrap_or_else(|| panic!("{f} not written")))
+    ["me", "parent", "parent-owner", "self", "self-owner"]
+        .map(|f| dir.read(f).unwrap_or_else(|| panic!("{f} not written")))
 }
 
 #[test]
@@ -1088,21 +1502,53 @@ fn the_entrypoint_is_not_dumpable_but_its_child_is() {
 
     // Negative control: under a plain parent of the same user (a shell, dumpable as usual), the
     // same script reads its parent's environ — so a refusal below comes from the entrypoint.
-    let status = plain_command(&dir, nobody[0]).args(&nobody[1..]).args(["sh", "-c", &format!("sh {script}; true")]).status().unwrap();
-    assert!(status.success(), "the control run failed: {}", describe_status(status));
+    let status = plain_command(&dir, nobody[0])
+        .args(&nobody[1..])
+        .args(["sh", "-c", &format!("sh {script}; true")])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the control run failed: {}",
+        describe_status(status)
+    );
     let [me, parent, owner, ..] = inspect_results(&dir);
-    assert_eq!((me.as_str(), parent.as_str(), owner.as_str()), ("65534", "readable", "65534"), "premise: same-user processes read each other's environ");
+    assert_eq!(
+        (me.as_str(), parent.as_str(), owner.as_str()),
+        ("65534", "readable", "65534"),
+        "premise: same-user processes read each other's environ"
+    );
     for f in ["me", "parent", "parent-owner", "self", "self-owner", "done"] {
         fs::remove_file(dir.join(f)).unwrap();
     }
 
     let mut cmd = plain_command(&dir, nobody[0]);
-    cmd.args(&nobody[1..]).arg(&bin).args(["sh", &script]).env("WAYPOST_TOKEN", SECRETS[0].1);
+    cmd.args(&nobody[1..])
+        .arg(&bin)
+        .args(["sh", &script])
+        .env("WAYPOST_TOKEN", SECRETS[0].1);
     let out = Running::spawn_captured(cmd).finish();
     out.assert_code(0, "the app exits 0");
     let [me, parent, owner, own, own_owner] = inspect_results(&dir);
-    assert_eq!(me, "65534", "premise: the app runs as nobody: {}", out.context());
-    assert_eq!(parent, "denied", "the app must not read the entrypoint's environ: {}", out.context());
-    assert_eq!(owner, "0", "a non-dumpable process's /proc files belong to root");
-    assert_eq!((own.as_str(), own_owner.as_str()), ("readable", "65534"), "the app itself is dumpable again after its execve");
+    assert_eq!(
+        me,
+        "65534",
+        "premise: the app runs as nobody: {}",
+        out.context()
+    );
+    assert_eq!(
+        parent,
+        "denied",
+        "the app must not read the entrypoint's environ: {}",
+        out.context()
+    );
+    assert_eq!(
+        owner, "0",
+        "a non-dumpable process's /proc files belong to root"
+    );
+    assert_eq!(
+        (own.as_str(), own_owner.as_str()),
+        ("readable", "65534"),
+        "the app itself is dumpable again after its execve"
+    );
 }

@@ -2,7 +2,7 @@
 //! and every frame it accepts re-encodes to a frame that decodes to the same value.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use waypost_proto::{decode, encode, frame_len, Error};
+use waypost_proto::{Error, decode, encode, frame_len};
 
 fuzz_target!(|data: &[u8]| {
     let mut input = data;

@@ -21,9 +21,11 @@ use libfuzzer_sys::fuzz_target;
 use std::ffi::OsString;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use waypost_entrypoint::agent::{Agent, Identity, IoAction, IoEvent, Local, Pull, Read, Source, Transmit};
-use waypost_entrypoint::config::Settings;
+use waypost_entrypoint::agent::{
+    Agent, Identity, IoAction, IoEvent, Local, Pull, Read, Source, Transmit,
+};
 use waypost_entrypoint::logs::LINE_CAP;
+use waypost_entrypoint::settings::Settings;
 use waypost_entrypoint::wire::RecvBuf;
 use waypost_proto::{
     self as proto, Config, ConfigFile, ExecInput, ExecStart, ExecStdinClose, Kind, LogAck,
@@ -119,11 +121,27 @@ fn server_frame(inp: &mut Input) -> Kind {
             stdin: inp.byte().unwrap_or(0) & 1 == 1,
             ..Default::default()
         }),
-        8 => Kind::ExecInput(ExecInput { session: inp.small(), data: inp.bytes(64).to_vec() }),
-        9 => Kind::ExecStdinClose(ExecStdinClose { session: inp.small() }),
-        10 => Kind::StreamOpen(StreamOpen { stream: inp.small(), target_port: inp.u16().into(), client_addr: String::new() }),
-        11 => Kind::StreamData(StreamData { stream: inp.small(), data: inp.bytes(64).to_vec() }),
-        12 => Kind::StreamClose(StreamClose { stream: inp.small(), half: inp.byte().unwrap_or(0) & 1 == 1, error: String::new() }),
+        8 => Kind::ExecInput(ExecInput {
+            session: inp.small(),
+            data: inp.bytes(64).to_vec(),
+        }),
+        9 => Kind::ExecStdinClose(ExecStdinClose {
+            session: inp.small(),
+        }),
+        10 => Kind::StreamOpen(StreamOpen {
+            stream: inp.small(),
+            target_port: inp.u16().into(),
+            client_addr: String::new(),
+        }),
+        11 => Kind::StreamData(StreamData {
+            stream: inp.small(),
+            data: inp.bytes(64).to_vec(),
+        }),
+        12 => Kind::StreamClose(StreamClose {
+            stream: inp.small(),
+            half: inp.byte().unwrap_or(0) & 1 == 1,
+            error: String::new(),
+        }),
         _ => Kind::WindowUpdate(WindowUpdate {
             target: Some(if inp.byte().unwrap_or(0) & 1 == 1 {
                 window_update::Target::Stream(inp.small())
@@ -180,7 +198,11 @@ impl Pull for FakeFds {
             }
             return Read::Data(n);
         }
-        if self.eof.contains(&src) { Read::Eof } else { Read::Blocked }
+        if self.eof.contains(&src) {
+            Read::Eof
+        } else {
+            Read::Blocked
+        }
     }
 }
 
@@ -213,37 +235,85 @@ impl Harness {
                     self.socket = false;
                     self.rbuf.clear();
                 }
-                IoAction::WriteConfig { version, write, remove } => {
+                IoAction::WriteConfig {
+                    version,
+                    write,
+                    remove,
+                } => {
                     // Alternate success and failure deterministically from the version.
-                    let result = if version % 3 != 1 { Ok(()) } else { Err("disk full".into()) };
+                    let result = if version % 3 != 1 {
+                        Ok(())
+                    } else {
+                        Err("disk full".into())
+                    };
                     let (wrote, removed) = (write.len(), remove.len());
-                    self.agent.handle_io(IoEvent::ConfigWritten { version, wrote, removed, result }, now);
+                    self.agent.handle_io(
+                        IoEvent::ConfigWritten {
+                            version,
+                            wrote,
+                            removed,
+                            result,
+                        },
+                        now,
+                    );
                 }
                 IoAction::SpawnChild => {
                     if self.succeed {
                         self.next_pid += 1;
                         self.child = Some(self.next_pid);
-                        self.agent.handle_io(IoEvent::ChildSpawned { pid: self.next_pid, oom_kills: None }, now);
+                        self.agent.handle_io(
+                            IoEvent::ChildSpawned {
+                                pid: self.next_pid,
+                                oom_kills: None,
+                            },
+                            now,
+                        );
                     } else {
-                        self.agent.handle_io(IoEvent::ChildSpawnFailed { code: 127 }, now);
+                        self.agent
+                            .handle_io(IoEvent::ChildSpawnFailed { code: 127 }, now);
                     }
                 }
                 IoAction::StartExec { slot, .. } => {
-                    assert!(self.agent.is_ready(), "an exec process started while not Ready");
+                    assert!(
+                        self.agent.is_ready(),
+                        "an exec process started while not Ready"
+                    );
                     if self.succeed {
                         self.next_pid += 1;
-                        self.agent.handle_io(IoEvent::ExecStarted { slot, pid: self.next_pid }, now);
+                        self.agent.handle_io(
+                            IoEvent::ExecStarted {
+                                slot,
+                                pid: self.next_pid,
+                            },
+                            now,
+                        );
                     } else {
-                        self.agent.handle_io(IoEvent::ExecFailed { slot, code: 126, error: "no".into() }, now);
+                        self.agent.handle_io(
+                            IoEvent::ExecFailed {
+                                slot,
+                                code: 126,
+                                error: "no".into(),
+                            },
+                            now,
+                        );
                     }
                 }
                 IoAction::ConnectTunnel { slot, .. } => {
-                    assert!(self.agent.is_ready(), "an app connection started while not Ready");
+                    assert!(
+                        self.agent.is_ready(),
+                        "an app connection started while not Ready"
+                    );
                     if self.succeed {
                         self.agent.handle_io(IoEvent::TunnelConnected(slot), now);
                     } else {
                         let error = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-                        self.agent.handle_io(IoEvent::TunnelRefused { slot, error: &error }, now);
+                        self.agent.handle_io(
+                            IoEvent::TunnelRefused {
+                                slot,
+                                error: &error,
+                            },
+                            now,
+                        );
                     }
                 }
                 IoAction::Exit(_) => self.exited = true,
@@ -258,7 +328,11 @@ impl Harness {
             }
         }
         let v = self.agent.config_version();
-        assert!(v >= self.cfg_version, "config version went backwards: {} -> {v}", self.cfg_version);
+        assert!(
+            v >= self.cfg_version,
+            "config version went backwards: {} -> {v}",
+            self.cfg_version
+        );
         self.cfg_version = v;
     }
 
@@ -308,12 +382,19 @@ impl Harness {
     }
 
     fn timers(&mut self) {
-        let session_due = self.agent.session().and_then(|s| s.poll_timeout()).is_some_and(|t| t <= self.now);
+        let session_due = self
+            .agent
+            .session()
+            .and_then(|s| s.poll_timeout())
+            .is_some_and(|t| t <= self.now);
         self.agent.handle_timeout(self.now);
         self.act();
         if session_due {
             if let Some(t2) = self.agent.session().and_then(|s| s.poll_timeout()) {
-                assert!(t2 > self.now, "a handled timer is still due: the reactor would spin");
+                assert!(
+                    t2 > self.now,
+                    "a handled timer is still due: the reactor would spin"
+                );
             }
         }
     }
@@ -339,7 +420,10 @@ impl Harness {
             }
             n += 1;
             if !self.agent.is_ready() {
-                assert!(matches!(kind, Kind::Hello(_)), "{kind:?} queued before the Welcome");
+                assert!(
+                    matches!(kind, Kind::Hello(_)),
+                    "{kind:?} queued before the Welcome"
+                );
             }
             let mut out = Vec::new();
             proto::encode(&proto::Frame::from(kind), &mut out).expect("a frame encodes");
@@ -353,18 +437,27 @@ impl Harness {
             return;
         }
         let mut input = &out[..];
-        let frame = proto::decode(&mut input).expect("a complete frame").expect("a LogBatch decodes");
+        let frame = proto::decode(&mut input)
+            .expect("a complete frame")
+            .expect("a LogBatch decodes");
         assert!(input.is_empty(), "encode_logs wrote trailing bytes");
-        let Some(Kind::LogBatch(b)) = frame.kind else { panic!("encode_logs wrote {frame:?}") };
+        let Some(Kind::LogBatch(b)) = frame.kind else {
+            panic!("encode_logs wrote {frame:?}")
+        };
         assert!(!b.entries.is_empty(), "an empty LogBatch");
         let next_seq = self.agent.logs().expect("logs").next_seq();
-        assert!(b.first_seq + b.entries.len() as u64 <= next_seq, "a batch beyond next_seq");
+        assert!(
+            b.first_seq + b.entries.len() as u64 <= next_seq,
+            "a batch beyond next_seq"
+        );
         for e in &b.entries {
             assert!(e.data.len() <= LINE_CAP, "an entry longer than LINE_CAP");
         }
         // The server acknowledges some of it, sometimes.
         if b.first_seq % 2 == 0 {
-            self.frame(Kind::LogAck(LogAck { up_to_seq: b.first_seq + b.entries.len() as u64 }));
+            self.frame(Kind::LogAck(LogAck {
+                up_to_seq: b.first_seq + b.entries.len() as u64,
+            }));
         }
     }
 
@@ -373,10 +466,20 @@ impl Harness {
         if session.is_ready() {
             assert!(session.has_connection());
         }
-        assert!(session.poll_timeout().is_some(), "a started session without a timer");
-        assert!(session.heartbeat() >= waypost_entrypoint::session::MIN_HEARTBEAT, "heartbeat below the minimum");
+        assert!(
+            session.poll_timeout().is_some(),
+            "a started session without a timer"
+        );
+        assert!(
+            session.heartbeat() >= waypost_entrypoint::session::MIN_HEARTBEAT,
+            "heartbeat below the minimum"
+        );
         let logs = self.agent.logs().expect("logs are on");
-        assert!(logs.held() <= LOG_RING_MAX, "the log ring exceeded its cap: {}", logs.held());
+        assert!(
+            logs.held() <= LOG_RING_MAX,
+            "the log ring exceeded its cap: {}",
+            logs.held()
+        );
         let next = logs.next_seq();
         assert!(next >= self.log_next_seq, "log sequence went backwards");
         self.log_next_seq = next;
@@ -410,7 +513,13 @@ fuzz_target!(|data: &[u8]| {
     let mut inp = Input(data);
     let seed = inp.u64();
     let env: Vec<(OsString, OsString)> = vec![("PATH".into(), "/bin".into())];
-    let id = Identity { instance_id: vec![7; 16], hostname: "fuzz".into(), pid: 1, env, seeds: [seed, seed ^ 1] };
+    let id = Identity {
+        instance_id: vec![7; 16],
+        hostname: "fuzz".into(),
+        pid: 1,
+        env,
+        seeds: [seed, seed ^ 1],
+    };
     let mut h = Harness {
         agent: Agent::new(settings(), id, base),
         rbuf: RecvBuf::new(),
@@ -436,7 +545,12 @@ fuzz_target!(|data: &[u8]| {
                 // The main child exits (or some other process is reaped).
                 let pid = h.child.take().unwrap_or(7);
                 let code = inp.byte().map(i32::from);
-                h.io(IoEvent::Reaped { pid, code, signal: None, oom_kills: None });
+                h.io(IoEvent::Reaped {
+                    pid,
+                    code,
+                    signal: None,
+                    oom_kills: None,
+                });
             }
             1 => {
                 if h.socket {
@@ -508,13 +622,21 @@ fuzz_target!(|data: &[u8]| {
             }
             9 => h.succeed = !h.succeed,
             10 => {
-                let sig = if inp.byte().unwrap_or(0) & 1 == 0 { libc_sigterm() } else { 1 };
+                let sig = if inp.byte().unwrap_or(0) & 1 == 0 {
+                    libc_sigterm()
+                } else {
+                    1
+                };
                 h.io(IoEvent::Signal(sig));
             }
             11 => {
                 // Output from an exec session or an app socket, or its end.
                 let slot = usize::from(inp.byte().unwrap_or(0));
-                let src = if slot & 1 == 0 { Source::Exec((slot >> 1) % 16, slot % 3) } else { Source::Tunnel(slot >> 1) };
+                let src = if slot & 1 == 0 {
+                    Source::Exec((slot >> 1) % 16, slot % 3)
+                } else {
+                    Source::Tunnel(slot >> 1)
+                };
                 if inp.byte().unwrap_or(0) & 1 == 0 {
                     h.fds.data.push((src, inp.bytes(255).to_vec()));
                 } else {
@@ -523,7 +645,11 @@ fuzz_target!(|data: &[u8]| {
             }
             12 => {
                 let bits = inp.byte().unwrap_or(0);
-                let local = Local { descendants: bits & 1 != 0, output: bits & 2 != 0, unlogged: bits & 4 != 0 };
+                let local = Local {
+                    descendants: bits & 1 != 0,
+                    output: bits & 2 != 0,
+                    unlogged: bits & 4 != 0,
+                };
                 h.io(IoEvent::Leftovers(local));
             }
             _ => {

@@ -65,10 +65,15 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::TooLarge(n) => write!(f, "frame of {n} bytes exceeds the {MAX_FRAME}-byte limit"),
+            Error::TooLarge(n) => {
+                write!(f, "frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+            }
             Error::Malformed(e) => write!(f, "malformed frame: {e}"),
             Error::NoSpace { needed } => write!(f, "no room for a {needed}-byte frame"),
-            Error::OverCap { len, cap } => write!(f, "a frame of {len} bytes announced; at most {cap} accepted here"),
+            Error::OverCap { len, cap } => write!(
+                f,
+                "a frame of {len} bytes announced; at most {cap} accepted here"
+            ),
         }
     }
 }
@@ -124,7 +129,9 @@ pub fn encode<B: BufMut>(frame: &Frame, out: &mut B) -> Result<(), Error> {
         return Err(Error::TooLarge(body));
     }
     if out.remaining_mut() < HEADER_LEN + body {
-        return Err(Error::NoSpace { needed: HEADER_LEN + body });
+        return Err(Error::NoSpace {
+            needed: HEADER_LEN + body,
+        });
     }
     // INVARIANT: body <= MAX_FRAME < u32::MAX, so the cast is exact.
     out.put_u32(body as u32);

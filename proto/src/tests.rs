@@ -62,7 +62,10 @@ fn split_at_every_byte_boundary() {
         let mut input = &pending[..];
         if let Some(r) = decode(&mut input) {
             got.push(r.unwrap());
-            assert!(input.is_empty(), "a frame ends exactly where its prefix says");
+            assert!(
+                input.is_empty(),
+                "a frame ends exactly where its prefix says"
+            );
             pending.clear();
         }
     }
@@ -88,10 +91,10 @@ fn oversized_prefix_is_an_error_from_the_prefix_alone() {
 #[test]
 fn undecodable_bodies_are_errors() {
     let bodies: [&[u8]; 4] = [
-        &[0xff; 10],                // invalid wire type / varint overflow
-        &[0x0a, 0x05, 0x08],        // hello field announces 5 bytes, 1 present
+        &[0xff; 10],                     // invalid wire type / varint overflow
+        &[0x0a, 0x05, 0x08],             // hello field announces 5 bytes, 1 present
         &[0x12, 0xff, 0xff, 0xff, 0x7f], // welcome length far beyond the body
-        &[0x0a],                    // tag without a length
+        &[0x0a],                         // tag without a length
     ];
     for body in bodies {
         let mut wire = (body.len() as u32).to_be_bytes().to_vec();
@@ -118,16 +121,29 @@ fn empty_and_unknown_kinds_decode_as_no_kind() {
 
 #[test]
 fn encode_refuses_oversized_and_leaves_output_untouched() {
-    let frame = Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![0; MAX_FRAME] }));
+    let frame = Frame::from(Kind::StreamData(StreamData {
+        stream: 1,
+        data: vec![0; MAX_FRAME],
+    }));
     let mut out = vec![1, 2, 3];
     assert!(matches!(encode(&frame, &mut out), Err(Error::TooLarge(n)) if n > MAX_FRAME));
     assert_eq!(out, [1, 2, 3]);
 
     // A frame whose body is exactly MAX_FRAME is fine: find the payload size that gets there.
     let data_len = (MAX_FRAME - 16..MAX_FRAME)
-        .find(|&n| Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![0; n] })).encoded_len() == MAX_FRAME)
+        .find(|&n| {
+            Frame::from(Kind::StreamData(StreamData {
+                stream: 1,
+                data: vec![0; n],
+            }))
+            .encoded_len()
+                == MAX_FRAME
+        })
         .unwrap();
-    let exact = Frame::from(Kind::StreamData(StreamData { stream: 1, data: vec![0; data_len] }));
+    let exact = Frame::from(Kind::StreamData(StreamData {
+        stream: 1,
+        data: vec![0; data_len],
+    }));
     let mut out = Vec::new();
     encode(&exact, &mut out).unwrap();
     assert_eq!(decode(&mut &out[..]), Some(Ok(exact)));
@@ -138,7 +154,12 @@ fn encode_into_a_fixed_buffer_checks_room() {
     let frame = Frame::from(Kind::Ping(Ping { nonce: 1 }));
     let mut small = [0u8; 3];
     let mut out = &mut small[..];
-    assert_eq!(encode(&frame, &mut out), Err(Error::NoSpace { needed: encoded_len(&frame) }));
+    assert_eq!(
+        encode(&frame, &mut out),
+        Err(Error::NoSpace {
+            needed: encoded_len(&frame)
+        })
+    );
     assert_eq!(small, [0; 3], "nothing written");
 
     let mut big = [0u8; 64];
@@ -159,11 +180,29 @@ fn errors_display_clearly() {
 
 #[test]
 fn sizes() {
-    let ok = [("4MiB", 4 << 20), ("1MiB", 1 << 20), ("512KiB", 512 << 10), ("64k", 64 << 10), ("1GiB", 1 << 30), ("1MB", 1_000_000), ("100kb", 100_000), ("65536", 65536), ("10b", 10)];
+    let ok = [
+        ("4MiB", 4 << 20),
+        ("1MiB", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("64k", 64 << 10),
+        ("1GiB", 1 << 30),
+        ("1MB", 1_000_000),
+        ("100kb", 100_000),
+        ("65536", 65536),
+        ("10b", 10),
+    ];
     for (s, n) in ok {
         assert_eq!(parse_size(s), Ok(n), "{s}");
     }
-    for s in ["", "MiB", "1.5MiB", "4 XB", "-1", "x", "99999999999999999999"] {
+    for s in [
+        "",
+        "MiB",
+        "1.5MiB",
+        "4 XB",
+        "-1",
+        "x",
+        "99999999999999999999",
+    ] {
         assert!(parse_size(s).is_err(), "{s:?} should be refused");
     }
 }

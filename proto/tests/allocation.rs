@@ -3,7 +3,7 @@
 //! largest single allocation (its own test binary, so other tests are not affected).
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use waypost_proto::{decode, Error, MAX_FRAME};
+use waypost_proto::{Error, MAX_FRAME, decode};
 
 struct Watch;
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
@@ -35,7 +35,10 @@ fn hostile_lengths_allocate_nothing_large() {
     // Prefix far over the limit: an error from 4 bytes.
     let n = largest_during(|| {
         let wire = u32::MAX.to_be_bytes();
-        assert_eq!(decode(&mut &wire[..]), Some(Err(Error::TooLarge(u32::MAX as usize))));
+        assert_eq!(
+            decode(&mut &wire[..]),
+            Some(Err(Error::TooLarge(u32::MAX as usize)))
+        );
     });
     assert!(n < 1024, "largest allocation {n}");
 
@@ -54,7 +57,10 @@ fn hostile_lengths_allocate_nothing_large() {
     let mut wire = (body.len() as u32).to_be_bytes().to_vec();
     wire.extend_from_slice(&body);
     let n = largest_during(|| {
-        assert!(matches!(decode(&mut &wire[..]), Some(Err(Error::Malformed(_)))));
+        assert!(matches!(
+            decode(&mut &wire[..]),
+            Some(Err(Error::Malformed(_)))
+        ));
     });
     assert!(n < 1024, "largest allocation {n}");
 

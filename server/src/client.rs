@@ -126,9 +126,8 @@ impl ApiClient {
         let json = if body.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(&body).unwrap_or_else(|_| {
-                serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() })
-            })
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() }))
         };
         Ok((status, json))
     }

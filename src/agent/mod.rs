@@ -17,11 +17,11 @@
 //! that the agent has already reserved (or freed), and no other input comes in between.
 //! See docs/architecture.md ("The agent core").
 
-use crate::appconfig::{ConfigCore, Step};
-use crate::config::{SECRET_VARS, Settings};
+use crate::app_config::{ConfigCore, Step};
 use crate::exec::{self, MAX_SESSIONS};
 use crate::logs::Logs;
 use crate::session::{Event, Session};
+use crate::settings::{SECRET_VARS, Settings};
 use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
 use crate::tunnel::{self, MAX_STREAMS};
 use crate::{debug, info, trace, warn};
@@ -31,8 +31,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use waypost_proto::{
-    ConfigApplied, ConfigFile, ExecExit, ExecOutput, ExecStart, ExecStarted, Features, Hello, Kind, LogStream, OutputStream, Status, StreamClose,
-    StreamData, StreamOpen, WindowUpdate, status, window_update,
+    ConfigApplied, ConfigFile, ExecExit, ExecOutput, ExecStart, ExecStarted, Features, Hello, Kind,
+    LogStream, OutputStream, Status, StreamClose, StreamData, StreamOpen, WindowUpdate, status,
+    window_update,
 };
 
 #[cfg(test)]
@@ -65,17 +66,31 @@ pub enum IoEvent<'a> {
     /// Starting the main child failed (exit 126/127).
     ChildSpawnFailed { code: i32 },
     /// A process was reaped (the main child, an exec process, an adopted orphan).
-    Reaped { pid: i32, code: Option<i32>, signal: Option<i32>, oom_kills: Option<u64> },
+    Reaped {
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        oom_kills: Option<u64>,
+    },
     /// The connection to the server is up (TLS done).
     Connected,
     /// The connection failed to open, or closed; the reason is for the log.
     Closed(&'a str),
     /// The files of [`IoAction::WriteConfig`] were written and removed, or not.
-    ConfigWritten { version: u64, wrote: usize, removed: usize, result: Result<(), String> },
+    ConfigWritten {
+        version: u64,
+        wrote: usize,
+        removed: usize,
+        result: Result<(), String>,
+    },
     /// An exec process of [`IoAction::StartExec`] runs.
     ExecStarted { slot: usize, pid: i32 },
     /// It could not be started: reported to the server as an exit with this code.
-    ExecFailed { slot: usize, code: i32, error: String },
+    ExecFailed {
+        slot: usize,
+        code: i32,
+        error: String,
+    },
     /// A stream's connect to the app completed.
     TunnelConnected(usize),
     /// A stream's connect to the app failed after it was started (its socket is gone).
@@ -114,10 +129,21 @@ pub enum IoAction {
     /// Close the connection (`polite`: TLS close_notify first) and forget its buffers.
     Disconnect { polite: bool },
     /// Write these config files and remove these; report [`IoEvent::ConfigWritten`].
-    WriteConfig { version: u64, write: Vec<ConfigFile>, remove: Vec<String> },
+    WriteConfig {
+        version: u64,
+        write: Vec<ConfigFile>,
+        remove: Vec<String>,
+    },
     /// Start an exec process in `slot` (on a PTY of rows×cols, or pipes); report
     /// [`IoEvent::ExecStarted`] or [`IoEvent::ExecFailed`].
-    StartExec { slot: usize, id: u64, argv: Vec<OsString>, env: Vec<(OsString, OsString)>, pty: Option<(u32, u32)>, stdin: bool },
+    StartExec {
+        slot: usize,
+        id: u64,
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        pty: Option<(u32, u32)>,
+        stdin: bool,
+    },
     /// Set an exec session's terminal size.
     ResizeExec { slot: usize, rows: u32, cols: u32 },
     /// Close an exec session's stdin pipe (its input is over).
@@ -128,7 +154,11 @@ pub enum IoAction {
     CloseExec(usize),
     /// Connect stream `id`'s socket (in `slot`) to the app at `addr`; report
     /// [`IoEvent::TunnelNoSocket`] if that cannot even start.
-    ConnectTunnel { slot: usize, id: u64, addr: SocketAddr },
+    ConnectTunnel {
+        slot: usize,
+        id: u64,
+        addr: SocketAddr,
+    },
     /// Shut down the write side of a stream's socket.
     ShutdownTunnel(usize),
     /// Close a stream's socket (it is over).
@@ -211,7 +241,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(settings: &Settings, id: Identity, now: Instant) -> Agent {
-        let mut sup = Supervisor::new(settings.stop_timeout, settings.signal_group, settings.flush_timeout);
+        let mut sup = Supervisor::new(
+            settings.stop_timeout,
+            settings.signal_group,
+            settings.flush_timeout,
+        );
         let server = settings.server_enabled();
         let session = server.then(|| {
             let mut session = Session::new(id.seeds[0]);
@@ -246,7 +280,11 @@ impl Agent {
             }),
             ..Default::default()
         };
-        let mut base_env: Vec<(OsString, OsString)> = id.env.into_iter().filter(|(k, _)| !SECRET_VARS.iter().any(|s| k == s)).collect();
+        let mut base_env: Vec<(OsString, OsString)> = id
+            .env
+            .into_iter()
+            .filter(|(k, _)| !SECRET_VARS.iter().any(|s| k == s))
+            .collect();
         if !settings.port_set {
             base_env.retain(|(k, _)| k != "PORT");
             base_env.push(("PORT".into(), settings.port.to_string().into()));
@@ -257,7 +295,8 @@ impl Agent {
             hello,
             cfg: ConfigCore::new(id.seeds[1]),
             config_disabled: settings.disable_config,
-            logs: (server && !settings.disable_logs).then(|| Logs::new(settings.log_buffer as usize, settings.log_mode)),
+            logs: (server && !settings.disable_logs)
+                .then(|| Logs::new(settings.log_buffer as usize, settings.log_mode)),
             exec: std::array::from_fn(|_| None),
             exec_next: 0,
             exec_disabled: settings.disable_exec,
@@ -329,8 +368,12 @@ impl Agent {
 
     /// The child's environment: ours without credentials, `PORT` if unset, the config's on top.
     pub fn child_env(&self) -> Vec<(OsString, OsString)> {
-        let mut env: Vec<(OsString, OsString)> =
-            self.base_env.iter().filter(|(k, _)| !self.cfg.child_env().any(|(c, _)| k == c.as_str())).cloned().collect();
+        let mut env: Vec<(OsString, OsString)> = self
+            .base_env
+            .iter()
+            .filter(|(k, _)| !self.cfg.child_env().any(|(c, _)| k == c.as_str()))
+            .cloned()
+            .collect();
         env.extend(self.cfg.child_env().map(|(k, v)| (k.into(), v.into())));
         env
     }
@@ -385,7 +428,12 @@ impl Agent {
                 self.send_status(now);
             }
             IoEvent::ChildSpawnFailed { code } => self.sup.handle_spawn_failed(code, now),
-            IoEvent::Reaped { pid, code, signal, oom_kills } => self.reaped(pid, code, signal, oom_kills, now),
+            IoEvent::Reaped {
+                pid,
+                code,
+                signal,
+                oom_kills,
+            } => self.reaped(pid, code, signal, oom_kills, now),
             IoEvent::Connected => {
                 let hello = self.hello_now();
                 if let Some(s) = &mut self.session {
@@ -397,10 +445,17 @@ impl Agent {
                     s.handle_closed(why, now);
                 }
             }
-            IoEvent::ConfigWritten { version, wrote, removed, result } => {
+            IoEvent::ConfigWritten {
+                version,
+                wrote,
+                removed,
+                result,
+            } => {
                 match &result {
                     Err(e) => crate::error!("config version {version} not applied: {e}"),
-                    Ok(()) if wrote > 0 || removed > 0 => info!("config version {version}: wrote {wrote} files, removed {removed}"),
+                    Ok(()) if wrote > 0 || removed > 0 => {
+                        info!("config version {version}: wrote {wrote} files, removed {removed}")
+                    }
                     Ok(()) => {}
                 }
                 self.cfg.handle_applied(result.is_ok());
@@ -412,12 +467,26 @@ impl Agent {
                 if let Some(e) = &mut self.exec[slot] {
                     e.started(pid);
                     let id = e.id();
-                    self.send(Kind::ExecStarted(ExecStarted { session: id, pid: pid as u32 }), now);
+                    self.send(
+                        Kind::ExecStarted(ExecStarted {
+                            session: id,
+                            pid: pid as u32,
+                        }),
+                        now,
+                    );
                 }
             }
             IoEvent::ExecFailed { slot, code, error } => {
                 if let Some(e) = self.exec[slot].take() {
-                    self.send(Kind::ExecExit(ExecExit { session: e.id(), code, signal: 0, error }), now);
+                    self.send(
+                        Kind::ExecExit(ExecExit {
+                            session: e.id(),
+                            code,
+                            signal: 0,
+                            error,
+                        }),
+                        now,
+                    );
                 }
             }
             IoEvent::TunnelConnected(slot) => {
@@ -472,7 +541,11 @@ impl Agent {
         }
         for e in self.exec.iter_mut().flatten() {
             if e.kill_due(now) && e.pid() > 0 {
-                self.io.push_back(IoAction::Kill { pid: -e.pid(), sig: libc::SIGKILL, report: false });
+                self.io.push_back(IoAction::Kill {
+                    pid: -e.pid(),
+                    sig: libc::SIGKILL,
+                    report: false,
+                });
             }
         }
         if !self.restarting() {
@@ -482,8 +555,12 @@ impl Agent {
                     if t.retry_due(now) {
                         let port = self.app_port;
                         t.connecting(Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)));
-                        let (id, addr) = (t.id(), SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-                        self.io.push_back(IoAction::ConnectTunnel { slot, id, addr });
+                        let (id, addr) = (
+                            t.id(),
+                            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                        );
+                        self.io
+                            .push_back(IoAction::ConnectTunnel { slot, id, addr });
                     }
                 }
             }
@@ -493,7 +570,13 @@ impl Agent {
 
     /// Bytes the child wrote on `stream`; `wall_us`: now, Unix µs. Returns how many the log
     /// shipper took (all of them without one).
-    pub fn handle_output(&mut self, stream: LogStream, bytes: &[u8], wall_us: i64, now: Instant) -> usize {
+    pub fn handle_output(
+        &mut self,
+        stream: LogStream,
+        bytes: &[u8],
+        wall_us: i64,
+        now: Instant,
+    ) -> usize {
         match &mut self.logs {
             Some(logs) => logs.handle_output(stream, bytes, wall_us, now),
             None => bytes.len(),
@@ -510,7 +593,11 @@ impl Agent {
     /// One of our own log lines, for the `entrypoint` stream.
     pub fn handle_own_log(&mut self, rec: &crate::logger::Record, wall_us: i64, now: Instant) {
         if let Some(logs) = &mut self.logs {
-            logs.handle_own(format!("{} {}", rec.level.as_str(), rec.msg).as_bytes(), wall_us, now);
+            logs.handle_own(
+                format!("{} {}", rec.level.as_str(), rec.msg).as_bytes(),
+                wall_us,
+                now,
+            );
         }
     }
 
@@ -521,15 +608,25 @@ impl Agent {
 
     /// What to write to exec session `slot`'s stdin (or PTY) now.
     pub fn exec_pending(&self, slot: usize) -> &[u8] {
-        self.exec[slot].as_ref().map_or(&[], exec::Session::to_write)
+        self.exec[slot]
+            .as_ref()
+            .map_or(&[], exec::Session::to_write)
     }
 
     /// `n` bytes of [`Agent::exec_pending`] were written.
     pub fn exec_wrote(&mut self, slot: usize, n: usize, now: Instant) {
-        let Some(e) = &mut self.exec[slot] else { return };
+        let Some(e) = &mut self.exec[slot] else {
+            return;
+        };
         if let Some(credits) = e.wrote(n) {
             let id = e.id();
-            self.send(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::ExecSession(id)), credits }), now);
+            self.send(
+                Kind::WindowUpdate(WindowUpdate {
+                    target: Some(window_update::Target::ExecSession(id)),
+                    credits,
+                }),
+                now,
+            );
         }
         self.exec_stdin_check(slot);
     }
@@ -557,10 +654,18 @@ impl Agent {
 
     /// `n` bytes of [`Agent::tunnel_pending`] were written to the app.
     pub fn tunnel_wrote(&mut self, slot: usize, n: usize, now: Instant) {
-        let Some(Some(t)) = self.tunnels.get_mut(slot) else { return };
+        let Some(Some(t)) = self.tunnels.get_mut(slot) else {
+            return;
+        };
         if let Some(credits) = t.wrote(n) {
             let id = t.id();
-            self.send(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::Stream(id)), credits }), now);
+            self.send(
+                Kind::WindowUpdate(WindowUpdate {
+                    target: Some(window_update::Target::Stream(id)),
+                    credits,
+                }),
+                now,
+            );
         }
         self.tunnel_check(slot, now);
     }
@@ -591,7 +696,10 @@ impl Agent {
             return Some(Transmit::Frame(kind));
         }
         let urgent = self.sup.finishing();
-        self.logs.as_ref().is_some_and(|l| l.batch_due(now, urgent)).then_some(Transmit::LogBatch)
+        self.logs
+            .as_ref()
+            .is_some_and(|l| l.batch_due(now, urgent))
+            .then_some(Transmit::LogBatch)
     }
 
     /// Writes the log batch [`Transmit::LogBatch`] announced into `out`.
@@ -602,7 +710,8 @@ impl Agent {
     // ----- routing -----
 
     fn restarting(&self) -> bool {
-        self.restart_pending.is_some() || matches!(self.sup.child_state(), ChildState::Restarting(_))
+        self.restart_pending.is_some()
+            || matches!(self.sup.child_state(), ChildState::Restarting(_))
     }
 
     /// Queues a frame for the server, if connected and welcomed.
@@ -647,21 +756,34 @@ impl Agent {
                 if let Some(slot) = self.exec_slot(input.session) {
                     let e = self.exec[slot].as_mut().expect("slot found");
                     if e.handle_input(&input.data).is_err() {
-                        warn!("exec session {}: the server sent input beyond its window; killing it", input.session);
+                        warn!(
+                            "exec session {}: the server sent input beyond its window; killing it",
+                            input.session
+                        );
                         self.kill_exec(slot, libc::SIGKILL);
                     }
                 }
             }
             Kind::ExecStdinClose(close) => {
                 if let Some(slot) = self.exec_slot(close.session) {
-                    self.exec[slot].as_mut().expect("slot found").handle_stdin_close();
+                    self.exec[slot]
+                        .as_mut()
+                        .expect("slot found")
+                        .handle_stdin_close();
                     self.exec_stdin_check(slot);
                 }
             }
             Kind::ExecResize(r) => {
-                if let Some(slot) = self.exec_slot(r.session).filter(|&s| self.exec[s].as_ref().is_some_and(exec::Session::is_pty)) {
+                if let Some(slot) = self
+                    .exec_slot(r.session)
+                    .filter(|&s| self.exec[s].as_ref().is_some_and(exec::Session::is_pty))
+                {
                     // The kernel sends SIGWINCH to the terminal's foreground group.
-                    self.io.push_back(IoAction::ResizeExec { slot, rows: r.rows, cols: r.cols });
+                    self.io.push_back(IoAction::ResizeExec {
+                        slot,
+                        rows: r.rows,
+                        cols: r.cols,
+                    });
                 }
             }
             Kind::ExecSignal(sig) => {
@@ -672,7 +794,12 @@ impl Agent {
             Kind::StreamOpen(open) => self.tunnel_open(open, now),
             Kind::StreamData(data) => {
                 if let Some(slot) = self.tunnel_slot(data.stream) {
-                    if self.tunnels[slot].as_mut().expect("slot found").handle_data(&data.data).is_err() {
+                    if self.tunnels[slot]
+                        .as_mut()
+                        .expect("slot found")
+                        .handle_data(&data.data)
+                        .is_err()
+                    {
                         self.tunnel_abort(slot, "the server sent data beyond its window", now);
                     }
                 }
@@ -680,21 +807,36 @@ impl Agent {
             Kind::StreamClose(close) => {
                 if let Some(slot) = self.tunnel_slot(close.stream) {
                     if close.half {
-                        self.tunnels[slot].as_mut().expect("slot found").handle_close();
+                        self.tunnels[slot]
+                            .as_mut()
+                            .expect("slot found")
+                            .handle_close();
                         self.tunnel_check(slot, now);
                     } else {
                         self.tunnel_remove(slot, now);
                     }
                 }
             }
-            Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::Stream(id)), credits }) => {
+            Kind::WindowUpdate(WindowUpdate {
+                target: Some(window_update::Target::Stream(id)),
+                credits,
+            }) => {
                 if let Some(slot) = self.tunnel_slot(id) {
-                    self.tunnels[slot].as_mut().expect("slot found").handle_window(credits);
+                    self.tunnels[slot]
+                        .as_mut()
+                        .expect("slot found")
+                        .handle_window(credits);
                 }
             }
-            Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::ExecSession(id)), credits }) => {
+            Kind::WindowUpdate(WindowUpdate {
+                target: Some(window_update::Target::ExecSession(id)),
+                credits,
+            }) => {
                 if let Some(slot) = self.exec_slot(id) {
-                    self.exec[slot].as_mut().expect("slot found").handle_window(credits);
+                    self.exec[slot]
+                        .as_mut()
+                        .expect("slot found")
+                        .handle_window(credits);
                 }
             }
             Kind::LogAck(ack) => {
@@ -710,7 +852,9 @@ impl Agent {
     fn lost(&mut self, now: Instant) {
         self.io.push_back(IoAction::Disconnect { polite: false });
         for slot in 0..MAX_SESSIONS {
-            let Some(e) = &mut self.exec[slot] else { continue };
+            let Some(e) = &mut self.exec[slot] else {
+                continue;
+            };
             if e.has_exited() {
                 self.exec_remove(slot);
             } else if e.hang_up(now) {
@@ -740,9 +884,16 @@ impl Agent {
                         (Target::Group, _, Some(pgid)) => -pgid,
                         _ => continue,
                     };
-                    self.io.push_back(IoAction::Kill { pid, sig, report: true });
+                    self.io.push_back(IoAction::Kill {
+                        pid,
+                        sig,
+                        report: true,
+                    });
                 }
-                Action::SignalDescendants(sig) => self.io.push_back(IoAction::SignalDescendants { pgid: self.child_pgid, sig }),
+                Action::SignalDescendants(sig) => self.io.push_back(IoAction::SignalDescendants {
+                    pgid: self.child_pgid,
+                    sig,
+                }),
                 Action::LastWords => {
                     let st = self.status();
                     if let Some(s) = &mut self.session {
@@ -755,23 +906,38 @@ impl Agent {
         }
     }
 
-    fn reaped(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>, oom_kills: Option<u64>, now: Instant) {
+    fn reaped(
+        &mut self,
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        oom_kills: Option<u64>,
+        now: Instant,
+    ) {
         if Some(pid) == self.sup.child_pid() {
             match signal {
-                Some(sig) => info!("child (pid {pid}) killed by {}", crate::sys::signals::name(sig)),
+                Some(sig) => info!(
+                    "child (pid {pid}) killed by {}",
+                    crate::sys::signals::name(sig)
+                ),
                 None => debug!("child (pid {pid}) exited with code {}", code.unwrap_or(0)),
             }
             self.sup.handle_exit(pid, code, signal, oom_kills, now);
             if let ChildState::Exited(Some(e)) = self.sup.child_state() {
                 if e.oom_killed {
-                    warn!("the child was killed by the kernel's OOM killer (its cgroup ran out of memory)");
+                    warn!(
+                        "the child was killed by the kernel's OOM killer (its cgroup ran out of memory)"
+                    );
                 }
             }
             if !self.sup.finishing() {
                 // (A final status goes out with the last words, confirmed.)
                 self.send_status(now);
             }
-        } else if let Some(slot) = self.exec.iter().position(|e| e.as_ref().is_some_and(|e| e.pid() == pid && !e.has_exited())) {
+        } else if let Some(slot) = self.exec.iter().position(|e| {
+            e.as_ref()
+                .is_some_and(|e| e.pid() == pid && !e.has_exited())
+        }) {
             let e = self.exec[slot].as_mut().expect("slot found");
             debug!("exec session {} (pid {pid}) ended", e.id());
             e.handle_exit(code, signal, now);
@@ -789,8 +955,16 @@ impl Agent {
         // Bytes the log shipper has not taken yet (block mode: the server is behind) are last
         // words for the server, and so is a pipe we stopped reading for them: both get the flush
         // timeout, not the local cleanup's grace.
-        let server = self.session.as_ref().is_some_and(|s| s.last_words_pending() || self.logs.as_ref().is_some_and(Logs::unacked) || self.local.unlogged);
-        Leftovers { descendants: self.local.descendants, output: self.local.output, server }
+        let server = self.session.as_ref().is_some_and(|s| {
+            s.last_words_pending()
+                || self.logs.as_ref().is_some_and(Logs::unacked)
+                || self.local.unlogged
+        });
+        Leftovers {
+            descendants: self.local.descendants,
+            output: self.local.output,
+            server,
+        }
     }
 
     /// Our Hello for a new connection: the fixed part plus what we know right now.
@@ -806,14 +980,23 @@ impl Agent {
     /// The child's state for the server. The reactor adds the memory and CPU figures (read from
     /// /proc) when it encodes the frame.
     fn status(&self) -> Status {
-        let mut st = Status { starts: self.sup.starts(), config_version: self.cfg.version(), ..Default::default() };
+        let mut st = Status {
+            starts: self.sup.starts(),
+            config_version: self.cfg.version(),
+            ..Default::default()
+        };
         match self.sup.child_state() {
             ChildState::Starting => st.state = status::State::Starting as i32,
             ChildState::Running(pid) | ChildState::Restarting(pid) => {
                 // Draining for a restart counts as restarting: the server then stops keeping
                 // idle connections to the old child.
-                let running = matches!(self.sup.child_state(), ChildState::Running(_)) && self.restart_pending.is_none();
-                st.state = if running { status::State::Running } else { status::State::Restarting } as i32;
+                let running = matches!(self.sup.child_state(), ChildState::Running(_))
+                    && self.restart_pending.is_none();
+                st.state = if running {
+                    status::State::Running
+                } else {
+                    status::State::Restarting
+                } as i32;
                 st.child_pid = pid as u32;
             }
             ChildState::Exited(ended) => {
@@ -844,7 +1027,10 @@ impl Agent {
             return;
         }
         if self.config_disabled {
-            debug!("ignoring config version {} (WAYPOST_DISABLE_CONFIG)", config.version);
+            debug!(
+                "ignoring config version {} (WAYPOST_DISABLE_CONFIG)",
+                config.version
+            );
             return;
         }
         let running = matches!(self.sup.child_state(), ChildState::Running(_));
@@ -856,14 +1042,25 @@ impl Agent {
     fn config_steps(&mut self, now: Instant) {
         while let Some(step) = self.cfg.poll_step() {
             match step {
-                Step::Apply { version, write, remove } => self.io.push_back(IoAction::WriteConfig { version, write, remove }),
+                Step::Apply {
+                    version,
+                    write,
+                    remove,
+                } => self.io.push_back(IoAction::WriteConfig {
+                    version,
+                    write,
+                    remove,
+                }),
                 Step::Restart => {
                     let grace = self.cfg.stop_grace();
                     if self.url_hold && self.session.is_some() && !self.url_disabled {
                         // Zero-downtime: new visitors wait; the old child goes once its
                         // streams are done (or at the stop timeout).
-                        info!("config changed: restarting the app once its open URL streams finish");
-                        self.restart_pending = Some((grace, now + grace.unwrap_or(self.stop_timeout)));
+                        info!(
+                            "config changed: restarting the app once its open URL streams finish"
+                        );
+                        self.restart_pending =
+                            Some((grace, now + grace.unwrap_or(self.stop_timeout)));
                         self.send_status(now);
                         self.restart_when_drained(now);
                     } else {
@@ -873,7 +1070,10 @@ impl Agent {
                     }
                 }
                 Step::Signal(sig) => {
-                    info!("config files changed: sending {} to the app", crate::sys::signals::name(sig));
+                    info!(
+                        "config files changed: sending {} to the app",
+                        crate::sys::signals::name(sig)
+                    );
                     self.sup.signal_child(sig);
                 }
                 Step::LogLevel(level) => {
@@ -888,7 +1088,9 @@ impl Agent {
     /// A pending config restart goes ahead once no stream is connected to the old child, or at
     /// its deadline.
     fn restart_when_drained(&mut self, now: Instant) {
-        let Some((grace, deadline)) = self.restart_pending else { return };
+        let Some((grace, deadline)) = self.restart_pending else {
+            return;
+        };
         // A connect still in progress counts: the old child's kernel may already have queued it,
         // and stopping the child then resets it.
         let busy = self.tunnels.iter().flatten().any(tunnel::Stream::is_busy);
@@ -911,14 +1113,28 @@ impl Agent {
     // ----- exec -----
 
     fn exec_slot(&self, id: u64) -> Option<usize> {
-        self.exec.iter().position(|e| e.as_ref().is_some_and(|e| e.id() == id))
+        self.exec
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| e.id() == id))
     }
 
     /// The server asks to run a command: check it, reserve a slot, have the reactor start it.
     fn exec_start(&mut self, start: ExecStart, now: Instant) {
         let active = self.exec.iter().flatten().count();
-        let refuse = |code: i32, error: String| Kind::ExecExit(ExecExit { session: start.session, code, signal: 0, error });
-        if let Err(why) = exec::admit(&start, self.exec_disabled, self.exec_allow.as_deref(), active) {
+        let refuse = |code: i32, error: String| {
+            Kind::ExecExit(ExecExit {
+                session: start.session,
+                code,
+                signal: 0,
+                error,
+            })
+        };
+        if let Err(why) = exec::admit(
+            &start,
+            self.exec_disabled,
+            self.exec_allow.as_deref(),
+            active,
+        ) {
             info!("exec refused: {why}");
             self.send(refuse(126, why), now);
             return;
@@ -927,11 +1143,19 @@ impl Agent {
             self.send(refuse(126, "duplicate session id".into()), now);
             return;
         }
-        let slot = self.exec.iter().position(Option::is_none).expect("admit checked the cap");
+        let slot = self
+            .exec
+            .iter()
+            .position(Option::is_none)
+            .expect("admit checked the cap");
         // The app's environment (config applied, tokens removed), plus the session's own.
         let mut env = self.child_env();
-        let mut extra: Vec<(OsString, OsString)> =
-            start.env.iter().filter(|(k, _)| !SECRET_VARS.contains(&k.as_str())).map(|(k, v)| (k.into(), v.into())).collect();
+        let mut extra: Vec<(OsString, OsString)> = start
+            .env
+            .iter()
+            .filter(|(k, _)| !SECRET_VARS.contains(&k.as_str()))
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
         if let Some(pty) = &start.pty {
             if !pty.term.is_empty() {
                 extra.push(("TERM".into(), pty.term.clone().into()));
@@ -942,20 +1166,34 @@ impl Agent {
         let argv = start.argv.iter().map(OsString::from).collect();
         let pty = start.pty.as_ref().map(|p| (p.rows, p.cols));
         self.exec[slot] = Some(exec::Session::new(start.session, 0, pty.is_some()));
-        self.io.push_back(IoAction::StartExec { slot, id: start.session, argv, env, pty, stdin: start.stdin });
+        self.io.push_back(IoAction::StartExec {
+            slot,
+            id: start.session,
+            argv,
+            env,
+            pty,
+            stdin: start.stdin,
+        });
     }
 
     /// Signals a session's process group (it leads its own, by setsid).
     fn kill_exec(&mut self, slot: usize, sig: i32) {
         if let Some(e) = &self.exec[slot] {
             if e.pid() > 0 {
-                self.io.push_back(IoAction::Kill { pid: -e.pid(), sig, report: false });
+                self.io.push_back(IoAction::Kill {
+                    pid: -e.pid(),
+                    sig,
+                    report: false,
+                });
             }
         }
     }
 
     fn exec_stdin_check(&mut self, slot: usize) {
-        if self.exec[slot].as_mut().is_some_and(exec::Session::take_stdin_close) {
+        if self.exec[slot]
+            .as_mut()
+            .is_some_and(exec::Session::take_stdin_close)
+        {
             self.io.push_back(IoAction::CloseExecStdin(slot));
         }
     }
@@ -972,7 +1210,9 @@ impl Agent {
     fn next_exec_frame(&mut self, now: Instant, pull: &mut impl Pull) -> Option<Kind> {
         for k in 0..MAX_SESSIONS {
             let slot = (self.exec_next + k) % MAX_SESSIONS;
-            let Some(e) = &mut self.exec[slot] else { continue };
+            let Some(e) = &mut self.exec[slot] else {
+                continue;
+            };
             for which in 0..3 {
                 let budget = e.readable_budget();
                 if !e.reads_from(which) || budget == 0 {
@@ -983,8 +1223,16 @@ impl Agent {
                     Read::Data(n) => {
                         e.sent(n);
                         self.exec_next = (slot + 1) % MAX_SESSIONS;
-                        let stream = if which == 2 { OutputStream::Err } else { OutputStream::Out } as i32;
-                        return Some(Kind::ExecOutput(ExecOutput { session: e.id(), stream, data: buf[..n].to_vec() }));
+                        let stream = if which == 2 {
+                            OutputStream::Err
+                        } else {
+                            OutputStream::Out
+                        } as i32;
+                        return Some(Kind::ExecOutput(ExecOutput {
+                            session: e.id(),
+                            stream,
+                            data: buf[..n].to_vec(),
+                        }));
                     }
                     Read::Eof => {
                         e.output_eof(which);
@@ -1009,14 +1257,23 @@ impl Agent {
     // ----- URL-service streams -----
 
     fn tunnel_slot(&self, id: u64) -> Option<usize> {
-        self.tunnels.iter().position(|t| t.as_ref().is_some_and(|t| t.id() == id))
+        self.tunnels
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.id() == id))
     }
 
     /// A visitor connected through the ingress: connect to the app (or hold, during a restart).
     fn tunnel_open(&mut self, open: StreamOpen, now: Instant) {
         let active = self.tunnels.iter().flatten().count();
         if let Err(why) = tunnel::admit(self.url_disabled, active) {
-            self.send(Kind::StreamClose(StreamClose { stream: open.stream, half: false, error: why }), now);
+            self.send(
+                Kind::StreamClose(StreamClose {
+                    stream: open.stream,
+                    half: false,
+                    error: why,
+                }),
+                now,
+            );
             return;
         }
         let slot = match self.tunnels.iter().position(Option::is_none) {
@@ -1028,29 +1285,50 @@ impl Agent {
         };
         debug_assert!(slot < MAX_STREAMS);
         let hold = self.hold_until.filter(|&t| t > now);
-        let port = if open.target_port != 0 { open.target_port as u16 } else { self.app_port };
-        trace!("stream {} from {} to port {port}", open.stream, open.client_addr);
+        let port = if open.target_port != 0 {
+            open.target_port as u16
+        } else {
+            self.app_port
+        };
+        trace!(
+            "stream {} from {} to port {port}",
+            open.stream, open.client_addr
+        );
         let mut t = tunnel::Stream::new(open.stream, hold);
         // While the old child drains or is being stopped, a connect could still land in its
         // listen queue and be reset when it dies: wait for the new child instead.
-        let old_child = self.url_hold && matches!(self.sup.child_state(), ChildState::Restarting(_));
+        let old_child =
+            self.url_hold && matches!(self.sup.child_state(), ChildState::Restarting(_));
         if self.restart_pending.is_some() || old_child {
             t.hold(now, now + self.stop_timeout * 2);
         } else {
             t.connecting(Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)));
-            self.io.push_back(IoAction::ConnectTunnel { slot, id: open.stream, addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port) });
+            self.io.push_back(IoAction::ConnectTunnel {
+                slot,
+                id: open.stream,
+                addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            });
         }
         self.tunnels[slot] = Some(t);
     }
 
     fn tunnel_refused(&mut self, slot: usize, error: &io::Error, now: Instant) {
-        let Some(Some(t)) = self.tunnels.get_mut(slot) else { return };
+        let Some(Some(t)) = self.tunnels.get_mut(slot) else {
+            return;
+        };
         t.handle_no_socket();
         if let Some(addr) = t.take_fallback() {
             t.connecting(None);
-            self.io.push_back(IoAction::ConnectTunnel { slot, id: t.id(), addr });
+            self.io.push_back(IoAction::ConnectTunnel {
+                slot,
+                id: t.id(),
+                addr,
+            });
         } else if !t.refused(now) {
-            let why = format!("cannot connect to the app on port {}: {error}", self.app_port);
+            let why = format!(
+                "cannot connect to the app on port {}: {error}",
+                self.app_port
+            );
             self.tunnel_abort(slot, &why, now);
         }
         self.restart_when_drained(now);
@@ -1059,7 +1337,9 @@ impl Agent {
     /// After a change: shut the app socket's write side once the server's end is written; drop
     /// the stream once both directions are over.
     fn tunnel_check(&mut self, slot: usize, now: Instant) {
-        let Some(Some(t)) = self.tunnels.get_mut(slot) else { return };
+        let Some(Some(t)) = self.tunnels.get_mut(slot) else {
+            return;
+        };
         if t.should_shut_down() {
             t.mark_shut_down();
             self.io.push_back(IoAction::ShutdownTunnel(slot));
@@ -1074,7 +1354,14 @@ impl Agent {
         if let Some(Some(t)) = self.tunnels.get(slot) {
             debug!("stream {}: {why}", t.id());
             let id = t.id();
-            self.send(Kind::StreamClose(StreamClose { stream: id, half: false, error: why.to_owned() }), now);
+            self.send(
+                Kind::StreamClose(StreamClose {
+                    stream: id,
+                    half: false,
+                    error: why.to_owned(),
+                }),
+                now,
+            );
         }
         self.tunnel_remove(slot, now);
     }
@@ -1095,7 +1382,9 @@ impl Agent {
         let len = self.tunnels.len();
         for k in 0..len {
             let slot = (self.tunnel_next + k) % len;
-            let Some(t) = &mut self.tunnels[slot] else { continue };
+            let Some(t) = &mut self.tunnels[slot] else {
+                continue;
+            };
             let budget = t.budget();
             if budget == 0 {
                 continue;
@@ -1105,7 +1394,11 @@ impl Agent {
                 Read::Eof => {
                     t.handle_app_eof();
                     self.tunnel_next = (slot + 1) % len;
-                    let frame = Kind::StreamClose(StreamClose { stream: t.id(), half: true, error: String::new() });
+                    let frame = Kind::StreamClose(StreamClose {
+                        stream: t.id(),
+                        half: true,
+                        error: String::new(),
+                    });
                     if t.finished() {
                         self.tunnel_remove(slot, now);
                     }
@@ -1114,13 +1407,20 @@ impl Agent {
                 Read::Data(n) => {
                     t.sent(n);
                     self.tunnel_next = (slot + 1) % len;
-                    return Some(Kind::StreamData(StreamData { stream: t.id(), data: buf[..n].to_vec() }));
+                    return Some(Kind::StreamData(StreamData {
+                        stream: t.id(),
+                        data: buf[..n].to_vec(),
+                    }));
                 }
                 Read::Blocked => {}
                 Read::Failed(e) => {
                     let id = t.id();
                     self.tunnel_remove(slot, now);
-                    return Some(Kind::StreamClose(StreamClose { stream: id, half: false, error: format!("the app reset the connection: {e}") }));
+                    return Some(Kind::StreamClose(StreamClose {
+                        stream: id,
+                        half: false,
+                        error: format!("the app reset the connection: {e}"),
+                    }));
                 }
             }
         }

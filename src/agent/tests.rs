@@ -3,10 +3,10 @@
 //! hand and plays the fds through a fake [`Pull`].
 
 use super::*;
-use crate::config::Settings;
+use crate::settings::Settings;
 use waypost_proto::{
-    Config, ConfigFile, ExecInput, ExecStdinClose, Frame, LogAck, LogBatch, Ping, Pong, StreamClose, StreamData, StreamOpen, Welcome, WindowUpdate,
-    INITIAL_WINDOW,
+    Config, ConfigFile, ExecInput, ExecStdinClose, Frame, INITIAL_WINDOW, LogAck, LogBatch, Ping,
+    Pong, StreamClose, StreamData, StreamOpen, Welcome, WindowUpdate,
 };
 
 /// The fds as the test plays them: bytes waiting in a source, and sources at their end.
@@ -28,7 +28,11 @@ impl Pull for FakeFds {
             }
             return Read::Data(n);
         }
-        if self.eof.contains(&src) { Read::Eof } else { Read::Blocked }
+        if self.eof.contains(&src) {
+            Read::Eof
+        } else {
+            Read::Blocked
+        }
     }
 }
 
@@ -46,7 +50,11 @@ impl Pair {
     fn new(vars: &[(&str, &str)]) -> Pair {
         let settings = Settings::from_vars(vars.iter().copied()).expect("valid settings");
         let now = Instant::now();
-        let env = [("PATH", "/bin"), ("WAYPOST_TOKEN", "secret"), ("HOME", "/root")];
+        let env = [
+            ("PATH", "/bin"),
+            ("WAYPOST_TOKEN", "secret"),
+            ("HOME", "/root"),
+        ];
         let id = Identity {
             instance_id: vec![7; 16],
             hostname: "box".into(),
@@ -54,7 +62,11 @@ impl Pair {
             env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
             seeds: [1, 2],
         };
-        Pair { agent: Agent::new(&settings, id, now), now, fds: FakeFds::default() }
+        Pair {
+            agent: Agent::new(&settings, id, now),
+            now,
+            fds: FakeFds::default(),
+        }
     }
 
     /// What the agent wants done.
@@ -71,7 +83,9 @@ impl Pair {
                 Transmit::LogBatch => {
                     let mut bytes = Vec::new();
                     assert!(self.agent.encode_logs(&mut bytes, self.now));
-                    let frame: Frame = waypost_proto::decode(&mut &bytes[..]).expect("a whole frame").expect("decodes");
+                    let frame: Frame = waypost_proto::decode(&mut &bytes[..])
+                        .expect("a whole frame")
+                        .expect("decodes");
                     out.push(frame.kind.expect("a kind"));
                 }
             }
@@ -81,7 +95,10 @@ impl Pair {
 
     /// Frames sent now, without the Status and Ping/Pong chatter.
     fn sent_data(&mut self) -> Vec<Kind> {
-        self.sent().into_iter().filter(|k| !matches!(k, Kind::Status(_) | Kind::Ping(_) | Kind::Pong(_))).collect()
+        self.sent()
+            .into_iter()
+            .filter(|k| !matches!(k, Kind::Status(_) | Kind::Ping(_) | Kind::Pong(_)))
+            .collect()
     }
 
     fn frame(&mut self, kind: Kind) {
@@ -108,121 +125,314 @@ impl Pair {
 
     fn log_batch(&mut self) -> LogBatch {
         self.advance(crate::logs::BATCH_AGE);
-        let batches: Vec<LogBatch> = self.sent().into_iter().filter_map(|k| if let Kind::LogBatch(b) = k { Some(b) } else { None }).collect();
+        let batches: Vec<LogBatch> = self
+            .sent()
+            .into_iter()
+            .filter_map(|k| {
+                if let Kind::LogBatch(b) = k {
+                    Some(b)
+                } else {
+                    None
+                }
+            })
+            .collect();
         assert_eq!(batches.len(), 1, "{batches:?}");
         batches.into_iter().next().unwrap()
     }
 }
 
 fn env_of(env: &[(OsString, OsString)], key: &str) -> Option<String> {
-    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.to_string_lossy().into_owned())
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.to_string_lossy().into_owned())
 }
 
 #[test]
 fn an_agent_and_a_fake_server_on_fake_time() {
-    let mut p = Pair::new(&[("WAYPOST_SERVER", "127.0.0.1:9701"), ("WAYPOST_TOKEN", "secret")]);
+    let mut p = Pair::new(&[
+        ("WAYPOST_SERVER", "127.0.0.1:9701"),
+        ("WAYPOST_TOKEN", "secret"),
+    ]);
 
     // Connect and Hello; the child waits for the config.
     assert_eq!(p.io(), [IoAction::Connect]);
     let hello = p.connect();
-    assert_eq!((hello.token.as_str(), &hello.instance_id[..], hello.next_log_seq), ("secret", &[7u8; 16][..], 0));
+    assert_eq!(
+        (
+            hello.token.as_str(),
+            &hello.instance_id[..],
+            hello.next_log_seq
+        ),
+        ("secret", &[7u8; 16][..], 0)
+    );
     assert!(p.io().is_empty(), "no child before the Welcome");
 
     // Welcome with the first config: files first, then the child, with the config's env.
     let config = Config {
         version: 1,
-        env: [("GREETING".to_string(), "hi".to_string())].into_iter().collect(),
-        files: vec![ConfigFile { path: "/etc/app.conf".into(), mode: 0o644, contents: b"x".to_vec() }],
+        env: [("GREETING".to_string(), "hi".to_string())]
+            .into_iter()
+            .collect(),
+        files: vec![ConfigFile {
+            path: "/etc/app.conf".into(),
+            mode: 0o644,
+            contents: b"x".to_vec(),
+        }],
         ..Default::default()
     };
-    p.frame(Kind::Welcome(Welcome { heartbeat_interval_ms: 1000, config: Some(config), ..Default::default() }));
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        config: Some(config),
+        ..Default::default()
+    }));
     let io = p.io();
-    assert!(matches!(&io[..], [IoAction::WriteConfig { version: 1, write, remove }, IoAction::SpawnChild] if write.len() == 1 && remove.is_empty()), "{io:?}");
-    p.event(IoEvent::ConfigWritten { version: 1, wrote: 1, removed: 0, result: Ok(()) });
+    assert!(
+        matches!(&io[..], [IoAction::WriteConfig { version: 1, write, remove }, IoAction::SpawnChild] if write.len() == 1 && remove.is_empty()),
+        "{io:?}"
+    );
+    p.event(IoEvent::ConfigWritten {
+        version: 1,
+        wrote: 1,
+        removed: 0,
+        result: Ok(()),
+    });
     let env = p.agent.child_env();
     assert_eq!(env_of(&env, "GREETING").as_deref(), Some("hi"));
-    assert_eq!(env_of(&env, "PORT").as_deref(), Some("5000"), "PORT defaults for the child");
-    assert_eq!(env_of(&env, "WAYPOST_TOKEN"), None, "the token never reaches the child");
-    assert!(p.sent_data().iter().any(|k| matches!(k, Kind::ConfigApplied(a) if a.version == 1 && a.error.is_empty())));
+    assert_eq!(
+        env_of(&env, "PORT").as_deref(),
+        Some("5000"),
+        "PORT defaults for the child"
+    );
+    assert_eq!(
+        env_of(&env, "WAYPOST_TOKEN"),
+        None,
+        "the token never reaches the child"
+    );
+    assert!(
+        p.sent_data()
+            .iter()
+            .any(|k| matches!(k, Kind::ConfigApplied(a) if a.version == 1 && a.error.is_empty()))
+    );
 
     // The child "spawned"; its output becomes a LogBatch, acknowledged.
-    p.event(IoEvent::ChildSpawned { pid: 100, oom_kills: None });
-    let status = p.sent().into_iter().find_map(|k| if let Kind::Status(s) = k { Some(s) } else { None }).expect("a Status");
-    assert_eq!((status.state, status.child_pid), (status::State::Running as i32, 100));
-    assert_eq!(p.agent.handle_output(LogStream::Stdout, b"hello\nworld\n", 1, p.now), 12);
+    p.event(IoEvent::ChildSpawned {
+        pid: 100,
+        oom_kills: None,
+    });
+    let status = p
+        .sent()
+        .into_iter()
+        .find_map(|k| {
+            if let Kind::Status(s) = k {
+                Some(s)
+            } else {
+                None
+            }
+        })
+        .expect("a Status");
+    assert_eq!(
+        (status.state, status.child_pid),
+        (status::State::Running as i32, 100)
+    );
+    assert_eq!(
+        p.agent
+            .handle_output(LogStream::Stdout, b"hello\nworld\n", 1, p.now),
+        12
+    );
     let batch = p.log_batch();
     assert_eq!(batch.first_seq, 0);
-    assert_eq!(batch.entries.iter().map(|e| &e.data[..]).collect::<Vec<_>>(), [&b"hello"[..], b"world"]);
+    assert_eq!(
+        batch
+            .entries
+            .iter()
+            .map(|e| &e.data[..])
+            .collect::<Vec<_>>(),
+        [&b"hello"[..], b"world"]
+    );
     p.frame(Kind::LogAck(LogAck { up_to_seq: 2 }));
 
     // An exec session: start, input, output, exit.
-    p.frame(Kind::ExecStart(ExecStart { session: 7, argv: vec!["sh".into()], stdin: true, ..Default::default() }));
+    p.frame(Kind::ExecStart(ExecStart {
+        session: 7,
+        argv: vec!["sh".into()],
+        stdin: true,
+        ..Default::default()
+    }));
     let io = p.io();
-    let [IoAction::StartExec { slot, id: 7, env, pty: None, stdin: true, .. }] = &io[..] else { panic!("{io:?}") };
-    assert_eq!(env_of(env, "GREETING").as_deref(), Some("hi"), "exec gets the app's env");
+    let [
+        IoAction::StartExec {
+            slot,
+            id: 7,
+            env,
+            pty: None,
+            stdin: true,
+            ..
+        },
+    ] = &io[..]
+    else {
+        panic!("{io:?}")
+    };
+    assert_eq!(
+        env_of(env, "GREETING").as_deref(),
+        Some("hi"),
+        "exec gets the app's env"
+    );
     let slot = *slot;
     p.event(IoEvent::ExecStarted { slot, pid: 200 });
-    assert_eq!(p.sent_data(), [Kind::ExecStarted(ExecStarted { session: 7, pid: 200 })]);
-    p.frame(Kind::ExecInput(ExecInput { session: 7, data: b"echo hi\n".to_vec() }));
+    assert_eq!(
+        p.sent_data(),
+        [Kind::ExecStarted(ExecStarted {
+            session: 7,
+            pid: 200
+        })]
+    );
+    p.frame(Kind::ExecInput(ExecInput {
+        session: 7,
+        data: b"echo hi\n".to_vec(),
+    }));
     assert_eq!(p.agent.exec_pending(slot), b"echo hi\n");
     p.agent.exec_wrote(slot, 8, p.now);
     assert!(p.agent.exec_pending(slot).is_empty());
     p.frame(Kind::ExecStdinClose(ExecStdinClose { session: 7 }));
     assert_eq!(p.io(), [IoAction::CloseExecStdin(slot)]);
     p.fds.data.push((Source::Exec(slot, 1), b"hi\n".to_vec()));
-    assert_eq!(p.sent_data(), [Kind::ExecOutput(ExecOutput { session: 7, stream: OutputStream::Out as i32, data: b"hi\n".to_vec() })]);
-    p.event(IoEvent::Reaped { pid: 200, code: Some(0), signal: None, oom_kills: None });
-    assert!(p.sent_data().is_empty(), "no exit report while its output may still come");
-    p.fds.eof.extend([Source::Exec(slot, 1), Source::Exec(slot, 2)]);
-    assert_eq!(p.sent_data(), [Kind::ExecExit(ExecExit { session: 7, code: 0, signal: 0, error: String::new() })]);
+    assert_eq!(
+        p.sent_data(),
+        [Kind::ExecOutput(ExecOutput {
+            session: 7,
+            stream: OutputStream::Out as i32,
+            data: b"hi\n".to_vec()
+        })]
+    );
+    p.event(IoEvent::Reaped {
+        pid: 200,
+        code: Some(0),
+        signal: None,
+        oom_kills: None,
+    });
+    assert!(
+        p.sent_data().is_empty(),
+        "no exit report while its output may still come"
+    );
+    p.fds
+        .eof
+        .extend([Source::Exec(slot, 1), Source::Exec(slot, 2)]);
+    assert_eq!(
+        p.sent_data(),
+        [Kind::ExecExit(ExecExit {
+            session: 7,
+            code: 0,
+            signal: 0,
+            error: String::new()
+        })]
+    );
     let io = p.io();
-    assert_eq!(io, [IoAction::CloseExecOutput { slot, which: 1 }, IoAction::CloseExecOutput { slot, which: 2 }, IoAction::CloseExec(slot)]);
+    assert_eq!(
+        io,
+        [
+            IoAction::CloseExecOutput { slot, which: 1 },
+            IoAction::CloseExecOutput { slot, which: 2 },
+            IoAction::CloseExec(slot)
+        ]
+    );
     p.fds.eof.clear();
 
     // A tunnel stream: open, data both ways within the credits, close.
-    p.frame(Kind::StreamOpen(StreamOpen { stream: 9, target_port: 0, client_addr: "1.2.3.4:5".into() }));
+    p.frame(Kind::StreamOpen(StreamOpen {
+        stream: 9,
+        target_port: 0,
+        client_addr: "1.2.3.4:5".into(),
+    }));
     let io = p.io();
-    let [IoAction::ConnectTunnel { slot, id: 9, addr }] = &io[..] else { panic!("{io:?}") };
+    let [IoAction::ConnectTunnel { slot, id: 9, addr }] = &io[..] else {
+        panic!("{io:?}")
+    };
     assert_eq!(addr.to_string(), "127.0.0.1:5000");
     let slot = *slot;
     p.event(IoEvent::TunnelConnected(slot));
     let request = vec![b'r'; INITIAL_WINDOW as usize];
-    p.frame(Kind::StreamData(StreamData { stream: 9, data: request }));
+    p.frame(Kind::StreamData(StreamData {
+        stream: 9,
+        data: request,
+    }));
     assert_eq!(p.agent.tunnel_pending(slot).len(), INITIAL_WINDOW as usize);
     p.agent.tunnel_wrote(slot, INITIAL_WINDOW as usize, p.now);
     assert!(
-        p.sent_data().iter().any(|k| matches!(k, Kind::WindowUpdate(WindowUpdate { credits, .. }) if *credits == INITIAL_WINDOW)),
+        p.sent_data()
+            .iter()
+            .any(|k| matches!(k, Kind::WindowUpdate(WindowUpdate { credits, .. }) if *credits == INITIAL_WINDOW)),
         "credits come back as the app takes the data"
     );
     // The app answers with more than the window: only the window goes out until credits come.
-    p.fds.data.push((Source::Tunnel(slot), vec![b'a'; INITIAL_WINDOW as usize + 100]));
-    let out: usize = p.sent_data().iter().map(|k| if let Kind::StreamData(d) = k { d.data.len() } else { 0 }).sum();
+    p.fds.data.push((
+        Source::Tunnel(slot),
+        vec![b'a'; INITIAL_WINDOW as usize + 100],
+    ));
+    let out: usize = p
+        .sent_data()
+        .iter()
+        .map(|k| {
+            if let Kind::StreamData(d) = k {
+                d.data.len()
+            } else {
+                0
+            }
+        })
+        .sum();
     assert_eq!(out, INITIAL_WINDOW as usize);
-    p.frame(Kind::WindowUpdate(WindowUpdate { target: Some(window_update::Target::Stream(9)), credits: 1000 }));
-    assert_eq!(p.sent_data(), [Kind::StreamData(StreamData { stream: 9, data: vec![b'a'; 100] })]);
-    p.frame(Kind::StreamClose(StreamClose { stream: 9, half: true, error: String::new() }));
+    p.frame(Kind::WindowUpdate(WindowUpdate {
+        target: Some(window_update::Target::Stream(9)),
+        credits: 1000,
+    }));
+    assert_eq!(
+        p.sent_data(),
+        [Kind::StreamData(StreamData {
+            stream: 9,
+            data: vec![b'a'; 100]
+        })]
+    );
+    p.frame(Kind::StreamClose(StreamClose {
+        stream: 9,
+        half: true,
+        error: String::new(),
+    }));
     assert_eq!(p.io(), [IoAction::ShutdownTunnel(slot)]);
     p.fds.eof.push(Source::Tunnel(slot));
-    assert_eq!(p.sent_data(), [Kind::StreamClose(StreamClose { stream: 9, half: true, error: String::new() })]);
+    assert_eq!(
+        p.sent_data(),
+        [Kind::StreamClose(StreamClose {
+            stream: 9,
+            half: true,
+            error: String::new()
+        })]
+    );
     assert_eq!(p.io(), [IoAction::CloseTunnel(slot)]);
     p.fds.eof.clear();
 
     // The connection is lost; output meanwhile waits, and is resent after the reconnect from
     // where the new Welcome says the server's copy ends.
-    p.agent.handle_output(LogStream::Stderr, b"while away\n", 2, p.now);
+    p.agent
+        .handle_output(LogStream::Stderr, b"while away\n", 2, p.now);
     p.event(IoEvent::Closed("reset by peer"));
     assert_eq!(p.io(), [IoAction::Disconnect { polite: false }]);
     assert!(p.sent().is_empty(), "nothing is sent while away");
     let mut waited = Duration::ZERO;
     while !p.io().contains(&IoAction::Connect) {
-        assert!(waited < crate::session::BACKOFF_MIN * 2, "reconnects after the backoff");
+        assert!(
+            waited < crate::session::BACKOFF_MIN * 2,
+            "reconnects after the backoff"
+        );
         p.advance(ms(10));
         waited += ms(10);
     }
     let hello = p.connect();
     assert_eq!(hello.next_log_seq, 3);
     assert_eq!(hello.config_version, 1);
-    p.frame(Kind::Welcome(Welcome { heartbeat_interval_ms: 1000, log_acked_seq: 2, ..Default::default() }));
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        log_acked_seq: 2,
+        ..Default::default()
+    }));
     assert!(p.io().is_empty(), "same config, same child");
     let batch = p.log_batch();
     assert_eq!((batch.first_seq, batch.entries.len()), (2, 1));
@@ -230,12 +440,32 @@ fn an_agent_and_a_fake_server_on_fake_time() {
 
     // The child exits: its leftovers get SIGTERM, the last words go out with a Ping, and the
     // exit comes once the Pong confirms them.
-    p.event(IoEvent::Reaped { pid: 100, code: Some(3), signal: None, oom_kills: None });
-    assert_eq!(p.io(), [IoAction::SignalDescendants { pgid: Some(100), sig: libc::SIGTERM }]);
+    p.event(IoEvent::Reaped {
+        pid: 100,
+        code: Some(3),
+        signal: None,
+        oom_kills: None,
+    });
+    assert_eq!(
+        p.io(),
+        [IoAction::SignalDescendants {
+            pgid: Some(100),
+            sig: libc::SIGTERM
+        }]
+    );
     let sent = p.sent();
-    let Some(Kind::Status(last)) = sent.iter().find(|k| matches!(k, Kind::Status(_))) else { panic!("{sent:?}") };
-    assert_eq!((last.state, last.exit_code), (status::State::Exited as i32, 3));
-    let Some(Kind::Ping(Ping { nonce })) = sent.iter().find(|k| matches!(k, Kind::Ping(_))).cloned() else { panic!("{sent:?}") };
+    let Some(Kind::Status(last)) = sent.iter().find(|k| matches!(k, Kind::Status(_))) else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(
+        (last.state, last.exit_code),
+        (status::State::Exited as i32, 3)
+    );
+    let Some(Kind::Ping(Ping { nonce })) =
+        sent.iter().find(|k| matches!(k, Kind::Ping(_))).cloned()
+    else {
+        panic!("{sent:?}")
+    };
     p.event(IoEvent::Leftovers(Local::default()));
     assert!(p.io().is_empty(), "the server has not confirmed yet");
     p.frame(Kind::LogAck(LogAck { up_to_seq: 3 }));
@@ -248,12 +478,37 @@ fn an_agent_and_a_fake_server_on_fake_time() {
 fn without_a_server_the_child_starts_at_once_and_its_exit_is_ours() {
     let mut p = Pair::new(&[]);
     assert_eq!(p.io(), [IoAction::SpawnChild]);
-    p.event(IoEvent::ChildSpawned { pid: 5, oom_kills: None });
-    assert_eq!(p.agent.handle_output(LogStream::Stdout, b"x\n", 1, p.now), 2, "no shipper: everything is taken");
+    p.event(IoEvent::ChildSpawned {
+        pid: 5,
+        oom_kills: None,
+    });
+    assert_eq!(
+        p.agent.handle_output(LogStream::Stdout, b"x\n", 1, p.now),
+        2,
+        "no shipper: everything is taken"
+    );
     p.event(IoEvent::Signal(libc::SIGTERM));
-    assert_eq!(p.io(), [IoAction::Kill { pid: 5, sig: libc::SIGTERM, report: true }]);
-    p.event(IoEvent::Reaped { pid: 5, code: None, signal: Some(libc::SIGTERM), oom_kills: None });
-    assert_eq!(p.io(), [IoAction::SignalDescendants { pgid: Some(5), sig: libc::SIGTERM }]);
+    assert_eq!(
+        p.io(),
+        [IoAction::Kill {
+            pid: 5,
+            sig: libc::SIGTERM,
+            report: true
+        }]
+    );
+    p.event(IoEvent::Reaped {
+        pid: 5,
+        code: None,
+        signal: Some(libc::SIGTERM),
+        oom_kills: None,
+    });
+    assert_eq!(
+        p.io(),
+        [IoAction::SignalDescendants {
+            pgid: Some(5),
+            sig: libc::SIGTERM
+        }]
+    );
     p.event(IoEvent::Leftovers(Local::default()));
     assert_eq!(p.io(), [IoAction::Exit(128 + libc::SIGTERM)]);
     assert!(p.sent().is_empty());
@@ -264,28 +519,93 @@ fn a_config_restart_waits_for_open_streams_and_holds_new_ones() {
     let mut p = Pair::new(&[("WAYPOST_SERVER", "127.0.0.1:9701"), ("WAYPOST_TOKEN", "t")]);
     p.io();
     p.connect();
-    p.frame(Kind::Welcome(Welcome { heartbeat_interval_ms: 1000, ..Default::default() }));
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    }));
     assert_eq!(p.io(), [IoAction::SpawnChild]);
-    p.event(IoEvent::ChildSpawned { pid: 100, oom_kills: None });
-    p.frame(Kind::StreamOpen(StreamOpen { stream: 1, ..Default::default() }));
-    assert!(matches!(p.io()[..], [IoAction::ConnectTunnel { slot: 0, .. }]));
+    p.event(IoEvent::ChildSpawned {
+        pid: 100,
+        oom_kills: None,
+    });
+    p.frame(Kind::StreamOpen(StreamOpen {
+        stream: 1,
+        ..Default::default()
+    }));
+    assert!(matches!(
+        p.io()[..],
+        [IoAction::ConnectTunnel { slot: 0, .. }]
+    ));
     p.event(IoEvent::TunnelConnected(0));
-    let config = Config { version: 2, env: [("A".to_string(), "1".to_string())].into_iter().collect(), ..Default::default() };
+    let config = Config {
+        version: 2,
+        env: [("A".to_string(), "1".to_string())].into_iter().collect(),
+        ..Default::default()
+    };
     p.frame(Kind::Config(config));
-    assert!(matches!(p.io()[..], [IoAction::WriteConfig { version: 2, .. }]));
-    p.event(IoEvent::ConfigWritten { version: 2, wrote: 0, removed: 0, result: Ok(()) });
-    assert!(p.io().is_empty(), "the old child serves its open stream first");
+    assert!(matches!(
+        p.io()[..],
+        [IoAction::WriteConfig { version: 2, .. }]
+    ));
+    p.event(IoEvent::ConfigWritten {
+        version: 2,
+        wrote: 0,
+        removed: 0,
+        result: Ok(()),
+    });
+    assert!(
+        p.io().is_empty(),
+        "the old child serves its open stream first"
+    );
     // A new visitor meanwhile is held, not connected to the old child.
-    p.frame(Kind::StreamOpen(StreamOpen { stream: 2, ..Default::default() }));
+    p.frame(Kind::StreamOpen(StreamOpen {
+        stream: 2,
+        ..Default::default()
+    }));
     assert!(p.io().is_empty());
-    p.frame(Kind::StreamClose(StreamClose { stream: 1, half: false, error: String::new() }));
-    assert_eq!(p.io(), [IoAction::CloseTunnel(0), IoAction::Kill { pid: 100, sig: libc::SIGTERM, report: true }]);
-    p.event(IoEvent::Reaped { pid: 100, code: Some(0), signal: None, oom_kills: None });
-    assert_eq!(p.io(), [IoAction::Kill { pid: -100, sig: libc::SIGTERM, report: true }, IoAction::SpawnChild]);
+    p.frame(Kind::StreamClose(StreamClose {
+        stream: 1,
+        half: false,
+        error: String::new(),
+    }));
+    assert_eq!(
+        p.io(),
+        [
+            IoAction::CloseTunnel(0),
+            IoAction::Kill {
+                pid: 100,
+                sig: libc::SIGTERM,
+                report: true
+            }
+        ]
+    );
+    p.event(IoEvent::Reaped {
+        pid: 100,
+        code: Some(0),
+        signal: None,
+        oom_kills: None,
+    });
+    assert_eq!(
+        p.io(),
+        [
+            IoAction::Kill {
+                pid: -100,
+                sig: libc::SIGTERM,
+                report: true
+            },
+            IoAction::SpawnChild
+        ]
+    );
     assert_eq!(env_of(&p.agent.child_env(), "A").as_deref(), Some("1"));
-    p.event(IoEvent::ChildSpawned { pid: 101, oom_kills: None });
+    p.event(IoEvent::ChildSpawned {
+        pid: 101,
+        oom_kills: None,
+    });
     p.advance(tunnel::RETRY);
-    assert!(matches!(p.io()[..], [IoAction::ConnectTunnel { id: 2, .. }]), "the held stream goes to the new child");
+    assert!(
+        matches!(p.io()[..], [IoAction::ConnectTunnel { id: 2, .. }]),
+        "the held stream goes to the new child"
+    );
 }
 
 #[test]
@@ -293,13 +613,26 @@ fn the_write_priority_is_control_then_exec_then_streams_then_logs() {
     let mut p = Pair::new(&[("WAYPOST_SERVER", "127.0.0.1:9701"), ("WAYPOST_TOKEN", "t")]);
     p.io();
     p.connect();
-    p.frame(Kind::Welcome(Welcome { heartbeat_interval_ms: 1000, ..Default::default() }));
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    }));
     p.io();
-    p.event(IoEvent::ChildSpawned { pid: 100, oom_kills: None });
-    p.frame(Kind::ExecStart(ExecStart { session: 1, argv: vec!["sh".into()], ..Default::default() }));
+    p.event(IoEvent::ChildSpawned {
+        pid: 100,
+        oom_kills: None,
+    });
+    p.frame(Kind::ExecStart(ExecStart {
+        session: 1,
+        argv: vec!["sh".into()],
+        ..Default::default()
+    }));
     p.io();
     p.event(IoEvent::ExecStarted { slot: 0, pid: 200 });
-    p.frame(Kind::StreamOpen(StreamOpen { stream: 2, ..Default::default() }));
+    p.frame(Kind::StreamOpen(StreamOpen {
+        stream: 2,
+        ..Default::default()
+    }));
     p.io();
     p.event(IoEvent::TunnelConnected(0));
     p.sent();

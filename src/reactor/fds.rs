@@ -66,10 +66,25 @@ impl Fds {
     }
 
     /// Starts the process on a PTY or pipes, registers its fds, tells the agent.
-    pub fn start_exec(&mut self, s: ExecSpec<'_>, registry: &Registry, agent: &mut Agent, now: Instant) {
+    pub fn start_exec(
+        &mut self,
+        s: ExecSpec<'_>,
+        registry: &Registry,
+        agent: &mut Agent,
+        now: Instant,
+    ) {
         let child = match pty::spawn_session(s.argv, s.env, s.pty, s.stdin) {
             Ok(child) => child,
-            Err((code, error)) => return agent.handle_io(IoEvent::ExecFailed { slot: s.slot, code, error }, now),
+            Err((code, error)) => {
+                return agent.handle_io(
+                    IoEvent::ExecFailed {
+                        slot: s.slot,
+                        code,
+                        error,
+                    },
+                    now,
+                );
+            }
         };
         let fds = [child.stdin, child.stdout, child.stderr];
         for (which, fd) in fds.iter().enumerate() {
@@ -79,15 +94,41 @@ impl Fds {
                 (0, false) => Interest::WRITABLE,
                 _ => Interest::READABLE,
             };
-            let nonblocking = rustix::fs::fcntl_getfl(fd).and_then(|f| rustix::fs::fcntl_setfl(fd, f | OFlags::NONBLOCK));
-            if nonblocking.is_err() || registry.register(&mut SourceFd(&fd.as_raw_fd()), Tok::Exec(s.slot as u8, which as u8).token(), interest).is_err() {
+            let nonblocking = rustix::fs::fcntl_getfl(fd)
+                .and_then(|f| rustix::fs::fcntl_setfl(fd, f | OFlags::NONBLOCK));
+            if nonblocking.is_err()
+                || registry
+                    .register(
+                        &mut SourceFd(&fd.as_raw_fd()),
+                        Tok::Exec(s.slot as u8, which as u8).token(),
+                        interest,
+                    )
+                    .is_err()
+            {
                 error!("cannot watch exec session {}'s fds", s.id);
             }
         }
-        let on_pty = if s.pty.is_some() { ", on a terminal" } else { "" };
-        debug!("exec session {} started {:?} (pid {}{on_pty})", s.id, s.argv[0], child.pid);
-        self.exec[s.slot] = ExecFds { fds, readable: [true; 3], writable: true };
-        agent.handle_io(IoEvent::ExecStarted { slot: s.slot, pid: child.pid }, now);
+        let on_pty = if s.pty.is_some() {
+            ", on a terminal"
+        } else {
+            ""
+        };
+        debug!(
+            "exec session {} started {:?} (pid {}{on_pty})",
+            s.id, s.argv[0], child.pid
+        );
+        self.exec[s.slot] = ExecFds {
+            fds,
+            readable: [true; 3],
+            writable: true,
+        };
+        agent.handle_io(
+            IoEvent::ExecStarted {
+                slot: s.slot,
+                pid: child.pid,
+            },
+            now,
+        );
     }
 
     pub fn resize_exec(&self, slot: usize, rows: u32, cols: u32) {
@@ -98,7 +139,13 @@ impl Fds {
 
     /// Closes fd `which` of a session (or all of them).
     pub fn close_exec(&mut self, registry: &Registry, slot: usize, which: Option<usize>) {
-        for fd in self.exec[slot].fds.iter_mut().enumerate().filter(|(w, _)| which.is_none_or(|x| x == *w)).filter_map(|(_, fd)| fd.take()) {
+        for fd in self.exec[slot]
+            .fds
+            .iter_mut()
+            .enumerate()
+            .filter(|(w, _)| which.is_none_or(|x| x == *w))
+            .filter_map(|(_, fd)| fd.take())
+        {
             let _ = registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
     }
@@ -125,14 +172,33 @@ impl Fds {
     }
 
     /// Starts a connect to the app for stream `id` in `slot`.
-    pub fn connect_tunnel(&mut self, slot: usize, id: u64, addr: SocketAddr, registry: &Registry, agent: &mut Agent, now: Instant) {
+    pub fn connect_tunnel(
+        &mut self,
+        slot: usize,
+        id: u64,
+        addr: SocketAddr,
+        registry: &Registry,
+        agent: &mut Agent,
+        now: Instant,
+    ) {
         match net::connect(addr) {
             Ok(mut sock) => {
-                if registry.register(&mut sock, Tok::Tunnel(slot as u16).token(), Interest::READABLE | Interest::WRITABLE).is_ok() {
+                if registry
+                    .register(
+                        &mut sock,
+                        Tok::Tunnel(slot as u16).token(),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .is_ok()
+                {
                     if self.tunnels.len() <= slot {
                         self.tunnels.resize_with(slot + 1, || None);
                     }
-                    self.tunnels[slot] = Some(TunnelSock { sock, readable: false, writable: false });
+                    self.tunnels[slot] = Some(TunnelSock {
+                        sock,
+                        readable: false,
+                        writable: false,
+                    });
                     return;
                 }
             }
@@ -159,15 +225,30 @@ impl Fds {
     /// Finishes connects and writes what the agent has for each app socket until it would block.
     pub fn tunnel_io(&mut self, registry: &Registry, agent: &mut Agent, now: Instant) {
         for slot in 0..self.tunnels.len() {
-            let Some(t) = &mut self.tunnels[slot] else { continue };
+            let Some(t) = &mut self.tunnels[slot] else {
+                continue;
+            };
             if !agent.tunnel_connected(slot) && (t.writable || t.readable) {
-                match t.sock.take_error().ok().flatten().map(Err).unwrap_or_else(|| t.sock.peer_addr().map(|_| ())) {
+                match t
+                    .sock
+                    .take_error()
+                    .ok()
+                    .flatten()
+                    .map(Err)
+                    .unwrap_or_else(|| t.sock.peer_addr().map(|_| ()))
+                {
                     Ok(()) => agent.handle_io(IoEvent::TunnelConnected(slot), now),
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                     Err(error) => {
                         let _ = registry.deregister(&mut t.sock);
                         self.tunnels[slot] = None;
-                        agent.handle_io(IoEvent::TunnelRefused { slot, error: &error }, now);
+                        agent.handle_io(
+                            IoEvent::TunnelRefused {
+                                slot,
+                                error: &error,
+                            },
+                            now,
+                        );
                         continue;
                     }
                 }
@@ -196,18 +277,30 @@ impl Pull for Fds {
         match src {
             Source::Exec(slot, which) => {
                 let e = &mut self.exec[slot];
-                let Some(fd) = e.fds[which].as_ref().filter(|_| e.readable[which]) else { return Read::Blocked };
+                let Some(fd) = e.fds[which].as_ref().filter(|_| e.readable[which]) else {
+                    return Read::Blocked;
+                };
                 match rustix::io::read(fd, buf) {
                     Ok(n) if n > 0 => Read::Data(n),
                     // 0: EOF; a PTY master says EIO once the terminal side is closed everywhere.
                     r => {
                         e.readable[which] = false;
-                        if matches!(r, Ok(_) | Err(Errno::IO)) { Read::Eof } else { Read::Blocked }
+                        if matches!(r, Ok(_) | Err(Errno::IO)) {
+                            Read::Eof
+                        } else {
+                            Read::Blocked
+                        }
                     }
                 }
             }
             Source::Tunnel(slot) => {
-                let Some(Some(t)) = self.tunnels.get_mut(slot).filter(|t| t.as_ref().is_some_and(|t| t.readable)) else { return Read::Blocked };
+                let Some(Some(t)) = self
+                    .tunnels
+                    .get_mut(slot)
+                    .filter(|t| t.as_ref().is_some_and(|t| t.readable))
+                else {
+                    return Read::Blocked;
+                };
                 match t.sock.read(buf) {
                     Ok(0) => Read::Eof,
                     Ok(n) => Read::Data(n),

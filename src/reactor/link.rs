@@ -3,8 +3,8 @@
 //! frames. The agent decides when to connect and what to send; this only moves bytes.
 
 use crate::agent::{Agent, IoEvent};
-use crate::config::{HostPort, Settings};
 use crate::error::Error;
+use crate::settings::{HostPort, Settings};
 use crate::sys::net::{self, Resolved};
 use crate::tls::{Conn, Received};
 use crate::wire::{RecvBuf, SendBuf};
@@ -36,17 +36,42 @@ pub struct Link {
 
 impl Link {
     /// `token` is the socket's, `waker` wakes the loop when a DNS answer is in.
-    pub fn new(settings: &Settings, server: &HostPort, token: Token, waker: Waker) -> Result<Link, Error> {
+    pub fn new(
+        settings: &Settings,
+        server: &HostPort,
+        token: Token,
+        waker: Waker,
+    ) -> Result<Link, Error> {
         if settings.token.is_none() {
-            return Err(Error::Env { name: "WAYPOST_TOKEN", why: "is not set, but WAYPOST_SERVER is".into() });
+            return Err(Error::Env {
+                name: "WAYPOST_TOKEN",
+                why: "is not set, but WAYPOST_SERVER is".into(),
+            });
         }
         if settings.tls_skip_verify {
-            warn!("WAYPOST_TLS_SKIP_VERIFY=1: the server's certificate is not checked (development only)");
+            warn!(
+                "WAYPOST_TLS_SKIP_VERIFY=1: the server's certificate is not checked (development only)"
+            );
         }
         let tls = crate::tls::client_config(&settings.ca, settings.tls_skip_verify)?;
-        let proxy = settings.https_proxy.clone().filter(|_| !settings.bypasses_proxy(&server.host));
+        let proxy = settings
+            .https_proxy
+            .clone()
+            .filter(|_| !settings.bypasses_proxy(&server.host));
         let (conn, interest, addrs, dns, waker) = (None, None, Vec::new(), None, Arc::new(waker));
-        Ok(Link { tls, server: server.clone(), proxy, conn, token, interest, addrs, dns, waker, rbuf: RecvBuf::new(), wbuf: SendBuf::default() })
+        Ok(Link {
+            tls,
+            server: server.clone(),
+            proxy,
+            conn,
+            token,
+            interest,
+            addrs,
+            dns,
+            waker,
+            rbuf: RecvBuf::new(),
+            wbuf: SendBuf::default(),
+        })
     }
 
     /// Starts an attempt: resolves (off the loop unless the host needs no DNS), then connects.
@@ -59,13 +84,18 @@ impl Link {
         }
         match net::resolve(target, Arc::clone(&self.waker)) {
             Ok(rx) => self.dns = Some(rx),
-            Err(e) => agent.handle_io(IoEvent::Closed(&format!("cannot start the DNS thread: {e}")), now),
+            Err(e) => agent.handle_io(
+                IoEvent::Closed(&format!("cannot start the DNS thread: {e}")),
+                now,
+            ),
         }
     }
 
     /// The DNS thread woke us.
     pub fn resolved(&mut self, registry: &Registry, agent: &mut Agent, now: Instant) {
-        let Some(answer) = self.dns.as_ref().and_then(|rx| rx.try_recv().ok()) else { return };
+        let Some(answer) = self.dns.as_ref().and_then(|rx| rx.try_recv().ok()) else {
+            return;
+        };
         self.dns = None;
         if !agent.has_connection() || self.conn.is_some() {
             return; // the attempt was abandoned meanwhile
@@ -85,10 +115,20 @@ impl Link {
         let mut last_err = String::from("no address to connect to");
         while !self.addrs.is_empty() {
             let addr = self.addrs.remove(0);
-            let target = self.proxy.is_some().then(|| net::format_host_port(&self.server));
+            let target = self
+                .proxy
+                .is_some()
+                .then(|| net::format_host_port(&self.server));
             let conn = net::connect(addr)
                 .map_err(Error::io("connecting"))
-                .and_then(|sock| Conn::new(sock, Arc::clone(&self.tls), &self.server.host, target.as_deref()));
+                .and_then(|sock| {
+                    Conn::new(
+                        sock,
+                        Arc::clone(&self.tls),
+                        &self.server.host,
+                        target.as_deref(),
+                    )
+                });
             match conn {
                 Ok(mut conn) => {
                     let interest = conn.interest();
@@ -121,13 +161,22 @@ impl Link {
 
     /// The socket is ready: advances connect → proxy → TLS until the connection is open.
     pub fn drive(&mut self, registry: &Registry, agent: &mut Agent, now: Instant) {
-        let Some(conn) = self.conn.as_mut().filter(|c| !c.is_open()) else { return };
+        let Some(conn) = self.conn.as_mut().filter(|c| !c.is_open()) else {
+            return;
+        };
         match conn.drive() {
             Ok(true) => agent.handle_io(IoEvent::Connected, now),
             Ok(false) => {}
             Err(e) => {
                 // A refused connection may have other addresses to try.
-                let more = !self.addrs.is_empty() && matches!(e, Error::Io { context: "connecting", .. });
+                let more = !self.addrs.is_empty()
+                    && matches!(
+                        e,
+                        Error::Io {
+                            context: "connecting",
+                            ..
+                        }
+                    );
                 self.drop_conn(registry, false);
                 if more {
                     self.connect_next(registry, agent, now);
@@ -173,7 +222,11 @@ impl Link {
             // The buffer filled before every source was drained: after this write, pull again
             // (the sources were not read to WouldBlock, so no new edge will come).
             let more = !self.wbuf.wants_more();
-            let n = if self.wbuf.is_empty() { 0 } else { conn.write(self.wbuf.pending()) };
+            let n = if self.wbuf.is_empty() {
+                0
+            } else {
+                conn.write(self.wbuf.pending())
+            };
             self.wbuf.consume(n);
             let drained = match conn.flush() {
                 Ok(d) => d,
@@ -188,7 +241,9 @@ impl Link {
             }
         }
         let want = conn.interest();
-        if self.interest != Some(want) && registry.reregister(conn.socket(), self.token, want).is_ok() {
+        if self.interest != Some(want)
+            && registry.reregister(conn.socket(), self.token, want).is_ok()
+        {
             self.interest = Some(want);
         }
     }

@@ -42,34 +42,61 @@ pub struct Output {
 
 /// Wall-clock milliseconds since the Unix epoch (for log timestamps).
 pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Output {
     /// `capture`: whether stdout/stderr are captured; `token(out)`: the sink's token.
-    pub fn new(capture: [bool; 2], registry: &Registry, token: impl Fn(Out) -> mio::Token) -> Output {
+    pub fn new(
+        capture: [bool; 2],
+        registry: &Registry,
+        token: impl Fn(Out) -> mio::Token,
+    ) -> Output {
         let sinks = [Sink::new(Out::Stdout), Sink::new(Out::Stderr)];
         for sink in &sinks {
             // Only the streams we write to need readiness; stderr always carries our own lines.
             if sink.can_block() && (sink.out == Out::Stderr || capture[sink.out as usize]) {
                 let fd = sink.fd().as_raw_fd();
-                if registry.register(&mut SourceFd(&fd), token(sink.out), Interest::WRITABLE).is_err() {
-                    debug!("own {:?} cannot be polled; writing to it directly", sink.out);
+                if registry
+                    .register(&mut SourceFd(&fd), token(sink.out), Interest::WRITABLE)
+                    .is_err()
+                {
+                    debug!(
+                        "own {:?} cannot be polled; writing to it directly",
+                        sink.out
+                    );
                 }
             }
         }
-        let pipes = std::array::from_fn(|_| Pipe { fd: None, readable: false, eof: false, relay: Relay::new() });
-        Output { capture, pipes, sinks, own_log: Vec::new() }
+        let pipes = std::array::from_fn(|_| Pipe {
+            fd: None,
+            readable: false,
+            eof: false,
+            relay: Relay::new(),
+        });
+        Output {
+            capture,
+            pipes,
+            sinks,
+            own_log: Vec::new(),
+        }
     }
 
     /// What the child's `out` is connected to.
     pub fn stdio(&self, out: Out) -> Stdio {
-        if self.capture[out as usize] { Stdio::Pipe } else { Stdio::Inherit }
+        if self.capture[out as usize] {
+            Stdio::Pipe
+        } else {
+            Stdio::Inherit
+        }
     }
 
     /// The new child's pipe for `out`.
     pub fn add_pipe(&mut self, out: Out, pipe: OwnedFd, registry: &Registry, token: mio::Token) {
-        let ok = rustix::fs::fcntl_getfl(&pipe).and_then(|f| rustix::fs::fcntl_setfl(&pipe, f | OFlags::NONBLOCK));
+        let ok = rustix::fs::fcntl_getfl(&pipe)
+            .and_then(|f| rustix::fs::fcntl_setfl(&pipe, f | OFlags::NONBLOCK));
         let reg = registry.register(&mut SourceFd(&pipe.as_raw_fd()), token, Interest::READABLE);
         if let Err(e) = ok.map_err(std::io::Error::from).and(reg) {
             // Cannot happen for a fresh pipe; if it did, reading it blocking would stall the loop.
@@ -93,7 +120,11 @@ impl Output {
     /// the app's writes wait.
     pub fn pump(&mut self, out: Out, agent: &mut Agent, registry: &Registry, now: Instant) {
         let i = out as usize;
-        let stream = if out == Out::Stdout { LogStream::Stdout } else { LogStream::Stderr };
+        let stream = if out == Out::Stdout {
+            LogStream::Stdout
+        } else {
+            LogStream::Stderr
+        };
         let (p, sink) = (&mut self.pipes[i], &mut self.sinks[i]);
         loop {
             let mut progress = false;
@@ -109,7 +140,10 @@ impl Output {
             }
             // (A new child's pipe waits until the old one's end was told: its first line must
             // not be glued to the old child's last partial one.)
-            if let Some(fd) = p.fd.as_ref().filter(|_| p.readable && !p.relay.is_full() && !p.eof) {
+            if let Some(fd) =
+                p.fd.as_ref()
+                    .filter(|_| p.readable && !p.relay.is_full() && !p.eof)
+            {
                 match rustix::io::read(fd, p.relay.space()) {
                     Ok(0) => progress = p.close(registry),
                     Ok(n) => {
@@ -167,7 +201,11 @@ impl Output {
             });
         }
         let sink = &mut self.sinks[Out::Stderr as usize];
-        while !self.own_log.is_empty() && self.pipes[Out::Stderr as usize].relay.is_empty() && sink.writable && !sink.broken {
+        while !self.own_log.is_empty()
+            && self.pipes[Out::Stderr as usize].relay.is_empty()
+            && sink.writable
+            && !sink.broken
+        {
             match sink.write(&self.own_log) {
                 Ok(n) => drop(self.own_log.drain(..n)),
                 Err(Errno::AGAIN) => sink.writable = false,
@@ -187,7 +225,9 @@ impl Output {
     pub fn leftovers(&self) -> (bool, bool) {
         let for_logs = |p: &Pipe| !p.relay.unlogged().is_empty() || p.eof;
         let mut both = self.pipes.iter().zip(&self.sinks);
-        let output = both.any(|(p, sink)| (p.fd.is_some() && !for_logs(p)) || (!p.relay.is_empty() && !sink.broken));
+        let output = both.any(|(p, sink)| {
+            (p.fd.is_some() && !for_logs(p)) || (!p.relay.is_empty() && !sink.broken)
+        });
         (output, self.pipes.iter().any(for_logs))
     }
 
@@ -220,5 +260,22 @@ impl Pipe {
 
 /// Wall-clock microseconds since the Unix epoch (for log entries).
 fn wall_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Reports an error that ends the entrypoint before the loop runs, and gives its exit code.
+pub fn fail_early(e: &crate::error::Error) -> i32 {
+    let mut line = Vec::new();
+    logger::format_line(
+        &logger::Record {
+            level: logger::Level::Error,
+            msg: e.to_string(),
+        },
+        wall_ms(),
+        &mut line,
+    );
+    let _ = rustix::io::write(rustix::stdio::stderr(), &line);
+    e.exit_code()
 }

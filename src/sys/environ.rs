@@ -37,7 +37,9 @@ pub fn scrub(names: &[&str]) -> usize {
 
 /// Whether `entry` (`NAME=value`, no NUL) is one of `names`.
 fn is_named(entry: &[u8], names: &[&str]) -> bool {
-    names.iter().any(|n| entry.len() > n.len() && entry.starts_with(n.as_bytes()) && entry[n.len()] == b'=')
+    names
+        .iter()
+        .any(|n| entry.len() > n.len() && entry.starts_with(n.as_bytes()) && entry[n.len()] == b'=')
 }
 
 /// [`scrub`] on the environment array `*env`.
@@ -88,7 +90,8 @@ unsafe fn scrub_array(env: *mut *mut *mut c_char, names: &[&str]) -> usize {
 /// Marks the process non-dumpable (`PR_SET_DUMPABLE 0`); inherited by a forked child only until
 /// its execve.
 pub fn forbid_inspection() -> io::Result<()> {
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).map_err(io::Error::from)
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -104,8 +107,12 @@ mod tests {
 
     impl FakeEnv {
         fn new(entries: &[&str]) -> FakeEnv {
-            let mut strings: Vec<Vec<u8>> = entries.iter().map(|e| CString::new(*e).unwrap().into_bytes_with_nul()).collect();
-            let mut array: Vec<*mut c_char> = strings.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
+            let mut strings: Vec<Vec<u8>> = entries
+                .iter()
+                .map(|e| CString::new(*e).unwrap().into_bytes_with_nul())
+                .collect();
+            let mut array: Vec<*mut c_char> =
+                strings.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
             array.push(std::ptr::null_mut());
             FakeEnv { strings, array }
         }
@@ -130,20 +137,46 @@ mod tests {
 
     #[test]
     fn secrets_are_zeroed_in_place_and_unlisted() {
-        let mut env = FakeEnv::new(&["PATH=/bin", "WAYPOST_TOKEN=s3cret", "WAYPOST_TOKEN_X=keep", "WAYPOST_TOKEN=again", "HOME=/root"]);
+        let mut env = FakeEnv::new(&[
+            "PATH=/bin",
+            "WAYPOST_TOKEN=s3cret",
+            "WAYPOST_TOKEN_X=keep",
+            "WAYPOST_TOKEN=again",
+            "HOME=/root",
+        ]);
         assert_eq!(env.scrub(&["WAYPOST_TOKEN", "WAYPOINT_CEB_TOKEN"]), 2);
-        assert_eq!(env.listed(), ["PATH=/bin", "WAYPOST_TOKEN_X=keep", "HOME=/root"], "order kept, terminator moved");
+        assert_eq!(
+            env.listed(),
+            ["PATH=/bin", "WAYPOST_TOKEN_X=keep", "HOME=/root"],
+            "order kept, terminator moved"
+        );
         // The bytes where the secrets were (what /proc/PID/environ shows) are zeros now.
         assert_eq!(env.strings[1], [0u8; "WAYPOST_TOKEN=s3cret".len() + 1]);
         assert_eq!(env.strings[3], [0u8; "WAYPOST_TOKEN=again".len() + 1]);
-        assert_eq!(env.strings[2], b"WAYPOST_TOKEN_X=keep\0", "a longer name that merely starts with a secret's is not one");
+        assert_eq!(
+            env.strings[2], b"WAYPOST_TOKEN_X=keep\0",
+            "a longer name that merely starts with a secret's is not one"
+        );
     }
 
     #[test]
     fn names_match_exactly() {
-        assert!(is_named(b"WAYPOST_TOKEN=", &["WAYPOST_TOKEN"]), "an empty secret is still removed");
-        for other in [&b"WAYPOST_TOKEN"[..], b"WAYPOST_TOKENS=x", b"XWAYPOST_TOKEN=x", b"waypost_token=x", b""] {
-            assert!(!is_named(other, &["WAYPOST_TOKEN"]), "{:?}", String::from_utf8_lossy(other));
+        assert!(
+            is_named(b"WAYPOST_TOKEN=", &["WAYPOST_TOKEN"]),
+            "an empty secret is still removed"
+        );
+        for other in [
+            &b"WAYPOST_TOKEN"[..],
+            b"WAYPOST_TOKENS=x",
+            b"XWAYPOST_TOKEN=x",
+            b"waypost_token=x",
+            b"",
+        ] {
+            assert!(
+                !is_named(other, &["WAYPOST_TOKEN"]),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
         }
     }
 

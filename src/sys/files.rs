@@ -32,10 +32,19 @@ const TEMP_NAME_TRIES: usize = 8;
 /// directories are created. The error is one line naming the path.
 pub fn write(path: &str, mode: u32, contents: &[u8]) -> Result<(), String> {
     let (dir, name) = split(path)?;
-    let dirfd = open_dir(dir, true).map_err(|e| format!("writing {path}: {e}"))?.expect("created if missing");
-    let (tmp, file) = create_temp(&dirfd).map_err(|e| format!("writing {path}: creating a temp file in {}: {}", dir.display(), os(e)))?;
-    let written = fill(&file, mode, contents)
-        .and_then(|()| rustix::fs::renameat(&dirfd, &tmp, &dirfd, name).map_err(|e| ("putting it in place", e)));
+    let dirfd = open_dir(dir, true)
+        .map_err(|e| format!("writing {path}: {e}"))?
+        .expect("created if missing");
+    let (tmp, file) = create_temp(&dirfd).map_err(|e| {
+        format!(
+            "writing {path}: creating a temp file in {}: {}",
+            dir.display(),
+            os(e)
+        )
+    })?;
+    let written = fill(&file, mode, contents).and_then(|()| {
+        rustix::fs::renameat(&dirfd, &tmp, &dirfd, name).map_err(|e| ("putting it in place", e))
+    });
     drop(file);
     if let Err((what, e)) = written {
         let _ = rustix::fs::unlinkat(&dirfd, &tmp, AtFlags::empty());
@@ -92,17 +101,24 @@ fn open_dir(dir: &Path, create: bool) -> Result<Option<OwnedFd>, String> {
         Err(Errno::NOENT) => {}
         Err(e) => return Err(dir_error(dir, e)),
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating the directory {}: {e}", dir.display()))?;
-    rustix::fs::open(dir, flags, Mode::empty()).map(Some).map_err(|e| dir_error(dir, e))
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating the directory {}: {e}", dir.display()))?;
+    rustix::fs::open(dir, flags, Mode::empty())
+        .map(Some)
+        .map_err(|e| dir_error(dir, e))
 }
 
 fn dir_error(dir: &Path, e: Errno) -> String {
     // O_NOFOLLOW reports a symlink as ELOOP (ENOTDIR with O_DIRECTORY on some kernels); say
     // which it is, since "too many levels of symbolic links" would puzzle anyone.
     let is_link = matches!(e, Errno::LOOP | Errno::NOTDIR)
-        && rustix::fs::lstat(dir).is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+        && rustix::fs::lstat(dir)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
     if is_link {
-        format!("the directory {} is a symbolic link; refusing to write through it", dir.display())
+        format!(
+            "the directory {} is a symbolic link; refusing to write through it",
+            dir.display()
+        )
     } else {
         format!("opening the directory {}: {}", dir.display(), os(e))
     }
@@ -114,7 +130,8 @@ fn create_temp(dirfd: &OwnedFd) -> Result<(String, OwnedFd), Errno> {
     let mut last = Errno::EXIST;
     for _ in 0..TEMP_NAME_TRIES {
         let mut r = [0u8; 8];
-        super::random::fill(&mut r).map_err(|e| e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error))?;
+        super::random::fill(&mut r)
+            .map_err(|e| e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error))?;
         let name = format!(".waypost-tmp.{:016x}", u64::from_ne_bytes(r));
         match rustix::fs::openat(dirfd, &name, flags, Mode::from_raw_mode(0o600)) {
             Ok(fd) => return Ok((name, fd)),
@@ -128,7 +145,8 @@ fn create_temp(dirfd: &OwnedFd) -> Result<(String, OwnedFd), Errno> {
 /// Sets the exact mode of the open temp file, writes `contents`, and syncs it.
 fn fill(file: &OwnedFd, mode: u32, contents: &[u8]) -> Result<(), (&'static str, Errno)> {
     // Mode first: a file meant to be private is never readable with a looser mode.
-    rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777)).map_err(|e| ("setting its mode", e))?;
+    rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))
+        .map_err(|e| ("setting its mode", e))?;
     let mut rest = contents;
     while !rest.is_empty() {
         match rustix::io::write(file.as_fd(), rest) {
@@ -157,7 +175,11 @@ mod tests {
 
     impl Dir {
         fn new(name: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!("waypost-files-{name}-{}-{:x}", std::process::id(), super::super::random::u64()));
+            let p = std::env::temp_dir().join(format!(
+                "waypost-files-{name}-{}-{:x}",
+                std::process::id(),
+                super::super::random::u64()
+            ));
             std::fs::create_dir_all(&p).unwrap();
             Dir(p)
         }
@@ -166,7 +188,10 @@ mod tests {
         }
         /// Names in the directory (to see no temp file is left behind).
         fn names(&self, rel: &str) -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(self.0.join(rel)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            let mut v: Vec<String> = std::fs::read_dir(self.0.join(rel))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
             v.sort();
             v
         }
@@ -191,9 +216,15 @@ mod tests {
         assert_eq!(mode_of(&f), 0o640);
         // Replacing: new contents, new mode (looser and stricter than 0600 both exact).
         write(&f, 0o604, b"two").unwrap();
-        assert_eq!((std::fs::read(&f).unwrap(), mode_of(&f)), (b"two".to_vec(), 0o604));
+        assert_eq!(
+            (std::fs::read(&f).unwrap(), mode_of(&f)),
+            (b"two".to_vec(), 0o604)
+        );
         write(&f, 0o400, b"").unwrap();
-        assert_eq!((std::fs::read(&f).unwrap(), mode_of(&f)), (Vec::new(), 0o400));
+        assert_eq!(
+            (std::fs::read(&f).unwrap(), mode_of(&f)),
+            (Vec::new(), 0o400)
+        );
         assert_eq!(d.names("a/b"), ["app.conf"]);
     }
 
@@ -207,11 +238,21 @@ mod tests {
         // And the fixed temp name an older version used, planted as a symlink too.
         symlink(d.path("victim"), d.path("conf/.app.conf.waypost-tmp")).unwrap();
         write(&d.path("conf/app.conf"), 0o600, b"config").unwrap();
-        assert_eq!(std::fs::read_to_string(d.path("victim")).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(d.path("victim")).unwrap(),
+            "precious"
+        );
         let meta = std::fs::symlink_metadata(d.path("conf/app.conf")).unwrap();
-        assert!(meta.file_type().is_file(), "the target is a regular file now");
+        assert!(
+            meta.file_type().is_file(),
+            "the target is a regular file now"
+        );
         assert_eq!(std::fs::read(d.path("conf/app.conf")).unwrap(), b"config");
-        assert_eq!(mode_of(&d.path("victim")), victim_mode, "the victim's mode is untouched too");
+        assert_eq!(
+            mode_of(&d.path("victim")),
+            victim_mode,
+            "the victim's mode is untouched too"
+        );
     }
 
     #[test]
@@ -220,13 +261,22 @@ mod tests {
         std::fs::create_dir(d.path("elsewhere")).unwrap();
         symlink(d.path("elsewhere"), d.path("conf")).unwrap();
         let e = write(&d.path("conf/app.conf"), 0o600, b"x").unwrap_err();
-        assert!(e.contains("symbolic link") && e.contains(&d.path("conf/app.conf")), "{e}");
-        assert!(d.names("elsewhere").is_empty(), "nothing written through the link");
+        assert!(
+            e.contains("symbolic link") && e.contains(&d.path("conf/app.conf")),
+            "{e}"
+        );
+        assert!(
+            d.names("elsewhere").is_empty(),
+            "nothing written through the link"
+        );
         // Removing through it is refused the same way.
         std::fs::write(d.path("elsewhere/app.conf"), "keep").unwrap();
         let e = remove(&d.path("conf/app.conf")).unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
-        assert_eq!(std::fs::read_to_string(d.path("elsewhere/app.conf")).unwrap(), "keep");
+        assert_eq!(
+            std::fs::read_to_string(d.path("elsewhere/app.conf")).unwrap(),
+            "keep"
+        );
         // A dangling symlink as the directory: refused too, not "created".
         symlink(d.path("nowhere"), d.path("dangling")).unwrap();
         let e = write(&d.path("dangling/app.conf"), 0o600, b"x").unwrap_err();
@@ -250,7 +300,10 @@ mod tests {
         symlink(d.path("victim"), d.path("link.conf")).unwrap();
         remove(&d.path("link.conf")).unwrap();
         assert!(std::fs::symlink_metadata(d.path("link.conf")).is_err());
-        assert_eq!(std::fs::read_to_string(d.path("victim")).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(d.path("victim")).unwrap(),
+            "precious"
+        );
         // Already gone, or its directory never existed: nothing to do.
         remove(&d.path("link.conf")).unwrap();
         remove(&d.path("no/such/dir/x.conf")).unwrap();
@@ -267,7 +320,10 @@ mod tests {
         std::fs::create_dir_all(d.path("conf/app.conf")).unwrap();
         std::fs::write(d.path("conf/app.conf/inner"), "x").unwrap();
         let e = write(&d.path("conf/app.conf"), 0o600, b"x").unwrap_err();
-        assert!(e.contains(&d.path("conf/app.conf")) && e.contains("putting it in place"), "{e}");
+        assert!(
+            e.contains(&d.path("conf/app.conf")) && e.contains("putting it in place"),
+            "{e}"
+        );
         assert_eq!(d.names("conf"), ["app.conf"], "no temp file left");
     }
 }

@@ -5,13 +5,13 @@
 //! states why it is sound in a `SAFETY:` comment, and every fd leaves here as an `OwnedFd`.
 #![allow(unsafe_code)]
 
-pub mod signals;
-pub mod spawn;
-pub mod random;
-pub mod simd;
 pub mod environ;
 pub mod files;
 pub mod net;
 pub mod proc;
 pub mod pty;
+pub mod random;
+pub mod signals;
+pub mod simd;
 pub mod sink;
+pub mod spawn;

@@ -1,6 +1,6 @@
 //! Name resolution off the loop, and TCP connects without Nagle.
 
-use crate::config::HostPort;
+use crate::settings::HostPort;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -18,25 +18,35 @@ pub fn literal_addrs(target: &HostPort) -> Option<Vec<SocketAddr>> {
     let ips = if let Ok(ip) = target.host.parse::<IpAddr>() {
         vec![ip]
     } else if target.host.eq_ignore_ascii_case("localhost") {
-        vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]
+        vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]
     } else {
         return None;
     };
-    Some(ips.into_iter().map(|ip| SocketAddr::new(ip, target.port)).collect())
+    Some(
+        ips.into_iter()
+            .map(|ip| SocketAddr::new(ip, target.port))
+            .collect(),
+    )
 }
 
 /// Resolves `target` on a short-lived thread (a blocking getaddrinfo on a dead nameserver could
 /// stall the loop for seconds); the answer waits in the receiver and `waker` wakes the loop.
 pub fn resolve(target: HostPort, waker: Arc<mio::Waker>) -> io::Result<Receiver<Resolved>> {
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new().name("dns".into()).stack_size(DNS_STACK).spawn(move || {
-        let answer = (target.host.as_str(), target.port)
-            .to_socket_addrs()
-            .map(|a| a.collect())
-            .map_err(|e| format!("cannot resolve {}: {e}", target.host));
-        let _ = tx.send(answer);
-        let _ = waker.wake();
-    })?;
+    std::thread::Builder::new()
+        .name("dns".into())
+        .stack_size(DNS_STACK)
+        .spawn(move || {
+            let answer = (target.host.as_str(), target.port)
+                .to_socket_addrs()
+                .map(|a| a.collect())
+                .map_err(|e| format!("cannot resolve {}: {e}", target.host));
+            let _ = tx.send(answer);
+            let _ = waker.wake();
+        })?;
     Ok(rx)
 }
 
@@ -50,5 +60,9 @@ pub fn connect(addr: SocketAddr) -> io::Result<mio::net::TcpStream> {
 
 /// `host:port`, with brackets around an IPv6 literal (for the proxy's CONNECT line).
 pub fn format_host_port(hp: &HostPort) -> String {
-    if hp.host.contains(':') { format!("[{}]:{}", hp.host, hp.port) } else { format!("{}:{}", hp.host, hp.port) }
+    if hp.host.contains(':') {
+        format!("[{}]:{}", hp.host, hp.port)
+    } else {
+        format!("{}:{}", hp.host, hp.port)
+    }
 }

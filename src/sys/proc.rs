@@ -18,11 +18,17 @@ pub fn rss(pid: i32) -> u64 {
 
 /// User + system CPU time of `pid` in milliseconds (0 if unknown).
 pub fn cpu_ms(pid: i32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
-    let Some(close) = stat.rfind(')') else { return 0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return 0;
+    };
     // After "pid (comm)": state is field 3, utime field 14, stime field 15.
     let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|x| x.parse::<u64>().ok()).sum());
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|x| x.parse::<u64>().ok()).sum());
     let hz = rustix::param::clock_ticks_per_second().max(1);
     ticks * 1000 / hz
 }
@@ -47,9 +53,16 @@ pub fn fill_status(kind: &mut Kind, own_pid: i32) {
 
 /// Pids whose parent is `ppid` (empty if /proc is not mounted).
 pub fn children_of(ppid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| parse_ppid(&stat)) == Some(ppid))
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| parse_ppid(&stat))
+                == Some(ppid)
+        })
         .collect()
 }
 
@@ -64,7 +77,9 @@ fn parse_ppid(stat: &str) -> Option<i32> {
 /// controller, or no /proc or /sys — then OOM kills are simply not reported).
 pub fn find_oom_counter() -> Option<String> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = oom_counter_paths(&cgroups).into_iter().find(|p| oom_kills(p).is_some());
+    let path = oom_counter_paths(&cgroups)
+        .into_iter()
+        .find(|p| oom_kills(p).is_some());
     match &path {
         Some(p) => crate::debug!("counting OOM kills in {p}"),
         None => crate::debug!("no cgroup OOM-kill counter found; OOM kills will not be told apart"),
@@ -75,6 +90,14 @@ pub fn find_oom_counter() -> Option<String> {
 /// The OOM-kill count in the counter file `path` now.
 pub fn oom_kills(path: &str) -> Option<u64> {
     parse_oom_kills(&std::fs::read_to_string(path).ok()?)
+}
+
+/// Whether a child of ours (the app, an exec session, an adopted orphan) is still there, running
+/// or exited, without reaping it.
+pub fn has_children() -> bool {
+    use rustix::process::{WaitId, WaitIdOptions, waitid};
+    let opts = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    !matches!(waitid(WaitId::All, opts), Err(rustix::io::Errno::CHILD))
 }
 
 #[cfg(test)]

@@ -146,12 +146,32 @@ struct KernelSigaction {
 /// of `sig` with the raw `rt_sigaction` call: libc wrappers refuse or hide the signals they use
 /// internally, and those must be reset for the child too. Async-signal-safe.
 fn kernel_disposition(sig: i32, set: Option<libc::sighandler_t>) -> Option<libc::sighandler_t> {
-    let new = set.map(|h| KernelSigaction { handler: h, flags: 0, restorer: 0, mask: 0 });
-    let mut old = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
-    let new_ptr = new.as_ref().map_or(std::ptr::null(), |n| n as *const KernelSigaction);
+    let new = set.map(|h| KernelSigaction {
+        handler: h,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    });
+    let mut old = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    let new_ptr = new
+        .as_ref()
+        .map_or(std::ptr::null(), |n| n as *const KernelSigaction);
     // SAFETY: both pointers are null or point at valid structs of the kernel's layout; the size
     // argument is the kernel's sigset size (8 bytes).
-    let rc = unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, new_ptr, &mut old as *mut KernelSigaction, 8usize) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            new_ptr,
+            &mut old as *mut KernelSigaction,
+            8usize,
+        )
+    };
     (rc == 0).then_some(old.handler)
 }
 

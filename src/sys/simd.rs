@@ -16,7 +16,9 @@ pub fn find_newline(s: &[u8]) -> Option<usize> {
 /// Sixteen bytes per step with SSE2.
 #[cfg(target_arch = "x86_64")]
 fn find_newline_sse2(s: &[u8]) -> Option<usize> {
-    use core::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+    use core::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+    };
     let mut i = 0;
     // SAFETY: SSE2 is always available on x86_64; every load reads 16 bytes at `i` with
     // i + 16 <= s.len() (unaligned loads are allowed by _mm_loadu_si128).
@@ -51,7 +53,11 @@ fn find_newline_swar(s: &[u8]) -> Option<usize> {
         }
         i += 8;
     }
-    chunks.remainder().iter().position(|&b| b == b'\n').map(|p| i + p)
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|p| i + p)
 }
 
 #[cfg(test)]

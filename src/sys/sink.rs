@@ -51,15 +51,24 @@ impl Sink {
             Ok(FileType::Fifo) => reopen(fd).unwrap_or_else(|| {
                 // No /proc: switch the shared description itself, and restore it at exit.
                 match rustix::fs::fcntl_getfl(fd) {
-                    Ok(orig) if rustix::fs::fcntl_setfl(fd, orig | OFlags::NONBLOCK).is_ok() => How::SharedNonBlocking(orig),
+                    Ok(orig) if rustix::fs::fcntl_setfl(fd, orig | OFlags::NONBLOCK).is_ok() => {
+                        How::SharedNonBlocking(orig)
+                    }
                     _ => How::Blocking,
                 }
             }),
             // A terminal we cannot reopen gets plain writes (only ^S stalls those).
-            Ok(FileType::CharacterDevice) if rustix::termios::isatty(fd) => reopen(fd).unwrap_or(How::Blocking),
+            Ok(FileType::CharacterDevice) if rustix::termios::isatty(fd) => {
+                reopen(fd).unwrap_or(How::Blocking)
+            }
             _ => How::Blocking,
         };
-        Sink { out, mode, writable: true, broken: false }
+        Sink {
+            out,
+            mode,
+            writable: true,
+            broken: false,
+        }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -76,7 +85,11 @@ impl Sink {
 
     pub fn write(&self, buf: &[u8]) -> rustix::io::Result<usize> {
         match self.mode {
-            How::Socket => rustix::net::send(self.fd(), buf, rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL),
+            How::Socket => rustix::net::send(
+                self.fd(),
+                buf,
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            ),
             _ => rustix::io::write(self.fd(), buf),
         }
     }
@@ -93,5 +106,7 @@ impl Sink {
 fn reopen(fd: BorrowedFd<'_>) -> Option<How> {
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
-    rustix::fs::open(path.as_str(), flags, Mode::empty()).ok().map(How::Reopened)
+    rustix::fs::open(path.as_str(), flags, Mode::empty())
+        .ok()
+        .map(How::Reopened)
 }

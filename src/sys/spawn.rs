@@ -57,7 +57,12 @@ pub struct Spawned {
 const DEFAULT_PATH: &[u8] = b"/usr/local/bin:/bin:/usr/bin";
 
 fn cstr(bytes: &[u8]) -> Result<CString, Error> {
-    CString::new(bytes).map_err(|_| Error::Usage(format!("{:?} contains a NUL byte", String::from_utf8_lossy(bytes))))
+    CString::new(bytes).map_err(|_| {
+        Error::Usage(format!(
+            "{:?} contains a NUL byte",
+            String::from_utf8_lossy(bytes)
+        ))
+    })
 }
 
 /// A close-on-exec pipe: (read end, write end).
@@ -71,24 +76,43 @@ fn child_side(stdio: Stdio, ours_reads: bool) -> io::Result<(Option<OwnedFd>, Op
         Stdio::Inherit => (None, None),
         Stdio::Fd(fd) => (Some(fd), None),
         Stdio::Null => {
-            let flags = if ours_reads { rustix::fs::OFlags::WRONLY } else { rustix::fs::OFlags::RDONLY };
-            let null = rustix::fs::open("/dev/null", flags | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+            let flags = if ours_reads {
+                rustix::fs::OFlags::WRONLY
+            } else {
+                rustix::fs::OFlags::RDONLY
+            };
+            let null = rustix::fs::open(
+                "/dev/null",
+                flags | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?;
             (Some(null), None)
         }
         Stdio::Pipe => {
             let (r, w) = pipe()?;
-            if ours_reads { (Some(w), Some(r)) } else { (Some(r), Some(w)) }
+            if ours_reads {
+                (Some(w), Some(r))
+            } else {
+                (Some(r), Some(w))
+            }
         }
     })
 }
 
 /// Starts `spec`. The process is reaped by the reactor's one reaper.
 pub fn spawn(spec: Spec<'_>) -> Result<Spawned, Error> {
-    let name = spec.argv.first().ok_or_else(|| Error::Usage("no command given".into()))?;
+    let name = spec
+        .argv
+        .first()
+        .ok_or_else(|| Error::Usage("no command given".into()))?;
     let display = name.to_string_lossy().into_owned();
     // Everything that allocates happens before fork: the child may only make async-signal-safe
     // calls (another thread could hold the allocator's lock at the moment of fork).
-    let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a.as_bytes())).collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstr(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
     let envp: Vec<CString> = spec
         .env
         .iter()
@@ -98,7 +122,12 @@ pub fn spawn(spec: Spec<'_>) -> Result<Spawned, Error> {
     let candidates: Vec<CString> = if name.contains(&b'/') {
         vec![cstr(name)?]
     } else {
-        let path = spec.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_bytes());
+        let path = spec
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_bytes());
         path.split(|&b| b == b':')
             .map(|dir| if dir.is_empty() { b".".as_slice() } else { dir })
             .map(|dir| cstr(&[dir, b"/", name].concat()))
@@ -110,21 +139,40 @@ pub fn spawn(spec: Spec<'_>) -> Result<Spawned, Error> {
     envp_ptrs.push(std::ptr::null());
     let cand_ptrs: Vec<*const libc::c_char> = candidates.iter().map(|c| c.as_ptr()).collect();
 
-    let (child_in, our_in) = child_side(spec.stdin, false).map_err(Error::io("starting the command"))?;
-    let (child_out, our_out) = child_side(spec.stdout, true).map_err(Error::io("starting the command"))?;
-    let (child_err, our_err) = child_side(spec.stderr, true).map_err(Error::io("starting the command"))?;
+    let (child_in, our_in) =
+        child_side(spec.stdin, false).map_err(Error::io("starting the command"))?;
+    let (child_out, our_out) =
+        child_side(spec.stdout, true).map_err(Error::io("starting the command"))?;
+    let (child_err, our_err) =
+        child_side(spec.stderr, true).map_err(Error::io("starting the command"))?;
     let (err_r, err_w) = pipe().map_err(Error::io("starting the command"))?;
-    let fds = [child_in.as_ref().map(|f| f.as_raw_fd()), child_out.as_ref().map(|f| f.as_raw_fd()), child_err.as_ref().map(|f| f.as_raw_fd())];
+    let fds = [
+        child_in.as_ref().map(|f| f.as_raw_fd()),
+        child_out.as_ref().map(|f| f.as_raw_fd()),
+        child_err.as_ref().map(|f| f.as_raw_fd()),
+    ];
 
     // SAFETY: fork has no preconditions; the child branch only makes async-signal-safe calls on
     // memory prepared above, then execs or _exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(Error::Io { context: "starting the command (fork)", source: io::Error::last_os_error() });
+        return Err(Error::Io {
+            context: "starting the command (fork)",
+            source: io::Error::last_os_error(),
+        });
     }
     if pid == 0 {
         // SAFETY: we are the forked child; see in_child.
-        unsafe { in_child(fds, spec.placement, &cand_ptrs, &argv_ptrs, &envp_ptrs, err_w.as_raw_fd()) }
+        unsafe {
+            in_child(
+                fds,
+                spec.placement,
+                &cand_ptrs,
+                &argv_ptrs,
+                &envp_ptrs,
+                err_w.as_raw_fd(),
+            )
+        }
     }
     drop((child_in, child_out, child_err, err_w));
     // The child writes errno here if it could not exec; EOF (close-on-exec) means it did.
@@ -148,7 +196,12 @@ pub fn spawn(spec: Spec<'_>) -> Result<Spawned, Error> {
             _ => Error::NotExecutable(display, e),
         });
     }
-    Ok(Spawned { pid, stdin: our_in, stdout: our_out, stderr: our_err })
+    Ok(Spawned {
+        pid,
+        stdin: our_in,
+        stdout: our_out,
+        stderr: our_err,
+    })
 }
 
 /// The forked child: wire up stdio, place it, reset signals, exec the first candidate that works.

@@ -80,7 +80,10 @@ pub fn entrypoint_bin() -> PathBuf {
 /// with [`LOG_PREFIX`], to its stderr (level `DEBUG` unless `WAYPOST_LOG_LEVEL` says otherwise).
 pub fn entrypoint(dir: &TestDir) -> Command {
     let mut cmd = Command::new(entrypoint_bin());
-    cmd.env_clear().env("PATH", DEFAULT_PATH).current_dir(dir.path()).stdin(Stdio::null());
+    cmd.env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .current_dir(dir.path())
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -94,7 +97,10 @@ pub fn entrypoint_sh(dir: &TestDir, script: &str) -> Command {
 /// A `Command` for any other program, with the same clean environment as [`entrypoint`].
 pub fn plain_command(dir: &TestDir, program: &str) -> Command {
     let mut cmd = Command::new(program);
-    cmd.env_clear().env("PATH", DEFAULT_PATH).current_dir(dir.path()).stdin(Stdio::null());
+    cmd.env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .current_dir(dir.path())
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -139,12 +145,23 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
-        let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("waypost-test-{name}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("waypost-test-{name}-{}-{n}", std::process::id()));
         // A leftover from an earlier run whose pid was reused: start clean.
         let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating test dir {}: {e}", path.display()));
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating test dir {}: {e}", path.display()));
         TestDir { path }
     }
 
@@ -201,15 +218,22 @@ impl TestDir {
 
     /// The content of `rel` parsed as a pid; panics with a clear message if absent or garbage.
     pub fn read_pid(&self, rel: &str) -> i32 {
-        let text = self.read(rel).unwrap_or_else(|| panic!("{} does not exist", self.join(rel).display()));
-        text.parse().unwrap_or_else(|_| panic!("{} does not hold a pid: {text:?}", self.join(rel).display()))
+        let text = self
+            .read(rel)
+            .unwrap_or_else(|| panic!("{} does not exist", self.join(rel).display()));
+        text.parse().unwrap_or_else(|_| {
+            panic!("{} does not hold a pid: {text:?}", self.join(rel).display())
+        })
     }
 }
 
 impl Drop for TestDir {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("test failed: keeping its directory {} for inspection", self.path.display());
+            eprintln!(
+                "test failed: keeping its directory {} for inspection",
+                self.path.display()
+            );
         } else {
             let _ = fs::remove_dir_all(&self.path);
         }
@@ -240,7 +264,10 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Polls `cond` until it holds; panics after [`TIMEOUT`] saying what was awaited.
 pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    assert!(poll_until(TIMEOUT, cond), "timed out after {TIMEOUT:?} waiting until {what}");
+    assert!(
+        poll_until(TIMEOUT, cond),
+        "timed out after {TIMEOUT:?} waiting until {what}"
+    );
 }
 
 /// Waits until `path` exists; panics after [`TIMEOUT`].
@@ -278,7 +305,11 @@ impl Capture {
                 done.store(true, Ordering::SeqCst);
             })
         };
-        Capture { buf, done, thread: Some(thread) }
+        Capture {
+            buf,
+            done,
+            thread: Some(thread),
+        }
     }
 
     /// A copy of what has been read so far.
@@ -338,9 +369,18 @@ impl Running {
     /// file descriptors it owned (e.g. a PTY slave passed as stdio).
     pub fn spawn(mut cmd: Command) -> Running {
         let label = command_label(&cmd);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {label}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {label}: {e}"));
         drop(cmd);
-        Running { child, label, stdout: None, stderr: None, status: None, also_kill: Vec::new() }
+        Running {
+            child,
+            label,
+            stdout: None,
+            stderr: None,
+            status: None,
+            also_kill: Vec::new(),
+        }
     }
 
     /// Spawns `cmd` with stdout and stderr piped and read by background threads.
@@ -354,13 +394,21 @@ impl Running {
 
     /// Starts reading the (piped) stdout in the background.
     pub fn capture_stdout(&mut self) {
-        let out = self.child.stdout.take().expect("stdout is not piped or already taken");
+        let out = self
+            .child
+            .stdout
+            .take()
+            .expect("stdout is not piped or already taken");
         self.stdout = Some(Capture::start(out));
     }
 
     /// Starts reading the (piped) stderr in the background.
     pub fn capture_stderr(&mut self) {
-        let err = self.child.stderr.take().expect("stderr is not piped or already taken");
+        let err = self
+            .child
+            .stderr
+            .take()
+            .expect("stderr is not piped or already taken");
         self.stderr = Some(Capture::start(err));
     }
 
@@ -381,19 +429,28 @@ impl Running {
     /// The exit status if the process has exited (it is reaped and the status remembered).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.label));
+            self.status = self
+                .child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.label));
         }
         self.status
     }
 
     /// What has been captured from stdout so far (empty if not captured).
     pub fn stdout_so_far(&self) -> Vec<u8> {
-        self.stdout.as_ref().map(Capture::snapshot).unwrap_or_default()
+        self.stdout
+            .as_ref()
+            .map(Capture::snapshot)
+            .unwrap_or_default()
     }
 
     /// What has been captured from stderr so far (empty if not captured).
     pub fn stderr_so_far(&self) -> Vec<u8> {
-        self.stderr.as_ref().map(Capture::snapshot).unwrap_or_default()
+        self.stderr
+            .as_ref()
+            .map(Capture::snapshot)
+            .unwrap_or_default()
     }
 
     /// A description for failure messages: the command, its pid and state, and the end of its
@@ -405,10 +462,18 @@ impl Running {
         };
         let mut s = format!("{} (pid {}, {state})", self.label, self.pid());
         if self.stderr.is_some() {
-            let _ = write!(s, "\n--- its stderr (end) ---\n{}", tail_lossy(&self.stderr_so_far(), CONTEXT_BYTES));
+            let _ = write!(
+                s,
+                "\n--- its stderr (end) ---\n{}",
+                tail_lossy(&self.stderr_so_far(), CONTEXT_BYTES)
+            );
         }
         if self.stdout.is_some() {
-            let _ = write!(s, "\n--- its stdout (end) ---\n{}", tail_lossy(&self.stdout_so_far(), CONTEXT_BYTES));
+            let _ = write!(
+                s,
+                "\n--- its stdout (end) ---\n{}",
+                tail_lossy(&self.stdout_so_far(), CONTEXT_BYTES)
+            );
         }
         s
     }
@@ -417,9 +482,14 @@ impl Running {
     /// and the test's premise is broken).
     pub fn signal(&mut self, sig: i32) {
         if self.try_status().is_some() {
-            panic!("cannot send SIG{} to it: it has already exited: {}", signal_name(sig), self.context());
+            panic!(
+                "cannot send SIG{} to it: it has already exited: {}",
+                signal_name(sig),
+                self.context()
+            );
         }
-        send_signal(self.pid(), sig).unwrap_or_else(|e| panic!("kill({}, SIG{}): {e}", self.pid(), signal_name(sig)));
+        send_signal(self.pid(), sig)
+            .unwrap_or_else(|e| panic!("kill({}, SIG{}): {e}", self.pid(), signal_name(sig)));
     }
 
     /// Polls `cond` until it holds. Panics after [`TIMEOUT`], or as soon as the process has
@@ -438,7 +508,10 @@ impl Running {
                 panic!("it exited before {what}: {}", self.context());
             }
             if Instant::now() >= deadline {
-                panic!("timed out after {TIMEOUT:?} waiting until {what}: {}", self.context());
+                panic!(
+                    "timed out after {TIMEOUT:?} waiting until {what}: {}",
+                    self.context()
+                );
             }
             thread::sleep(POLL);
         }
@@ -462,7 +535,10 @@ impl Running {
                 return status;
             }
             if Instant::now() >= deadline {
-                panic!("timed out after {timeout:?} waiting for it to exit: {}", self.context());
+                panic!(
+                    "timed out after {timeout:?} waiting for it to exit: {}",
+                    self.context()
+                );
             }
             thread::sleep(POLL);
         }
@@ -479,7 +555,11 @@ impl Running {
     pub fn finish_within(mut self, timeout: Duration) -> Finished {
         let status = self.wait_exit_within(timeout);
         for name in ["stdout", "stderr"] {
-            let cap = if name == "stdout" { &mut self.stdout } else { &mut self.stderr };
+            let cap = if name == "stdout" {
+                &mut self.stdout
+            } else {
+                &mut self.stderr
+            };
             if let Some(cap) = cap {
                 if !cap.wait_eof(timeout) {
                     let ctx = self.context();
@@ -492,7 +572,13 @@ impl Running {
         }
         let stdout = self.stdout.as_mut().map(Capture::take).unwrap_or_default();
         let stderr = self.stderr.as_mut().map(Capture::take).unwrap_or_default();
-        Finished { label: self.label.clone(), pid: self.pid(), status, stdout, stderr }
+        Finished {
+            label: self.label.clone(),
+            pid: self.pid(),
+            status,
+            stdout,
+            stderr,
+        }
     }
 }
 
@@ -519,7 +605,10 @@ impl Drop for Running {
             let _ = send_signal(p, libc::SIGKILL);
         }
         if thread::panicking() {
-            eprintln!("--- process at the time of the failure ---\n{}", self.context());
+            eprintln!(
+                "--- process at the time of the failure ---\n{}",
+                self.context()
+            );
         }
     }
 }
@@ -535,7 +624,12 @@ impl Finished {
 
     /// Asserts the exit code, explaining `why` it is expected.
     pub fn assert_code(&self, expected: i32, why: &str) {
-        assert_eq!(self.status.code(), Some(expected), "{why}: expected exit code {expected}; {}", self.context());
+        assert_eq!(
+            self.status.code(),
+            Some(expected),
+            "{why}: expected exit code {expected}; {}",
+            self.context()
+        );
     }
 
     pub fn stdout_str(&self) -> String {
@@ -548,7 +642,11 @@ impl Finished {
 
     /// stderr without the entrypoint's own log lines (those starting with [`LOG_PREFIX`]).
     pub fn stderr_without_logs(&self) -> String {
-        self.stderr_str().lines().filter(|l| !l.starts_with(LOG_PREFIX)).map(|l| format!("{l}\n")).collect()
+        self.stderr_str()
+            .lines()
+            .filter(|l| !l.starts_with(LOG_PREFIX))
+            .map(|l| format!("{l}\n"))
+            .collect()
     }
 
     pub fn context(&self) -> String {
@@ -567,18 +665,41 @@ impl Finished {
 pub fn describe_status(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with code {c}"),
-        (None, Some(s)) => format!("was killed by SIG{} ({s}){}", signal_name(s), if status.core_dumped() { ", core dumped" } else { "" }),
+        (None, Some(s)) => format!(
+            "was killed by SIG{} ({s}){}",
+            signal_name(s),
+            if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        ),
         _ => format!("ended with {status:?}"),
     }
 }
 
 fn command_label(cmd: &Command) -> String {
-    let mut label = Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program()).to_string_lossy().into_owned();
+    let mut label = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(cmd.get_program())
+        .to_string_lossy()
+        .into_owned();
     for arg in cmd.get_args() {
         let arg = arg.to_string_lossy();
-        let arg = if arg.len() > 200 { format!("{}...", &arg[..arg.char_indices().nth(200).map_or(arg.len(), |(i, _)| i)]) } else { arg.into_owned() };
+        let arg = if arg.len() > 200 {
+            format!(
+                "{}...",
+                &arg[..arg.char_indices().nth(200).map_or(arg.len(), |(i, _)| i)]
+            )
+        } else {
+            arg.into_owned()
+        };
         label.push(' ');
-        if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) && !arg.is_empty() {
+        if arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+            && !arg.is_empty()
+        {
             label.push_str(&arg);
         } else {
             label.push_str(&sh_quote(&arg));
@@ -592,7 +713,11 @@ pub fn tail_lossy(bytes: &[u8], max: usize) -> String {
     if bytes.len() <= max {
         String::from_utf8_lossy(bytes).into_owned()
     } else {
-        format!("[... {} bytes cut ...]{}", bytes.len() - max, String::from_utf8_lossy(&bytes[bytes.len() - max..]))
+        format!(
+            "[... {} bytes cut ...]{}",
+            bytes.len() - max,
+            String::from_utf8_lossy(&bytes[bytes.len() - max..])
+        )
     }
 }
 
@@ -602,7 +727,11 @@ pub fn assert_bytes_eq(what: &str, actual: &[u8], expected: &[u8]) {
     if actual == expected {
         return;
     }
-    let first = actual.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(actual.len().min(expected.len()));
+    let first = actual
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(actual.len().min(expected.len()));
     let around = |b: &[u8]| {
         let start = first.saturating_sub(16);
         let end = (first + 16).min(b.len());
@@ -622,7 +751,9 @@ pub fn assert_bytes_eq(what: &str, actual: &[u8], expected: &[u8]) {
 /// `n` random bytes from `/dev/urandom` (no crates needed).
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
-    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("reading /dev/urandom");
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("reading /dev/urandom");
     buf
 }
 
@@ -632,7 +763,11 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 /// `kill(pid, sig)`.
 pub fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, sig) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The short name of a signal ("TERM" for 15), as `kill -NAME` and `trap ... NAME` take it.
@@ -701,18 +836,33 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     let ppid = rest.next()?.parse().ok()?;
     let pgrp = rest.next()?.parse().ok()?;
     let session = rest.next()?.parse().ok()?;
-    Some(ProcStat { pid, comm, state, ppid, pgrp, session })
+    Some(ProcStat {
+        pid,
+        comm,
+        state,
+        ppid,
+        pgrp,
+        session,
+    })
 }
 
 /// Every pid currently in /proc.
 pub fn all_pids() -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// The processes whose parent is `ppid` (zombies included).
 pub fn children_of(ppid: i32) -> Vec<ProcStat> {
-    all_pids().into_iter().filter_map(proc_stat).filter(|s| s.ppid == ppid).collect()
+    all_pids()
+        .into_iter()
+        .filter_map(proc_stat)
+        .filter(|s| s.ppid == ppid)
+        .collect()
 }
 
 /// The pids of every process below `pid` in the process tree (zombies included).
@@ -733,7 +883,11 @@ pub fn descendants_of(pid: i32) -> Vec<i32> {
 
 /// The zombies (state Z) whose parent is `ppid`.
 pub fn zombies_of(ppid: i32) -> Vec<i32> {
-    children_of(ppid).into_iter().filter(|s| s.state == 'Z').map(|s| s.pid).collect()
+    children_of(ppid)
+        .into_iter()
+        .filter(|s| s.state == 'Z')
+        .map(|s| s.pid)
+        .collect()
 }
 
 /// How many zombies have `ppid` as their parent.
@@ -759,24 +913,41 @@ pub fn is_alive(pid: i32) -> bool {
 pub fn describe_pid(pid: i32) -> String {
     match proc_stat(pid) {
         None => format!("pid {pid}: gone"),
-        Some(s) => format!("pid {pid} ({}): state {}, ppid {}, pgrp {}, wchan {}", s.comm, s.state, s.ppid, s.pgrp, wchan(pid)),
+        Some(s) => format!(
+            "pid {pid} ({}): state {}, ppid {}, pgrp {}, wchan {}",
+            s.comm,
+            s.state,
+            s.ppid,
+            s.pgrp,
+            wchan(pid)
+        ),
     }
 }
 
 /// What the process is blocked in (/proc/PID/wchan), e.g. `pipe_write`; "?" if unknown.
 pub fn wchan(pid: i32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/wchan")).map(|s| s.trim().to_owned()).unwrap_or_else(|_| "?".to_owned())
+    fs::read_to_string(format!("/proc/{pid}/wchan"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// A `Key:` line of /proc/PID/status, trimmed (e.g. `status_field(pid, "VmRSS")` → "1234 kB").
 pub fn status_field(pid: i32, key: &str) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(|v| v.trim().to_owned()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(key)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// The resident set size of `pid` in KiB.
 pub fn vm_rss_kib(pid: i32) -> Option<u64> {
-    status_field(pid, "VmRSS")?.strip_suffix(" kB")?.trim().parse().ok()
+    status_field(pid, "VmRSS")?
+        .strip_suffix(" kB")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` ignores `sig` (SigIgn in /proc/PID/status).
@@ -806,14 +977,35 @@ pub fn open_pty() -> (OwnedFd, OwnedFd, String) {
         let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
         assert!(m >= 0, "posix_openpt: {}", io::Error::last_os_error());
         let master = OwnedFd::from_raw_fd(m);
-        assert_eq!(libc::grantpt(m), 0, "grantpt: {}", io::Error::last_os_error());
-        assert_eq!(libc::unlockpt(m), 0, "unlockpt: {}", io::Error::last_os_error());
+        assert_eq!(
+            libc::grantpt(m),
+            0,
+            "grantpt: {}",
+            io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::unlockpt(m),
+            0,
+            "unlockpt: {}",
+            io::Error::last_os_error()
+        );
         let mut name = [0 as libc::c_char; 128];
         let rc = libc::ptsname_r(m, name.as_mut_ptr(), name.len());
         assert_eq!(rc, 0, "ptsname_r: {}", io::Error::from_raw_os_error(rc));
-        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        assert!(s >= 0, "opening the pty slave: {}", io::Error::last_os_error());
+        let s = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(
+            s >= 0,
+            "opening the pty slave: {}",
+            io::Error::last_os_error()
+        );
         let slave = OwnedFd::from_raw_fd(s);
-        (master, slave, CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned())
+        (
+            master,
+            slave,
+            CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned(),
+        )
     }
 }

@@ -264,16 +264,7 @@ fn pty_rtt(rest: &[String]) {
     };
     let (mut m, mut s): (libc::c_int, libc::c_int) = (-1, -1);
     // SAFETY: openpty with valid out-pointers; no name buffer, default termios, a valid winsize.
-    if unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    } != 0
-    {
+    if unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) } != 0 {
         die("openpty failed");
     }
     let cargs: Vec<std::ffi::CString> = cmd

@@ -280,9 +280,9 @@ pub(super) fn manifest_bytes(img: &Image) -> Result<(Vec<u8>, String)> {
         .layers
         .iter()
         .map(|l: &Layer| {
-            l.descriptor.clone().unwrap_or_else(|| {
-                json!({ "mediaType": l.compression.media_type(img.flavor), "digest": l.digest, "size": l.size })
-            })
+            l.descriptor.clone().unwrap_or_else(
+                || json!({ "mediaType": l.compression.media_type(img.flavor), "digest": l.digest, "size": l.size }),
+            )
         })
         .collect();
     m["schemaVersion"] = json!(2);

@@ -1,4 +1,4 @@
-//! Application configuration end to end (issue #4): the real server, the real entrypoint, real
+//! Application configuration end to end: the real server, the real entrypoint, real
 //! child processes (sh) that record what they see in files under `$D`.
 
 use crate::common::entrypoint::{Builder, Entrypoint};

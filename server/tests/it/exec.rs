@@ -1,4 +1,4 @@
-//! `waypost exec` end to end (issue 6): the real server, the REAL entrypoint with a real app
+//! `waypost exec` end to end: the real server, the REAL entrypoint with a real app
 //! (tests/apps/testapp.py), the real CLI; `-t` driven through a local pseudo-terminal.
 //!
 //! Needs the entrypoint binary (`cargo build -p waypost-entrypoint`, or WAYPOST_ENTRYPOINT_BIN)

@@ -1,4 +1,4 @@
-//! Logs end to end (issue #5): the real server, the real entrypoint, real children (sh), and
+//! Logs end to end: the real server, the real entrypoint, real children (sh), and
 //! `waypost logs` reading what was stored.
 
 use crate::common::entrypoint::{Builder, Entrypoint};

@@ -1,5 +1,5 @@
 //! The control session end to end: the real server, the REAL entrypoint binary, real children.
-//! The entrypoint must keep its app alive through every server failure (issue #3).
+//! The entrypoint must keep its app alive through every server failure.
 
 use crate::common::entrypoint::{Builder, Entrypoint};
 use crate::common::{Server, wait_for};

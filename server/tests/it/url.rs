@@ -1,4 +1,4 @@
-//! The URL service end to end (issue 7): the real server's ingress, the REAL entrypoint, a real
+//! The URL service end to end: the real server's ingress, the REAL entrypoint, a real
 //! HTTP app (tests/apps/testapp.py), real sockets; every port 0 (the app's PORT is a port found
 //! free just before).
 //!
@@ -202,9 +202,7 @@ fn expect_100_continue_is_answered_and_the_body_forwarded() {
     rt().block_on(async {
         let mut s = tokio::net::TcpStream::connect(&ingress).await.unwrap();
         let n = 3 * MIB;
-        let head = format!(
-            "POST /upload HTTP/1.1\r\nHost: {h}\r\nContent-Length: {n}\r\nExpect: 100-continue\r\n\r\n"
-        );
+        let head = format!("POST /upload HTTP/1.1\r\nHost: {h}\r\nContent-Length: {n}\r\nExpect: 100-continue\r\n\r\n");
         s.write_all(head.as_bytes()).await.unwrap();
         // The body is not sent before the 100 (a client that waits for it must not hang).
         let mut got = Vec::new();
@@ -220,7 +218,9 @@ fn expect_100_continue_is_answered_and_the_body_forwarded() {
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 100 Continue"), "{text}");
         for i in 0..n.div_ceil(65536) {
-            s.write_all(&apps::pattern(i, 65536.min(n - i * 65536), 2)).await.unwrap();
+            s.write_all(&apps::pattern(i, 65536.min(n - i * 65536), 2))
+                .await
+                .unwrap();
         }
         let mut resp = Vec::new();
         within("the upload's answer", 20, async {

@@ -225,9 +225,9 @@ impl<'a> LogTx<'a> {
         let conn = self.conn;
         let stmt = match &mut self.update_source {
             Some(s) => s,
-            slot => slot.insert(conn.prepare(
-                "UPDATE log_sources SET next_seq = ?2, lost = ?3, reported_dropped = ?4 WHERE id = ?1",
-            )?),
+            slot => slot.insert(
+                conn.prepare("UPDATE log_sources SET next_seq = ?2, lost = ?3, reported_dropped = ?4 WHERE id = ?1")?,
+            ),
         };
         stmt.execute(params![
             s.rowid,

@@ -399,7 +399,7 @@ pub fn upsert_connected(
         // The owner columns are checked above and never change on a revival; a row recorded
         // without a token takes this one's.
         tx.execute(
-        "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
+            "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
              child_cpu_ms, starts, config_version, session, token_hash)
@@ -416,8 +416,8 @@ pub fn upsert_connected(
              oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
              child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
              config_version = excluded.config_version, session = excluded.session",
-        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
-    )?;
+            rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+        )?;
     }
     tx.commit()?;
     Ok(Ok(status))

@@ -46,7 +46,10 @@ async fn every_route_refuses_everything_but_an_admin_token() {
     let unauthorized: Vec<(&str, Option<&str>)> = vec![
         ("no token", None),
         ("a malformed token", Some("not a token")),
-        ("a wrong token", Some("wpa_0000000000000000000000000000000000000000")),
+        (
+            "a wrong token",
+            Some("wpa_0000000000000000000000000000000000000000"),
+        ),
         ("a revoked entrypoint token", Some(revoked.as_str())),
         ("an empty token", Some("")),
     ];
@@ -62,8 +65,15 @@ async fn every_route_refuses_everything_but_an_admin_token() {
                 .request(method.clone(), path, Some(&body))
                 .await
                 .unwrap();
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {who}: {resp}");
-            assert!(resp["error"].is_string(), "{method} {path} with {who}: {resp}");
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {who}: {resp}"
+            );
+            assert!(
+                resp["error"].is_string(),
+                "{method} {path} with {who}: {resp}"
+            );
         }
         for (who, token) in &forbidden {
             let (status, resp) = server
@@ -71,8 +81,15 @@ async fn every_route_refuses_everything_but_an_admin_token() {
                 .request(method.clone(), path, Some(&body))
                 .await
                 .unwrap();
-            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} with {who}: {resp}");
-            assert!(resp["error"].is_string(), "{method} {path} with {who}: {resp}");
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{method} {path} with {who}: {resp}"
+            );
+            assert!(
+                resp["error"].is_string(),
+                "{method} {path} with {who}: {resp}"
+            );
         }
         // Negative control: the admin token passes authentication on every route (what the
         // route then answers — 200, 400 for a body it does not want, 404 — is its own business).
@@ -94,8 +111,12 @@ async fn an_entrypoint_token_gets_its_own_apps_config_and_nothing_else() {
     let server = Server::start(&[]);
     let web = server.entrypoint_token("web", None);
     let other = server.entrypoint_token("other", None);
-    server.cli(&["config", "set", "--app", "web", "WHO=web-value"]).ok();
-    server.cli(&["config", "set", "--app", "other", "WHO=other-secret"]).ok();
+    server
+        .cli(&["config", "set", "--app", "web", "WHO=web-value"])
+        .ok();
+    server
+        .cli(&["config", "set", "--app", "other", "WHO=other-secret"])
+        .ok();
 
     let (_f, welcome) = Fake::welcomed(&server, &web, &new_id()).await;
     assert_eq!(welcome.app, "web");
@@ -124,7 +145,11 @@ async fn the_control_listener_admits_only_valid_entrypoint_tokens() {
     };
     for (who, token, want) in [
         ("no token", String::new(), Reason::BadToken),
-        ("a wrong token", "wpe_00000000000000000000000000000000".to_string(), Reason::BadToken),
+        (
+            "a wrong token",
+            "wpe_00000000000000000000000000000000".to_string(),
+            Reason::BadToken,
+        ),
         ("the admin token", admin, Reason::Forbidden),
     ] {
         let (mut f, answer) = Fake::hello(&server, &token, &new_id()).await;
@@ -144,7 +169,10 @@ async fn the_control_listener_admits_only_valid_entrypoint_tokens() {
             saw_reject = true;
         }
     }
-    assert!(saw_reject, "the revoked instance got no Reject before the close");
+    assert!(
+        saw_reject,
+        "the revoked instance got no Reject before the close"
+    );
     let (_f, answer) = Fake::hello(&server, &token, &new_id()).await;
     assert_eq!(reason(answer), Reason::BadToken);
 }

@@ -9,14 +9,18 @@
 //! given to the child nor a reason to restart it.
 
 use std::time::{Duration, Instant};
-use waypost_proto::{on_change, Config, ConfigFile};
+use waypost_proto::{Config, ConfigFile, on_change};
 
 /// What the reactor must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// Write these files (atomically, parents created, mode set) and remove the paths no longer
     /// configured, then report the outcome with [`ConfigCore::handle_applied`].
-    Apply { version: u64, write: Vec<ConfigFile>, remove: Vec<String> },
+    Apply {
+        version: u64,
+        write: Vec<ConfigFile>,
+        remove: Vec<String>,
+    },
     /// Restart the child (the new env is in [`ConfigCore::child_env`]).
     Restart,
     /// Send this signal to the child.
@@ -66,7 +70,13 @@ fn same_files(a: &[ConfigFile], b: &[ConfigFile]) -> bool {
 
 impl ConfigCore {
     pub fn new(seed: u64) -> ConfigCore {
-        ConfigCore { current: None, pending: None, applying: None, steps: Vec::new(), rng: seed | 1 }
+        ConfigCore {
+            current: None,
+            pending: None,
+            applying: None,
+            steps: Vec::new(),
+            rng: seed | 1,
+        }
     }
 
     /// Version of the snapshot in force (0: none), for Hello and Status.
@@ -76,7 +86,11 @@ impl ConfigCore {
 
     /// The stop grace the server configured for restarts (`None`: WAYPOST_STOP_TIMEOUT).
     pub fn stop_grace(&self) -> Option<Duration> {
-        self.current.as_ref().map(|c| c.stop_grace_ms).filter(|&ms| ms > 0).map(|ms| Duration::from_millis(u64::from(ms)))
+        self.current
+            .as_ref()
+            .map(|c| c.stop_grace_ms)
+            .filter(|&ms| ms > 0)
+            .map(|ms| Duration::from_millis(u64::from(ms)))
     }
 
     /// Variables the child gets on top of the container's environment.
@@ -88,20 +102,35 @@ impl ConfigCore {
     /// the next start, and takes effect at once).
     pub fn handle_config(&mut self, config: Config, running: bool, now: Instant) {
         // What we compare against: the newest snapshot already decided on.
-        let base = self.pending.as_ref().map(|p| &p.config).or(self.applying.as_ref().map(|a| &a.0)).or(self.current.as_ref());
+        let base = self
+            .pending
+            .as_ref()
+            .map(|p| &p.config)
+            .or(self.applying.as_ref().map(|a| &a.0))
+            .or(self.current.as_ref());
         if base.is_some_and(|b| config.version <= b.version) {
             return; // old news (e.g. a resend after reconnect)
         }
         // A child that started without any config (fail-open) ran with an empty one.
         let empty = Config::default();
-        let effect = if running { effect_of(self.current.as_ref().unwrap_or(&empty), &config) } else { None };
+        let effect = if running {
+            effect_of(self.current.as_ref().unwrap_or(&empty), &config)
+        } else {
+            None
+        };
         let splay = Duration::from_millis(u64::from(config.restart_splay_ms));
         let delay = if effect.is_some() && !splay.is_zero() {
-            Duration::from_millis(waypost_proto::rand::next(&mut self.rng) % splay.as_millis().max(1) as u64)
+            Duration::from_millis(
+                waypost_proto::rand::next(&mut self.rng) % splay.as_millis().max(1) as u64,
+            )
         } else {
             Duration::ZERO
         };
-        self.pending = Some(Pending { config, effect, at: now + delay });
+        self.pending = Some(Pending {
+            config,
+            effect,
+            at: now + delay,
+        });
         if delay.is_zero() {
             self.apply_due(now);
         }
@@ -109,7 +138,11 @@ impl ConfigCore {
 
     /// When a snapshot waiting for its splay delay is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.applying.is_some() { None } else { self.pending.as_ref().map(|p| p.at) }
+        if self.applying.is_some() {
+            None
+        } else {
+            self.pending.as_ref().map(|p| p.at)
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -122,26 +155,45 @@ impl ConfigCore {
         }
         let Pending { config, effect, .. } = self.pending.take().expect("checked above");
         let old: &[ConfigFile] = self.current.as_ref().map_or(&[], |c| &c.files);
-        let write: Vec<ConfigFile> = config.files.iter().filter(|f| !old.contains(f)).cloned().collect();
+        let write: Vec<ConfigFile> = config
+            .files
+            .iter()
+            .filter(|f| !old.contains(f))
+            .cloned()
+            .collect();
         let remove: Vec<String> = old
             .iter()
             .filter(|o| !config.files.iter().any(|f| f.path == o.path))
             .map(|o| o.path.clone())
             .collect();
-        if let Some(level) = config.env.get("WAYPOST_LOG_LEVEL").and_then(|v| crate::logger::Level::parse(v)) {
-            let was = self.current.as_ref().and_then(|c| c.env.get("WAYPOST_LOG_LEVEL")).and_then(|v| crate::logger::Level::parse(v));
+        if let Some(level) = config
+            .env
+            .get("WAYPOST_LOG_LEVEL")
+            .and_then(|v| crate::logger::Level::parse(v))
+        {
+            let was = self
+                .current
+                .as_ref()
+                .and_then(|c| c.env.get("WAYPOST_LOG_LEVEL"))
+                .and_then(|v| crate::logger::Level::parse(v));
             if was != Some(level) {
                 self.steps.push(Step::LogLevel(level));
             }
         }
-        self.steps.push(Step::Apply { version: config.version, write, remove });
+        self.steps.push(Step::Apply {
+            version: config.version,
+            write,
+            remove,
+        });
         self.applying = Some((config, effect));
     }
 
     /// The reactor wrote (or failed to write) the files of the snapshot being applied. On
     /// success it is in force and the child is restarted or signalled as decided.
     pub fn handle_applied(&mut self, ok: bool) {
-        let Some((config, effect)) = self.applying.take() else { return };
+        let Some((config, effect)) = self.applying.take() else {
+            return;
+        };
         if !ok {
             // Keep the old snapshot in force; a later version will be tried afresh.
             return;
@@ -155,7 +207,11 @@ impl ConfigCore {
     }
 
     pub fn poll_step(&mut self) -> Option<Step> {
-        if self.steps.is_empty() { None } else { Some(self.steps.remove(0)) }
+        if self.steps.is_empty() {
+            None
+        } else {
+            Some(self.steps.remove(0))
+        }
     }
 }
 
@@ -168,13 +224,18 @@ fn effect_of(cur: &Config, new: &Config) -> Option<Effect> {
         on_change::Action::None => None,
         _ if env_changed => Some(Effect::Restart),
         on_change::Action::Restart if files_changed => Some(Effect::Restart),
-        on_change::Action::Signal if files_changed => match crate::sys::signals::from_name(&policy.signal) {
-            Some(sig) => Some(Effect::Signal(sig)),
-            None => {
-                crate::warn!("config policy names an unknown signal {:?}; restarting instead", policy.signal);
-                Some(Effect::Restart)
+        on_change::Action::Signal if files_changed => {
+            match crate::sys::signals::from_name(&policy.signal) {
+                Some(sig) => Some(Effect::Signal(sig)),
+                None => {
+                    crate::warn!(
+                        "config policy names an unknown signal {:?}; restarting instead",
+                        policy.signal
+                    );
+                    Some(Effect::Restart)
+                }
             }
-        },
+        }
         _ => None,
     }
 }
@@ -184,12 +245,32 @@ mod tests {
     use super::*;
     use waypost_proto::OnChange;
 
-    fn cfg(version: u64, env: &[(&str, &str)], files: &[(&str, &str)], policy: on_change::Action, signal: &str, splay_ms: u32) -> Config {
+    fn cfg(
+        version: u64,
+        env: &[(&str, &str)],
+        files: &[(&str, &str)],
+        policy: on_change::Action,
+        signal: &str,
+        splay_ms: u32,
+    ) -> Config {
         Config {
             version,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            files: files.iter().map(|(p, c)| ConfigFile { path: p.to_string(), mode: 0o644, contents: c.as_bytes().to_vec() }).collect(),
-            on_change: Some(OnChange { action: policy as i32, signal: signal.into() }),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            files: files
+                .iter()
+                .map(|(p, c)| ConfigFile {
+                    path: p.to_string(),
+                    mode: 0o644,
+                    contents: c.as_bytes().to_vec(),
+                })
+                .collect(),
+            on_change: Some(OnChange {
+                action: policy as i32,
+                signal: signal.into(),
+            }),
             stop_grace_ms: 0,
             restart_splay_ms: splay_ms,
         }
@@ -215,14 +296,35 @@ mod tests {
     fn first_snapshot_before_start_applies_at_once() {
         let t0 = Instant::now();
         let mut c = ConfigCore::new(1);
-        c.handle_config(cfg(1, &[("A", "1"), ("WAYPOST_LOG_LEVEL", "info")], &[("/etc/a", "x")], Restart, "", 10_000), false, t0);
+        c.handle_config(
+            cfg(
+                1,
+                &[("A", "1"), ("WAYPOST_LOG_LEVEL", "info")],
+                &[("/etc/a", "x")],
+                Restart,
+                "",
+                10_000,
+            ),
+            false,
+            t0,
+        );
         let s = settle(&mut c);
         assert_eq!(s[0], Step::LogLevel(crate::logger::Level::Info));
-        assert!(matches!(&s[1], Step::Apply { version: 1, write, remove } if write.len() == 1 && remove.is_empty()));
-        assert_eq!(s.len(), 2, "no restart: nothing runs yet; no splay before the first start");
+        assert!(
+            matches!(&s[1], Step::Apply { version: 1, write, remove } if write.len() == 1 && remove.is_empty())
+        );
+        assert_eq!(
+            s.len(),
+            2,
+            "no restart: nothing runs yet; no splay before the first start"
+        );
         assert_eq!(c.version(), 1);
         let env: Vec<_> = c.child_env().collect();
-        assert_eq!(env, [(&"A".to_string(), &"1".to_string())], "WAYPOST_* stays with the entrypoint");
+        assert_eq!(
+            env,
+            [(&"A".to_string(), &"1".to_string())],
+            "WAYPOST_* stays with the entrypoint"
+        );
     }
 
     #[test]
@@ -242,11 +344,27 @@ mod tests {
     fn identical_snapshot_changes_nothing() {
         let t0 = Instant::now();
         let mut c = ConfigCore::new(1);
-        c.handle_config(cfg(1, &[("A", "1")], &[("/etc/a", "x")], Restart, "", 0), false, t0);
+        c.handle_config(
+            cfg(1, &[("A", "1")], &[("/etc/a", "x")], Restart, "", 0),
+            false,
+            t0,
+        );
         settle(&mut c);
-        c.handle_config(cfg(2, &[("A", "1")], &[("/etc/a", "x")], Restart, "", 0), true, t0);
+        c.handle_config(
+            cfg(2, &[("A", "1")], &[("/etc/a", "x")], Restart, "", 0),
+            true,
+            t0,
+        );
         let s = settle(&mut c);
-        assert_eq!(s, [Step::Apply { version: 2, write: vec![], remove: vec![] }], "acked, nothing written, no restart");
+        assert_eq!(
+            s,
+            [Step::Apply {
+                version: 2,
+                write: vec![],
+                remove: vec![]
+            }],
+            "acked, nothing written, no restart"
+        );
         assert_eq!(c.version(), 2);
         // Old or repeated versions are ignored entirely.
         c.handle_config(cfg(2, &[("A", "9")], &[], Restart, "", 0), true, t0);
@@ -264,20 +382,51 @@ mod tests {
             c.handle_config(cfg(2, &[("A", "2")], &[], policy, "HUP", 0), true, t0);
             let s = settle(&mut c);
             assert_eq!(s.last(), Some(&Step::Restart), "{policy:?}");
-            assert_eq!(c.child_env().next(), Some((&"A".to_string(), &"2".to_string())));
+            assert_eq!(
+                c.child_env().next(),
+                Some((&"A".to_string(), &"2".to_string()))
+            );
         }
     }
 
     #[test]
     fn files_only_follow_the_policy() {
         let t0 = Instant::now();
-        for (policy, expect) in [(Restart, Some(Step::Restart)), (Signal, Some(Step::Signal(libc::SIGHUP))), (Nothing, None)] {
+        for (policy, expect) in [
+            (Restart, Some(Step::Restart)),
+            (Signal, Some(Step::Signal(libc::SIGHUP))),
+            (Nothing, None),
+        ] {
             let mut c = ConfigCore::new(1);
-            c.handle_config(cfg(1, &[("A", "1")], &[("/etc/a", "x"), ("/etc/b", "y")], policy, "SIGHUP", 0), false, t0);
+            c.handle_config(
+                cfg(
+                    1,
+                    &[("A", "1")],
+                    &[("/etc/a", "x"), ("/etc/b", "y")],
+                    policy,
+                    "SIGHUP",
+                    0,
+                ),
+                false,
+                t0,
+            );
             settle(&mut c);
-            c.handle_config(cfg(2, &[("A", "1")], &[("/etc/a", "changed")], policy, "SIGHUP", 0), true, t0);
+            c.handle_config(
+                cfg(
+                    2,
+                    &[("A", "1")],
+                    &[("/etc/a", "changed")],
+                    policy,
+                    "SIGHUP",
+                    0,
+                ),
+                true,
+                t0,
+            );
             let s = settle(&mut c);
-            let Step::Apply { write, remove, .. } = &s[0] else { panic!("{s:?}") };
+            let Step::Apply { write, remove, .. } = &s[0] else {
+                panic!("{s:?}")
+            };
             assert_eq!(write.len(), 1);
             assert_eq!(write[0].contents, b"changed");
             assert_eq!(remove, &["/etc/b".to_string()]);
@@ -303,7 +452,18 @@ mod tests {
         let mut c = ConfigCore::new(1);
         c.handle_config(cfg(1, &[("A", "1")], &[], Restart, "", 0), false, t0);
         settle(&mut c);
-        c.handle_config(cfg(2, &[("A", "1"), ("WAYPOST_LOG_LEVEL", "error")], &[], Restart, "", 0), true, t0);
+        c.handle_config(
+            cfg(
+                2,
+                &[("A", "1"), ("WAYPOST_LOG_LEVEL", "error")],
+                &[],
+                Restart,
+                "",
+                0,
+            ),
+            true,
+            t0,
+        );
         let s = settle(&mut c);
         assert_eq!(s[0], Step::LogLevel(crate::logger::Level::Error));
         assert!(!s.contains(&Step::Restart), "{s:?}");
@@ -341,7 +501,14 @@ mod tests {
         c.handle_config(cfg(3, &[("A", "1")], &[], Restart, "", 0), true, t0);
         // Back to what runs: applied at once, no restart.
         let s = settle(&mut c);
-        assert_eq!(s, [Step::Apply { version: 3, write: vec![], remove: vec![] }]);
+        assert_eq!(
+            s,
+            [Step::Apply {
+                version: 3,
+                write: vec![],
+                remove: vec![]
+            }]
+        );
         assert_eq!(c.poll_timeout(), None);
     }
 
@@ -351,7 +518,11 @@ mod tests {
         let mut c = ConfigCore::new(3);
         c.handle_config(cfg(1, &[("A", "1")], &[], Restart, "", 0), false, t0);
         settle(&mut c);
-        c.handle_config(cfg(2, &[("A", "2")], &[("/x", "y")], Restart, "", 0), true, t0);
+        c.handle_config(
+            cfg(2, &[("A", "2")], &[("/x", "y")], Restart, "", 0),
+            true,
+            t0,
+        );
         assert!(matches!(steps(&mut c)[..], [Step::Apply { .. }]));
         c.handle_applied(false);
         assert_eq!(steps(&mut c), []);

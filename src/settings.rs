@@ -2,7 +2,7 @@
 //! flags). Sans-IO: [`Settings::from_vars`] takes the variables as pairs, so every rule here is
 //! unit-tested without touching the process environment.
 //!
-//! Rules (CONTRACT.md): a malformed value of a known variable is an error before anything is
+//! Rules (the README's "Entrypoint settings"): a malformed value of a known variable is an error before anything is
 //! spawned (exit 2); an unknown `WAYPOST_*` variable is a warning; an empty value counts as unset
 //! (compose files and `docker run -e X=` produce those); legacy `WAYPOINT_*` names are aliases
 //! and the `WAYPOST_*` name wins when both are set.
@@ -13,7 +13,7 @@ use std::ffi::{OsStr, OsString};
 use std::time::Duration;
 use waypost_proto::{parse_duration, parse_size};
 
-/// Default `PORT` given to the child when it has none (CONTRACT.md).
+/// Default `PORT` given to the child when it has none.
 pub const DEFAULT_PORT: u16 = 5000;
 /// Upper bound for `WAYPOST_LOG_BUFFER`: more would only hide a server that never reads.
 pub const MAX_LOG_BUFFER: u64 = 1 << 30;
@@ -28,7 +28,11 @@ pub const MIN_LOG_BUFFER: u64 = crate::logs::LINE_CAP as u64;
 /// Variables that carry credentials: never passed to the child or to exec sessions, and blanked
 /// in the entrypoint's own environment once parsed. (`HTTPS_PROXY` could carry some too, but a
 /// proxy URL with credentials is refused outright, so a proxy variable never holds a secret.)
-pub const SECRET_VARS: [&str; 3] = ["WAYPOST_TOKEN", "WAYPOINT_CEB_INVITE_TOKEN", "WAYPOINT_CEB_TOKEN"];
+pub const SECRET_VARS: [&str; 3] = [
+    "WAYPOST_TOKEN",
+    "WAYPOINT_CEB_INVITE_TOKEN",
+    "WAYPOINT_CEB_TOKEN",
+];
 
 /// Where trust anchors for the server's certificate come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,22 +136,36 @@ impl Settings {
             .collect();
 
         let server = env.get("WAYPOST_SERVER", Some("WAYPOINT_SERVER_ADDR"))?;
-        let server = server.map(|(name, v)| parse_host_port(&v).map_err(|why| Error::Env { name, why })).transpose()?;
+        let server = server
+            .map(|(name, v)| parse_host_port(&v).map_err(|why| Error::Env { name, why }))
+            .transpose()?;
         let ca = match env.get("WAYPOST_CA", None)? {
             None => CaSource::System,
             Some((_, v)) if v.trim_start().starts_with("-----BEGIN") => CaSource::Pem(v),
             // The one-line form `waypost token create -o env` prints: base64 of the PEM text
             // ("-----BEGIN" encodes to "LS0tLS1CRUdJTi"), safe in env files and shells alike.
             Some((name, v)) if v.trim_start().starts_with("LS0tLS1CRUdJTi") => {
-                let pem = waypost_proto::base64::decode(v.trim()).and_then(|b| String::from_utf8(b).ok());
-                CaSource::Pem(pem.ok_or(Error::Env { name, why: "looks like base64-encoded PEM but does not decode".into() })?)
+                let pem =
+                    waypost_proto::base64::decode(v.trim()).and_then(|b| String::from_utf8(b).ok());
+                CaSource::Pem(pem.ok_or(Error::Env {
+                    name,
+                    why: "looks like base64-encoded PEM but does not decode".into(),
+                })?)
             }
             Some((_, v)) => CaSource::Path(v),
         };
         let exec_allow = env.get("WAYPOST_EXEC_ALLOW", None)?.map(|(name, v)| {
-            let list: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            let list: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
             if list.is_empty() {
-                Err(Error::Env { name, why: "lists no program".into() })
+                Err(Error::Env {
+                    name,
+                    why: "lists no program".into(),
+                })
             } else {
                 Ok(list)
             }
@@ -156,7 +174,12 @@ impl Settings {
             None => (DEFAULT_PORT, false),
             Some((name, v)) => match v.trim().parse::<u16>() {
                 Ok(p) if p > 0 => (p, true),
-                _ => return Err(Error::Env { name, why: format!("{v:?} is not a TCP port (1-65535)") }),
+                _ => {
+                    return Err(Error::Env {
+                        name,
+                        why: format!("{v:?} is not a TCP port (1-65535)"),
+                    });
+                }
             },
         };
         let https_proxy = match env.get("HTTPS_PROXY", Some("https_proxy"))? {
@@ -165,23 +188,35 @@ impl Settings {
         };
         let no_proxy = env
             .get("NO_PROXY", Some("no_proxy"))?
-            .map(|(_, v)| v.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect())
+            .map(|(_, v)| {
+                v.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
 
         Ok(Settings {
             server,
             token: env.get("WAYPOST_TOKEN", None)?.map(|(_, v)| v),
             ca,
-            tls_skip_verify: env.flag("WAYPOST_TLS_SKIP_VERIFY", Some("WAYPOINT_SERVER_TLS_SKIP_VERIFY"))?,
+            tls_skip_verify: env.flag(
+                "WAYPOST_TLS_SKIP_VERIFY",
+                Some("WAYPOINT_SERVER_TLS_SKIP_VERIFY"),
+            )?,
             disable: env.flag("WAYPOST_DISABLE", Some("WAYPOINT_CEB_DISABLE"))?,
             disable_config: env.flag("WAYPOST_DISABLE_CONFIG", None)?,
             disable_logs: env.flag("WAYPOST_DISABLE_LOGS", None)?,
             disable_exec: env.flag("WAYPOST_DISABLE_EXEC", Some("WAYPOINT_CEB_DISABLE_EXEC"))?,
             disable_url: env.flag("WAYPOST_DISABLE_URL", None)?,
-            url_hold: env.get("WAYPOST_URL_HOLD", None)?.is_none() || env.flag("WAYPOST_URL_HOLD", None)?,
+            url_hold: env.get("WAYPOST_URL_HOLD", None)?.is_none()
+                || env.flag("WAYPOST_URL_HOLD", None)?,
             capture: env.flag("WAYPOST_CAPTURE", None)?,
             exec_allow: exec_allow.transpose()?,
-            server_required: env.flag("WAYPOST_SERVER_REQUIRED", Some("WAYPOINT_CEB_SERVER_REQUIRED"))?,
+            server_required: env.flag(
+                "WAYPOST_SERVER_REQUIRED",
+                Some("WAYPOINT_CEB_SERVER_REQUIRED"),
+            )?,
             startup_timeout: env.duration("WAYPOST_STARTUP_TIMEOUT", Duration::from_secs(5))?,
             stop_timeout: env.duration("WAYPOST_STOP_TIMEOUT", Duration::from_secs(30))?,
             signal_group: env.flag("WAYPOST_SIGNAL_GROUP", None)?,
@@ -197,15 +232,26 @@ impl Settings {
                 Some((name, v)) => match parse_size(&v) {
                     Ok(n) if (MIN_LOG_BUFFER..=MAX_LOG_BUFFER).contains(&n) => n,
                     Ok(n) if n < MIN_LOG_BUFFER => {
-                        return Err(Error::Env { name, why: format!("{v:?} is below the 64KiB minimum (one longest log line)") });
+                        return Err(Error::Env {
+                            name,
+                            why: format!("{v:?} is below the 64KiB minimum (one longest log line)"),
+                        });
                     }
-                    Ok(_) => return Err(Error::Env { name, why: format!("{v:?} is over the 1GiB limit") }),
+                    Ok(_) => {
+                        return Err(Error::Env {
+                            name,
+                            why: format!("{v:?} is over the 1GiB limit"),
+                        });
+                    }
                     Err(why) => return Err(Error::Env { name, why }),
                 },
             },
             log_mode: match env.get("WAYPOST_LOG_MODE", None)? {
                 None => crate::logs::LogMode::Drop,
-                Some((name, v)) => crate::logs::LogMode::parse(&v).ok_or_else(|| Error::Env { name, why: format!("{v:?} is not drop or block") })?,
+                Some((name, v)) => crate::logs::LogMode::parse(&v).ok_or_else(|| Error::Env {
+                    name,
+                    why: format!("{v:?} is not drop or block"),
+                })?,
             },
             flush_timeout: env.duration("WAYPOST_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)?,
             port,
@@ -221,7 +267,11 @@ impl Settings {
         let host = host.to_ascii_lowercase();
         self.no_proxy.iter().any(|rule| {
             let rule = rule.trim_start_matches('.');
-            rule == "*" || host == rule || host.strip_suffix(rule).is_some_and(|head| head.ends_with('.'))
+            rule == "*"
+                || host == rule
+                || host
+                    .strip_suffix(rule)
+                    .is_some_and(|head| head.ends_with('.'))
         })
     }
 }
@@ -259,17 +309,28 @@ struct Env<'a> {
 impl Env<'_> {
     fn raw(&self, name: &str) -> Option<&OsStr> {
         // The last occurrence wins, as with getenv on a duplicated environment.
-        self.vars.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_os_str())
+        self.vars
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_os_str())
     }
 
     /// The value of `name`, else of its legacy `alias`, with the name actually used. Empty = unset.
-    fn get(&self, name: &'static str, alias: Option<&'static str>) -> Result<Option<(&'static str, String)>, Error> {
+    fn get(
+        &self,
+        name: &'static str,
+        alias: Option<&'static str>,
+    ) -> Result<Option<(&'static str, String)>, Error> {
         for n in std::iter::once(name).chain(alias) {
             if let Some(v) = self.raw(n) {
                 if v.is_empty() {
                     continue;
                 }
-                let v = v.to_str().ok_or(Error::Env { name: n, why: "is not valid UTF-8".into() })?;
+                let v = v.to_str().ok_or(Error::Env {
+                    name: n,
+                    why: "is not valid UTF-8".into(),
+                })?;
                 return Ok(Some((n, v.to_owned())));
             }
         }
@@ -279,7 +340,10 @@ impl Env<'_> {
     fn flag(&self, name: &'static str, alias: Option<&'static str>) -> Result<bool, Error> {
         match self.get(name, alias)? {
             None => Ok(false),
-            Some((n, v)) => parse_bool(&v).ok_or_else(|| Error::Env { name: n, why: format!("{v:?} is not a boolean ({BOOL_WORDS})") }),
+            Some((n, v)) => parse_bool(&v).ok_or_else(|| Error::Env {
+                name: n,
+                why: format!("{v:?} is not a boolean ({BOOL_WORDS})"),
+            }),
         }
     }
 
@@ -316,8 +380,15 @@ pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     if host.is_empty() || host.contains(['/', ' ']) || (host.contains(':') && !t.starts_with('[')) {
         return Err(bad("bad host"));
     }
-    let port = port.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| bad("bad port"))?;
-    Ok(HostPort { host: host.to_owned(), port })
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| bad("bad port"))?;
+    Ok(HostPort {
+        host: host.to_owned(),
+        port,
+    })
 }
 
 /// `http://host:port`, `host:port` (and a trailing `/`). Only plain-HTTP CONNECT proxies.
@@ -373,18 +444,31 @@ mod tests {
     fn durations() {
         // The one duration syntax (waypost_proto::parse_duration, tested there), for every
         // duration variable; a malformed value names the variable.
-        for name in ["WAYPOST_STARTUP_TIMEOUT", "WAYPOST_STOP_TIMEOUT", "WAYPOST_FLUSH_TIMEOUT"] {
+        for name in [
+            "WAYPOST_STARTUP_TIMEOUT",
+            "WAYPOST_STOP_TIMEOUT",
+            "WAYPOST_FLUSH_TIMEOUT",
+        ] {
             let field = |s: Settings| match name {
                 "WAYPOST_STARTUP_TIMEOUT" => s.startup_timeout,
                 "WAYPOST_STOP_TIMEOUT" => s.stop_timeout,
                 _ => s.flush_timeout,
             };
-            for (v, want) in [("500ms", Duration::from_millis(500)), ("1.5s", Duration::from_millis(1500)), ("17", Duration::from_secs(17)), ("1d", Duration::from_secs(86_400)), (" 1m30s ", Duration::from_secs(90))] {
+            for (v, want) in [
+                ("500ms", Duration::from_millis(500)),
+                ("1.5s", Duration::from_millis(1500)),
+                ("17", Duration::from_secs(17)),
+                ("1d", Duration::from_secs(86_400)),
+                (" 1m30s ", Duration::from_secs(90)),
+            ] {
                 assert_eq!(field(parse(&[(name, v)]).unwrap()), want, "{name}={v}");
             }
             for v in ["abc", " ", "5x", "-1s", "1m30", "99999999999999999h"] {
                 let e = env_error(&[(name, v)]);
-                assert!(e.contains(name) && e.contains("is not a duration"), "{name}={v:?}: {e}");
+                assert!(
+                    e.contains(name) && e.contains("is not a duration"),
+                    "{name}={v:?}: {e}"
+                );
             }
         }
     }
@@ -401,25 +485,40 @@ mod tests {
         let e = env_error(&[("WAYPOST_SIGNAL_GROUP", "maybe")]);
         assert!(e.contains("WAYPOST_SIGNAL_GROUP"), "{e}");
         // The message lists exactly the accepted words: every one it names parses, both ways.
-        let listed: Vec<&str> = BOOL_WORDS.split(", ").filter(|w| w.contains('/')).flat_map(|w| w.split('/')).collect();
+        let listed: Vec<&str> = BOOL_WORDS
+            .split(", ")
+            .filter(|w| w.contains('/'))
+            .flat_map(|w| w.split('/'))
+            .collect();
         assert_eq!(listed.len(), 8, "{BOOL_WORDS}");
         for w in listed {
             assert!(e.contains(w), "{e} should list {w}");
-            assert!(parse_bool(w).is_some() && parse_bool(&w.to_ascii_uppercase()).is_some(), "{w}");
+            assert!(
+                parse_bool(w).is_some() && parse_bool(&w.to_ascii_uppercase()).is_some(),
+                "{w}"
+            );
         }
     }
 
     #[test]
     fn malformed_values_name_the_variable() {
         let e = env_error(&[("WAYPOST_STARTUP_TIMEOUT", "abc")]);
-        assert!(e.contains("WAYPOST_STARTUP_TIMEOUT") && e.contains("abc"), "{e}");
+        assert!(
+            e.contains("WAYPOST_STARTUP_TIMEOUT") && e.contains("abc"),
+            "{e}"
+        );
         assert!(env_error(&[("WAYPOST_STOP_TIMEOUT", "forever")]).contains("WAYPOST_STOP_TIMEOUT"));
         assert!(env_error(&[("WAYPOST_LOG_LEVEL", "LOUD")]).contains("TRACE"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "lots")]).contains("WAYPOST_LOG_BUFFER"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "2GiB")]).contains("limit"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "1")]).contains("minimum"));
         assert!(env_error(&[("WAYPOST_LOG_BUFFER", "65535")]).contains("minimum"));
-        assert_eq!(parse(&[("WAYPOST_LOG_BUFFER", "64KiB")]).unwrap().log_buffer, MIN_LOG_BUFFER);
+        assert_eq!(
+            parse(&[("WAYPOST_LOG_BUFFER", "64KiB")])
+                .unwrap()
+                .log_buffer,
+            MIN_LOG_BUFFER
+        );
         assert!(env_error(&[("WAYPOST_SERVER", "nohost")]).contains("host:port"));
         assert!(env_error(&[("WAYPOST_SERVER", "h:99999")]).contains("port"));
         assert!(env_error(&[("PORT", "http")]).contains("PORT"));
@@ -438,13 +537,31 @@ mod tests {
             ("WAYPOINT_LOG_LEVEL", "warn"),
         ])
         .unwrap();
-        assert_eq!(s.server, Some(HostPort { host: "old".into(), port: 1 }));
+        assert_eq!(
+            s.server,
+            Some(HostPort {
+                host: "old".into(),
+                port: 1
+            })
+        );
         assert!(s.tls_skip_verify && s.disable_exec && s.server_required);
         assert_eq!(s.log_level, Level::Warn);
         assert!(parse(&[("WAYPOINT_CEB_DISABLE", "1")]).unwrap().disable);
 
-        let s = parse(&[("WAYPOINT_SERVER_ADDR", "old:1"), ("WAYPOST_SERVER", "new:2"), ("WAYPOINT_LOG_LEVEL", "warn"), ("WAYPOST_LOG_LEVEL", "error")]).unwrap();
-        assert_eq!(s.server, Some(HostPort { host: "new".into(), port: 2 }));
+        let s = parse(&[
+            ("WAYPOINT_SERVER_ADDR", "old:1"),
+            ("WAYPOST_SERVER", "new:2"),
+            ("WAYPOINT_LOG_LEVEL", "warn"),
+            ("WAYPOST_LOG_LEVEL", "error"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.server,
+            Some(HostPort {
+                host: "new".into(),
+                port: 2
+            })
+        );
         assert_eq!(s.log_level, Level::Error);
         // A malformed legacy value is still an error, named by its own name.
         assert!(env_error(&[("WAYPOINT_CEB_DISABLE", "sure")]).contains("WAYPOINT_CEB_DISABLE"));
@@ -453,20 +570,54 @@ mod tests {
     #[test]
     fn log_mode_and_flush_timeout() {
         let s = parse(&[]).unwrap();
-        assert_eq!((s.log_mode, s.flush_timeout), (crate::logs::LogMode::Drop, DEFAULT_FLUSH_TIMEOUT));
-        let s = parse(&[("WAYPOST_LOG_MODE", "BLOCK"), ("WAYPOST_FLUSH_TIMEOUT", "0s")]).unwrap();
-        assert_eq!((s.log_mode, s.flush_timeout), (crate::logs::LogMode::Block, Duration::ZERO));
-        assert_eq!(parse(&[("WAYPOST_FLUSH_TIMEOUT", "1m30s")]).unwrap().flush_timeout, Duration::from_secs(90));
+        assert_eq!(
+            (s.log_mode, s.flush_timeout),
+            (crate::logs::LogMode::Drop, DEFAULT_FLUSH_TIMEOUT)
+        );
+        let s = parse(&[
+            ("WAYPOST_LOG_MODE", "BLOCK"),
+            ("WAYPOST_FLUSH_TIMEOUT", "0s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.log_mode, s.flush_timeout),
+            (crate::logs::LogMode::Block, Duration::ZERO)
+        );
+        assert_eq!(
+            parse(&[("WAYPOST_FLUSH_TIMEOUT", "1m30s")])
+                .unwrap()
+                .flush_timeout,
+            Duration::from_secs(90)
+        );
         let e = env_error(&[("WAYPOST_LOG_MODE", "blocking")]);
-        assert!(e.contains("WAYPOST_LOG_MODE") && e.contains("drop or block"), "{e}");
+        assert!(
+            e.contains("WAYPOST_LOG_MODE") && e.contains("drop or block"),
+            "{e}"
+        );
         let e = env_error(&[("WAYPOST_FLUSH_TIMEOUT", "soon")]);
-        assert!(e.contains("WAYPOST_FLUSH_TIMEOUT") && e.contains("soon"), "{e}");
-        assert!(parse(&[("WAYPOST_LOG_MODE", "drop"), ("WAYPOST_FLUSH_TIMEOUT", "5s")]).unwrap().unknown.is_empty());
+        assert!(
+            e.contains("WAYPOST_FLUSH_TIMEOUT") && e.contains("soon"),
+            "{e}"
+        );
+        assert!(
+            parse(&[
+                ("WAYPOST_LOG_MODE", "drop"),
+                ("WAYPOST_FLUSH_TIMEOUT", "5s")
+            ])
+            .unwrap()
+            .unknown
+            .is_empty()
+        );
     }
 
     #[test]
     fn empty_is_unset() {
-        let s = parse(&[("WAYPOST_SERVER", ""), ("WAYPOST_STOP_TIMEOUT", ""), ("PORT", "")]).unwrap();
+        let s = parse(&[
+            ("WAYPOST_SERVER", ""),
+            ("WAYPOST_STOP_TIMEOUT", ""),
+            ("PORT", ""),
+        ])
+        .unwrap();
         assert_eq!(s.server, None);
         assert_eq!(s.stop_timeout, Duration::from_secs(30));
         assert!(!s.port_set);
@@ -474,16 +625,41 @@ mod tests {
 
     #[test]
     fn unknown_waypost_variables_are_collected() {
-        let s = parse(&[("WAYPOST_SERVR", "x:1"), ("WAYPOST_STOP_TIMEOUT", "1s"), ("WAYPOINT_SOMETHING", "1")]).unwrap();
+        let s = parse(&[
+            ("WAYPOST_SERVR", "x:1"),
+            ("WAYPOST_STOP_TIMEOUT", "1s"),
+            ("WAYPOINT_SOMETHING", "1"),
+        ])
+        .unwrap();
         assert_eq!(s.unknown, vec!["WAYPOST_SERVR".to_string()]);
     }
 
     #[test]
     fn server_addresses() {
-        assert_eq!(parse_host_port("127.0.0.1:9701"), Ok(HostPort { host: "127.0.0.1".into(), port: 9701 }));
-        assert_eq!(parse_host_port("[::1]:9701"), Ok(HostPort { host: "::1".into(), port: 9701 }));
-        assert_eq!(parse_host_port("waypost.example.com:443"), Ok(HostPort { host: "waypost.example.com".into(), port: 443 }));
-        for bad in ["::1:9701", ":9701", "host:", "host", "[::1]", "a b:1", "h:0"] {
+        assert_eq!(
+            parse_host_port("127.0.0.1:9701"),
+            Ok(HostPort {
+                host: "127.0.0.1".into(),
+                port: 9701
+            })
+        );
+        assert_eq!(
+            parse_host_port("[::1]:9701"),
+            Ok(HostPort {
+                host: "::1".into(),
+                port: 9701
+            })
+        );
+        assert_eq!(
+            parse_host_port("waypost.example.com:443"),
+            Ok(HostPort {
+                host: "waypost.example.com".into(),
+                port: 443
+            })
+        );
+        for bad in [
+            "::1:9701", ":9701", "host:", "host", "[::1]", "a b:1", "h:0",
+        ] {
             assert!(parse_host_port(bad).is_err(), "{bad}");
         }
     }
@@ -491,33 +667,71 @@ mod tests {
     #[test]
     fn ca_inline_or_path() {
         let pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
-        assert_eq!(parse(&[("WAYPOST_CA", pem)]).unwrap().ca, CaSource::Pem(pem.into()));
-        assert_eq!(parse(&[("WAYPOST_CA", "/etc/ca.pem")]).unwrap().ca, CaSource::Path("/etc/ca.pem".into()));
+        assert_eq!(
+            parse(&[("WAYPOST_CA", pem)]).unwrap().ca,
+            CaSource::Pem(pem.into())
+        );
+        assert_eq!(
+            parse(&[("WAYPOST_CA", "/etc/ca.pem")]).unwrap().ca,
+            CaSource::Path("/etc/ca.pem".into())
+        );
     }
 
     #[test]
     fn ca_as_base64_of_pem() {
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         // base64 of `pem`, as `waypost token create -o env` prints it.
-        let b64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=";
-        assert_eq!(parse(&[("WAYPOST_CA", b64)]).unwrap().ca, CaSource::Pem(pem.into()));
+        let b64 =
+            "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=";
+        assert_eq!(
+            parse(&[("WAYPOST_CA", b64)]).unwrap().ca,
+            CaSource::Pem(pem.into())
+        );
         assert!(env_error(&[("WAYPOST_CA", "LS0tLS1CRUdJTi!!")]).contains("base64"));
         // Padding optional, whitespace ignored (waypost_proto::base64, tested there).
-        assert_eq!(parse(&[("WAYPOST_CA", &b64.replace('=', ""))]).unwrap().ca, CaSource::Pem(pem.into()));
-        let wrapped: String = b64.as_bytes().chunks(20).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n");
-        assert_eq!(parse(&[("WAYPOST_CA", &wrapped)]).unwrap().ca, CaSource::Pem(pem.into()));
+        assert_eq!(
+            parse(&[("WAYPOST_CA", &b64.replace('=', ""))]).unwrap().ca,
+            CaSource::Pem(pem.into())
+        );
+        let wrapped: String = b64
+            .as_bytes()
+            .chunks(20)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            parse(&[("WAYPOST_CA", &wrapped)]).unwrap().ca,
+            CaSource::Pem(pem.into())
+        );
     }
 
     #[test]
     fn exec_allow_and_proxy() {
-        let s = parse(&[("WAYPOST_EXEC_ALLOW", "sh, /bin/ls,,"), ("HTTPS_PROXY", "http://proxy:3128/"), ("NO_PROXY", "localhost, .internal")]).unwrap();
+        let s = parse(&[
+            ("WAYPOST_EXEC_ALLOW", "sh, /bin/ls,,"),
+            ("HTTPS_PROXY", "http://proxy:3128/"),
+            ("NO_PROXY", "localhost, .internal"),
+        ])
+        .unwrap();
         assert_eq!(s.exec_allow, Some(vec!["sh".into(), "/bin/ls".into()]));
-        assert_eq!(s.https_proxy, Some(HostPort { host: "proxy".into(), port: 3128 }));
+        assert_eq!(
+            s.https_proxy,
+            Some(HostPort {
+                host: "proxy".into(),
+                port: 3128
+            })
+        );
         assert!(s.bypasses_proxy("localhost"));
         assert!(s.bypasses_proxy("svc.internal"));
         assert!(!s.bypasses_proxy("internal.example"));
         assert!(!s.bypasses_proxy("example.com"));
-        assert_eq!(parse(&[("https_proxy", "proxy")]).unwrap().https_proxy, Some(HostPort { host: "proxy".into(), port: 80 }));
+        assert_eq!(
+            parse(&[("https_proxy", "proxy")]).unwrap().https_proxy,
+            Some(HostPort {
+                host: "proxy".into(),
+                port: 80
+            })
+        );
     }
 
     #[test]
