@@ -108,11 +108,11 @@ impl Reactor {
             env: std::env::vars_os().collect(),
             seeds: [random(), random()],
         };
-        let link = match &settings.server {
-            Some(server) if settings.server_enabled() => {
+        let link = match &settings.servers[..] {
+            servers if settings.server_enabled() => {
                 let waker =
                     Waker::new(reg, Tok::Waker.token()).map_err(Error::io("creating the waker"))?;
-                let link = Link::new(settings, server, Tok::Control.token(), waker)?;
+                let link = Link::new(settings, servers, Tok::Control.token(), waker)?;
                 id.instance_id = vec![0u8; 16];
                 crate::sys::random::fill(&mut id.instance_id)
                     .map_err(Error::io("reading random bytes"))?;
@@ -258,9 +258,9 @@ impl Reactor {
                     }
                 }
                 IoAction::Exit(code) => self.exit = Some(code),
-                IoAction::Connect => {
+                IoAction::Connect(to) => {
                     if let Some(link) = &mut self.link {
-                        link.connect(reg, &mut self.agent, now);
+                        link.connect(reg, &mut self.agent, to, now);
                     }
                 }
                 IoAction::Disconnect { polite } => {

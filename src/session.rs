@@ -13,6 +13,13 @@
 //! is retried after [`HURRY_RETRY`], not the exponential delay — and every Ready connection
 //! carries that Status followed by a Ping. The server handles a connection's frames in order, so
 //! the Pong to that Ping means it has the Status ([`Session::last_words_pending`] turns false).
+//!
+//! Replicas: `WAYPOST_SERVER` may list several servers. The session walks them in *rounds*
+//! (docs/protocol.md, "Reconnect backoff"): the first attempt goes to a random entry (from the
+//! seed, so a fleet spreads); a failed attempt (refused, TLS, Reject, timeout) moves to the next
+//! entry at once; only when every entry of a round has failed does the exponential backoff
+//! apply. Losing an established connection starts a new round at the next entry after the
+//! first backoff step. [`Session::target`] says where the next `Event::Connect` goes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -75,10 +82,27 @@ enum State {
     },
 }
 
+/// Where to connect: an entry of the server list, and a turn counter from which the reactor picks
+/// the first of that entry's resolved addresses (`turn % addresses`), so a DNS name with several
+/// addresses is rotated through like a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub entry: usize,
+    pub turn: u32,
+}
+
 pub struct Session {
     state: State,
-    /// Failed attempts since the last Welcome.
+    /// Failed rounds since the last Welcome (with one server: failed attempts).
     attempts: u32,
+    /// Entries in the server list (at least 1).
+    servers: usize,
+    /// Where the current or next attempt goes.
+    target: Target,
+    /// Entries that failed in the current round.
+    tried: usize,
+    /// The longest Reject retry hint of the current round: the round's backoff is at least this.
+    round_hint: Duration,
     heartbeat: Duration,
     rng: u64,
     nonce: u64,
@@ -101,9 +125,25 @@ pub struct Session {
 impl Session {
     /// `seed` makes the backoff jitter deterministic in tests; use a random one in production.
     pub fn new(seed: u64) -> Session {
+        Session::with_servers(seed, 1)
+    }
+
+    /// A session over a list of `servers` replicas (0 counts as 1). The first entry and the
+    /// first address turn are drawn from `seed` (without touching the jitter's generator, so
+    /// one server behaves exactly as [`Session::new`]).
+    pub fn with_servers(seed: u64, servers: usize) -> Session {
+        let servers = servers.max(1);
+        let mixed = mix(seed);
         Session {
             state: State::Idle,
             attempts: 0,
+            servers,
+            target: Target {
+                entry: (mixed % servers as u64) as usize,
+                turn: (mixed >> 32) as u32,
+            },
+            tried: 0,
+            round_hint: Duration::ZERO,
             heartbeat: DEFAULT_HEARTBEAT,
             rng: seed | 1,
             nonce: 0,
@@ -123,6 +163,11 @@ impl Session {
         if self.state == State::Idle {
             self.connect(now);
         }
+    }
+
+    /// Where the current (or next) connection attempt goes.
+    pub fn target(&self) -> Target {
+        self.target
     }
 
     pub fn is_ready(&self) -> bool {
@@ -168,7 +213,14 @@ impl Session {
                 crate::warn!("lost the connection to the server: {why}; reconnecting")
             }
             State::Connecting { .. } | State::AwaitingWelcome { .. } => {
-                if self.attempts == 0 && !self.rejected {
+                if self.tried + 1 < self.servers && self.attempts == 0 {
+                    // Once per entry in the first round; later rounds only at debug level.
+                    crate::warn!(
+                        "cannot reach server {} of {}: {why}; trying the next",
+                        self.target.entry + 1,
+                        self.servers
+                    )
+                } else if self.attempts == 0 && !self.rejected {
                     crate::warn!("cannot reach the server: {why}; retrying with backoff")
                 } else {
                     crate::debug!("connection attempt {} failed: {why}", self.attempts + 1)
@@ -176,7 +228,31 @@ impl Session {
             }
         }
         self.events.push_back(Event::Lost);
-        self.back_off(now, Duration::ZERO);
+        self.fail(now, Duration::ZERO);
+    }
+
+    /// The current attempt failed or the connection was lost: on to the next entry — at once
+    /// within a round, after the round's backoff when every entry failed, after the first
+    /// backoff step when an established connection was lost.
+    fn fail(&mut self, now: Instant, hint: Duration) {
+        let was_ready = self.is_ready();
+        self.target.entry = (self.target.entry + 1) % self.servers;
+        self.target.turn = self.target.turn.wrapping_add(1);
+        if was_ready {
+            // A new round begins at the next entry (the Welcome reset the counters).
+            (self.tried, self.round_hint) = (0, Duration::ZERO);
+            return self.back_off(now, hint);
+        }
+        self.tried += 1;
+        self.round_hint = self.round_hint.max(hint);
+        if self.tried < self.servers {
+            self.transmit.clear();
+            self.last_words_ping = None;
+            return self.connect(now);
+        }
+        let hint = std::mem::take(&mut self.round_hint);
+        self.tried = 0;
+        self.back_off(now, hint);
     }
 
     fn back_off(&mut self, now: Instant, at_least: Duration) {
@@ -244,7 +320,7 @@ impl Session {
     fn abandon(&mut self, why: &'static str, now: Instant, at_least: Duration) {
         self.events.push_back(Event::Disconnect(why));
         self.events.push_back(Event::Lost);
-        self.back_off(now, at_least);
+        self.fail(now, at_least);
     }
 
     /// A frame arrived from the server.
@@ -265,6 +341,7 @@ impl Session {
                     }
                 );
                 self.attempts = 0;
+                (self.tried, self.round_hint) = (0, Duration::ZERO);
                 self.rejected = false;
                 self.state = State::Ready {
                     next_beat: now + self.heartbeat,
@@ -404,6 +481,14 @@ impl Session {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// splitmix64's finalizer: spreads a seed's bits (the start entry must not follow the jitter).
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
@@ -598,6 +683,188 @@ mod tests {
             events(&mut s),
             [Event::Disconnect("connect timeout"), Event::Lost]
         );
+    }
+
+    /// A session over `n` servers, started at `t0`, its first Connect consumed.
+    fn started(seed: u64, n: usize) -> (Session, Instant) {
+        let t0 = Instant::now();
+        let mut s = Session::with_servers(seed, n);
+        s.start(t0);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        (s, t0)
+    }
+
+    #[test]
+    fn one_server_is_exactly_the_single_address_session() {
+        // Same jitter, same timeouts, entry always 0.
+        let (mut a, t0) = started(42, 1);
+        let mut b = Session::new(42);
+        b.start(t0);
+        events(&mut b);
+        let mut t = t0;
+        for _ in 0..6 {
+            a.handle_closed("refused", t);
+            b.handle_closed("refused", t);
+            assert_eq!(a.poll_timeout(), b.poll_timeout());
+            assert_eq!(a.target().entry, 0);
+            t = a.poll_timeout().unwrap();
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            assert_eq!(events(&mut a), events(&mut b));
+        }
+    }
+
+    #[test]
+    fn the_start_entry_is_random_per_seed_and_covers_the_list() {
+        let mut seen = [0usize; 3];
+        for seed in 0..300u64 {
+            let s = Session::with_servers(seed.wrapping_mul(0x1234_5678_9abc_def1), 3);
+            seen[s.target().entry] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+        // Deterministic for one seed.
+        assert_eq!(
+            Session::with_servers(5, 4).target(),
+            Session::with_servers(5, 4).target()
+        );
+    }
+
+    #[test]
+    fn a_failed_attempt_moves_to_the_next_entry_at_once_and_a_full_round_backs_off() {
+        let (mut s, t0) = started(9, 3);
+        let first = s.target().entry;
+        // Refused: the next entry, right now, no backoff.
+        s.handle_closed("refused", t0);
+        assert_eq!(events(&mut s), [Event::Lost, Event::Connect]);
+        assert_eq!(s.target().entry, (first + 1) % 3);
+        assert!(s.has_connection());
+        // TLS failure after the TCP connect: the same.
+        s.handle_closed("tls: bad certificate", t0);
+        assert_eq!(events(&mut s), [Event::Lost, Event::Connect]);
+        assert_eq!(s.target().entry, (first + 2) % 3);
+        // The third entry fails too: the round is over, now the backoff (first step).
+        s.handle_closed("refused", t0);
+        assert_eq!(events(&mut s), [Event::Lost]);
+        assert!(!s.has_connection());
+        let until = s.poll_timeout().unwrap();
+        assert!(until - t0 >= BACKOFF_MIN / 2 && until - t0 <= BACKOFF_MIN);
+        s.handle_timeout(until);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        // The next round starts where the last left off, and its backoff is the second step.
+        assert_eq!(s.target().entry, first);
+        for _ in 0..2 {
+            s.handle_closed("refused", until);
+            assert_eq!(events(&mut s), [Event::Lost, Event::Connect]);
+        }
+        s.handle_closed("refused", until);
+        assert_eq!(events(&mut s), [Event::Lost]);
+        let d = s.poll_timeout().unwrap() - until;
+        assert!(d >= BACKOFF_MIN && d <= BACKOFF_MIN * 2, "{d:?}");
+    }
+
+    #[test]
+    fn timeouts_move_on_like_refusals() {
+        let (mut s, t0) = started(11, 2);
+        let first = s.target().entry;
+        s.handle_timeout(t0 + CONNECT_TIMEOUT);
+        assert_eq!(
+            events(&mut s),
+            [
+                Event::Disconnect("connect timeout"),
+                Event::Lost,
+                Event::Connect
+            ]
+        );
+        assert_eq!(s.target().entry, 1 - first);
+        let t1 = t0 + CONNECT_TIMEOUT;
+        s.handle_connected(Hello::default(), t1);
+        sent(&mut s);
+        s.handle_timeout(t1 + WELCOME_TIMEOUT);
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("no welcome"), Event::Lost],
+            "both entries failed: backoff"
+        );
+    }
+
+    #[test]
+    fn losing_an_established_connection_goes_to_the_next_entry_after_the_first_step() {
+        let (mut s, t0) = started(13, 2);
+        let a = s.target().entry;
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(welcome(1000), t0);
+        events(&mut s);
+        let turn = s.target().turn;
+        s.handle_closed("reset by peer", t0 + ms(5000));
+        assert_eq!(events(&mut s), [Event::Lost]);
+        let until = s.poll_timeout().unwrap();
+        let d = until - (t0 + ms(5000));
+        assert!(d >= BACKOFF_MIN / 2 && d <= BACKOFF_MIN, "{d:?}");
+        s.handle_timeout(until);
+        assert_eq!(events(&mut s), [Event::Connect]);
+        assert_eq!(s.target().entry, 1 - a, "the other replica");
+        assert_eq!(s.target().turn, turn.wrapping_add(1), "the next address");
+        // The other one is dead too: back to the first at once (a new round began at the loss).
+        s.handle_closed("refused", until);
+        assert_eq!(events(&mut s), [Event::Lost, Event::Connect]);
+        assert_eq!(s.target().entry, a);
+        // A server that went silent counts as a loss as well.
+        s.handle_connected(Hello::default(), until);
+        s.handle_frame(welcome(1000), until);
+        events(&mut s);
+        s.handle_timeout(until + ms(3000));
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("server silent"), Event::Lost]
+        );
+        assert_eq!(s.target().entry, 1 - a);
+    }
+
+    #[test]
+    fn a_reject_moves_on_at_once_and_its_hint_floors_the_rounds_backoff() {
+        let (mut s, t0) = started(17, 2);
+        let reject = |ms_: u32| {
+            Kind::Reject(Reject {
+                reason: reject::Reason::BadToken as i32,
+                message: "invalid token".into(),
+                retry_after_ms: ms_,
+            })
+        };
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(reject(5000), t0);
+        assert_eq!(
+            events(&mut s),
+            [Event::Disconnect("rejected"), Event::Lost, Event::Connect],
+            "another replica may take us: no wait for this one's hint"
+        );
+        s.handle_connected(Hello::default(), t0);
+        s.handle_frame(reject(0), t0);
+        assert_eq!(events(&mut s), [Event::Disconnect("rejected"), Event::Lost]);
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t0 + ms(5000)),
+            "the round's backoff honours the first server's hint"
+        );
+        // Hurrying (the child exited) still waits for it.
+        s.handle_hurry(t0);
+        assert_eq!(events(&mut s), []);
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(5000)));
+    }
+
+    #[test]
+    fn hurry_retries_a_failed_round_quickly_but_walks_the_list_at_once() {
+        let (mut s, t0) = started(19, 3);
+        s.handle_last_words(exited(0), t0);
+        events(&mut s);
+        s.handle_closed("refused", t0);
+        s.handle_closed("refused", t0);
+        assert_eq!(
+            events(&mut s),
+            [Event::Lost, Event::Connect, Event::Lost, Event::Connect]
+        );
+        s.handle_closed("refused", t0);
+        assert_eq!(events(&mut s), [Event::Lost]);
+        assert_eq!(s.poll_timeout(), Some(t0 + HURRY_RETRY));
     }
 
     #[test]

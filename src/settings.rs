@@ -34,6 +34,10 @@ pub const SECRET_VARS: [&str; 3] = [
     "WAYPOINT_CEB_TOKEN",
 ];
 
+/// Most entries `WAYPOST_SERVER` may list: a handful of replicas (or one DNS name for many) is
+/// the use; a longer list is a mistake, and each entry costs a slot in the link.
+pub const MAX_SERVERS: usize = 32;
+
 /// Where trust anchors for the server's certificate come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaSource {
@@ -56,8 +60,9 @@ pub struct HostPort {
 /// Everything the environment configures. Field docs name the variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// `WAYPOST_SERVER` (`WAYPOINT_SERVER_ADDR`). `None`: no server features.
-    pub server: Option<HostPort>,
+    /// `WAYPOST_SERVER` (`WAYPOINT_SERVER_ADDR`): the replicas, in the order given. Empty: no
+    /// server features.
+    pub servers: Vec<HostPort>,
     /// `WAYPOST_TOKEN`.
     pub token: Option<String>,
     /// `WAYPOST_CA`.
@@ -113,7 +118,7 @@ pub struct Settings {
 impl Settings {
     /// Whether the server connection is wanted at all.
     pub fn server_enabled(&self) -> bool {
-        self.server.is_some() && !self.disable
+        !self.servers.is_empty() && !self.disable
     }
 
     /// Parses the variables (typically `std::env::vars_os()`).
@@ -135,10 +140,10 @@ impl Settings {
             .map(str::to_owned)
             .collect();
 
-        let server = env.get("WAYPOST_SERVER", Some("WAYPOINT_SERVER_ADDR"))?;
-        let server = server
-            .map(|(name, v)| parse_host_port(&v).map_err(|why| Error::Env { name, why }))
-            .transpose()?;
+        let servers = match env.get("WAYPOST_SERVER", Some("WAYPOINT_SERVER_ADDR"))? {
+            Some((name, v)) => parse_server_list(&v).map_err(|why| Error::Env { name, why })?,
+            None => Vec::new(),
+        };
         let ca = match env.get("WAYPOST_CA", None)? {
             None => CaSource::System,
             Some((_, v)) if v.trim_start().starts_with("-----BEGIN") => CaSource::Pem(v),
@@ -197,7 +202,7 @@ impl Settings {
             .unwrap_or_default();
 
         Ok(Settings {
-            server,
+            servers,
             token: env.get("WAYPOST_TOKEN", None)?.map(|(_, v)| v),
             ca,
             tls_skip_verify: env.flag(
@@ -368,6 +373,29 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// `host:port`, `[v6]:port`.
+/// `host:port[,host:port...]`: the replicas to try, in order (docs/protocol.md, "Reconnect
+/// backoff"). An empty entry is an error (a stray comma usually means a name went missing).
+pub fn parse_server_list(s: &str) -> Result<Vec<HostPort>, String> {
+    let entries: Vec<&str> = s.split(',').collect();
+    if entries.len() > MAX_SERVERS {
+        return Err(format!(
+            "lists {} servers; at most {MAX_SERVERS}",
+            entries.len()
+        ));
+    }
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if e.trim().is_empty() {
+                Err(format!("{s:?}: entry {} is empty", i + 1))
+            } else {
+                parse_host_port(e)
+            }
+        })
+        .collect()
+}
+
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     let t = s.trim();
     let bad = |what: &str| format!("{s:?} is not host:port ({what})");
@@ -426,7 +454,7 @@ mod tests {
     #[test]
     fn defaults() {
         let s = parse(&[("HOME", "/root")]).unwrap();
-        assert_eq!(s.server, None);
+        assert_eq!(s.servers, []);
         assert!(!s.server_enabled());
         assert_eq!(s.startup_timeout, Duration::from_secs(5));
         assert_eq!(s.stop_timeout, Duration::from_secs(30));
@@ -538,11 +566,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            s.server,
-            Some(HostPort {
+            s.servers,
+            [HostPort {
                 host: "old".into(),
                 port: 1
-            })
+            }]
         );
         assert!(s.tls_skip_verify && s.disable_exec && s.server_required);
         assert_eq!(s.log_level, Level::Warn);
@@ -556,11 +584,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            s.server,
-            Some(HostPort {
+            s.servers,
+            [HostPort {
                 host: "new".into(),
                 port: 2
-            })
+            }]
         );
         assert_eq!(s.log_level, Level::Error);
         // A malformed legacy value is still an error, named by its own name.
@@ -618,7 +646,7 @@ mod tests {
             ("PORT", ""),
         ])
         .unwrap();
-        assert_eq!(s.server, None);
+        assert_eq!(s.servers, []);
         assert_eq!(s.stop_timeout, Duration::from_secs(30));
         assert!(!s.port_set);
     }
@@ -632,6 +660,49 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(s.unknown, vec!["WAYPOST_SERVR".to_string()]);
+    }
+
+    #[test]
+    fn server_lists() {
+        let hp = |h: &str, p| HostPort {
+            host: h.into(),
+            port: p,
+        };
+        assert_eq!(
+            parse(&[("WAYPOST_SERVER", "a:1, [::1]:2 ,c.example:3")])
+                .unwrap()
+                .servers,
+            [hp("a", 1), hp("::1", 2), hp("c.example", 3)]
+        );
+        // The legacy name takes a list too.
+        assert_eq!(
+            parse(&[("WAYPOINT_SERVER_ADDR", "a:1,b:2")])
+                .unwrap()
+                .servers,
+            [hp("a", 1), hp("b", 2)]
+        );
+        for (bad, why) in [
+            ("a:1,", "entry 2 is empty"),
+            (",a:1", "entry 1 is empty"),
+            ("a:1,,b:2", "entry 2 is empty"),
+            ("a:1, ,b:2", "entry 2 is empty"),
+            ("a:1,b:0", "bad port"),
+            ("a:1,b:x", "bad port"),
+            ("a:1,b", "no port"),
+        ] {
+            let e = env_error(&[("WAYPOST_SERVER", bad)]);
+            assert!(
+                e.contains("WAYPOST_SERVER") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let long = vec!["h:1"; MAX_SERVERS + 1].join(",");
+        assert!(env_error(&[("WAYPOST_SERVER", &long)]).contains("at most"));
+        let max = vec!["h:1"; MAX_SERVERS].join(",");
+        assert_eq!(
+            parse(&[("WAYPOST_SERVER", &max)]).unwrap().servers.len(),
+            MAX_SERVERS
+        );
     }
 
     #[test]

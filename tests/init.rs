@@ -700,6 +700,42 @@ fn malformed_env_values_are_errors_before_spawn() {
 }
 
 #[test]
+fn malformed_server_lists_are_errors_before_spawn() {
+    let dir = TestDir::new("malformed-server-list");
+    let script = spawn_marker_script(&dir);
+    for (var, value, why) in [
+        ("WAYPOST_SERVER", "127.0.0.1:9701,", "entry 2 is empty"),
+        ("WAYPOST_SERVER", ",127.0.0.1:9701", "entry 1 is empty"),
+        ("WAYPOST_SERVER", "a:1,,b:2", "entry 2 is empty"),
+        ("WAYPOST_SERVER", "a:1,b:99999", "bad port"),
+        ("WAYPOST_SERVER", "a:1,b:0", "bad port"),
+        ("WAYPOST_SERVER", "a:1,b", "no port"),
+        ("WAYPOINT_SERVER_ADDR", "a:1,,b:2", "entry 2 is empty"),
+    ] {
+        let mut cmd = entrypoint_sh(&dir, &script);
+        cmd.env(var, value).env("WAYPOST_TOKEN", "t");
+        let out = Running::spawn_captured(cmd).finish();
+        out.assert_code(2, &format!("{var}={value} is a config error"));
+        assert!(
+            !dir.exists("spawned"),
+            "{var}={value}: the child was spawned"
+        );
+        let err = out.stderr_str();
+        assert!(
+            err.contains(var) && err.contains(why),
+            "{var}={value}: stderr should name the variable and say {why:?}\n{}",
+            out.context()
+        );
+    }
+    // Control: a well-formed list passes the check (disabled, so nothing connects).
+    let mut cmd = entrypoint_sh(&dir, &script);
+    cmd.env("WAYPOST_SERVER", "127.0.0.1:1, [::1]:2,localhost:3")
+        .env("WAYPOST_DISABLE", "1");
+    let out = Running::spawn_captured(cmd).finish();
+    assert!(dir.exists("spawned"), "{}", out.context());
+}
+
+#[test]
 fn unknown_waypost_variable_is_only_a_warning() {
     let dir = TestDir::new("unknown-var");
     let mut cmd = entrypoint_sh(&dir, &format!(": > {}; exit 3", dir.sh("spawned")));

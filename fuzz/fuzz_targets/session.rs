@@ -230,7 +230,7 @@ impl Harness {
         while let Some(action) = self.agent.poll_io() {
             let now = self.now;
             match action {
-                IoAction::Connect => self.socket = true,
+                IoAction::Connect(_) => self.socket = true,
                 IoAction::Disconnect { .. } => {
                     self.socket = false;
                     self.rbuf.clear();

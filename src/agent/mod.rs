@@ -124,8 +124,9 @@ pub enum IoAction {
     SignalDescendants { pgid: Option<i32>, sig: i32 },
     /// Exit with this code.
     Exit(i32),
-    /// Open a connection to the server (resolve off the loop, TCP, proxy, TLS).
-    Connect,
+    /// Open a connection to this entry of the server list (resolve off the loop, TCP, proxy,
+    /// TLS).
+    Connect(crate::session::Target),
     /// Close the connection (`polite`: TLS close_notify first) and forget its buffers.
     Disconnect { polite: bool },
     /// Write these config files and remove these; report [`IoEvent::ConfigWritten`].
@@ -248,7 +249,7 @@ impl Agent {
         );
         let server = settings.server_enabled();
         let session = server.then(|| {
-            let mut session = Session::new(id.seeds[0]);
+            let mut session = Session::with_servers(id.seeds[0], settings.servers.len());
             session.start(now);
             // Fail open: start at the startup timeout even without the server's config;
             // WAYPOST_SERVER_REQUIRED waits for it (the Welcome) as long as it takes.
@@ -725,7 +726,13 @@ impl Agent {
     fn route(&mut self, now: Instant) {
         while let Some(event) = self.session.as_mut().and_then(Session::poll_event) {
             match event {
-                Event::Connect => self.io.push_back(IoAction::Connect),
+                // Events are drained after every call into the session, so its target is
+                // still the one this Connect was made for.
+                Event::Connect => {
+                    if let Some(s) = &self.session {
+                        self.io.push_back(IoAction::Connect(s.target()));
+                    }
+                }
                 Event::Disconnect(why) => {
                     debug!("closing the server connection: {why}");
                     self.io.push_back(IoAction::Disconnect { polite: true });

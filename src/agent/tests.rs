@@ -155,7 +155,7 @@ fn an_agent_and_a_fake_server_on_fake_time() {
     ]);
 
     // Connect and Hello; the child waits for the config.
-    assert_eq!(p.io(), [IoAction::Connect]);
+    assert!(matches!(p.io()[..], [IoAction::Connect(_)]));
     let hello = p.connect();
     assert_eq!(
         (
@@ -417,7 +417,7 @@ fn an_agent_and_a_fake_server_on_fake_time() {
     assert_eq!(p.io(), [IoAction::Disconnect { polite: false }]);
     assert!(p.sent().is_empty(), "nothing is sent while away");
     let mut waited = Duration::ZERO;
-    while !p.io().contains(&IoAction::Connect) {
+    while !p.io().iter().any(|a| matches!(a, IoAction::Connect(_))) {
         assert!(
             waited < crate::session::BACKOFF_MIN * 2,
             "reconnects after the backoff"

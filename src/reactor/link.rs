@@ -1,9 +1,11 @@
 //! The connection to the server, mechanically: the addresses of an attempt (resolved off the
 //! loop), TCP, the optional proxy and TLS (`crate::tls::Conn`), and the buffers between TLS and
-//! frames. The agent decides when to connect and what to send; this only moves bytes.
+//! frames. The agent decides when to connect, to which entry of the server list, and what to
+//! send; this only moves bytes.
 
 use crate::agent::{Agent, IoEvent};
 use crate::error::Error;
+use crate::session::Target;
 use crate::settings::{HostPort, Settings};
 use crate::sys::net::{self, Resolved};
 use crate::tls::{Conn, Received};
@@ -16,11 +18,21 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 use waypost_proto::{Frame, Kind};
 
+/// One entry of `WAYPOST_SERVER`.
+struct Entry {
+    server: HostPort,
+    /// The HTTP proxy to go through, unless NO_PROXY exempts this server.
+    proxy: Option<HostPort>,
+}
+
 pub struct Link {
     tls: Arc<rustls::ClientConfig>,
-    server: HostPort,
-    /// The HTTP proxy to go through, unless NO_PROXY exempts the server.
-    proxy: Option<HostPort>,
+    /// The server list, in the order given (at most `settings::MAX_SERVERS`).
+    entries: Vec<Entry>,
+    /// The entry of the current attempt.
+    current: usize,
+    /// The current attempt's turn: which resolved address goes first.
+    turn: u32,
     conn: Option<Conn>,
     token: Token,
     /// What `conn`'s socket is registered for.
@@ -38,7 +50,7 @@ impl Link {
     /// `token` is the socket's, `waker` wakes the loop when a DNS answer is in.
     pub fn new(
         settings: &Settings,
-        server: &HostPort,
+        servers: &[HostPort],
         token: Token,
         waker: Waker,
     ) -> Result<Link, Error> {
@@ -54,15 +66,22 @@ impl Link {
             );
         }
         let tls = crate::tls::client_config(&settings.ca, settings.tls_skip_verify)?;
-        let proxy = settings
-            .https_proxy
-            .clone()
-            .filter(|_| !settings.bypasses_proxy(&server.host));
+        let entries = servers
+            .iter()
+            .map(|server| Entry {
+                server: server.clone(),
+                proxy: settings
+                    .https_proxy
+                    .clone()
+                    .filter(|_| !settings.bypasses_proxy(&server.host)),
+            })
+            .collect();
         let (conn, interest, addrs, dns, waker) = (None, None, Vec::new(), None, Arc::new(waker));
         Ok(Link {
             tls,
-            server: server.clone(),
-            proxy,
+            entries,
+            current: 0,
+            turn: 0,
             conn,
             token,
             interest,
@@ -74,10 +93,24 @@ impl Link {
         })
     }
 
-    /// Starts an attempt: resolves (off the loop unless the host needs no DNS), then connects.
-    pub fn connect(&mut self, registry: &Registry, agent: &mut Agent, now: Instant) {
-        let target = self.proxy.as_ref().unwrap_or(&self.server).clone();
+    /// The entry of the current attempt.
+    fn entry(&self) -> &Entry {
+        &self.entries[self.current]
+    }
+
+    /// Starts an attempt at `to.entry`: resolves (off the loop unless the host needs no DNS),
+    /// then connects.
+    pub fn connect(&mut self, registry: &Registry, agent: &mut Agent, to: Target, now: Instant) {
+        self.current = to.entry.min(self.entries.len().saturating_sub(1));
+        self.turn = to.turn;
+        let entry = self.entry();
+        let target = entry.proxy.as_ref().unwrap_or(&entry.server).clone();
+        if self.entries.len() > 1 {
+            debug!("connecting to {}", net::format_host_port(&entry.server));
+        }
         self.addrs.clear();
+        // An answer still on its way is for an abandoned attempt.
+        self.dns = None;
         if let Some(addrs) = net::literal_addrs(&target) {
             self.addrs = addrs;
             return self.connect_next(registry, agent, now);
@@ -101,7 +134,11 @@ impl Link {
             return; // the attempt was abandoned meanwhile
         }
         match answer {
-            Ok(addrs) if !addrs.is_empty() => {
+            Ok(mut addrs) if !addrs.is_empty() => {
+                // Several addresses for one name count like a list: each attempt starts at
+                // another one (the session's turn), the rest follow on refusal.
+                let first = self.turn as usize % addrs.len();
+                addrs.rotate_left(first);
                 self.addrs = addrs;
                 self.connect_next(registry, agent, now);
             }
@@ -115,17 +152,18 @@ impl Link {
         let mut last_err = String::from("no address to connect to");
         while !self.addrs.is_empty() {
             let addr = self.addrs.remove(0);
-            let target = self
+            let entry = &self.entries[self.current];
+            let target = entry
                 .proxy
                 .is_some()
-                .then(|| net::format_host_port(&self.server));
+                .then(|| net::format_host_port(&entry.server));
             let conn = net::connect(addr)
                 .map_err(Error::io("connecting"))
                 .and_then(|sock| {
                     Conn::new(
                         sock,
                         Arc::clone(&self.tls),
-                        &self.server.host,
+                        &entry.server.host,
                         target.as_deref(),
                     )
                 });

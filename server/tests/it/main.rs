@@ -14,6 +14,7 @@ mod config;
 mod containers;
 mod control;
 mod exec;
+mod failover;
 mod logs;
 mod security;
 mod session;
