@@ -1,5 +1,6 @@
 //! `waypost exec --app NAME [--instance ID] [-t] [-i] -- CMD [ARG...]`: runs a command next to a
-//! live instance of the app, over the API's exec WebSocket (protocol: `server/exec.rs`).
+//! live instance of the app, over the API's exec WebSocket (docs/protocol.md; the server side is
+//! `server/transport/api/exec.rs`).
 //!
 //! - `-t`: a pseudo-terminal of this terminal's size and `TERM`; this terminal goes into raw mode
 //!   for the session (so ^C, ^D, ^Z travel to the remote side) and is ALWAYS restored: on return,
