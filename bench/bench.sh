@@ -304,6 +304,31 @@ if ((HAVE_LOGS)); then
 else
     INGEST_NOTE="n/a (server log storage not built yet)"
 fi
+# Delivered = stored: the same flood with WAYPOST_LOG_MODE=block (the child's writes wait while
+# the entrypoint's buffer is full, so nothing is dropped and the child runs at the speed the
+# server stores). Its own app, so the drop-mode rounds above do not count.
+BLOCK_STORED_MIBS="" BLOCK_CHILD_MIBS="" BLOCK_NOTE="n/a (server log storage not built yet)"
+if ((HAVE_LOGS)); then
+    BLOCK_ENV="$(token_env benchlogsblock)"
+    # shellcheck disable=SC2046
+    read -r BL_WALL _ _ _ BL_EXIT <<<"$("$H" measure -- env -i "PATH=$PATH" $(cat "$BLOCK_ENV") \
+        WAYPOST_LOG_LEVEL=ERROR WAYPOST_LOG_MODE=block "$EP" "$H" lines "$LOG_BYTES" --report "$WORK/block.report" 2>"$WORK/block-logs.err")"
+    [[ "$BL_EXIT" == 0 ]] || warn "the entrypoint exited $BL_EXIT in the block-mode log run: $(tail -n2 "$WORK/block-logs.err")"
+    read -r BL_BYTES BL_SECS <"$WORK/block.report"
+    BLOCK_CHILD_MIBS=$(awk -v b="$BL_BYTES" -v s="$BL_SECS" 'BEGIN { printf "%.1f", b / 1048576 / s }')
+    sleep 1
+    stats_text="$(wp logs --app benchlogsblock --stats 2>&1 || true)"
+    read -r bentries blost <<<"$(awk 'NF == 3 && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ { print $2, $3; exit }' <<<"$stats_text")" || true
+    if [[ -n "${bentries:-}" && -n "${blost:-}" ]]; then
+        bgot=$((bentries - blost))
+        # Stored lines × 100 bytes over the entrypoint's wall time (child start to exit, incl. the
+        # final flush): what reached the database, not what the child wrote.
+        BLOCK_STORED_MIBS=$(awk -v n="$bgot" -v s="$BL_WALL" 'BEGIN { printf "%.1f", n * 100 / 1048576 / s }')
+        BLOCK_NOTE="$bgot of $bentries lines stored ($blost lost) in ${BL_WALL} s (the entrypoint's wall time), $(awk -v n="$bgot" -v s="$BL_WALL" 'BEGIN { printf "%.0f", n / s }') lines/s; the child wrote at $BLOCK_CHILD_MIBS MiB/s (its own write time); aim ≥ 100 MiB/s"
+    else
+        BLOCK_NOTE="n/a (could not read \`waypost logs --stats\`: $(head -c 200 <<<"$stats_text" | tr '\n' ' '))"
+    fi
+fi
 
 # ---- 6. tunnel --------------------------------------------------------------------------------------
 # Peer tunnels for the same figures, built once from crates.io into target/bench-peers.
@@ -512,6 +537,7 @@ exec_rows() {
     echo "| entrypoint CPU per GiB | $LOG_CPU_PER_GIB s | | | own user + system time (/proc/PID/stat), median of the rounds; last round: user $EPL_USER s + sys $EPL_SYS s, wall $EPL_WALL s incl. start and the final flush |"
     echo "| entrypoint peak RSS (VmHWM) | $(kib "$EPL_HWM") | $(kib "$IDLE_RSS") idle with a session | $(ratio "$EPL_HWM" "$IDLE_RSS") | highest of the rounds |"
     echo "| server ingest | $(fmt "$INGEST_LPS" 0) lines/s | | | $INGEST_NOTE |"
+    echo "| delivered (stored), WAYPOST_LOG_MODE=block | ${BLOCK_STORED_MIBS:-n/a} MiB/s | ${BLOCK_CHILD_MIBS:-n/a} MiB/s the child's own write speed | $(ratio "${BLOCK_STORED_MIBS:-}" "${BLOCK_CHILD_MIBS:-}") | $BLOCK_NOTE |"
     echo
     echo "## URL service (tunnel) and exec"
     echo

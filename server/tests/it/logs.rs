@@ -560,6 +560,83 @@ fn retention_prunes_the_oldest_lines_per_app() {
     assert_eq!(stats["usage"]["lines"].as_u64(), Some(rows.len() as u64));
 }
 
+#[test]
+fn lines_stored_one_row_each_before_chunks_are_served_after_an_upgrade() {
+    // A database upgraded from the build that stored a row per line: its rows are still in
+    // log_lines when the new server starts.
+    let server = Server::start(&[]);
+    server.create_app("web");
+    let env = server.kill();
+    let old_id = "ab".repeat(16);
+    {
+        let c = rusqlite::Connection::open(env.data_dir().join("waypost.db")).unwrap();
+        c.execute(
+            "INSERT INTO log_sources (id, instance, app, next_seq) VALUES (7, ?1, 'web', 3)",
+            [&old_id],
+        )
+        .unwrap();
+        let now_us = waypost::util::now_ms() * 1000;
+        for (id, stream, text) in [(1, 0, "old 1"), (2, 1, "old err"), (3, 0, "old 2")] {
+            c.execute(
+                "INSERT INTO log_lines (id, app, src, seq, stream, ts_us, data)
+                 VALUES (?1, 'web', 7, ?1 - 1, ?2, ?3, ?4)",
+                rusqlite::params![id, stream, now_us - 1000 + id, text.as_bytes()],
+            )
+            .unwrap();
+        }
+        c.execute("INSERT INTO log_usage VALUES ('web', 3, 17)", [])
+            .unwrap();
+    }
+    let server = Server::start_in(env, &[]);
+    let rows = logs_json(&server, "web", &[]);
+    let got: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_i64().unwrap(),
+                r["stream"].as_str().unwrap().to_string(),
+                String::from_utf8(data(r)).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "stdout".into(), "old 1".into()),
+            (2, "stderr".into(), "old err".into()),
+            (3, "stdout".into(), "old 2".into()),
+        ]
+    );
+    assert!(rows.iter().all(|r| r["instance"] == old_id.as_str()));
+    let err = logs_json(
+        &server,
+        "web",
+        &["--stream", "stderr", "--instance", "abab"],
+    );
+    assert_eq!(texts(&err, "stderr"), ["old err"]);
+    assert_eq!(err.len(), 1);
+    let tail = logs_json(&server, "web", &["--tail", "1", "--since", "1h"]);
+    assert_eq!(texts(&tail, "stdout"), ["old 2"]);
+    // New lines come after them, with higher ids.
+    let Some(mut ep) =
+        spawn(Builder::new(&server, "web", "echo new line").env("WAYPOST_LOG_LEVEL", "ERROR"))
+    else {
+        return;
+    };
+    assert!(ep.wait().success());
+    let rows = wait_for_line(&server, "web", "new line", &ep);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows[3]["id"].as_i64().unwrap() > 3);
+    let stats = server
+        .cli(&["logs", "--app", "web", "--stats", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(stats["usage"]["lines"].as_u64(), Some(4));
+    // Moved once: another restart serves the same rows, none twice.
+    let server = Server::start_in(server.kill(), &[]);
+    assert_eq!(logs_json(&server, "web", &[]), rows);
+}
+
 /// A scripted control server for one entrypoint: TLS with a fresh CA, the real frame codec.
 mod scripted {
     use super::*;

@@ -8,16 +8,17 @@
 //! writer takes everything queued (group commit: the busier the server, the bigger the
 //! transactions), writes it in one transaction, and only then sends each batch's connection its
 //! LogAck. It also prunes apps over their retention between commits, and publishes the highest
-//! committed row id so `logs -f` requests wake up.
+//! committed line id so `logs -f` requests wake up. Lines are stored in chunks (one row of
+//! consecutive lines of one instance, see store/logs.rs); each line keeps an id of its own.
 //!
 //! Sequence accounting per instance ("source"): `next_seq` (H) = every entry below it is stored
 //! or known lost. A batch's entries below H are duplicates (a resend after a reconnect) and are
 //! skipped; if the first new entry is above H, exactly that many entries were lost (the
-//! entrypoint's buffer overflowed while the server was away) and a marker row records it there.
+//! entrypoint's buffer overflowed while the server was away) and a marker line records it there.
 
 use crate::server::model::InstanceId;
 pub use crate::server::model::logs::IntakeStall;
-use crate::server::model::logs::{NewLine, Retention, SourceRow, Usage};
+use crate::server::model::logs::{ChunkBuilder, NewLine, Retention, SourceRow, Usage};
 use crate::server::store::{self, Db};
 use crate::util;
 use anyhow::{Context as _, Result};
@@ -35,19 +36,28 @@ use waypost_proto::{self as proto, Frame, Kind, LogStream};
 pub const DEFAULT_MAX_LINES: u64 = 2_000_000;
 pub const DEFAULT_MAX_BYTES: u64 = 512 * 1024 * 1024;
 /// Pruning deletes down to this fraction of the limits, so it runs in chunks now and then rather
-/// than a few rows after every commit.
+/// than a few lines after every commit.
 const PRUNE_TO: f64 = 0.9;
-/// Rows deleted per pruning transaction (the writer interleaves them with inserts).
-const PRUNE_CHUNK: usize = 50_000;
+/// Chunks deleted per pruning transaction (the writer interleaves them with inserts): up to
+/// [`CHUNK_LINES`] lines each.
+const PRUNE_CHUNKS: usize = 1_000;
 /// Bytes of log batches queued for the writer before connections wait (TCP backpressure on the
 /// entrypoints, which buffer on their side). 64 MiB: a second or more of the busiest ingest.
 const QUEUE_BUDGET: usize = 64 * 1024 * 1024;
 /// Per-entry cost on that budget beyond its data (the decoded struct).
 const ENTRY_COST: usize = 64;
-/// One transaction holds at most about this many rows / bytes, so a commit (and the lock other
-/// writers wait for) stays short.
-const TX_ROWS: usize = 20_000;
+/// One transaction holds at most about this many lines / bytes, so a commit (and the lock other
+/// writers wait for) stays short: 16 MiB is about 0.1 s of writing. Lines cost little on their
+/// own now that they are stored in chunks; the line cap binds only for very short lines.
+const TX_ROWS: usize = 200_000;
 const TX_BYTES: usize = 16 * 1024 * 1024;
+/// A chunk (one row of log_chunks) holds at most this many lines / data bytes; an instance's
+/// lines of one commit go into as few chunks as these allow. Bigger chunks write faster (one
+/// row, one index entry each); smaller ones cost less to decode when a reader wants a few
+/// lines of them (`logs --tail`, a follower) and trim less coarsely. 1 MiB is ~10,000 lines of
+/// 100 bytes and decodes in well under a millisecond.
+const CHUNK_LINES: i64 = 8192;
+const CHUNK_BYTES: usize = 1024 * 1024;
 /// The writer checks retention at least this often when idle.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Sources cached by the writer; beyond this the cache is emptied and refilled on demand.
@@ -106,7 +116,7 @@ pub struct LogService {
     /// Whether storing logs currently fails (see [`IntakeStall`]).
     intake: watch::Sender<Option<IntakeStall>>,
     budget: Arc<Semaphore>,
-    /// Highest committed log_lines id.
+    /// Highest committed line id.
     committed: watch::Receiver<i64>,
     db_path: PathBuf,
     /// For the Welcome lookups (short point queries).
@@ -118,6 +128,10 @@ impl LogService {
     /// the writer thread. Call from inside the runtime.
     pub fn start(db_path: &Path) -> Result<LogService> {
         let mut db = store::logs::connect_writer(db_path)?;
+        let moved = store::logs::convert_line_rows(&mut db)?;
+        if moved > 0 {
+            tracing::info!(lines = moved, "moved stored log lines into chunks");
+        }
         let (tx, rx) = std_mpsc::channel();
         let last_id = store::logs::max_line_id(&db)?;
         let (committed_tx, committed) = watch::channel(last_id);
@@ -149,7 +163,7 @@ impl LogService {
         self.intake.subscribe()
     }
 
-    /// The highest committed row id, changed after every commit.
+    /// The highest committed line id, changed after every commit.
     pub fn committed(&self) -> watch::Receiver<i64> {
         self.committed.clone()
     }
@@ -249,6 +263,59 @@ struct Writer {
     last_prune_check: Instant,
     /// The last pruning failed: retry on the timer, not after every commit.
     prune_failing: bool,
+    /// The id the next stored line gets (ids are never reused).
+    next_id: i64,
+}
+
+/// The chunks a commit is filling: one per instance, in the order the instances came.
+#[derive(Default)]
+struct OpenChunks {
+    index: HashMap<InstanceId, usize>,
+    /// (app, source row id, lines so far).
+    chunks: Vec<(String, i64, ChunkBuilder)>,
+}
+
+impl OpenChunks {
+    /// The open chunk of an instance (one lookup per batch, not per line), with room for
+    /// `bytes` more (capped: a full chunk is stored and a new one started).
+    fn open(&mut self, instance: &InstanceId, src: &SourceRow, bytes: usize) -> usize {
+        let i = *self.index.entry(*instance).or_insert_with(|| {
+            self.chunks
+                .push((src.app.clone(), src.rowid, ChunkBuilder::default()));
+            self.chunks.len() - 1
+        });
+        self.chunks[i].2.data.reserve(bytes.min(CHUNK_BYTES));
+        i
+    }
+
+    /// Adds a line to chunk `i`; a full chunk is stored at once and gets the next ids.
+    fn push(
+        &mut self,
+        tx: &mut store::logs::LogTx<'_>,
+        next_id: &mut i64,
+        i: usize,
+        line: &NewLine<'_>,
+    ) -> Result<()> {
+        let (app, rowid, c) = &mut self.chunks[i];
+        c.push(line);
+        if c.lines >= CHUNK_LINES || c.data.len() >= CHUNK_BYTES {
+            tx.insert_chunk(app, *rowid, *next_id, c)?;
+            *next_id += c.lines;
+            *c = ChunkBuilder::default();
+        }
+        Ok(())
+    }
+
+    /// Stores what is left.
+    fn finish(self, tx: &mut store::logs::LogTx<'_>, next_id: &mut i64) -> Result<()> {
+        for (app, rowid, c) in self.chunks {
+            if !c.is_empty() {
+                tx.insert_chunk(&app, rowid, *next_id, &c)?;
+                *next_id += c.lines;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Writer {
@@ -272,6 +339,7 @@ impl Writer {
             limits,
             last_prune_check: Instant::now(),
             prune_failing: false,
+            next_id: store::logs::max_line_id(db)? + 1,
         })
     }
 
@@ -423,7 +491,9 @@ impl Writer {
         Ok(s)
     }
 
-    /// Stores the batches in one transaction. Returns the acks to send and the highest row id.
+    /// Stores the batches in one transaction, each instance's new lines in as few chunks as
+    /// [`CHUNK_LINES`] and [`CHUNK_BYTES`] allow. Returns the acks to send and the highest line
+    /// id (0: nothing stored).
     #[allow(clippy::type_complexity)]
     fn commit(
         &mut self,
@@ -433,7 +503,8 @@ impl Writer {
         let mut acks = Vec::with_capacity(items.len());
         let mut touched: HashMap<InstanceId, Source> = HashMap::new();
         let mut usage_delta: HashMap<&str, Usage> = HashMap::new();
-        let mut max_id = 0i64;
+        let mut next_id = self.next_id;
+        let mut open = OpenChunks::default();
         store::logs::write(db, |tx| {
             for item in items {
                 let mut src = match touched.get(&item.instance) {
@@ -473,17 +544,16 @@ impl Writer {
                             dropped = b.dropped,
                             "refused a log batch whose sequence numbers jump too far"
                         );
-                        let id = tx.insert_line(&NewLine {
-                            app: &item.app,
-                            src: src.row.rowid,
+                        let line = NewLine {
                             seq: h as i64,
                             stream: LogStream::Entrypoint as i64,
                             ts_us: util::now_ms() * 1000,
                             truncated: false,
                             dropped: 0,
                             data: text.as_bytes(),
-                        })?;
-                        max_id = max_id.max(id);
+                        };
+                        let i = open.open(&item.instance, &src.row, text.len() + 16);
+                        open.push(tx, &mut next_id, i, &line)?;
                         let u = usage_delta.entry(item.app.as_str()).or_default();
                         u.lines += 1;
                         u.bytes += text.len() as u64;
@@ -505,6 +575,9 @@ impl Writer {
                 let start = b.first_seq + skip;
                 let new = &b.entries[skip as usize..];
                 let u = usage_delta.entry(item.app.as_str()).or_default();
+                // The encoding adds about 8 bytes to a line (flags, seq and time deltas, length).
+                let want = new.iter().map(|e| e.data.len() + 8).sum::<usize>() + 32;
+                let chunk = open.open(&item.instance, &src.row, want);
                 if start > h {
                     // Entries h..start never arrived and never will: record the loss where it
                     // happened.
@@ -513,17 +586,15 @@ impl Writer {
                         .first()
                         .map(|e| (e.stream as i64, e.timestamp_unix_us))
                         .unwrap_or((LogStream::Entrypoint as i64, util::now_ms() * 1000));
-                    let id = tx.insert_line(&NewLine {
-                        app: &item.app,
-                        src: src.row.rowid,
+                    let line = NewLine {
                         seq: h as i64,
                         stream,
                         ts_us: ts,
                         truncated: false,
                         dropped: gap as i64,
                         data: &[],
-                    })?;
-                    max_id = max_id.max(id);
+                    };
+                    open.push(tx, &mut next_id, chunk, &line)?;
                     src.row.lost += gap;
                     src.row.next_seq = start;
                     u.lines += 1;
@@ -540,17 +611,15 @@ impl Writer {
                         Ok(s) => s as i64,
                         Err(_) => 0,
                     };
-                    let id = tx.insert_line(&NewLine {
-                        app: &item.app,
-                        src: src.row.rowid,
+                    let line = NewLine {
                         seq: (start + i as u64) as i64,
                         stream,
                         ts_us: e.timestamp_unix_us,
                         truncated: e.truncated,
                         dropped: 0,
                         data: &e.data,
-                    })?;
-                    max_id = max_id.max(id);
+                    };
+                    open.push(tx, &mut next_id, chunk, &line)?;
                     u.lines += 1;
                     u.bytes += e.data.len() as u64;
                 }
@@ -563,6 +632,7 @@ impl Writer {
                 acks.push((item.ack.clone(), src.row.next_seq));
                 touched.insert(item.instance, src);
             }
+            open.finish(tx, &mut next_id)?;
             for s in touched.values() {
                 tx.update_source(&s.row)?;
             }
@@ -577,11 +647,18 @@ impl Writer {
             u.bytes += d.bytes;
         }
         self.sources.extend(touched);
+        let max_id = if next_id > self.next_id {
+            next_id - 1
+        } else {
+            0
+        };
+        self.next_id = next_id;
         Ok((acks, max_id))
     }
 
-    /// Deletes the oldest rows of every app over its limits, a chunk per transaction, down to
-    /// [`PRUNE_TO`] of the limits.
+    /// Deletes the oldest lines of every app over its limits, up to [`PRUNE_CHUNKS`] chunks per
+    /// transaction, down to [`PRUNE_TO`] of the limits (exactly: the oldest chunk left is
+    /// trimmed to the line).
     fn prune(&mut self, db: &mut Db) -> Result<()> {
         let over: Vec<String> = self
             .usage
@@ -597,17 +674,42 @@ impl Writer {
             let want_lines = (max_lines as f64 * PRUNE_TO) as u64;
             let want_bytes = (max_bytes as f64 * PRUNE_TO) as u64;
             let u = self.usage.get(&app).copied().unwrap_or_default();
+            // Exactly as if lines were deleted one by one, oldest first, while over: whole
+            // chunks while the app stays over without them, then the first lines of the next.
+            let over = |del_lines: u64, del_bytes: u64| {
+                u.lines.saturating_sub(del_lines) > want_lines
+                    || u.bytes.saturating_sub(del_bytes) > want_bytes
+            };
             let (mut del_lines, mut del_bytes, mut cutoff) = (0u64, 0u64, None);
-            store::logs::oldest_lines(db, &app, PRUNE_CHUNK, |id, len| {
-                if u.lines - del_lines <= want_lines && u.bytes - del_bytes <= want_bytes {
+            let (mut boundary, mut any) = (None, false);
+            store::logs::oldest_chunks(db, &app, PRUNE_CHUNKS, |c| {
+                any = true;
+                if !over(del_lines, del_bytes) {
                     return false;
                 }
-                cutoff = Some(id);
-                del_lines += 1;
-                del_bytes += len;
-                true
+                if over(del_lines + c.lines, del_bytes + c.bytes) {
+                    cutoff = Some(c.last_id);
+                    del_lines += c.lines;
+                    del_bytes += c.bytes;
+                    true
+                } else {
+                    boundary = Some(c.first_id);
+                    false
+                }
             })?;
-            if cutoff.is_none() {
+            let mut trim = None;
+            if let Some(first_id) = boundary {
+                let mut k = 0u64;
+                store::logs::chunk_lines(db, first_id, |_, l| {
+                    if over(del_lines, del_bytes) {
+                        k += 1;
+                        del_lines += 1;
+                        del_bytes += l.data.len() as u64;
+                    }
+                })?;
+                trim = Some((first_id, k));
+            }
+            if !any {
                 // Counters out of step with the table (nothing left to delete): resync.
                 del_lines = u.lines;
                 del_bytes = u.bytes;
@@ -616,7 +718,7 @@ impl Writer {
                 lines: u.lines.saturating_sub(del_lines),
                 bytes: u.bytes.saturating_sub(del_bytes),
             };
-            store::logs::prune(db, &app, cutoff, left)?;
+            store::logs::prune(db, &app, cutoff, trim, left)?;
             self.usage.insert(app.clone(), left);
             tracing::debug!(
                 app,
@@ -810,7 +912,9 @@ mod tests {
         let (acks, _) = w.commit(&mut conn, &[from_a]).unwrap();
         assert!(acks.is_empty());
         let n: i64 = store::raw(&conn, |c| {
-            c.query_row("SELECT COUNT(*) FROM log_lines", [], |r| r.get(0))
+            c.query_row("SELECT COALESCE(SUM(lines), 0) FROM log_chunks", [], |r| {
+                r.get(0)
+            })
         });
         assert_eq!(n, 1);
         // Also when the writer starts cold (the source comes from the database).
@@ -878,6 +982,96 @@ mod tests {
         );
         assert_eq!(w.usage["web"].lines, 7);
         assert_eq!(w.usage["web"].bytes, 12);
+    }
+
+    #[test]
+    fn chunks_split_keep_ids_in_order_and_prune_exactly() {
+        let (_d, path) = db();
+        let mut conn = open(&path).unwrap();
+        let mut w = Writer::new(&mut conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let (a, b) = ([5u8; 16], [6u8; 16]);
+        // One commit of two instances, one of them past a chunk's line cap.
+        let many: Vec<String> = (0..CHUNK_LINES + 10).map(|i| format!("a{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let (_, max_id) = w
+            .commit(
+                &mut conn,
+                &[
+                    item(a, 0, &refs[..5], &credits),
+                    item(b, 0, &["b0", "b1"], &credits),
+                    item(a, 5, &refs[5..], &credits),
+                ],
+            )
+            .unwrap();
+        let total = CHUNK_LINES + 12;
+        assert_eq!(max_id, total);
+        let chunks: i64 = store::raw(&conn, |c| {
+            c.query_row("SELECT COUNT(*) FROM log_chunks", [], |r| r.get(0))
+        });
+        assert_eq!(chunks, 3, "a's lines in two chunks (the cap), b's in one");
+        // Every id once, ascending; each instance's lines in order.
+        let f = LogFilter {
+            app: "web".into(),
+            src: None,
+            stream: None,
+            since_us: None,
+        };
+        let mut ids = Vec::new();
+        let mut a_texts = Vec::new();
+        store::logs::lines(&conn, &f, 0, i64::MAX, i64::MAX, |l| {
+            ids.push(l.id);
+            if l.instance == util::hex(&a) {
+                a_texts.push(String::from_utf8(l.data).unwrap());
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ids, (1..=total).collect::<Vec<_>>());
+        assert_eq!(a_texts, many);
+        // A page ending inside a chunk continues from there.
+        let (max, n) = store::logs::lines(&conn, &f, 0, i64::MAX, 100, |_| Ok(())).unwrap();
+        assert_eq!((max, n), (100, 100));
+        let (max, n) = store::logs::lines(&conn, &f, 100, 150, 1000, |_| Ok(())).unwrap();
+        assert_eq!((max, n), (150, 50));
+        // The next commit's ids follow; a restarted writer continues after them.
+        let (_, max_id) = w
+            .commit(&mut conn, &[item(b, 2, &["b2"], &credits)])
+            .unwrap();
+        assert_eq!(max_id, total + 1);
+        drop(w);
+        let mut w = Writer::new(&mut conn).unwrap();
+        let (_, max_id) = w
+            .commit(&mut conn, &[item(b, 3, &["b3"], &credits)])
+            .unwrap();
+        assert_eq!(max_id, total + 2);
+        // Pruning to 90% of 1,000 lines: whole chunks go, the oldest one left is trimmed to the
+        // line, and the lines left keep their ids.
+        w.limits.insert("web".into(), (1000, 1 << 30));
+        w.prune(&mut conn).unwrap();
+        let mut left = Vec::new();
+        store::logs::lines(&conn, &f, 0, i64::MAX, i64::MAX, |l| {
+            left.push((l.id, String::from_utf8(l.data).unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(left.len(), 900);
+        assert_eq!(w.usage["web"].lines, 900);
+        assert_eq!(left[0].0, total + 2 - 899);
+        // b's lines of the first commit were stored after a's (one chunk per instance and
+        // commit), so the last four are b0..b3.
+        assert_eq!(left[0].1, format!("a{}", CHUNK_LINES + 10 - 896));
+        assert_eq!(left[899], (total + 2, "b3".to_string()));
+        let stored: (i64, i64) = store::raw(&conn, |c| {
+            c.query_row("SELECT SUM(lines), SUM(bytes) FROM log_chunks", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        });
+        assert_eq!(stored.0, 900);
+        assert_eq!(stored.1 as u64, w.usage["web"].bytes);
+        // The tail of what is left.
+        let start = store::logs::tail_start(&conn, &f, 0, i64::MAX, 3).unwrap();
+        assert_eq!(start, total - 1);
     }
 
     #[test]

@@ -1,31 +1,100 @@
-//! The log tables (`log_sources`, `log_lines`, `log_settings`, `log_usage`): what the log writer
+//! The log tables (`log_sources`, `log_chunks`, `log_settings`, `log_usage`): what the log writer
 //! (service/logs.rs) stores and what the logs endpoint reads. The writer's decisions (duplicates,
 //! gaps, refusals, when to prune) are made above; here is only how they are written and read.
+//!
+//! Lines are stored in chunks: one row holds consecutive lines (ids first_id..last_id) of one
+//! instance, encoded by [`ChunkBuilder`] (model/logs.rs). Reads select the chunks that can hold
+//! matching lines (by app, instance, id range, stream bits, newest timestamp) and filter their
+//! decoded lines. The SQL is plain (no SQLite-only constructs beyond INTEGER PRIMARY KEY), so
+//! another backend can run the same statements.
+//! `log_lines` (one row per line, before chunks) is only read once: [`convert_line_rows`].
 
 use super::Db;
 use crate::server::model::logs::{
-    InstanceMatch, LogFilter, LogLine, LogStats, NewLine, Retention, SourceRow, Usage,
+    ChunkBuilder, InstanceMatch, LogFilter, LogLine, LogStats, NewLine, Retention, STREAMS_MARKER,
+    SourceRow, Usage, decode_chunk,
 };
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension as _, Statement, params};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The log writer's own connection (see [`super::connect`]), with a bigger page cache: the three
-/// indexes of log_lines are updated on every insert.
+/// The log writer's own connection (see [`super::connect`]), with a bigger page cache: the
+/// indexes of log_chunks are updated on every insert.
 pub fn connect_writer(path: &Path) -> Result<Db> {
     let db = super::connect(path)?;
     db.conn.pragma_update(None, "cache_size", -32_000)?;
     Ok(db)
 }
 
-/// Highest row id of `log_lines` (0 when empty).
+/// Highest line id stored (0 when none): ids are never reused.
 pub fn max_line_id(db: &Db) -> Result<i64> {
-    Ok(db
-        .conn
-        .query_row("SELECT COALESCE(MAX(id), 0) FROM log_lines", [], |r| {
-            r.get(0)
-        })?)
+    Ok(db.conn.query_row(
+        "SELECT MAX((SELECT COALESCE(MAX(last_id), 0) FROM log_chunks),
+                    (SELECT COALESCE(MAX(id), 0) FROM log_lines))",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Rows of `log_lines` converted per transaction by [`convert_line_rows`].
+const CONVERT_ROWS: i64 = 50_000;
+
+/// Moves the rows a build before chunks stored in `log_lines` into chunks (each run of rows of
+/// one instance with consecutive ids becomes one chunk, so every line keeps its id, sequence
+/// number, stream, time, flags and data), a transaction per [`CONVERT_ROWS`]. Returns the number
+/// of rows moved; 0 at once when there are none (every start after the first).
+pub fn convert_line_rows(db: &mut Db) -> Result<u64> {
+    let mut moved = 0u64;
+    loop {
+        let tx = db.conn.transaction()?;
+        let n = {
+            let mut sel = tx.prepare(
+                "SELECT id, app, src, seq, stream, ts_us, truncated, dropped, data
+                 FROM log_lines ORDER BY id LIMIT ?1",
+            )?;
+            let mut rows = sel.query([CONVERT_ROWS])?;
+            let mut run: Option<(i64, i64, String, i64, ChunkBuilder)> = None;
+            let (mut n, mut last) = (0i64, 0i64);
+            let mut ltx = LogTx::new(&tx);
+            while let Some(r) = rows.next()? {
+                let (id, app, src): (i64, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                let data: Vec<u8> = r.get(8)?;
+                let line = NewLine {
+                    seq: r.get(3)?,
+                    stream: r.get(4)?,
+                    ts_us: r.get(5)?,
+                    truncated: r.get(6)?,
+                    dropped: r.get(7)?,
+                    data: &data,
+                };
+                let continues = matches!(&run, Some((first, s, a, next, _))
+                    if *s == src && *a == app && *next == id && id - first < 8192);
+                if !continues && let Some((first, s, a, _, c)) = run.take() {
+                    ltx.insert_chunk(&a, s, first, &c)?;
+                }
+                let (_, _, _, next, c) =
+                    run.get_or_insert_with(|| (id, src, app, id, ChunkBuilder::default()));
+                c.push(&line);
+                *next = id + 1;
+                n += 1;
+                last = id;
+            }
+            if let Some((first, s, a, _, c)) = run.take() {
+                ltx.insert_chunk(&a, s, first, &c)?;
+            }
+            drop(ltx);
+            if n > 0 {
+                tx.execute("DELETE FROM log_lines WHERE id <= ?1", [last])?;
+            }
+            n
+        };
+        tx.commit()?;
+        moved += n as u64;
+        if n < CONVERT_ROWS {
+            return Ok(moved);
+        }
+    }
 }
 
 /// Usage per app, as counted.
@@ -140,7 +209,7 @@ pub fn source_id(db: &Db, instance_hex: &str) -> Result<Option<i64>> {
 /// One write transaction of the log writer (see [`write`]).
 pub struct LogTx<'a> {
     conn: &'a Connection,
-    /// Prepared once per transaction: a commit inserts thousands of rows.
+    /// Prepared once per transaction: a commit inserts many rows.
     insert: Option<Statement<'a>>,
     update_source: Option<Statement<'a>>,
     add_usage: Option<Statement<'a>>,
@@ -149,20 +218,21 @@ pub struct LogTx<'a> {
 /// Runs `f` in one transaction, committed if it returns Ok (rolled back otherwise).
 pub fn write<R>(db: &mut Db, f: impl FnOnce(&mut LogTx<'_>) -> Result<R>) -> Result<R> {
     let tx = db.conn.transaction()?;
-    let r = {
-        let mut ltx = LogTx {
-            conn: &tx,
-            insert: None,
-            update_source: None,
-            add_usage: None,
-        };
-        f(&mut ltx)?
-    };
+    let r = f(&mut LogTx::new(&tx))?;
     tx.commit()?;
     Ok(r)
 }
 
 impl<'a> LogTx<'a> {
+    fn new(conn: &'a Connection) -> LogTx<'a> {
+        LogTx {
+            conn,
+            insert: None,
+            update_source: None,
+            add_usage: None,
+        }
+    }
+
     /// The source of an instance; created (for `app`) if it has none yet.
     pub fn source(&mut self, instance_hex: &str, app: &str) -> Result<SourceRow> {
         let row: Option<(i64, i64, i64, i64, String)> = self
@@ -197,27 +267,15 @@ impl<'a> LogTx<'a> {
         })
     }
 
-    /// Stores a line; returns its row id.
-    pub fn insert_line(&mut self, l: &NewLine<'_>) -> Result<i64> {
-        let conn = self.conn;
-        let stmt = match &mut self.insert {
-            Some(s) => s,
-            slot => slot.insert(conn.prepare(
-                "INSERT INTO log_lines (app, src, seq, stream, ts_us, truncated, dropped, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?),
-        };
-        stmt.execute(params![
-            l.app,
-            l.src,
-            l.seq,
-            l.stream,
-            l.ts_us,
-            l.truncated,
-            l.dropped,
-            l.data
-        ])?;
-        Ok(conn.last_insert_rowid())
+    /// Stores a chunk of `src`'s lines with the ids `first_id..first_id + c.lines`.
+    pub fn insert_chunk(
+        &mut self,
+        app: &str,
+        src: i64,
+        first_id: i64,
+        c: &ChunkBuilder,
+    ) -> Result<()> {
+        insert_chunk(self.conn, &mut self.insert, app, src, first_id, c)
     }
 
     /// Writes a source's accounting back.
@@ -254,35 +312,128 @@ impl<'a> LogTx<'a> {
     }
 }
 
-/// Walks an app's oldest lines (at most `limit`), oldest first, as (row id, data length), while
-/// `take` says so.
-pub fn oldest_lines(
+fn insert_chunk<'a>(
+    conn: &'a Connection,
+    slot: &mut Option<Statement<'a>>,
+    app: &str,
+    src: i64,
+    first_id: i64,
+    c: &ChunkBuilder,
+) -> Result<()> {
+    let stmt = match slot {
+        Some(s) => s,
+        slot => slot.insert(conn.prepare(
+            "INSERT INTO log_chunks (first_id, last_id, app, src, first_seq, last_seq, min_ts_us,
+                 max_ts_us, lines, bytes, streams, codec, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?),
+    };
+    let (codec, blob) = c.encoded();
+    stmt.execute(params![
+        first_id,
+        first_id + c.lines - 1,
+        app,
+        src,
+        c.first_seq,
+        c.last_seq,
+        c.min_ts_us,
+        c.max_ts_us,
+        c.lines,
+        c.bytes,
+        c.streams,
+        codec,
+        &blob[..]
+    ])?;
+    Ok(())
+}
+
+/// A stored chunk, without its lines.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkMeta {
+    pub first_id: i64,
+    pub last_id: i64,
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+/// Walks an app's oldest chunks (at most `limit`), oldest first, while `take` says so.
+pub fn oldest_chunks(
     db: &Db,
     app: &str,
     limit: usize,
-    mut take: impl FnMut(i64, u64) -> bool,
+    mut take: impl FnMut(ChunkMeta) -> bool,
 ) -> Result<()> {
-    let mut stmt = db
-        .conn
-        .prepare("SELECT id, length(data) FROM log_lines WHERE app = ?1 ORDER BY id LIMIT ?2")?;
+    let mut stmt = db.conn.prepare(
+        "SELECT first_id, last_id, lines, bytes FROM log_chunks WHERE app = ?1
+         ORDER BY last_id LIMIT ?2",
+    )?;
     let mut rows = stmt.query(params![app, limit as i64])?;
     while let Some(r) = rows.next()? {
-        if !take(r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64) {
+        let m = ChunkMeta {
+            first_id: r.get(0)?,
+            last_id: r.get(1)?,
+            lines: r.get::<_, i64>(2)?.max(0) as u64,
+            bytes: r.get::<_, i64>(3)?.max(0) as u64,
+        };
+        if !take(m) {
             break;
         }
     }
     Ok(())
 }
 
-/// Deletes an app's lines up to row id `cutoff` (if any) and sets its usage to `left`, in one
+/// The lines of the chunk that starts at `first_id`, with their ids.
+pub fn chunk_lines(db: &Db, first_id: i64, mut each: impl FnMut(i64, NewLine<'_>)) -> Result<()> {
+    let (codec, first_seq, data): (i64, i64, Vec<u8>) = db.conn.query_row(
+        "SELECT codec, first_seq, data FROM log_chunks WHERE first_id = ?1",
+        [first_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let mut id = first_id;
+    decode_chunk(codec, first_seq, &data, |l| {
+        each(id, l);
+        id += 1;
+        Ok(true)
+    })
+}
+
+/// Deletes an app's chunks up to `cutoff` (a last_id), drops the first `trim.1` lines of the
+/// chunk starting at `trim.0` (the oldest one left), and sets the app's usage to `left`, in one
 /// transaction.
-pub fn prune(db: &mut Db, app: &str, cutoff: Option<i64>, left: Usage) -> Result<()> {
+pub fn prune(
+    db: &mut Db,
+    app: &str,
+    cutoff: Option<i64>,
+    trim: Option<(i64, u64)>,
+    left: Usage,
+) -> Result<()> {
     let tx = db.conn.transaction()?;
     if let Some(cut) = cutoff {
         tx.execute(
-            "DELETE FROM log_lines WHERE app = ?1 AND id <= ?2",
+            "DELETE FROM log_chunks WHERE app = ?1 AND last_id <= ?2",
             params![app, cut],
         )?;
+    }
+    if let Some((first_id, k)) = trim {
+        // Re-encoded without its first k lines; the rest keep their ids.
+        let (src, codec, first_seq, data): (i64, i64, i64, Vec<u8>) = tx.query_row(
+            "SELECT src, codec, first_seq, data FROM log_chunks WHERE first_id = ?1",
+            [first_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let mut c = ChunkBuilder::default();
+        let mut i = 0u64;
+        decode_chunk(codec, first_seq, &data, |l| {
+            if i >= k {
+                c.push(&l);
+            }
+            i += 1;
+            Ok(true)
+        })?;
+        tx.execute("DELETE FROM log_chunks WHERE first_id = ?1", [first_id])?;
+        if !c.is_empty() {
+            insert_chunk(&tx, &mut None, app, src, first_id + k as i64, &c)?;
+        }
     }
     tx.execute(
         "INSERT INTO log_usage (app, lines, bytes) VALUES (?1, ?2, ?3)
@@ -295,21 +446,32 @@ pub fn prune(db: &mut Db, app: &str, cutoff: Option<i64>, left: Usage) -> Result
 
 // ---- reading -------------------------------------------------------------------------------------
 
-fn where_clause(f: &LogFilter) -> String {
+/// The chunks that can hold lines of `f` with `after < id <= upto` (by app, instance, id range,
+/// the streams they hold, their newest line), as `?1`..`?6` = app, src, after, upto, stream,
+/// since.
+fn chunk_where(f: &LogFilter) -> String {
     let by_src = if f.src.is_some() {
-        " AND l.src = ?2"
+        " AND c.src = ?2"
     } else {
         ""
     };
     format!(
-        "l.app = ?1{by_src} AND l.id > ?3 AND l.id <= ?4
-         AND (?5 IS NULL OR l.stream = ?5 OR l.dropped > 0)
-         AND (?6 IS NULL OR l.ts_us >= ?6)"
+        "c.app = ?1{by_src} AND c.last_id > ?3 AND c.first_id <= ?4
+         AND (?5 IS NULL OR (c.streams & ((1 << ?5) | {STREAMS_MARKER})) <> 0)
+         AND (?6 IS NULL OR c.max_ts_us >= ?6)"
     )
 }
 
-/// Matching rows with `after < id <= upto`, ascending, at most `limit`, each handed to `each`.
-/// Returns the highest id seen (or `after`) and the number of rows.
+/// Whether a decoded line with id `id` is one `f` asks for.
+fn line_matches(f: &LogFilter, after: i64, upto: i64, id: i64, l: &NewLine<'_>) -> bool {
+    id > after
+        && id <= upto
+        && (f.stream.is_none_or(|s| s == l.stream) || l.dropped > 0)
+        && f.since_us.is_none_or(|t| l.ts_us >= t)
+}
+
+/// Matching lines with `after < id <= upto`, ascending, at most `limit`, each handed to `each`.
+/// Returns the highest id seen (or `after`) and the number of lines.
 pub fn lines(
     db: &Db,
     f: &LogFilter,
@@ -319,63 +481,91 @@ pub fn lines(
     mut each: impl FnMut(LogLine) -> Result<()>,
 ) -> Result<(i64, usize)> {
     let sql = format!(
-        "SELECT l.id, s.instance, l.seq, l.stream, l.ts_us, l.truncated, l.dropped, l.data
-         FROM log_lines l JOIN log_sources s ON s.id = l.src
-         WHERE {} ORDER BY l.id LIMIT ?7",
-        where_clause(f)
+        "SELECT c.first_id, s.instance, c.codec, c.first_seq, c.data
+         FROM log_chunks c JOIN log_sources s ON s.id = c.src
+         WHERE {} ORDER BY c.last_id",
+        chunk_where(f)
     );
     let mut stmt = db.conn.prepare(&sql)?;
-    let mut rows = stmt.query(params![
-        f.app, f.src, after, upto, f.stream, f.since_us, limit
-    ])?;
-    let (mut max, mut n) = (after, 0);
-    while let Some(r) = rows.next()? {
-        let line = LogLine {
-            id: r.get(0)?,
-            instance: r.get(1)?,
-            seq: r.get(2)?,
-            stream: r.get(3)?,
-            ts_us: r.get(4)?,
-            truncated: r.get(5)?,
-            dropped: r.get(6)?,
-            data: r.get(7)?,
-        };
-        max = max.max(line.id);
-        n += 1;
-        each(line)?;
+    let mut rows = stmt.query(params![f.app, f.src, after, upto, f.stream, f.since_us])?;
+    let (mut max, mut n) = (after, 0usize);
+    while (n as i64) < limit
+        && let Some(r) = rows.next()?
+    {
+        let (first_id, instance): (i64, String) = (r.get(0)?, r.get(1)?);
+        let (codec, first_seq) = (r.get::<_, i64>(2)?, r.get::<_, i64>(3)?);
+        let data = r.get_ref(4)?.as_blob()?;
+        let mut id = first_id;
+        decode_chunk(codec, first_seq, data, |l| {
+            let this = id;
+            id += 1;
+            if !line_matches(f, after, upto, this, &l) {
+                return Ok(this <= upto);
+            }
+            each(LogLine {
+                id: this,
+                instance: instance.clone(),
+                seq: l.seq,
+                stream: l.stream,
+                ts_us: l.ts_us,
+                truncated: l.truncated,
+                dropped: l.dropped,
+                data: l.data.to_vec(),
+            })?;
+            max = max.max(this);
+            n += 1;
+            Ok((n as i64) < limit)
+        })?;
     }
     Ok((max, n))
 }
 
-/// Where reading must start (exclusive) to show only the last `n` matching rows up to `upto`.
+/// Where reading must start (exclusive) to show only the last `n` matching lines up to `upto`.
 pub fn tail_start(db: &Db, f: &LogFilter, after: i64, upto: i64, n: i64) -> Result<i64> {
     if n <= 0 {
         return Ok(upto);
     }
     let sql = format!(
-        "SELECT l.id FROM log_lines l WHERE {} ORDER BY l.id DESC LIMIT 1 OFFSET ?7",
-        where_clause(f)
+        "SELECT c.first_id, c.codec, c.first_seq, c.data FROM log_chunks c
+         WHERE {} ORDER BY c.last_id DESC",
+        chunk_where(f)
     );
-    let id: Option<i64> = db
-        .conn
-        .query_row(
-            &sql,
-            params![f.app, f.src, after, upto, f.stream, f.since_us, n - 1],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(id.map_or(after, |id| id - 1))
+    let mut stmt = db.conn.prepare(&sql)?;
+    let mut rows = stmt.query(params![f.app, f.src, after, upto, f.stream, f.since_us])?;
+    let mut left = n;
+    let mut ids = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (first_id, codec, first_seq) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        ids.clear();
+        let mut id = first_id;
+        decode_chunk(codec, first_seq, r.get_ref(3)?.as_blob()?, |l| {
+            if line_matches(f, after, upto, id, &l) {
+                ids.push(id);
+            }
+            id += 1;
+            Ok(true)
+        })?;
+        // This chunk's matching lines, newest first.
+        for &id in ids.iter().rev() {
+            left -= 1;
+            if left == 0 {
+                return Ok(id - 1);
+            }
+        }
+    }
+    Ok(after)
 }
 
-/// Reading starts after this id: below the first row at or after `since` (rows after it that
-/// are older — late arrivals — are still filtered by time), else after everything stored.
+/// Reading starts after this id: below the first chunk holding a line at or after `since`
+/// (lines after it that are older — late arrivals — are still filtered by time), else after
+/// everything stored.
 pub fn start_id(db: &Db, f: &LogFilter) -> Result<i64> {
     let Some(since) = f.since_us else {
         return Ok(0);
     };
     Ok(db.conn.query_row(
-        "SELECT COALESCE((SELECT MIN(id) FROM log_lines WHERE app = ?1 AND ts_us >= ?2) - 1,
-                         (SELECT COALESCE(MAX(id), 0) FROM log_lines))",
+        "SELECT COALESCE((SELECT MIN(first_id) FROM log_chunks WHERE app = ?1 AND max_ts_us >= ?2) - 1,
+                         (SELECT COALESCE(MAX(last_id), 0) FROM log_chunks))",
         params![f.app, since],
         |r| r.get(0),
     )?)

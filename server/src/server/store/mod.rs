@@ -38,6 +38,9 @@ pub const MIGRATIONS: &[&str] = &[
     // deployment), so another token cannot take it over. NULL: recorded before this column
     // existed; such a row binds on app and deployment, and takes the token of its next Hello.
     include_str!("../../../migrations/0004_instance_token.sql"),
+    // 5: logs stored as chunks of lines (log_chunks); rows left in log_lines are moved into
+    // chunks by the log service when it starts (store/logs.rs `convert_line_rows`).
+    include_str!("../../../migrations/0005_log_chunks.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -907,6 +910,98 @@ mod tests {
             .unwrap();
         let err = Store::open(&newer).err().expect("refused").to_string();
         assert!(err.contains("newer waypost"), "{err}");
+    }
+
+    #[test]
+    fn log_lines_of_the_previous_build_are_served_after_migration() {
+        use crate::server::model::logs::LogFilter;
+        // Line rows as the build before chunks stored them: two instances interleaved, a loss
+        // marker, a truncated stderr line, non-UTF-8 data.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        old_database(&path, OLD_MIGRATIONS.len());
+        type Row = (i64, i64, i64, i64, i64, bool, i64, Vec<u8>);
+        let old: Vec<Row> = vec![
+            (1, 1, 0, 0, 1_000, false, 0, b"a0".to_vec()),
+            (2, 2, 0, 0, 1_100, false, 0, b"b0".to_vec()),
+            (3, 1, 1, 1, 2_000, true, 0, vec![0xff, 0xfe]),
+            (4, 1, 2, 0, 2_500, false, 0, b"a2".to_vec()),
+            (5, 1, 3, 0, 3_000, false, 4, Vec::new()),
+            (6, 1, 7, 0, 3_000, false, 0, b"a7".to_vec()),
+            (9, 2, 1, 2, 4_000, false, 0, b"b1".to_vec()),
+        ];
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "INSERT INTO apps VALUES ('web', 0);
+                 INSERT INTO log_sources (id, instance, app, next_seq, lost) VALUES
+                     (1, 'aaaa', 'web', 8, 4), (2, 'bbbb', 'web', 2, 0);
+                 INSERT INTO log_usage VALUES ('web', 7, 12);",
+            )
+            .unwrap();
+            for r in &old {
+                c.execute(
+                    "INSERT INTO log_lines (id, app, src, seq, stream, ts_us, truncated, dropped, data)
+                     VALUES (?1, 'web', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    rusqlite::params![r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7],
+                )
+                .unwrap();
+            }
+        }
+        drop(Store::open(&path).unwrap());
+        let mut db = connect(&path).unwrap();
+        assert_eq!(logs::convert_line_rows(&mut db).unwrap(), 7);
+        assert_eq!(logs::convert_line_rows(&mut db).unwrap(), 0, "once only");
+        assert_eq!(
+            logs::max_line_id(&db).unwrap(),
+            9,
+            "new ids continue after them"
+        );
+        let left: i64 = raw(&db, |c| {
+            c.query_row("SELECT COUNT(*) FROM log_lines", [], |r| r.get(0))
+        });
+        assert_eq!(left, 0);
+        let read = |src: Option<i64>, stream: Option<i64>, since_us: Option<i64>| {
+            let f = LogFilter {
+                app: "web".into(),
+                src,
+                stream,
+                since_us,
+            };
+            let mut got: Vec<Row> = Vec::new();
+            logs::lines(&db, &f, 0, i64::MAX, 1000, |l| {
+                let src = if l.instance == "aaaa" { 1 } else { 2 };
+                got.push((
+                    l.id,
+                    src,
+                    l.seq,
+                    l.stream,
+                    l.ts_us,
+                    l.truncated,
+                    l.dropped,
+                    l.data,
+                ));
+                Ok(())
+            })
+            .unwrap();
+            (f, got)
+        };
+        // Every field of every line, in the same order with the same ids.
+        assert_eq!(read(None, None, None).1, old);
+        let (_, a) = read(Some(1), None, None);
+        assert_eq!(a.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3, 4, 5, 6]);
+        // A stream filter keeps the marker.
+        let (_, err) = read(None, Some(1), None);
+        assert_eq!(err.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 5]);
+        let (f, late) = read(None, None, Some(2_500));
+        assert_eq!(late.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 5, 6, 9]);
+        assert!(logs::start_id(&db, &f).unwrap() < 4);
+        let (f, _) = read(None, None, None);
+        assert_eq!(
+            logs::tail_start(&db, &f, 0, 9, 2).unwrap(),
+            5,
+            "the last 2: ids 6 and 9"
+        );
     }
 
     #[test]

@@ -76,7 +76,15 @@ fn batch(first_seq: u64, n: usize, size: usize, tag: &str) -> proto::LogBatch {
         entries: (0..n)
             .map(|i| {
                 let mut data = format!("{tag} {} ", first_seq + i as u64).into_bytes();
-                data.resize(size.max(data.len()), b'x');
+                // Letters that do not repeat (xorshift): the server deflates log chunks, and a
+                // run of one byte would shrink to nothing instead of filling the disk.
+                let mut x = first_seq + i as u64 + 1;
+                while data.len() < size {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    data.push(b'a' + (x % 26) as u8);
+                }
                 proto::LogEntry {
                     stream: proto::LogStream::Stdout as i32,
                     timestamp_unix_us: now_us,
