@@ -40,9 +40,10 @@ CMD is looked up on PATH. Signals are forwarded to it, orphans are reaped, and t
 CMD's (128+N if it died of signal N; 127 not found, 126 not executable, 2 bad usage/config).
 
 Configured by environment variables:
-  WAYPOST_SERVER           host:port of the waypost control server (unset: plain init)
+  WAYPOST_SERVER           host:port of the waypost control server, or a comma-separated
+                           list of replicas (unset: plain init)
   WAYPOST_TOKEN            entrypoint token (removed from the app's environment)
-  WAYPOST_CA               CA certificate: a PEM file path or the PEM text itself
+  WAYPOST_CA               CA certificate: a PEM file path, the PEM text, or base64 of it
   WAYPOST_TLS_SKIP_VERIFY  1: do not verify the server (development only)
   WAYPOST_DISABLE          1: init duties only, no server, no output capture
   WAYPOST_DISABLE_CONFIG / _LOGS / _EXEC / _URL   1: switch one feature off
@@ -53,6 +54,10 @@ Configured by environment variables:
   WAYPOST_SIGNAL_GROUP     1: forward signals to CMD's whole process group
   WAYPOST_LOG_LEVEL        TRACE DEBUG INFO WARN ERROR (default DEBUG)
   WAYPOST_LOG_BUFFER       log bytes kept while the server is unreachable (default 1MiB, min 64KiB)
+  WAYPOST_LOG_MODE         drop (default: never block the app) or block (its writes wait)
+  WAYPOST_FLUSH_TIMEOUT    after CMD exits, time to hand the server its last logs (default 2s)
+  WAYPOST_CAPTURE          1: capture CMD's output even when stdout is a terminal
+  WAYPOST_URL_HOLD         0: do not hold URL visitors during a config restart (default 1)
   PORT                     the app's port for the URL service (default: CMD gets PORT=5000)
   HTTPS_PROXY / NO_PROXY   reach the server through an HTTP CONNECT proxy
 ";
@@ -124,6 +129,24 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<OsString> {
         a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn help_names_every_variable_the_entrypoint_reads() {
+        // The DISABLE_* family is written once as `WAYPOST_DISABLE_CONFIG / _LOGS / ...`.
+        for name in settings::KNOWN {
+            let short = name
+                .strip_prefix("WAYPOST_DISABLE")
+                .filter(|r| !r.is_empty());
+            let listed = match short {
+                Some(rest) => HELP.contains(rest),
+                None => HELP.contains(name),
+            };
+            assert!(
+                listed || name == "WAYPOST_DATA_DIR",
+                "--help does not mention {name}"
+            );
+        }
     }
 
     #[test]

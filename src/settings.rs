@@ -282,7 +282,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-const KNOWN: [&str; 21] = [
+pub(crate) const KNOWN: [&str; 21] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
