@@ -75,7 +75,13 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ServerCmd {
     /// Run the server in the foreground (SIGTERM or Ctrl-C stops it).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// List the server replicas: id, peer address, version, instances held, started, last seen,
+    /// and state (up, or stale: no heartbeat for 3 intervals).
+    Members {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
+        output: TableOrJson,
+    },
 }
 
 /// Every duration flag (`--splay 10s`, `--heartbeat-interval 300ms`, `--ingress-timeout 1.5m`):
@@ -123,6 +129,10 @@ struct RunArgs {
     /// The ingress answers 504 when an app sends nothing back for this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     ingress_timeout: Duration,
+    /// Address other server replicas reach this one at (shown by `server members`). Default:
+    /// none, this replica is not reachable by its peers.
+    #[arg(long, value_name = "HOST:PORT", value_parser = crate::server::model::members::parse_peer_addr)]
+    peer_addr: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -210,6 +220,7 @@ pub fn main() -> i32 {
             advertise_addr: a.advertise_addr,
             ingress_addr: a.ingress_addr,
             ingress_timeout: a.ingress_timeout,
+            peer_addr: a.peer_addr,
         })
         .map(|()| 0),
         Cmd::Up(a) => up::run(a),
@@ -228,11 +239,12 @@ pub fn main() -> i32 {
                 Cmd::Token(TokenCmd::List { app, output }) => token_list(app, output).await,
                 Cmd::Token(TokenCmd::Revoke { id }) => token_revoke(&id).await,
                 Cmd::Instances(a) => instances(a).await,
+                Cmd::Server(ServerCmd::Members { output }) => server_members(output).await,
                 Cmd::Config(c) => config::run(c).await,
                 Cmd::Logs(a) => logs::run(a).await,
                 Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
                 Cmd::Url(a) => url::run(a).await,
-                Cmd::Server(_)
+                Cmd::Server(ServerCmd::Run(_))
                 | Cmd::Up(_)
                 | Cmd::Inject(_)
                 | Cmd::Exec(_)
@@ -627,6 +639,66 @@ async fn instances(a: InstancesArgs) -> Result<()> {
                 "-".into()
             },
             since,
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct MemberJson {
+    id: String,
+    peer_addr: Option<String>,
+    version: String,
+    instances: u64,
+    started_at: String,
+    last_seen: String,
+    state: String,
+    #[serde(rename = "self")]
+    this: bool,
+}
+
+async fn server_members(output: TableOrJson) -> Result<()> {
+    let c = client()?;
+    let v: serde_json::Value = c.get("/v1/server/members").await?;
+    if output == TableOrJson::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let list: Vec<MemberJson> =
+        serde_json::from_value(v["members"].clone()).context("unexpected response")?;
+    let now = util::now_ms();
+    let age = |t: &str| {
+        util::parse_rfc3339(t)
+            .map(|ms| util::fmt_age(Duration::from_millis((now - ms).max(0) as u64)))
+            .unwrap_or_else(|| "?".into())
+    };
+    let mut rows = vec![
+        [
+            "ID",
+            "PEER ADDRESS",
+            "VERSION",
+            "INSTANCES",
+            "STARTED",
+            "LAST SEEN",
+            "STATE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for m in &list {
+        rows.push(vec![
+            if m.this {
+                format!("{} (this)", m.id)
+            } else {
+                m.id.clone()
+            },
+            m.peer_addr.clone().unwrap_or_else(|| "-".into()),
+            m.version.clone(),
+            m.instances.to_string(),
+            format!("{} ago", age(&m.started_at)),
+            format!("{} ago", age(&m.last_seen)),
+            m.state.clone(),
         ]);
     }
     print_table(&rows);

@@ -98,6 +98,8 @@ pub struct Options {
     pub ingress_addr: String,
     /// The ingress answers 504 when the app has not answered for this long.
     pub ingress_timeout: Duration,
+    /// `HOST:PORT` other replicas reach this one at (checked by the CLI); None: not reachable.
+    pub peer_addr: Option<String>,
 }
 
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
@@ -344,6 +346,10 @@ async fn run_async(opts: Options) -> Result<()> {
             "marked instances left live by the previous run as lost"
         );
     }
+    let membership = Arc::new(service::members::Membership::join(
+        &st,
+        opts.peer_addr.clone(),
+    )?);
     let pki =
         st.with(|c| service::pki::load_or_create(c, &service::pki::wanted_sans(&opts.tls_san)))?;
     util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o600)?;
@@ -417,6 +423,7 @@ async fn run_async(opts: Options) -> Result<()> {
         pool: transport::ingress::Pool::default(),
         config: service::config::ConfigService::new(st.clone()),
         logs: service::logs::LogService::start(&db_path)?,
+        replica: membership.id().to_string(),
         shutdown: shutdown_rx,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -444,6 +451,7 @@ async fn run_async(opts: Options) -> Result<()> {
             service::live::flush_loop(&shared.live, &shared.store, FLUSH_INTERVAL, down).await
         })
     };
+    let beats = tokio::spawn(membership.clone().heartbeat_loop(shared.shutdown.clone()));
     drop(done_tx);
 
     let sig = tokio::select! {
@@ -461,6 +469,14 @@ async fn run_async(opts: Options) -> Result<()> {
         _ = sigint.recv() => tracing::warn!("second signal: exiting now"),
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), flusher).await;
+    let _ = beats.await;
+    // Last: a replica that still holds connections must not look gone.
+    if let Err(e) = membership.leave().await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "could not remove this replica's row"
+        );
+    }
     // Only remove server.json if it is still ours (a newer server may have replaced it).
     if let Ok(text) = std::fs::read_to_string(&server_json) {
         if serde_json::from_str::<serde_json::Value>(&text)

@@ -16,6 +16,7 @@ mod control;
 mod exec;
 mod failover;
 mod logs;
+mod members;
 mod security;
 mod session;
 mod up;

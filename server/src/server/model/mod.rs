@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod logs;
+pub mod members;
 
 /// The 16-byte id an entrypoint makes at start and keeps across reconnects.
 pub type InstanceId = [u8; 16];

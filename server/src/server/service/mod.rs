@@ -14,5 +14,6 @@ pub mod auth;
 pub mod config;
 pub mod live;
 pub mod logs;
+pub mod members;
 pub mod mux;
 pub mod pki;

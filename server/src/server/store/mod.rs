@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod logs;
+pub mod members;
 
 use crate::server::model::Conflict;
 pub use crate::server::model::{
@@ -41,6 +42,8 @@ pub const MIGRATIONS: &[&str] = &[
     // 5: logs stored as chunks of lines (log_chunks); rows left in log_lines are moved into
     // chunks by the log service when it starts (store/logs.rs `convert_line_rows`).
     include_str!("../../../migrations/0005_log_chunks.sql"),
+    // 6: replicas (membership) and which replica holds each live instance.
+    include_str!("../../../migrations/0006_replicas.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -342,6 +345,18 @@ pub fn upsert_connected(
     hello_status: Option<&waypost_proto::Status>,
     now: i64,
 ) -> Result<Result<ChildStatus, Conflict>> {
+    upsert_connected_on(db, c, hello_status, None, now)
+}
+
+/// [`upsert_connected`], recording `replica` (the id of the server replica that holds the
+/// connection; see store/members.rs) on the row.
+pub fn upsert_connected_on(
+    db: &mut Db,
+    c: &Connected,
+    hello_status: Option<&waypost_proto::Status>,
+    replica: Option<&str>,
+    now: i64,
+) -> Result<Result<ChildStatus, Conflict>> {
     // IMMEDIATE: this reads, then writes; a deferred transaction would fail at once (not after
     // the busy timeout) if another connection (the log writer) committed in between. It also
     // takes the write lock before the read, which makes the owner check and the insert atomic.
@@ -399,14 +414,15 @@ pub fn upsert_connected(
         p.extend(status_params(&status));
         p.push(Box::new(c.session));
         p.push(Box::new(&c.token_hash));
+        p.push(Box::new(replica));
         // The owner columns are checked above and never change on a revival; a row recorded
         // without a token takes this one's.
         tx.execute(
             "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
-             child_cpu_ms, starts, config_version, session, token_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+             child_cpu_ms, starts, config_version, session, token_hash, replica)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
          ON CONFLICT (id) DO UPDATE SET
              token_hash = COALESCE(instances.token_hash, excluded.token_hash),
              hostname = excluded.hostname,
@@ -418,7 +434,8 @@ pub fn upsert_connected(
              exit_code = excluded.exit_code, exit_signal = excluded.exit_signal,
              oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
              child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
-             config_version = excluded.config_version, session = excluded.session",
+             config_version = excluded.config_version, session = excluded.session,
+             replica = excluded.replica",
             rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
         )?;
     }
@@ -721,7 +738,7 @@ mod tests {
 
     /// The schema as the build before the migrations became `.sql` files wrote it, frozen here:
     /// databases made by it must keep opening.
-    const OLD_MIGRATIONS: [&str; 4] = [
+    const OLD_MIGRATIONS: [&str; 5] = [
         r#"CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
      CREATE TABLE tokens (
@@ -816,6 +833,8 @@ mod tests {
         bytes INTEGER NOT NULL DEFAULT 0     -- sum of length(data)
     );"#,
         r#"ALTER TABLE instances ADD COLUMN token_hash TEXT;"#,
+        // The build before replicas ended at migration 5 (log chunks); its text is the file's.
+        include_str!("../../../migrations/0005_log_chunks.sql"),
     ];
 
     /// Builds a database the way the previous build did: its migrations, up to `upto`, counted
@@ -919,7 +938,8 @@ mod tests {
         // marker, a truncated stderr line, non-UTF-8 data.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        old_database(&path, OLD_MIGRATIONS.len());
+        // Schema 4: the last one with line rows only.
+        old_database(&path, 4);
         type Row = (i64, i64, i64, i64, i64, bool, i64, Vec<u8>);
         let old: Vec<Row> = vec![
             (1, 1, 0, 0, 1_000, false, 0, b"a0".to_vec()),

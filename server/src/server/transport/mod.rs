@@ -40,6 +40,8 @@ pub struct Shared {
     pub config: ConfigService,
     /// Log ingest (the writer thread) and reading.
     pub logs: LogService,
+    /// This replica's id (service/members.rs), recorded on the instances it holds.
+    pub replica: String,
     /// Flips to true once on SIGTERM/SIGINT.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -11,6 +11,7 @@ use waypost_proto::{Kind, reject::Reason};
 fn routes() -> Vec<(Method, &'static str)> {
     vec![
         (Method::GET, "/v1/server"),
+        (Method::GET, "/v1/server/members"),
         (Method::GET, "/v1/apps"),
         (Method::POST, "/v1/apps"),
         (Method::GET, "/v1/tokens"),

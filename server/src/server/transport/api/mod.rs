@@ -12,7 +12,7 @@ pub mod exec;
 pub mod logs;
 
 use crate::server::model::{self, TokenScope};
-use crate::server::service::auth;
+use crate::server::service::{self, auth};
 use crate::server::store;
 use crate::server::transport::{Shared, accept, control, serve_http};
 use crate::util;
@@ -92,6 +92,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 pub fn router(shared: AppState) -> Router {
     let v1 = Router::new()
         .route("/server", get(get_server))
+        .route("/server/members", get(get_members))
         .route("/apps", get(list_apps).post(create_app))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
@@ -160,6 +161,30 @@ async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
         "live_instances": s.live.len(),
         "log_intake": logs::intake_json(s.logs.intake_stall().as_ref()),
     }))
+}
+
+/// The replicas sharing this server's database (service/members.rs); `self` marks the one
+/// answering.
+async fn get_members(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let now = util::now_ms();
+    let members = service::members::list(&s.store, now).await?;
+    let members: Vec<_> = members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.row.id,
+                "peer_addr": m.row.peer_addr,
+                "version": m.row.version,
+                "instances": m.row.instances,
+                "started_at": util::fmt_rfc3339(m.row.started_at),
+                "last_seen": util::fmt_rfc3339(m.row.last_seen),
+                "last_seen_ms_ago": now.saturating_sub(m.row.last_seen).max(0),
+                "state": m.state.as_str(),
+                "self": m.row.id == s.replica,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "members": members })))
 }
 
 // ---- /v1/apps ------------------------------------------------------------------------------

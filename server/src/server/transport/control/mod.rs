@@ -603,9 +603,12 @@ async fn claim(
     }
     let now = util::now_ms();
     let session = connected.session;
+    let replica = shared.replica.clone();
     let status = match shared
         .store
-        .call(move |c| store::upsert_connected(c, &connected, hello_status.as_ref(), now))
+        .call(move |c| {
+            store::upsert_connected_on(c, &connected, hello_status.as_ref(), Some(&replica), now)
+        })
         .await
     {
         Ok(Ok(status)) => status,
