@@ -336,10 +336,19 @@ RATHOLE_VERSION=0.5.0
 BORE_VERSION=0.6.0
 PEERS="$ROOT/target/bench-peers"
 PEER_NOTE=""
+# Each peer is built from its own lock file first; a lock file whose pinned crates no longer build
+# with this compiler (rathole 0.5.0 pins a `time` that newer rustc rejects) falls back to a fresh
+# resolution within the same semver ranges.
+peer_install() { # peer_install BIN CRATE VERSION [cargo install flags...]
+    local bin="$1" crate="$2" version="$3"
+    shift 3
+    [[ -x "$PEERS/bin/$bin" ]] && return 0
+    cargo install --quiet --locked --root "$PEERS" --version "$version" "$@" "$crate" >&2 ||
+        cargo install --quiet --root "$PEERS" --version "$version" "$@" "$crate" >&2
+}
 peers_installed() {
-    [[ -x "$PEERS/bin/rathole" ]] || cargo install --quiet --locked --root "$PEERS" --version "$RATHOLE_VERSION" \
-        --no-default-features --features server,client rathole >&2 || return 1
-    [[ -x "$PEERS/bin/bore" ]] || cargo install --quiet --locked --root "$PEERS" --version "$BORE_VERSION" bore-cli >&2 || return 1
+    peer_install rathole rathole "$RATHOLE_VERSION" --no-default-features --features server,client || return 1
+    peer_install bore bore-cli "$BORE_VERSION" || return 1
 }
 peer_run() { # peer_run rathole|bore: start its server and client for $APP_PORT, wrk through it
     local name="$1" cport pport pids=() i
