@@ -127,7 +127,7 @@ pub struct FleetArgs {
 }
 
 pub fn run(a: FleetArgs) -> Result<i32> {
-    let limit = raise_fd_limit();
+    let limit = waypost::server::raise_fd_limit();
     if (limit as usize) < a.instances + 64 {
         bail!(
             "the open-files limit is {limit}, too low for {} instances (raise the hard limit: ulimit -Hn)",
@@ -140,27 +140,6 @@ pub fn run(a: FleetArgs) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(fleet(a))
-}
-
-/// Raises the soft open-files limit to the hard limit; returns the soft limit in force.
-fn raise_fd_limit() -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    // None: unlimited.
-    let lim = getrlimit(Resource::Nofile);
-    let (cur, max) = (
-        lim.current.unwrap_or(u64::MAX),
-        lim.maximum.unwrap_or(u64::MAX),
-    );
-    if cur < max {
-        let wanted = Rlimit {
-            current: lim.maximum,
-            maximum: lim.maximum,
-        };
-        if setrlimit(Resource::Nofile, wanted).is_ok() {
-            return max;
-        }
-    }
-    cur
 }
 
 // ---- the simulated entrypoint -----------------------------------------------------------------

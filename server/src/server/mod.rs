@@ -191,8 +191,9 @@ fn check_data_dir(dir: &std::path::Path) -> Result<()> {
 }
 
 /// Raises the soft open-files limit to the hard limit: each instance holds one socket, and the
-/// usual soft default (1024) would cap a server at about a thousand instances.
-fn raise_fd_limit() {
+/// usual soft default (1024) would cap a server at about a thousand instances. Returns the soft
+/// limit in force afterwards (`u64::MAX`: unlimited). The fleet simulator uses it too.
+pub fn raise_fd_limit() -> u64 {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
     // None is "unlimited".
@@ -207,8 +208,10 @@ fn raise_fd_limit() {
         };
         if setrlimit(Resource::Nofile, wanted).is_ok() {
             tracing::debug!(from = cur, to = max, "raised the open-files limit");
+            return max;
         }
     }
+    cur
 }
 
 /// Takes an exclusive lock on `DATA_DIR/server.lock` for the life of the process, so two servers
