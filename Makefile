@@ -6,20 +6,27 @@ BIN := target/$(MUSL_TARGET)/min/waypost-entrypoint
 # Seconds each fuzz target runs under `make fuzz`.
 FUZZ_SECONDS ?= 60
 
-.PHONY: build setup run test unit size-report fuzz bench bench-soak clean
+.PHONY: build setup run test test-pg unit size-report fuzz bench bench-soak clean
 
 ## build: the static musl entrypoint binary, optimised for size
 build: setup
 	cargo build --profile min --target $(MUSL_TARGET) -p waypost-entrypoint
 	@echo "built $(BIN): $$(stat -c %s $(BIN)) bytes"
 
-## setup: the musl target and musl-tools (needed by ring), installed when missing
+## setup: the musl target, musl-tools (needed by ring) and PostgreSQL (the server's tests run on it
+## too), installed when missing
 setup:
 	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
-	@command -v musl-gcc >/dev/null || { echo "installing musl-tools"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q musl-tools; else sudo apt-get install -y -q musl-tools; fi; }
+	@command -v musl-gcc >/dev/null || $(APT_INSTALL) musl-tools
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || $(APT_INSTALL) postgresql
+
+# Installs Debian packages (as root, else with sudo), reading the package lists first when a fresh
+# image has none.
+APT_INSTALL = sh -c 'echo "installing $$*"; s=; [ "$$(id -u)" = 0 ] || s=sudo; \
+	  [ -n "$$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ] || $$s apt-get update -q; \
+	  $$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$$@"' apt-install
 
 ## run: the quickstart — a local server, and the demo app under the entrypoint (Ctrl-C stops the app)
 run: build
@@ -30,7 +37,7 @@ run: build
 	target/debug/waypost up --app demo --entrypoint-binary $(BIN) -- target/debug/waypost-demo
 
 ## test: everything CI checks: formatting, clippy, dependency boundary, server layers, size budget,
-## unit and integration tests
+## unit and integration tests, then the server's integration tests again against PostgreSQL
 test: build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
@@ -38,7 +45,16 @@ test: build
 	scripts/check-layers.sh
 	size-report/check-budget.sh $(BIN)
 	WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) cargo nextest run --workspace --no-fail-fast
+	$(TEST_PG)
 	cargo test --workspace --doc -q
+
+# The server's unit and integration tests with every server on PostgreSQL: a throwaway cluster, a fresh
+# database per test (needs the Debian package postgresql; scripts/with-postgres.sh).
+TEST_PG = scripts/with-postgres.sh env WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) cargo nextest run -p waypost --lib --test it --no-fail-fast
+
+## test-pg: only the server's integration tests against PostgreSQL (part of `make test`)
+test-pg: build
+	$(TEST_PG)
 
 ## unit: only the fast sans-IO unit tests
 unit:

@@ -12,6 +12,8 @@
 //!   instead of panicking;
 //! - the fuzz targets that build a fake peer.
 //!
+//! Also [`pg`]: a throwaway PostgreSQL cluster, for the server's tests against PostgreSQL.
+//!
 //! Never a dependency of a shipped binary, and independent of the server crate, so the server's
 //! tests depend on it without a cycle.
 
@@ -24,6 +26,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use waypost_proto::{self as proto, Frame, Kind, RecvBuf};
+
+pub mod pg;
 
 /// Upper bound for anything a test waits for. Generous: CI machines are slow and shared.
 pub const WAIT: Duration = Duration::from_secs(20);

@@ -133,6 +133,14 @@ struct RunArgs {
     /// none, this replica is not reachable by its peers.
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::server::model::members::parse_peer_addr)]
     peer_addr: Option<String>,
+    /// The database shared by replicas: a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST:PORT/DB;
+    /// `?connect_timeout=5` etc. as libpq takes them). Default: SQLite in the data dir.
+    #[arg(long, env = "WAYPOST_DATABASE_URL", value_name = "URL", value_parser = parse_database, hide_env_values = true)]
+    database: Option<crate::server::store::Location>,
+}
+
+fn parse_database(s: &str) -> Result<crate::server::store::Location, String> {
+    crate::server::store::Location::parse_url(s).map_err(|e| format!("{e:#}"))
 }
 
 #[derive(Subcommand)]
@@ -221,6 +229,7 @@ pub fn main() -> i32 {
             ingress_addr: a.ingress_addr,
             ingress_timeout: a.ingress_timeout,
             peer_addr: a.peer_addr,
+            database: a.database,
         })
         .map(|()| 0),
         Cmd::Up(a) => up::run(a),
@@ -527,6 +536,8 @@ struct InstanceJson {
     child_cpu_ms: u64,
     #[serde(default)]
     config_version: u64,
+    #[serde(default)]
+    replica: Option<String>,
 }
 
 fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
@@ -596,22 +607,28 @@ async fn instances(a: InstancesArgs) -> Result<()> {
             .map(|ms| util::fmt_age(Duration::from_millis((now - ms).max(0) as u64)))
             .unwrap_or_else(|| "?".into())
     };
-    let mut rows = vec![
-        [
-            "ID",
-            "APP",
-            "DEPLOYMENT",
-            "HOST",
-            "STATE",
-            "CHILD PID",
-            "RSS",
-            "CPU",
-            "CONFIG",
-            "UP/SINCE",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    // Which replica holds each instance, only when there is more than one to tell apart.
+    let replicas: std::collections::HashSet<&str> =
+        list.iter().filter_map(|i| i.replica.as_deref()).collect();
+    let show_replica = replicas.len() > 1;
+    let mut header = [
+        "ID",
+        "APP",
+        "DEPLOYMENT",
+        "HOST",
+        "STATE",
+        "CHILD PID",
+        "RSS",
+        "CPU",
+        "CONFIG",
+        "UP/SINCE",
+    ]
+    .map(String::from)
+    .to_vec();
+    if show_replica {
+        header.push("REPLICA".into());
+    }
+    let mut rows = vec![header];
     for i in &list {
         let since = match (&i.disconnected_at, i.live) {
             (Some(t), false) => format!("{} ago", age(t)),
@@ -640,6 +657,12 @@ async fn instances(a: InstancesArgs) -> Result<()> {
             },
             since,
         ]);
+        if show_replica {
+            let r = i.replica.as_deref().unwrap_or("-");
+            rows.last_mut()
+                .expect("just pushed")
+                .push(r.chars().take(8).collect());
+        }
     }
     print_table(&rows);
     Ok(())

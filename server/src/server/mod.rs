@@ -100,6 +100,8 @@ pub struct Options {
     pub ingress_timeout: Duration,
     /// `HOST:PORT` other replicas reach this one at (checked by the CLI); None: not reachable.
     pub peer_addr: Option<String>,
+    /// PostgreSQL shared by replicas; None: SQLite in the data dir.
+    pub database: Option<store::Location>,
 }
 
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
@@ -126,6 +128,31 @@ async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} ({what} listener)"))
+}
+
+/// The host of a checked `HOST:PORT` (brackets of an IPv6 address removed).
+fn peer_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Binds the peer listener for `--peer-addr HOST:PORT` (checked by the CLI): on HOST when it is an
+/// IP address, else on every interface; returns it with the address to advertise (PORT 0
+/// replaced by the port bound).
+async fn bind_peer(addr: &str) -> Result<(TcpListener, String)> {
+    let host = peer_host(addr);
+    let port = addr.rsplit_once(':').map_or("0", |(_, p)| p);
+    let bind_at = match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port.parse().unwrap_or(0)),
+        Err(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port.parse().unwrap_or(0)),
+    };
+    let listener = bind("peer", &bind_at.to_string()).await?;
+    let bound = listener.local_addr()?.port();
+    let advertised = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(_)) => format!("[{host}]:{bound}"),
+        _ => format!("{host}:{bound}"),
+    };
+    Ok((listener, advertised))
 }
 
 fn create_data_dir(dir: &std::path::Path) -> Result<()> {
@@ -339,22 +366,37 @@ async fn run_async(opts: Options) -> Result<()> {
     let _lock = lock_data_dir(&opts.data_dir)?;
     // Under the lock: a second server refused above must not touch a running one's files.
     check_data_dir(&opts.data_dir)?;
-    let db_path = opts.data_dir.join("waypost.db");
-    let st = store::Store::open(&db_path)?;
-    let now = util::now_ms();
-    let lost = st.with(|c| store::mark_all_lost(c, now))?;
+    let location = opts
+        .database
+        .clone()
+        .unwrap_or_else(|| store::Location::Sqlite(opts.data_dir.join("waypost.db")));
+    let st = store::Store::open(&location)?;
+    tracing::info!(database = %location.describe(), "database open and migrated");
+    // The peer listener is bound before joining: a `--peer-addr` with port 0 is advertised with
+    // the port it got.
+    let peer = match &opts.peer_addr {
+        Some(addr) => Some(bind_peer(addr).await?),
+        None => None,
+    };
+    let membership = Arc::new(service::members::Membership::join(
+        &st,
+        peer.as_ref().map(|(_, advertised)| advertised.clone()),
+    )?);
+    let lost = membership.expire_on_start(&location)?;
     if lost > 0 {
         tracing::info!(
             count = lost,
-            "marked instances left live by the previous run as lost"
+            "marked instances whose server is gone as lost"
         );
     }
-    let membership = Arc::new(service::members::Membership::join(
-        &st,
-        opts.peer_addr.clone(),
-    )?);
-    let pki =
-        st.with(|c| service::pki::load_or_create(c, &service::pki::wanted_sans(&opts.tls_san)))?;
+    // One CA for every replica on the database: the first to start mints it, the others load
+    // it (see service/pki.rs). The server certificate is this replica's own.
+    let mut sans = opts.tls_san.clone();
+    if let Some((_, advertised)) = &peer {
+        // Other replicas check the peer listener's certificate against the name they dial.
+        sans.push(peer_host(advertised).to_string());
+    }
+    let pki = st.with(|c| service::pki::load_or_create(c, &service::pki::wanted_sans(&sans)))?;
     util::write_atomic(&opts.data_dir.join("ca.pem"), pki.ca_pem.as_bytes(), 0o600)?;
 
     let control_tls = TlsAcceptor::from(pki::server_config(&pki, &[waypost_proto::ALPN])?);
@@ -425,8 +467,9 @@ async fn run_async(opts: Options) -> Result<()> {
         ingress_timeout: opts.ingress_timeout,
         pool: transport::ingress::Pool::default(),
         config: service::config::ConfigService::new(st.clone()),
-        logs: service::logs::LogService::start(&db_path)?,
+        logs: service::logs::LogService::start(&location)?,
         replica: membership.id().to_string(),
+        peers: transport::peer::Peers::new(&pki)?,
         shutdown: shutdown_rx,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -447,6 +490,19 @@ async fn run_async(opts: Options) -> Result<()> {
         ingress_listener,
         done_tx.clone(),
     ));
+    if let Some((listener, advertised)) = peer {
+        let tls = TlsAcceptor::from(pki::peer_server_config(&pki, &[b"http/1.1"])?);
+        println!(
+            "waypost: peer listening on {} (advertised as {advertised})",
+            listener.local_addr()?
+        );
+        tokio::spawn(transport::peer::serve(
+            shared.clone(),
+            listener,
+            tls,
+            done_tx.clone(),
+        ));
+    }
     let flusher = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -455,6 +511,22 @@ async fn run_async(opts: Options) -> Result<()> {
         })
     };
     let beats = tokio::spawn(membership.clone().heartbeat_loop(shared.shutdown.clone()));
+    // Config changes made on other replicas (PostgreSQL only; see service/fanout.rs).
+    let stop_listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(mut reloads) = service::fanout::start(&location, stop_listening.clone()) {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(r) = reloads.recv().await {
+                let done = match &r {
+                    service::fanout::Reload::App(app) => shared.config.reload(app).await,
+                    service::fanout::Reload::All => shared.config.reload_all().await,
+                };
+                if let Err(e) = done {
+                    tracing::warn!(error = format!("{e:#}"), reload = ?r, "config reload failed");
+                }
+            }
+        });
+    }
     drop(done_tx);
 
     let sig = tokio::select! {
@@ -463,6 +535,7 @@ async fn run_async(opts: Options) -> Result<()> {
     };
     tracing::info!(signal = sig, "shutting down");
     let _ = shutdown_tx.send(true);
+    stop_listening.store(true, std::sync::atomic::Ordering::Relaxed);
     // Wait for every connection task (each marks its instance disconnected); a second signal
     // or the timeout cuts this short.
     tokio::select! {

@@ -407,11 +407,13 @@ fn exec_works_again_after_a_server_restart_with_fresh_session_ids() {
     assert_eq!(status.code(), Some(255));
 
     let server = Server::start_in(env, &["--control-addr", &control]);
+    // Held by the new server (on PostgreSQL the old row still looks live until its lease ends).
+    let replica = server.replica_id();
     wait_for("the instance to reconnect", || {
         server
             .instances(false)
             .into_iter()
-            .find(|i| i["id"] == app.id.as_str())
+            .find(|i| i["id"] == app.id.as_str() && i["replica"] == replica.as_str())
     });
     let r = exec(&server, &["--", "sh", "-c", "echo again"]);
     assert_eq!(

@@ -1,8 +1,9 @@
-//! The real entrypoint against two replicas: `WAYPOST_SERVER` as a list. Replica B here is a
-//! second server on a COPY of A's data dir (same database contents → same tokens and CA), which
-//! stands in for two replicas on one shared database: what is checked is the entrypoint's side —
-//! a random start, the next entry on refusal or loss, the same instance id, the child untouched,
-//! buffered lines delivered after the move (docs/protocol.md, "Reconnect backoff").
+//! The real entrypoint against two replicas: `WAYPOST_SERVER` as a list. On PostgreSQL, replica
+//! B is a second server on A's database (each with its own data dir), as replicas are deployed;
+//! on SQLite, B is a second server on a COPY of A's data dir (same database contents → same
+//! tokens and CA), which stands in for that. What is checked is the entrypoint's side — a random
+//! start, the next entry on refusal or loss, the same instance id, the child untouched, buffered
+//! lines delivered after the move (docs/protocol.md, "Reconnect backoff").
 
 use crate::common::entrypoint::{Builder, Entrypoint};
 use crate::common::{Env, Server, wait_for};
@@ -77,18 +78,39 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A server and its replica id (`server members`), which instances name as their holder.
+struct Replica {
+    server: Server,
+    id: String,
+}
+
+impl Replica {
+    fn new(server: Server) -> Replica {
+        let id = server.replica_id();
+        Replica { server, id }
+    }
+}
+
 /// Replicas A and B with the same database contents, and an entrypoint token for app `web`.
-fn two_replicas() -> (Server, Server, String) {
+fn two_replicas() -> (Replica, Replica, String) {
     let a = Server::start(FLAGS);
     let token = a.entrypoint_token("web", None);
-    let (_, env_a) = a.terminate();
-    let env_b = Env::new();
-    copy_dir(&env_a.data_dir(), &env_b.data_dir());
-    (
-        Server::start_in(env_a, FLAGS),
-        Server::start_in(env_b, FLAGS),
-        token,
-    )
+    let (a, b) = match a.env.database_url() {
+        Some(url) => {
+            let b = Server::start_in(Env::with_database(&url), FLAGS);
+            (a, b)
+        }
+        None => {
+            let (_, env_a) = a.terminate();
+            let env_b = Env::new();
+            copy_dir(&env_a.data_dir(), &env_b.data_dir());
+            (
+                Server::start_in(env_a, FLAGS),
+                Server::start_in(env_b, FLAGS),
+            )
+        }
+    };
+    (Replica::new(a), Replica::new(b), token)
 }
 
 fn spawn(server: &Server, token: &str, list: &str) -> Option<Entrypoint> {
@@ -98,13 +120,14 @@ fn spawn(server: &Server, token: &str, list: &str) -> Option<Entrypoint> {
         .spawn()
 }
 
-/// The entrypoint's instance if `server` lists it live right now.
-fn live_on(server: &Server, e: &Entrypoint) -> Option<Value> {
+/// The entrypoint's instance if replica `r` lists it live and holds it right now. (On one
+/// shared database every replica lists every instance: the holder is the one it names.)
+fn live_on(r: &Replica, e: &Entrypoint) -> Option<Value> {
     let pid = e.pid();
-    server
+    r.server
         .instances(false)
         .into_iter()
-        .find(|i| i["entrypoint_pid"] == pid && i["live"] == true)
+        .find(|i| i["entrypoint_pid"] == pid && i["live"] == true && i["replica"] == r.id.as_str())
 }
 
 /// Texts of the stored stdout lines of app `web` on `server`.
@@ -125,8 +148,8 @@ fn stored_lines(server: &Server) -> Vec<String> {
 #[test]
 fn losing_the_replica_moves_the_same_instance_to_the_other_with_the_child_untouched() {
     let (a, b, token) = two_replicas();
-    let list = format!("{},{}", a.control_addr, b.control_addr);
-    let Some(mut e) = spawn(&a, &token, &list) else {
+    let list = format!("{},{}", a.server.control_addr, b.server.control_addr);
+    let Some(mut e) = spawn(&a.server, &token, &list) else {
         return;
     };
     // It starts at a random entry: find out which one holds it.
@@ -144,7 +167,7 @@ fn losing_the_replica_moves_the_same_instance_to_the_other_with_the_child_untouc
 
     // SIGKILL the replica holding it, then have the child write a line while the entrypoint
     // moves over.
-    let _env = holder.kill();
+    let _env = holder.server.kill();
     std::fs::write(e.dir.join("mark"), "").unwrap();
     let moved = wait_for(&format!("the instance live on replica {name}"), || {
         live_on(&other, &e)
@@ -166,13 +189,13 @@ fn losing_the_replica_moves_the_same_instance_to_the_other_with_the_child_untouc
         "started once: {}",
         e.stdout()
     );
-    // The line written during the move is stored by the new replica. (Its database is a copy
-    // taken before the entrypoint started, so it holds only what reached it — with one shared
-    // database both replicas would see every line.)
+    // The line written during the move is stored by the new replica. (On SQLite its database is
+    // a copy taken before the entrypoint started, so it holds only what reached it; on one
+    // shared database it serves the lines both replicas stored.)
     wait_for(
         "the line written during the move stored on the new replica",
         || {
-            stored_lines(&other)
+            stored_lines(&other.server)
                 .iter()
                 .any(|l| l == "written during the move")
                 .then_some(())
@@ -192,11 +215,11 @@ fn a_dead_entry_is_skipped_at_once_not_after_a_backoff() {
         closed_port(),
         hangs_up(),
         closed_port(),
-        b.control_addr
+        b.server.control_addr
     );
     let mut eps = Vec::new();
     for _ in 0..8 {
-        let Some(e) = spawn(&b, &token, &list) else {
+        let Some(e) = spawn(&b.server, &token, &list) else {
             return;
         };
         eps.push(e);
@@ -219,12 +242,12 @@ fn a_dead_entry_is_skipped_at_once_not_after_a_backoff() {
 #[test]
 fn a_fleet_spreads_over_the_list() {
     let (a, b, token) = two_replicas();
-    let list = format!("{},{}", a.control_addr, b.control_addr);
+    let list = format!("{},{}", a.server.control_addr, b.server.control_addr);
     // 16 entrypoints, each starting at a random entry: all on one replica has a chance of
     // 2 × 2^-16.
     let mut eps = Vec::new();
     for _ in 0..16 {
-        let Some(e) = spawn(&a, &token, &list) else {
+        let Some(e) = spawn(&a.server, &token, &list) else {
             return;
         };
         eps.push(e);
@@ -248,11 +271,11 @@ fn a_fleet_spreads_over_the_list() {
 #[test]
 fn control_a_single_server_is_not_replaced_by_another() {
     let (a, b, token) = two_replicas();
-    let Some(mut e) = spawn(&a, &token, &a.control_addr) else {
+    let Some(mut e) = spawn(&a.server, &token, &a.server.control_addr) else {
         return;
     };
-    e.instance(&a);
-    let _env = a.kill();
+    e.instance(&a.server);
+    let _env = a.server.kill();
     // The child keeps running; B is up, but not in the list: the instance never shows there.
     for _ in 0..6 {
         assert_counting(&e);

@@ -564,6 +564,13 @@ fn retention_prunes_the_oldest_lines_per_app() {
 fn lines_stored_one_row_each_before_chunks_are_served_after_an_upgrade() {
     // A database upgraded from the build that stored a row per line: its rows are still in
     // log_lines when the new server starts.
+    if backend() == "postgres" {
+        eprintln!(
+            "skipped on postgres: only SQLite databases predate log chunks (the build that \
+             stored a row per line had no PostgreSQL backend)"
+        );
+        return;
+    }
     let server = Server::start(&[]);
     server.create_app("web");
     let env = server.kill();
@@ -714,7 +721,10 @@ mod scripted {
     impl FakeServer {
         pub async fn new() -> FakeServer {
             let dir = tempfile::tempdir().unwrap();
-            let st = waypost::server::store::Store::open(&dir.path().join("pki.db")).unwrap();
+            let st = waypost::server::store::Store::open(
+                &waypost::server::store::Location::Sqlite(dir.path().join("pki.db")),
+            )
+            .unwrap();
             let sans = waypost::server::pki::wanted_sans(&[]);
             let pki = st
                 .with(|c| waypost::server::pki::load_or_create(c, &sans))

@@ -17,6 +17,7 @@ mod exec;
 mod failover;
 mod logs;
 mod members;
+mod replicas;
 mod security;
 mod session;
 mod up;

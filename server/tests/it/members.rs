@@ -3,7 +3,20 @@
 
 use crate::common::*;
 
-const PEER: &str = "127.0.0.1:9703";
+/// `--peer-addr` binds a listener there: port 0 takes a free port, advertised with the port bound.
+const PEER: &str = "127.0.0.1:0";
+
+/// The peer address `m` advertises: PEER's host with the port actually bound.
+fn bound_peer_addr(m: &serde_json::Value, host: &str) -> String {
+    let addr = m["peer_addr"].as_str().unwrap_or_else(|| panic!("{m}"));
+    let port = addr
+        .strip_prefix(host)
+        .and_then(|p| p.strip_prefix(':'))
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("{addr} is not {host}:PORT"));
+    assert_ne!(port, 0, "the bound port is advertised, not 0");
+    addr.to_string()
+}
 
 fn members(server: &Server) -> Vec<serde_json::Value> {
     let v = server.cli(&["server", "members", "-o", "json"]).ok().json();
@@ -25,7 +38,7 @@ async fn a_server_lists_itself_with_its_peer_addr_and_instances() {
     assert_eq!(list.len(), 1, "{list:?}");
     let m = &list[0];
     assert_eq!(m["self"], true);
-    assert_eq!(m["peer_addr"], PEER);
+    let peer = bound_peer_addr(m, "127.0.0.1");
     assert_eq!(m["state"], "up");
     assert_eq!(m["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(m["instances"], 0);
@@ -44,7 +57,7 @@ async fn a_server_lists_itself_with_its_peer_addr_and_instances() {
     // The table names the same things.
     let table = server.cli(&["server", "members"]).ok().stdout;
     assert!(
-        table.contains("PEER ADDRESS") && table.contains(PEER),
+        table.contains("PEER ADDRESS") && table.contains(&peer),
         "{table}"
     );
     assert!(table.contains("(this)") && table.contains(" up"), "{table}");
@@ -73,6 +86,7 @@ fn a_restart_replaces_the_replica_and_a_crashed_one_goes_stale() {
     let list = members(&server);
     assert_eq!(list.len(), 1, "the old row is gone: {list:?}");
     let second = list[0]["id"].clone();
+    let second_peer = bound_peer_addr(&list[0], "127.0.0.1");
     assert_ne!(second, first, "a new id per start");
     assert_eq!(list[0]["state"], "up");
 
@@ -88,7 +102,7 @@ fn a_restart_replaces_the_replica_and_a_crashed_one_goes_stale() {
             .find(|m| m["id"] == second && m["state"] == "stale")
     });
     assert_eq!(crashed["self"], false);
-    assert_eq!(crashed["peer_addr"], PEER);
+    assert_eq!(crashed["peer_addr"], second_peer.as_str());
     let now = me(&server);
     assert_eq!(
         (now["id"].clone(), now["state"].clone()),
@@ -98,7 +112,7 @@ fn a_restart_replaces_the_replica_and_a_crashed_one_goes_stale() {
 
 #[test]
 fn a_malformed_peer_addr_is_refused() {
-    for bad in ["127.0.0.1", "127.0.0.1:0", "::1:80", "bad host:80"] {
+    for bad in ["127.0.0.1", "127.0.0.1:65536", "::1:80", "bad host:80"] {
         let env = Env::new();
         let out = Run::from_output(
             env.command()
@@ -117,7 +131,13 @@ fn a_malformed_peer_addr_is_refused() {
         );
         assert!(!env.data_dir().exists(), "{bad}: refused before starting");
     }
-    // Negative control: the same command with a good address starts.
-    let server = Server::start(&["--peer-addr", "[::1]:9703"]);
-    assert_eq!(me(&server)["peer_addr"], "[::1]:9703");
+    // Negative control: the same command with a good address starts; an IPv6 one (brackets)
+    // where this machine has IPv6 loopback, else IPv4.
+    let host = if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        "[::1]"
+    } else {
+        "127.0.0.1"
+    };
+    let server = Server::start(&["--peer-addr", &format!("{host}:0")]);
+    bound_peer_addr(&me(&server), host);
 }

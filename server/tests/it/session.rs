@@ -116,11 +116,14 @@ fn server_killed_the_child_keeps_running_and_the_same_instance_comes_back() {
         &["--control-addr", &addr, "--heartbeat-interval", "300ms"],
     );
     let t0 = Instant::now();
+    // Held by the new server: on PostgreSQL the row the killed one held still looks live (with
+    // what it last flushed) until its lease runs out.
+    let replica = server.replica_id();
     let back = wait_for("the same instance id to be live again", || {
         server
             .instances(false)
             .into_iter()
-            .find(|i| i["id"] == id.as_str())
+            .find(|i| i["id"] == id.as_str() && i["replica"] == replica.as_str())
     });
     assert_eq!(back["child_state"], "running");
     // Down ~2.5 s: the backoff after 6 quick attempts is at most ~6.4 s, well inside WAIT.
@@ -641,6 +644,11 @@ fn a_child_killed_by_a_signal_is_shown_so() {
         return;
     };
     let id = e.instance(&server)["id"].as_str().unwrap().to_string();
+    // The child must be running (its trap set) before the signal: the instance is listed from
+    // the entrypoint's Hello, which can come before the child starts.
+    wait_for("the child to start", || {
+        e.stdout().contains("hi").then_some(())
+    });
     e.signal(libc::SIGTERM);
     assert_eq!(e.wait().code(), Some(143));
     let gone = wait_for("the instance gone", || {

@@ -123,8 +123,12 @@ fn up_starts_a_server_when_none_answers() {
     // The directory name becomes the app name.
     let project = env.root.path().join("My Project");
     std::fs::create_dir(&project).unwrap();
-    let out = env
-        .command()
+    let mut up = env.command();
+    // `up` has no --database: the server it starts takes the database from the environment.
+    if let Some(url) = env.database_url() {
+        up.env("WAYPOST_DATABASE_URL", url);
+    }
+    let out = up
         .current_dir(&project)
         .args([
             "up",
@@ -146,6 +150,11 @@ fn up_starts_a_server_when_none_answers() {
     assert_eq!(out.status.code(), Some(7), "stderr: {stderr}");
     assert!(stderr.contains("started a server"), "{stderr}");
     assert!(data.join("server.log").exists());
+    assert_eq!(
+        data.join("waypost.db").exists(),
+        env.database_url().is_none(),
+        "SQLite in the data dir only without a database URL"
+    );
 
     // The server keeps running after `up` exits, and the CLI finds it through the context.
     let apps = Run::from_output(

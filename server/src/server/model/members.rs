@@ -12,6 +12,20 @@ pub const REPLICA_HEARTBEAT: Duration = Duration::from_secs(3);
 /// beats are a slow disk or a busy database, three are a replica that is gone.
 pub const STALE_AFTER_BEATS: u32 = 3;
 
+/// The lease on a live instance: the replica holding its connection must have beaten within
+/// this long, or another replica marks the instance `lost` (its connection died with its
+/// replica; the entrypoint reconnects to another and revives the row).
+pub const LEASE: Duration =
+    Duration::from_secs(REPLICA_HEARTBEAT.as_secs() * STALE_AFTER_BEATS as u64);
+
+/// Whether a replica may expire other replicas' leases, given how long its own beats have all
+/// succeeded (None: its last one failed). Only after a whole [`LEASE`] of its own health: when
+/// the database comes back after an outage every replica's `last_seen` is old, and the first to
+/// beat again must not declare the others dead before they have had a beat of their own.
+pub fn lease_expiry_allowed(healthy_for: Option<Duration>) -> bool {
+    healthy_for.is_some_and(|d| d >= LEASE)
+}
+
 /// Rows of replicas not seen for this long are deleted when a replica starts. A replica that
 /// crashed leaves its row behind (a clean shutdown deletes it); it stays visible as `stale` for
 /// a while so an operator can see that one died, and then is dropped so the list does not grow
@@ -27,6 +41,15 @@ pub struct ReplicaRow {
     pub started_at: i64,
     pub last_seen: i64,
     pub instances: u64,
+}
+
+/// A live instance whose connection another replica holds, and where that replica is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteInstance {
+    /// Hex instance id.
+    pub id: String,
+    pub replica: String,
+    pub peer_addr: String,
 }
 
 /// `up`: heartbeats arrive; `stale`: none for [`STALE_AFTER_BEATS`] intervals.
@@ -68,7 +91,8 @@ pub fn parse_peer_addr(s: &str) -> Result<String, String> {
         return bad("no port");
     };
     match port.parse::<u16>() {
-        Ok(p) if p > 0 && !port.starts_with('+') => {}
+        // 0: the peer listener takes a free port, and that port is what other replicas are told.
+        Ok(_) if !port.starts_with('+') => {}
         _ => return bad(&format!("invalid port {port:?}")),
     }
     if let Some(v6) = host.strip_prefix('[') {
@@ -101,6 +125,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn leases_expire_only_after_a_whole_lease_of_own_health() {
+        assert_eq!(LEASE, Duration::from_secs(9));
+        assert!(!lease_expiry_allowed(None), "own beat failing");
+        assert!(
+            !lease_expiry_allowed(Some(Duration::ZERO)),
+            "just recovered"
+        );
+        assert!(!lease_expiry_allowed(Some(
+            LEASE - Duration::from_millis(1)
+        )));
+        assert!(lease_expiry_allowed(Some(LEASE)));
+    }
+
+    #[test]
     fn stale_after_three_missed_heartbeats() {
         let hb = Duration::from_secs(3);
         assert_eq!(ReplicaState::at(1_000, 1_000, hb), ReplicaState::Up);
@@ -122,6 +160,7 @@ mod tests {
             "[::1]:1",
             "replica-2.internal:65535",
             "host:80",
+            "127.0.0.1:0",
         ] {
             assert_eq!(parse_peer_addr(ok).as_deref(), Ok(ok), "{ok}");
         }
@@ -130,7 +169,6 @@ mod tests {
             ("h:", "invalid port"),
             ("nohost", "no port"),
             (":9703", "no host"),
-            ("h:0", "invalid port"),
             ("h:70000", "invalid port"),
             ("h:+80", "invalid port"),
             ("::1:80", "brackets"),

@@ -217,6 +217,9 @@ pub struct InstanceRow {
     pub disconnected_at: Option<i64>,
     pub ended: Option<String>,
     pub status: ChildStatus,
+    /// The replica that holds (or, once gone, last held) its connection; None: recorded before
+    /// replicas were.
+    pub replica: Option<String>,
 }
 
 /// What a flush writes for one instance: (id hex, session, last seen, status).

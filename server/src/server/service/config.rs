@@ -180,6 +180,43 @@ impl ConfigService {
         Ok((cfg, changed))
     }
 
+    /// Another replica (or this one) changed `app`'s config (service/fanout.rs): reloads it and,
+    /// if its version moved past the cached one, pushes it to this replica's instances of it.
+    /// Apps not cached here are only dropped from the cache (nothing here uses them yet).
+    pub async fn reload(&self, app: &str) -> Result<()> {
+        let _order = self.order.lock().await;
+        let Some(cached) = lock(&self.cache).get(app).cloned() else {
+            return Ok(());
+        };
+        let name = app.to_string();
+        let cfg = Arc::new(
+            self.store
+                .call(move |db| store::config::load(db, &name))
+                .await?,
+        );
+        if cfg.version <= cached.version {
+            return Ok(());
+        }
+        lock(&self.cache).insert(app.to_string(), cfg.clone());
+        let n = self.push(app, cfg.clone());
+        tracing::info!(
+            app,
+            version = cfg.version,
+            instances = n,
+            "config changed on another replica; pushed"
+        );
+        Ok(())
+    }
+
+    /// [`ConfigService::reload`] for every cached app (after notifications may have been missed).
+    pub async fn reload_all(&self) -> Result<()> {
+        let apps: Vec<String> = lock(&self.cache).keys().cloned().collect();
+        for app in apps {
+            self.reload(&app).await?;
+        }
+        Ok(())
+    }
+
     /// Sends the Welcome of a new connection (filling in the snapshot if the app has a newer
     /// one than the entrypoint's) and, unless the entrypoint disabled config, subscribes the
     /// connection to pushes — in one step under the ordering lock.

@@ -15,15 +15,21 @@
 //! or known lost. A batch's entries below H are duplicates (a resend after a reconnect) and are
 //! skipped; if the first new entry is above H, exactly that many entries were lost (the
 //! entrypoint's buffer overflowed while the server was away) and a marker line records it there.
+//!
+//! Replicas sharing one PostgreSQL each run a writer. Their transactions take turns (see
+//! store/logs.rs), so line ids stay unique and grow in commit order. What a writer caches of
+//! the tables is then a hint only: the sources of a commit's instances are read again inside it
+//! (an instance may have moved to another replica and back), and the usage before pruning. The
+//! highest committed line id published here is that of every replica: each commit announces its
+//! own, and every replica listens ([`follow_other_writers`]).
 
 use crate::server::model::InstanceId;
 pub use crate::server::model::logs::IntakeStall;
 use crate::server::model::logs::{ChunkBuilder, NewLine, Retention, SourceRow, Usage};
-use crate::server::store::{self, Db};
+use crate::server::store::{self, Backend, Db, Location};
 use crate::util;
 use anyhow::{Context as _, Result};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -118,38 +124,59 @@ pub struct LogService {
     budget: Arc<Semaphore>,
     /// Highest committed line id.
     committed: watch::Receiver<i64>,
-    db_path: PathBuf,
+    location: Location,
     /// For the Welcome lookups (short point queries).
     reader: Arc<Mutex<Db>>,
 }
 
 impl LogService {
     /// Opens the writer's and the reader's connections (the schema must be migrated) and starts
-    /// the writer thread. Call from inside the runtime.
-    pub fn start(db_path: &Path) -> Result<LogService> {
-        let mut db = store::logs::connect_writer(db_path)?;
-        let moved = store::logs::convert_line_rows(&mut db)?;
-        if moved > 0 {
-            tracing::info!(lines = moved, "moved stored log lines into chunks");
-        }
+    /// the writer thread, and on PostgreSQL the thread that hears of other replicas' commits.
+    /// Call from inside the runtime.
+    pub fn start(location: &Location) -> Result<LogService> {
+        let (db, last_id, mut writer, reader) = store::blocking(|| -> Result<_> {
+            let db = store::logs::connect_writer(location)?;
+            let moved = store::logs::convert_line_rows(&db)?;
+            if moved > 0 {
+                tracing::info!(lines = moved, "moved stored log lines into chunks");
+            }
+            let last_id = store::logs::max_line_id(&db)?;
+            let writer = Writer::new(&db)?;
+            Ok((db, last_id, writer, store::connect(location)?))
+        })?;
         let (tx, rx) = std_mpsc::channel();
-        let last_id = store::logs::max_line_id(&db)?;
         let (committed_tx, committed) = watch::channel(last_id);
-        let mut writer = Writer::new(&mut db)?;
+        if let Location::Postgres(_) = location {
+            let (location, committed) = (location.clone(), committed_tx.clone());
+            std::thread::Builder::new()
+                .name("waypost-logs-listen".into())
+                .spawn(move || follow_other_writers(&location, &committed))
+                .context("starting the log listener thread")?;
+        }
         let handle = tokio::runtime::Handle::current();
         let intake = watch::Sender::new(None);
         let writer_intake = intake.clone();
+        let writer_location = location.clone();
         std::thread::Builder::new()
             .name("waypost-logs".into())
-            .spawn(move || writer.run(db, rx, committed_tx, handle, writer_intake))
+            .spawn(move || {
+                writer.run(
+                    db,
+                    &writer_location,
+                    rx,
+                    committed_tx,
+                    handle,
+                    writer_intake,
+                )
+            })
             .context("starting the log writer thread")?;
         Ok(LogService {
             tx,
             intake,
             budget: Arc::new(Semaphore::new(QUEUE_BUDGET)),
             committed,
-            db_path: db_path.to_path_buf(),
-            reader: Arc::new(Mutex::new(store::connect(db_path)?)),
+            location: location.clone(),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
@@ -163,14 +190,15 @@ impl LogService {
         self.intake.subscribe()
     }
 
-    /// The highest committed line id, changed after every commit.
+    /// The highest committed line id, changed after every commit (on PostgreSQL: of every
+    /// replica).
     pub fn committed(&self) -> watch::Receiver<i64> {
         self.committed.clone()
     }
 
     /// A connection of its own for a reader of the logs (one per request).
     pub fn reader(&self) -> Result<Db> {
-        store::connect(&self.db_path)
+        store::connect(&self.location)
     }
 
     /// An app's retention was changed (and stored): the writer prunes to the new limits.
@@ -185,10 +213,18 @@ impl LogService {
     /// H of an instance (for Welcome.log_acked_seq): committed, so never ahead of the truth.
     pub async fn acked_seq(&self, id: &InstanceId) -> u64 {
         let reader = self.reader.clone();
+        let location = self.location.clone();
         let hex = util::hex(id);
         let r = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let db = reader.lock().unwrap_or_else(|e| e.into_inner());
-            Ok(store::logs::next_seq(&db, &hex)?.unwrap_or(0))
+            let mut db = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let r = store::logs::next_seq(&db, &hex);
+            if r.is_err() && db.is_closed() {
+                // PostgreSQL closed the connection (a restart, a network cut): once more on a
+                // new one.
+                *db = store::connect(&location)?;
+                return Ok(store::logs::next_seq(&db, &hex)?.unwrap_or(0));
+            }
+            Ok(r?.unwrap_or(0))
         })
         .await;
         match r {
@@ -215,7 +251,7 @@ impl LogService {
         if batch.entries.is_empty() && batch.first_seq == 0 && batch.dropped == 0 {
             return; // nothing to store or acknowledge
         }
-        // Sequence numbers are stored as SQLite integers (i64); a batch running past that is
+        // Sequence numbers are stored as 64-bit signed integers; a batch running past that is
         // not from a real entrypoint (one would need 2^63 lines).
         let end = batch.first_seq.checked_add(batch.entries.len() as u64);
         if end.is_none_or(|e| e > i64::MAX as u64) || batch.dropped > i64::MAX as u64 {
@@ -263,7 +299,8 @@ struct Writer {
     last_prune_check: Instant,
     /// The last pruning failed: retry on the timer, not after every commit.
     prune_failing: bool,
-    /// The id the next stored line gets (ids are never reused).
+    /// The id after the last line this writer stored: where the next commit's ids start, unless
+    /// other writers (replicas) stored more since (see [`store::logs::write`]).
     next_id: i64,
 }
 
@@ -292,26 +329,23 @@ impl OpenChunks {
     fn push(
         &mut self,
         tx: &mut store::logs::LogTx<'_>,
-        next_id: &mut i64,
         i: usize,
         line: &NewLine<'_>,
     ) -> Result<()> {
         let (app, rowid, c) = &mut self.chunks[i];
         c.push(line);
         if c.lines >= CHUNK_LINES || c.data.len() >= CHUNK_BYTES {
-            tx.insert_chunk(app, *rowid, *next_id, c)?;
-            *next_id += c.lines;
+            tx.insert_chunk(app, *rowid, c)?;
             *c = ChunkBuilder::default();
         }
         Ok(())
     }
 
     /// Stores what is left.
-    fn finish(self, tx: &mut store::logs::LogTx<'_>, next_id: &mut i64) -> Result<()> {
+    fn finish(self, tx: &mut store::logs::LogTx<'_>) -> Result<()> {
         for (app, rowid, c) in self.chunks {
             if !c.is_empty() {
-                tx.insert_chunk(&app, rowid, *next_id, &c)?;
-                *next_id += c.lines;
+                tx.insert_chunk(&app, rowid, &c)?;
             }
         }
         Ok(())
@@ -319,7 +353,7 @@ impl OpenChunks {
 }
 
 impl Writer {
-    fn new(db: &mut Db) -> Result<Writer> {
+    fn new(db: &Db) -> Result<Writer> {
         let usage = store::logs::usage(db)?;
         let limits = store::logs::retentions(db)?
             .into_iter()
@@ -353,6 +387,7 @@ impl Writer {
     fn run(
         &mut self,
         mut db: Db,
+        location: &Location,
         rx: std_mpsc::Receiver<Msg>,
         committed: watch::Sender<i64>,
         rt: tokio::runtime::Handle,
@@ -401,23 +436,25 @@ impl Writer {
                 // buffers cannot hold).
                 let mut backoff = Duration::from_millis(100);
                 loop {
-                    match self.commit(&mut db, &items) {
+                    match self.commit(&db, &items) {
                         Ok((acks, max_id)) => {
                             if intake.send_replace(None).is_some() {
                                 tracing::info!("storing logs works again; log intake resumed");
                             }
-                            if max_id > 0 {
-                                committed.send_replace(max_id);
-                            }
+                            publish(&committed, max_id);
                             for (weak, up_to) in acks {
                                 send_ack(&rt, weak, up_to);
                             }
                             break;
                         }
                         Err(e) => {
-                            // The outermost message ("database or disk is full"): rusqlite's
-                            // cause only repeats it with the code.
-                            let error = e.to_string();
+                            // SQLite: the outermost message ("database or disk is full"), its
+                            // cause only repeats it with the code. PostgreSQL's outermost is
+                            // "db error"; the server's message is in the causes.
+                            let error = match db.backend() {
+                                Backend::Sqlite => e.to_string(),
+                                Backend::Postgres => format!("{e:#}"),
+                            };
                             intake.send_if_modified(|st| match st {
                                 Some(s) if s.error == error => false,
                                 Some(s) => {
@@ -440,7 +477,8 @@ impl Writer {
                             );
                             // The transaction rolled back; the caches may be ahead of it.
                             self.sources.clear();
-                            if let Ok(w) = Writer::new(&mut db) {
+                            reconnect(&mut db, location);
+                            if let Ok(w) = Writer::new(&db) {
                                 *self = w;
                             }
                             std::thread::sleep(backoff);
@@ -457,11 +495,12 @@ impl Writer {
             // Over a limit: prune now (unless pruning just failed: then on the timer only).
             if (over && !self.prune_failing) || self.last_prune_check.elapsed() >= PRUNE_EVERY {
                 self.last_prune_check = Instant::now();
-                match self.prune(&mut db) {
+                match self.prune(&db) {
                     Ok(()) => self.prune_failing = false,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "pruning logs failed");
-                        if let Ok(w) = Writer::new(&mut db) {
+                        reconnect(&mut db, location);
+                        if let Ok(w) = Writer::new(&db) {
                             *self = w;
                         }
                         self.prune_failing = true;
@@ -497,15 +536,17 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn commit(
         &mut self,
-        db: &mut Db,
+        db: &Db,
         items: &[Item],
     ) -> Result<(Vec<(mpsc::WeakSender<Frame>, u64)>, i64)> {
         let mut acks = Vec::with_capacity(items.len());
         let mut touched: HashMap<InstanceId, Source> = HashMap::new();
         let mut usage_delta: HashMap<&str, Usage> = HashMap::new();
-        let mut next_id = self.next_id;
         let mut open = OpenChunks::default();
-        store::logs::write(db, |tx| {
+        let ((), ids) = store::logs::write(db, self.next_id, |tx| {
+            if tx.shared() {
+                self.refresh_sources(tx, items)?;
+            }
             for item in items {
                 let mut src = match touched.get(&item.instance) {
                     Some(s) => s.clone(),
@@ -553,7 +594,7 @@ impl Writer {
                             data: text.as_bytes(),
                         };
                         let i = open.open(&item.instance, &src.row, text.len() + 16);
-                        open.push(tx, &mut next_id, i, &line)?;
+                        open.push(tx, i, &line)?;
                         let u = usage_delta.entry(item.app.as_str()).or_default();
                         u.lines += 1;
                         u.bytes += text.len() as u64;
@@ -594,7 +635,7 @@ impl Writer {
                         dropped: gap as i64,
                         data: &[],
                     };
-                    open.push(tx, &mut next_id, chunk, &line)?;
+                    open.push(tx, chunk, &line)?;
                     src.row.lost += gap;
                     src.row.next_seq = start;
                     u.lines += 1;
@@ -619,7 +660,7 @@ impl Writer {
                         dropped: 0,
                         data: &e.data,
                     };
-                    open.push(tx, &mut next_id, chunk, &line)?;
+                    open.push(tx, chunk, &line)?;
                     u.lines += 1;
                     u.bytes += e.data.len() as u64;
                 }
@@ -632,7 +673,7 @@ impl Writer {
                 acks.push((item.ack.clone(), src.row.next_seq));
                 touched.insert(item.instance, src);
             }
-            open.finish(tx, &mut next_id)?;
+            open.finish(tx)?;
             for s in touched.values() {
                 tx.update_source(&s.row)?;
             }
@@ -647,19 +688,54 @@ impl Writer {
             u.bytes += d.bytes;
         }
         self.sources.extend(touched);
-        let max_id = if next_id > self.next_id {
-            next_id - 1
-        } else {
-            0
-        };
-        self.next_id = next_id;
+        let max_id = if ids.is_empty() { 0 } else { ids.end - 1 };
+        self.next_id = ids.end;
         Ok((acks, max_id))
+    }
+
+    /// Reads the sources of the batches' instances again, in the transaction (so under the
+    /// writers' lock): another replica may have stored lines of an instance since this writer
+    /// cached its source (the instance moved there, and maybe back), and a stale H would turn
+    /// its resends into false losses and move H back.
+    fn refresh_sources(&mut self, tx: &mut store::logs::LogTx<'_>, items: &[Item]) -> Result<()> {
+        let mut ids: Vec<InstanceId> = items.iter().map(|i| i.instance).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let hexes: Vec<String> = ids.iter().map(|id| util::hex(id)).collect();
+        let mut fresh = tx.sources(&hexes)?;
+        for (id, hex) in ids.iter().zip(&hexes) {
+            match fresh.remove(hex) {
+                Some(row) => match self.sources.get_mut(id) {
+                    Some(s) => s.row = row,
+                    None => {
+                        if self.sources.len() >= SOURCE_CACHE {
+                            self.sources.clear();
+                        }
+                        self.sources.insert(
+                            *id,
+                            Source {
+                                row,
+                                refusing: false,
+                            },
+                        );
+                    }
+                },
+                None => {
+                    self.sources.remove(id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the oldest lines of every app over its limits, up to [`PRUNE_CHUNKS`] chunks per
     /// transaction, down to [`PRUNE_TO`] of the limits (exactly: the oldest chunk left is
     /// trimmed to the line).
-    fn prune(&mut self, db: &mut Db) -> Result<()> {
+    fn prune(&mut self, db: &Db) -> Result<()> {
+        if store::logs::shared(db) {
+            // Other replicas add to the same apps: their counts are in the table only.
+            self.usage = store::logs::usage(db)?;
+        }
         let over: Vec<String> = self
             .usage
             .iter()
@@ -709,16 +785,13 @@ impl Writer {
                 })?;
                 trim = Some((first_id, k));
             }
-            if !any {
-                // Counters out of step with the table (nothing left to delete): resync.
-                del_lines = u.lines;
-                del_bytes = u.bytes;
-            }
-            let left = Usage {
-                lines: u.lines.saturating_sub(del_lines),
-                bytes: u.bytes.saturating_sub(del_bytes),
+            let left = if any {
+                // The usage as stored after: what was deleted is taken off it there.
+                store::logs::prune(db, &app, cutoff, trim)?
+            } else {
+                // Counters out of step with the table (nothing left to delete): recounted.
+                store::logs::recount_usage(db, &app)?
             };
-            store::logs::prune(db, &app, cutoff, trim, left)?;
             self.usage.insert(app.clone(), left);
             tracing::debug!(
                 app,
@@ -728,6 +801,83 @@ impl Writer {
             );
         }
         Ok(())
+    }
+}
+
+/// Raises the published highest committed line id to `id`, never lowers it: this replica's
+/// writer and the listener for the others' both publish, in no set order.
+fn publish(committed: &watch::Sender<i64>, id: i64) {
+    committed.send_if_modified(|v| {
+        let higher = id > *v;
+        if higher {
+            *v = id;
+        }
+        higher
+    });
+}
+
+/// How long the listener for other replicas' commits waits for a notification before it reads
+/// the highest line id itself (covering any it missed while reconnecting), and so how soon it
+/// sees that the service is gone.
+const FOLLOW_WAIT: Duration = Duration::from_millis(500);
+/// Pause before the listener reconnects after its connection failed.
+const FOLLOW_RECONNECT: Duration = Duration::from_secs(1);
+
+/// PostgreSQL: publishes the line ids other replicas commit (their notifications on
+/// [`store::logs::LOGS_CHANNEL`]), so this replica's readers see their lines, until nobody
+/// watches the committed id any more. Runs on a thread of its own (the client blocks).
+fn follow_other_writers(location: &Location, committed: &watch::Sender<i64>) {
+    let mut failing = false;
+    while !committed.is_closed() {
+        let r = store::connect(location).and_then(|db| {
+            store::logs::listen(&db)?;
+            if failing {
+                tracing::info!("log listener: connected again");
+                failing = false;
+            }
+            while !committed.is_closed() {
+                // Nothing heard: read the highest id (cheap; an announcement may have been
+                // missed while not listening, or lost with a connection).
+                let ids = store::wait_notifications(&db, FOLLOW_WAIT)?;
+                let heard = ids.iter().filter_map(|p| p.parse::<i64>().ok()).max();
+                let id = match heard {
+                    Some(id) => id,
+                    None => store::logs::max_line_id(&db)?,
+                };
+                publish(committed, id);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            if !failing {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "log listener: cannot reach the database; retrying (other replicas' lines \
+                     show here once it is back)"
+                );
+                failing = true;
+            }
+            std::thread::sleep(FOLLOW_RECONNECT);
+        }
+    }
+}
+
+/// After a failure: a new connection for the writer if the database closed its one (PostgreSQL
+/// restarted, a network cut), so the retries can succeed once it is back. A failed attempt
+/// leaves the closed one, for the next retry to try again.
+fn reconnect(db: &mut Db, location: &Location) {
+    if !db.is_closed() {
+        return;
+    }
+    match store::logs::connect_writer(location) {
+        Ok(new) => {
+            *db = new;
+            tracing::info!("the log writer reconnected to the database");
+        }
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "the log writer cannot reconnect to the database yet"
+        ),
     }
 }
 
@@ -748,16 +898,16 @@ mod tests {
     use super::*;
     use crate::server::model::logs::LogFilter;
 
-    fn db() -> (tempfile::TempDir, PathBuf) {
+    fn db() -> (tempfile::TempDir, Location) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let st = store::Store::open(&path).unwrap();
+        let location = Location::Sqlite(dir.path().join("t.db"));
+        let st = store::Store::open(&location).unwrap();
         st.with(|db| store::create_app(db, "web", 0)).unwrap();
-        (dir, path)
+        (dir, location)
     }
 
-    fn open(path: &Path) -> Result<Db> {
-        store::connect(path)
+    fn open(location: &Location) -> Result<Db> {
+        store::connect(location)
     }
 
     fn entry(stream: LogStream, text: &str) -> proto::LogEntry {
@@ -826,18 +976,18 @@ mod tests {
 
     #[test]
     fn a_jump_too_far_is_refused_and_the_source_keeps_working() {
-        let (_d, path) = db();
-        let mut conn = open(&path).unwrap();
-        let mut w = Writer::new(&mut conn).unwrap();
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         let a = [3u8; 16];
-        w.commit(&mut conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
+        w.commit(&conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
             .unwrap();
         // Two refused batches in a row: no ack, one notice, H unchanged.
         let huge = 1u64 << 40;
         let (acks, _) = w
             .commit(
-                &mut conn,
+                &conn,
                 &[
                     item(a, huge, &["forged"], &credits),
                     item(a, huge + 1, &["forged2"], &credits),
@@ -852,16 +1002,14 @@ mod tests {
         };
         assert_eq!(h(&conn), 3);
         // The instance's real next lines are still stored.
-        let (acks, _) = w
-            .commit(&mut conn, &[item(a, 3, &["l3"], &credits)])
-            .unwrap();
+        let (acks, _) = w.commit(&conn, &[item(a, 3, &["l3"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 4);
         // A later refusal is noticed again (a new run of them); the writer's cache and the
         // database agree after a restart of the writer.
         drop(w);
-        let mut w = Writer::new(&mut conn).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let (acks, _) = w
-            .commit(&mut conn, &[item(a, huge, &["forged3"], &credits)])
+            .commit(&conn, &[item(a, huge, &["forged3"], &credits)])
             .unwrap();
         assert!(acks.is_empty());
         assert_eq!(h(&conn), 4);
@@ -894,22 +1042,21 @@ mod tests {
             &credits,
         );
         ok.batch.dropped = 5;
-        let (acks, _) = w.commit(&mut conn, &[ok]).unwrap();
+        let (acks, _) = w.commit(&conn, &[ok]).unwrap();
         assert_eq!(acks[0].1, 4 + UNREPORTED_GAP + 6);
     }
 
     #[test]
     fn another_apps_batch_is_never_stored_under_an_instance() {
-        let (_d, path) = db();
-        let mut conn = open(&path).unwrap();
-        let mut w = Writer::new(&mut conn).unwrap();
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         let b = [4u8; 16];
-        w.commit(&mut conn, &[item(b, 0, &["b0"], &credits)])
-            .unwrap();
+        w.commit(&conn, &[item(b, 0, &["b0"], &credits)]).unwrap();
         let mut from_a = item(b, 1, &["from a"], &credits);
         from_a.app = "other".into();
-        let (acks, _) = w.commit(&mut conn, &[from_a]).unwrap();
+        let (acks, _) = w.commit(&conn, &[from_a]).unwrap();
         assert!(acks.is_empty());
         let n: i64 = store::raw(&conn, |c| {
             c.query_row("SELECT COALESCE(SUM(lines), 0) FROM log_chunks", [], |r| {
@@ -919,41 +1066,35 @@ mod tests {
         assert_eq!(n, 1);
         // Also when the writer starts cold (the source comes from the database).
         drop(w);
-        let mut w = Writer::new(&mut conn).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let mut from_a = item(b, 1, &["from a"], &credits);
         from_a.app = "other".into();
-        assert!(w.commit(&mut conn, &[from_a]).unwrap().0.is_empty());
-        let (acks, _) = w
-            .commit(&mut conn, &[item(b, 1, &["b1"], &credits)])
-            .unwrap();
+        assert!(w.commit(&conn, &[from_a]).unwrap().0.is_empty());
+        let (acks, _) = w.commit(&conn, &[item(b, 1, &["b1"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 2);
     }
 
     #[test]
     fn dedup_gaps_and_acks() {
-        let (_d, path) = db();
-        let mut conn = open(&path).unwrap();
-        let mut w = Writer::new(&mut conn).unwrap();
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         let a = [1u8; 16];
         let (acks, _) = w
-            .commit(&mut conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
+            .commit(&conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
             .unwrap();
         assert_eq!(acks[0].1, 3);
         // Resent overlap + new: only l3 is new.
         let (acks, _) = w
-            .commit(&mut conn, &[item(a, 1, &["l1", "l2", "l3"], &credits)])
+            .commit(&conn, &[item(a, 1, &["l1", "l2", "l3"], &credits)])
             .unwrap();
         assert_eq!(acks[0].1, 4);
         // A gap: 4..7 lost.
-        let (acks, _) = w
-            .commit(&mut conn, &[item(a, 7, &["l7"], &credits)])
-            .unwrap();
+        let (acks, _) = w.commit(&conn, &[item(a, 7, &["l7"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 8);
         // A pure duplicate: acked, nothing stored.
-        let (acks, _) = w
-            .commit(&mut conn, &[item(a, 0, &["l0"], &credits)])
-            .unwrap();
+        let (acks, _) = w.commit(&conn, &[item(a, 0, &["l0"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 8);
         let rows = all(&conn);
         let texts: Vec<String> = rows
@@ -966,12 +1107,10 @@ mod tests {
         assert_eq!(texts, ["l0", "l1", "l2", "l3", "[3 dropped @4]", "l7"]);
         // Survives a restart of the writer (state from the database).
         drop(w);
-        let mut w = Writer::new(&mut conn).unwrap();
-        let (acks, _) = w
-            .commit(&mut conn, &[item(a, 8, &["l8"], &credits)])
-            .unwrap();
+        let mut w = Writer::new(&conn).unwrap();
+        let (acks, _) = w.commit(&conn, &[item(a, 8, &["l8"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 9);
-        let c2 = open(&path).unwrap();
+        let c2 = open(&loc).unwrap();
         assert_eq!(
             store::raw(&c2, |c| c.query_row(
                 "SELECT next_seq, lost FROM log_sources",
@@ -986,9 +1125,9 @@ mod tests {
 
     #[test]
     fn chunks_split_keep_ids_in_order_and_prune_exactly() {
-        let (_d, path) = db();
-        let mut conn = open(&path).unwrap();
-        let mut w = Writer::new(&mut conn).unwrap();
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         let (a, b) = ([5u8; 16], [6u8; 16]);
         // One commit of two instances, one of them past a chunk's line cap.
@@ -996,7 +1135,7 @@ mod tests {
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         let (_, max_id) = w
             .commit(
-                &mut conn,
+                &conn,
                 &[
                     item(a, 0, &refs[..5], &credits),
                     item(b, 0, &["b0", "b1"], &credits),
@@ -1035,20 +1174,16 @@ mod tests {
         let (max, n) = store::logs::lines(&conn, &f, 100, 150, 1000, |_| Ok(())).unwrap();
         assert_eq!((max, n), (150, 50));
         // The next commit's ids follow; a restarted writer continues after them.
-        let (_, max_id) = w
-            .commit(&mut conn, &[item(b, 2, &["b2"], &credits)])
-            .unwrap();
+        let (_, max_id) = w.commit(&conn, &[item(b, 2, &["b2"], &credits)]).unwrap();
         assert_eq!(max_id, total + 1);
         drop(w);
-        let mut w = Writer::new(&mut conn).unwrap();
-        let (_, max_id) = w
-            .commit(&mut conn, &[item(b, 3, &["b3"], &credits)])
-            .unwrap();
+        let mut w = Writer::new(&conn).unwrap();
+        let (_, max_id) = w.commit(&conn, &[item(b, 3, &["b3"], &credits)]).unwrap();
         assert_eq!(max_id, total + 2);
         // Pruning to 90% of 1,000 lines: whole chunks go, the oldest one left is trimmed to the
         // line, and the lines left keep their ids.
         w.limits.insert("web".into(), (1000, 1 << 30));
-        w.prune(&mut conn).unwrap();
+        w.prune(&conn).unwrap();
         let mut left = Vec::new();
         store::logs::lines(&conn, &f, 0, i64::MAX, i64::MAX, |l| {
             left.push((l.id, String::from_utf8(l.data).unwrap()));
@@ -1076,26 +1211,140 @@ mod tests {
 
     #[test]
     fn retention_prunes_oldest() {
-        let (_d, path) = db();
-        let mut conn = open(&path).unwrap();
-        let mut w = Writer::new(&mut conn).unwrap();
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         w.limits.insert("web".into(), (100, 1 << 30));
         let texts: Vec<String> = (0..150).map(|i| format!("{i}")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        w.commit(&mut conn, &[item([2u8; 16], 0, &refs, &credits)])
+        w.commit(&conn, &[item([2u8; 16], 0, &refs, &credits)])
             .unwrap();
-        w.prune(&mut conn).unwrap();
+        w.prune(&conn).unwrap();
         let rows = all(&conn);
         assert_eq!(rows.len(), 90);
         assert_eq!(rows[0]["text"], "60");
         assert_eq!(w.usage["web"].lines, 90);
         // By bytes too.
         w.limits.insert("web".into(), (1000, 100));
-        w.prune(&mut conn).unwrap();
+        w.prune(&conn).unwrap();
         let rows = all(&conn);
         let bytes: usize = rows.iter().map(|r| r["text"].as_str().unwrap().len()).sum();
         assert!(bytes <= 90, "{bytes}");
         assert_eq!(rows.last().unwrap()["text"], "149");
+    }
+
+    /// Two replicas' writers on one PostgreSQL (`WAYPOST_TEST_DATABASE`, else skipped): an
+    /// instance moving from one to the other and back keeps its sequence (no false loss, no
+    /// duplicate), and pruning counts the other writer's lines.
+    #[test]
+    fn replicas_share_sources_and_usage_on_postgres() {
+        let Ok(base) = std::env::var("WAYPOST_TEST_DATABASE") else {
+            println!("skipped: WAYPOST_TEST_DATABASE unset");
+            return;
+        };
+        struct Dropped(String);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = waypost_testkit::pg::drop_database_at(&self.0);
+            }
+        }
+        let url = Dropped(waypost_testkit::pg::create_database_at(&base));
+        let loc = Location::Postgres(url.0.clone());
+        let st = store::Store::open(&loc).unwrap();
+        st.with(|db| store::create_app(db, "web", 0)).unwrap();
+        let (c1, c2) = (open(&loc).unwrap(), open(&loc).unwrap());
+        let (mut w1, mut w2) = (Writer::new(&c1).unwrap(), Writer::new(&c2).unwrap());
+        let credits = Arc::new(Semaphore::new(100));
+        let a = [7u8; 16];
+        let (acks, max) = w1
+            .commit(&c1, &[item(a, 0, &["l0", "l1"], &credits)])
+            .unwrap();
+        assert_eq!((acks[0].1, max), (2, 2));
+        let (acks, max) = w2.commit(&c2, &[item(a, 2, &["l2"], &credits)]).unwrap();
+        assert_eq!((acks[0].1, max), (3, 3));
+        // Back on the first: its cached H (2) is stale.
+        let (acks, max) = w1.commit(&c1, &[item(a, 3, &["l3"], &credits)]).unwrap();
+        assert_eq!((acks[0].1, max), (4, 4));
+        // A late resend through the second (its old connection): duplicates there too.
+        let (acks, max) = w2
+            .commit(&c2, &[item(a, 1, &["l1", "l2"], &credits)])
+            .unwrap();
+        assert_eq!((acks[0].1, max), (4, 0));
+        let texts: Vec<String> = all(&c1).iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            texts,
+            (0..4)
+                .map(|i| format!(r#"{{"seq":{i},"text":"l{i}"}}"#))
+                .collect::<Vec<_>>()
+        );
+        let stats = store::logs::stats(&c1, "web").unwrap();
+        assert_eq!(stats.instances, [(util::hex(&a), 4, 0, 0)]);
+        assert_eq!(stats.usage, (4, 8));
+        // The second writer counted one line itself; the table knows all four.
+        w2.limits.insert("web".into(), (2, 1 << 30));
+        w2.prune(&c2).unwrap();
+        assert_eq!(w2.usage["web"].lines, 1);
+        assert_eq!(all(&c1).len(), 1);
+        w1.limits.insert("web".into(), (2, 1 << 30));
+        w1.prune(&c1).unwrap();
+        assert_eq!(w1.usage["web"], Usage { lines: 1, bytes: 2 });
+        assert_eq!(store::logs::stats(&c1, "web").unwrap().usage, (1, 2));
+    }
+
+    #[test]
+    fn the_published_committed_id_never_goes_back() {
+        let (tx, rx) = watch::channel(0i64);
+        publish(&tx, 5);
+        publish(&tx, 3);
+        assert_eq!(*rx.borrow(), 5);
+        publish(&tx, 0);
+        publish(&tx, 6);
+        assert_eq!(*rx.borrow(), 6);
+    }
+
+    /// Another replica's commits reach this one's committed id (`WAYPOST_TEST_DATABASE`, else
+    /// skipped), and the listener ends once nobody watches.
+    #[test]
+    fn other_replicas_commits_are_published_on_postgres() {
+        let Ok(base) = std::env::var("WAYPOST_TEST_DATABASE") else {
+            println!("skipped: WAYPOST_TEST_DATABASE unset");
+            return;
+        };
+        struct Dropped(String);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = waypost_testkit::pg::drop_database_at(&self.0);
+            }
+        }
+        let url = Dropped(waypost_testkit::pg::create_database_at(&base));
+        let loc = Location::Postgres(url.0.clone());
+        let st = store::Store::open(&loc).unwrap();
+        st.with(|db| store::create_app(db, "web", 0)).unwrap();
+        let (tx, rx) = watch::channel(0i64);
+        let listener = {
+            let loc = loc.clone();
+            std::thread::spawn(move || follow_other_writers(&loc, &tx))
+        };
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        for (seq, want) in [(0, 2), (2, 4)] {
+            let (_, max) = w
+                .commit(&conn, &[item([9u8; 16], seq, &["x", "y"], &credits)])
+                .unwrap();
+            assert_eq!(max, want);
+            let t = Instant::now();
+            while *rx.borrow() != want {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{} != {want}",
+                    *rx.borrow()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        drop(rx);
+        listener.join().unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! ([`Membership::leave`]). `server members` lists them ([`list`]). See "Replicas" in
 //! docs/architecture.md.
 
-use crate::server::model::members::{PRUNE_AFTER, REPLICA_HEARTBEAT, ReplicaRow, ReplicaState};
+use crate::server::model::members::{
+    LEASE, PRUNE_AFTER, REPLICA_HEARTBEAT, ReplicaRow, ReplicaState, lease_expiry_allowed,
+};
 use crate::server::service::auth;
 use crate::server::store::{self, Store};
 use crate::util;
@@ -64,22 +66,63 @@ impl Membership {
         )
     }
 
-    /// Refreshes `last_seen` every [`REPLICA_HEARTBEAT`] until shutdown. A failed write is
-    /// logged and retried on the next beat (the row goes `stale` if that keeps up, which is
-    /// what it should show).
+    /// At start: instances the database still shows live whose server is gone turn `lost`.
+    /// SQLite: one server per data dir (the lock), so every such row is a previous run's.
+    /// PostgreSQL: other replicas may be alive; their leases are left to the heartbeat
+    /// ([`Membership::heartbeat_loop`]), which expires them once this replica has been healthy
+    /// for a whole lease. Returns how many rows turned lost.
+    pub fn expire_on_start(&self, location: &store::Location) -> Result<usize> {
+        match location {
+            store::Location::Sqlite(_) => {
+                self.store.with(|c| store::mark_all_lost(c, util::now_ms()))
+            }
+            store::Location::Postgres(_) => Ok(0),
+        }
+    }
+
+    /// Refreshes `last_seen` every [`REPLICA_HEARTBEAT`] until shutdown, and expires the leases
+    /// of replicas that stopped beating (their live instances turn `lost`; see
+    /// [`lease_expiry_allowed`]). A failed write is logged and retried on the next beat (the row
+    /// goes `stale` if that keeps up, which is what it should show).
     pub async fn heartbeat_loop(self: std::sync::Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(REPLICA_HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        // Since when every beat of this replica has succeeded (None: the last one failed).
+        let mut healthy_since = Some(tokio::time::Instant::now());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|&down| down) => return,
             }
             let me = self.clone();
-            let r = self.store.call(move |c| me.beat(c, util::now_ms())).await;
-            if let Err(e) = r {
-                tracing::warn!(error = format!("{e:#}"), "replica heartbeat failed");
+            let expire = lease_expiry_allowed(healthy_since.map(|t| t.elapsed()));
+            let r = self
+                .store
+                .call(move |c| {
+                    let now = util::now_ms();
+                    me.beat(c, now)?;
+                    if !expire {
+                        return Ok(0);
+                    }
+                    let before = now.saturating_sub(LEASE.as_millis() as i64);
+                    store::expire_leases(c, &me.id, before, now)
+                })
+                .await;
+            match r {
+                Ok(lost) => {
+                    healthy_since.get_or_insert_with(tokio::time::Instant::now);
+                    if lost > 0 {
+                        tracing::info!(
+                            count = lost,
+                            "marked the instances of replicas that stopped beating as lost"
+                        );
+                    }
+                }
+                Err(e) => {
+                    healthy_since = None;
+                    tracing::warn!(error = format!("{e:#}"), "replica heartbeat failed");
+                }
             }
         }
     }

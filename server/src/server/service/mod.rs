@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod fanout;
 pub mod live;
 pub mod logs;
 pub mod members;

@@ -3,7 +3,10 @@
 //! CA certificate is also written to `DATA_DIR/ca.pem` for curl and friends.
 //!
 //! The CA is never regenerated (every token handed out embeds trust in it). The server
-//! certificate is re-issued on start when its SAN set changed or it is close to expiry.
+//! certificate is re-issued on start when its SAN set changed or it is close to expiry. Replicas
+//! sharing a PostgreSQL share the CA (see [`load_or_create`]); each also signs itself a client
+//! certificate for the replica-to-replica hop (transport/peer.rs), which the peer listeners
+//! require.
 
 use crate::server::service::auth;
 use crate::server::store::{self, Db};
@@ -27,6 +30,11 @@ pub struct Pki {
     pub ca_pem: String,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    /// This replica's client certificate for the replica-to-replica hop (transport/peer.rs),
+    /// signed by the CA at every start and never stored: only a process that can read the CA key
+    /// from the database — a replica — can make one.
+    pub peer_cert_pem: String,
+    pub peer_key_pem: String,
 }
 
 /// The date `days` after the epoch, in rcgen's type (from the `time` crate, which rcgen does not
@@ -57,7 +65,18 @@ fn ca_params(cn: &str, not_before_days: i64) -> Result<CertificateParams> {
 
 /// Loads the PKI from the database, creating what is missing. `sans` is the full wanted SAN
 /// list of the server certificate (order does not matter).
+///
+/// The CA is the cluster's: replicas sharing a database share it (the first to start mints it,
+/// in a transaction that serialises the others, which then load it), so one `WAYPOST_CA` and one
+/// CLI context trust every replica. The server certificate is stored on SQLite (one server);
+/// on PostgreSQL each replica signs its own at start (replicas on other hosts have other names,
+/// and a shared one would be re-issued back and forth).
 pub fn load_or_create(db: &Db, sans: &[String]) -> Result<Pki> {
+    db.transaction(store::Begin::Immediate, |db| load_or_create_in(db, sans))
+}
+
+fn load_or_create_in(db: &Db, sans: &[String]) -> Result<Pki> {
+    let persist_server_cert = db.backend() == store::Backend::Sqlite;
     let today = util::now_ms() / 86_400_000;
     // ---- CA ----
     let (ca_pem, ca_key_pem, ca_cn) = match (
@@ -91,14 +110,18 @@ pub fn load_or_create(db: &Db, sans: &[String]) -> Result<Pki> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let existing = match (
+        persist_server_cert,
         store::meta_get(db, "server_cert_pem")?,
         store::meta_get(db, "server_key_pem")?,
         store::meta_get(db, "server_sans")?,
     ) {
-        (Some(c), Some(k), Some(s)) if s == wanted_str && not_after - today > RENEW_BEFORE_DAYS => {
+        (false, ..) => None,
+        (true, Some(c), Some(k), Some(s))
+            if s == wanted_str && not_after - today > RENEW_BEFORE_DAYS =>
+        {
             Some((c, k))
         }
-        (Some(_), _, Some(s)) => {
+        (true, Some(_), _, Some(s)) => {
             tracing::info!(
                 old = s,
                 new = wanted_str,
@@ -131,6 +154,17 @@ pub fn load_or_create(db: &Db, sans: &[String]) -> Result<Pki> {
             params.not_before = date!(today - 1);
             params.not_after = date!(today + SERVER_DAYS);
             let cert = params.signed_by(&key, &issuer)?;
+            if !persist_server_cert {
+                let (peer_cert_pem, peer_key_pem) =
+                    peer_client_cert(&ca_key_pem, &ca_cn, ca_nb, today)?;
+                return Ok(Pki {
+                    ca_pem,
+                    server_cert_pem: cert.pem(),
+                    server_key_pem: key.serialize_pem(),
+                    peer_cert_pem,
+                    peer_key_pem,
+                });
+            }
             store::meta_set(db, "server_cert_pem", &cert.pem())?;
             store::meta_set(db, "server_key_pem", &key.serialize_pem())?;
             store::meta_set(db, "server_sans", &wanted_str)?;
@@ -142,11 +176,97 @@ pub fn load_or_create(db: &Db, sans: &[String]) -> Result<Pki> {
             (cert.pem(), key.serialize_pem())
         }
     };
+    let ca_nb: i64 = store::meta_get(db, "ca_not_before_days")?
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(today - 1);
+    let (peer_cert_pem, peer_key_pem) = peer_client_cert(&ca_key_pem, &ca_cn, ca_nb, today)?;
     Ok(Pki {
         ca_pem,
         server_cert_pem,
         server_key_pem,
+        peer_cert_pem,
+        peer_key_pem,
     })
+}
+
+/// A client certificate (ClientAuth only) signed by the CA, for this replica's connections to
+/// other replicas' peer listeners. Valid from yesterday for [`SERVER_DAYS`]; made anew at start.
+fn peer_client_cert(
+    ca_key_pem: &str,
+    ca_cn: &str,
+    ca_nb: i64,
+    today: i64,
+) -> Result<(String, String)> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("the stored CA key is invalid")?;
+    let issuer = Issuer::new(ca_params(ca_cn, ca_nb)?, ca_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "waypost");
+    dn.push(DnType::CommonName, PEER_CLIENT_CN);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = date!(today - 1);
+    params.not_after = date!(today + SERVER_DAYS);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The common name of replicas' client certificates.
+pub const PEER_CLIENT_CN: &str = "waypost replica";
+
+/// The peer listener's TLS config: the server certificate, and a client certificate signed by
+/// the CA required of every connection (a replica's; see [`Pki::peer_cert_pem`]).
+pub fn peer_server_config(pki: &Pki, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(&pki.ca_pem)?),
+        provider.clone(),
+    )
+    .build()
+    .context("building the replica certificate verifier")?;
+    let certs = CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the server certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes())
+        .context("parsing the server key")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// The client side of the hop: trusts the CA, presents this replica's client certificate.
+pub fn peer_client_config(pki: &Pki, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
+    let certs = CertificateDer::pem_slice_iter(pki.peer_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the replica certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(pki.peer_key_pem.as_bytes())
+        .context("parsing the replica key")?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots(&pki.ca_pem)?)
+    .with_client_auth_cert(certs, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+fn roots(ca_pem: &str) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("parsing the CA certificate")?)
+            .context("adding the CA certificate")?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "the CA contains no PEM certificate");
+    Ok(roots)
 }
 
 /// The SANs every server certificate has, plus the host name and `extra` (`--tls-san`).

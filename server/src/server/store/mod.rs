@@ -1,33 +1,39 @@
 //! Durable state: the only way to the database. Everything above this module (services,
-//! transports) sees the plain types of `model` and the functions here, never a SQLite type, so a
-//! second backend (PostgreSQL, for replicas) can implement the same functions without touching
-//! anything above: see "The store" in docs/architecture.md.
+//! transports) sees the plain types of `model` and the functions here, never a database type:
+//! see "The store" in docs/architecture.md.
 //!
-//! Today's backend: one SQLite file (`DATA_DIR/waypost.db`, WAL) holding server metadata (PKI),
-//! apps, tokens (hashed), instance history, app configuration and logs. Live connections are NOT
-//! here; see service/live.rs.
+//! Two backends, one set of functions and one schema ([`sql`] bridges them): the embedded
+//! default is one SQLite file (`DATA_DIR/waypost.db`, WAL); replicas share one PostgreSQL
+//! (`--database postgres://…`). Either holds server metadata (the PKI), apps, tokens (hashed),
+//! instance history and which replica holds each live instance, app configuration and logs.
+//! Live connections are NOT here; see service/live.rs.
 //!
 //! Every function takes a [`Db`] (one connection) and is synchronous; async callers go through
-//! [`Store::call`], which runs them on tokio's blocking pool so SQLite never stalls a runtime
-//! worker. The schema is the ordered list [`MIGRATIONS`] of `.sql` files in `server/migrations/`.
+//! [`Store::call`], which runs them on tokio's blocking pool so the database never stalls a
+//! runtime worker. The schema is the ordered list [`MIGRATIONS`] of `.sql` files in
+//! `server/migrations/`.
 
 pub mod config;
 pub mod logs;
 pub mod members;
+pub mod sql;
 
 use crate::server::model::Conflict;
 pub use crate::server::model::{
     App, ChildStatus, Connected, FlushRow, InstanceRow, Revoke, TokenRow, TokenScope,
 };
 use anyhow::{Context as _, Result, bail};
-use rusqlite::{Connection, OptionalExtension as _, params};
-use std::path::{Path, PathBuf};
+pub(crate) use sql::args;
+pub use sql::{Backend, Begin, Db, Row};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` = how many are applied. Append a
-/// new file for a new migration; never edit an applied one (a database that has it would not get
-/// the edit, and the test `migration_history_is_unchanged` compares them byte for byte).
+/// Schema migrations, applied in order; how many are applied is SQLite's `PRAGMA user_version`
+/// or PostgreSQL's `waypost_schema` row. Append a new file for a new migration; never edit an
+/// applied one (a database that has it would not get the edit, and the test
+/// `migration_history_is_unchanged` compares them byte for byte). They are written for SQLite;
+/// PostgreSQL runs them through [`sql::pg_schema`].
 pub const MIGRATIONS: &[&str] = &[
     // 1: the core tables.
     include_str!("../../../migrations/0001_core.sql"),
@@ -49,9 +55,57 @@ pub const MIGRATIONS: &[&str] = &[
 /// How many gone instances per app `instances --all` returns (newest first).
 pub const GONE_PER_APP: i64 = 100;
 
-/// One connection to the database. Opaque above the store: its functions are the only way in.
-pub struct Db {
-    conn: Connection,
+/// How long opening a PostgreSQL connection may take when the URL does not say
+/// (`connect_timeout`): a replica whose database is unreachable reports it instead of hanging.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The session-scoped advisory lock held while migrating PostgreSQL, so replicas starting at
+/// once migrate one after the other ("wp" + 0).
+const PG_MIGRATE_LOCK: i64 = 0x7770_0000;
+
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// The embedded default: one SQLite file (`DATA_DIR/waypost.db`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://USER@HOST:PORT/DB`), shared by every replica.
+    Postgres(String),
+}
+
+impl Location {
+    /// `--database`: a `postgres://` or `postgresql://` URL; anything else is refused.
+    pub fn parse_url(url: &str) -> Result<Location> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!(
+                "--database must be a postgres:// URL (without it the server uses SQLite in its data dir)"
+            );
+        }
+        url.parse::<postgres::Config>()
+            .with_context(|| format!("--database: not a valid PostgreSQL URL: {}", redact(url)))?;
+        Ok(Location::Postgres(url.to_string()))
+    }
+
+    /// For logs: the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(u) => redact(u),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
 }
 
 /// A shared handle to the database. One connection behind a mutex: SQLite serialises writers
@@ -59,36 +113,36 @@ pub struct Db {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Mutex<Db>>,
-    path: PathBuf,
+    location: Location,
 }
 
 impl Store {
     /// Opens (creating if needed) and migrates the database.
-    pub fn open(path: &Path) -> Result<Store> {
-        let mut conn =
-            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // WAL: readers never block the writer; NORMAL is durable across process crashes (the
-        // state we lose on power loss is at most the last flush of heartbeats).
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        migrate(&mut conn)?;
+    pub fn open(location: &Location) -> Result<Store> {
+        let db = connect(location)?;
+        blocking(|| migrate(&db))?;
         Ok(Store {
-            db: Arc::new(Mutex::new(Db { conn })),
-            path: path.to_path_buf(),
+            db: Arc::new(Mutex::new(db)),
+            location: location.clone(),
         })
     }
 
     /// Where the database is (for [`connect`]).
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
-    /// Runs `f` with the connection, synchronously. For startup code, not async tasks.
+    /// Runs `f` with the connection, synchronously. A PostgreSQL connection the server closed
+    /// (a restart, a network cut) is opened anew first, so a replica catches up by itself when
+    /// its database comes back.
     pub fn with<R>(&self, f: impl FnOnce(&mut Db) -> Result<R>) -> Result<R> {
         let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut db)
+        blocking(|| {
+            if db.is_closed() {
+                *db = connect(&self.location).context("reconnecting to the database")?;
+            }
+            f(&mut db)
+        })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -104,24 +158,142 @@ impl Store {
     }
 }
 
+/// Runs `f`, which may block on the database, from wherever it is called. PostgreSQL's client
+/// runs a runtime of its own per call; on a worker of the server's runtime that must be announced
+/// ([`tokio::task::block_in_place`]), elsewhere (the blocking pool, threads, tests) it just runs.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Another connection to a database [`Store::open`] has migrated, for a thread or a request of
-/// its own (the log writer, log readers): WAL lets it read while the shared one writes.
-pub fn connect(path: &Path) -> Result<Db> {
-    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    Ok(Db { conn })
+/// its own (the log writer, log readers). SQLite: WAL lets it read while the shared one writes.
+pub fn connect(location: &Location) -> Result<Db> {
+    match location {
+        Location::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // WAL: readers never block the writer; NORMAL is durable across process crashes
+            // (the state lost on power loss is at most the last flush of heartbeats).
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            Ok(Db::sqlite(conn))
+        }
+        Location::Postgres(url) => blocking(|| {
+            let mut config: postgres::Config = url.parse()?;
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(PG_CONNECT_TIMEOUT);
+            }
+            config.application_name("waypost");
+            let client = config
+                .connect(postgres::NoTls)
+                .with_context(|| format!("connecting to {}", redact(url)))?;
+            Ok(Db::postgres(client))
+        }),
+    }
 }
 
-/// For the tests of the layers above: runs raw SQL on a connection (to set up states the store's
-/// functions cannot reach, and to check rows).
+/// Whether `e` comes from the database being out of reach (PostgreSQL: the connection could
+/// not be made or was lost; SQLite: the file is busy beyond the timeout), rather than from the
+/// request: callers answer 503 and the store reconnects on the next call.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(pg) = c.downcast_ref::<postgres::Error>() {
+            // SQLSTATE class 08 (connection exception) and 57P01-03 (the server is shutting down,
+            // crashed or starting): an outage. Any other SQLSTATE: the statement's own fault.
+            if let Some(code) = pg.code() {
+                let code = code.code();
+                return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+            }
+            // No SQLSTATE: a connection-level failure (closed, I/O, connect or timeout), unless it
+            // is a conversion (a bug, not an outage).
+            use std::error::Error as _;
+            let io = pg.source().is_some_and(|s| s.is::<std::io::Error>());
+            let text = pg.to_string();
+            return pg.is_closed()
+                || io
+                || text.starts_with("error connecting")
+                || text.starts_with("error communicating")
+                || text.starts_with("timeout");
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>() {
+            return matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            );
+        }
+        false
+    })
+}
+
+/// An in-memory SQLite database with the schema, for unit tests.
 #[cfg(test)]
-pub(crate) fn raw<R>(db: &Db, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> R {
-    f(&db.conn).expect("raw SQL in a test")
+pub(crate) fn memory() -> Db {
+    let db = Db::sqlite(rusqlite::Connection::open_in_memory().unwrap());
+    db.batch("PRAGMA foreign_keys = ON").unwrap();
+    migrate(&db).unwrap();
+    db
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+/// For the tests of the layers above: runs raw SQL on a SQLite connection (to set up states the
+/// store's functions cannot reach, and to check rows).
+#[cfg(test)]
+pub(crate) fn raw<R>(db: &Db, f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R>) -> R {
+    db.with_sqlite(|c| f(c).expect("raw SQL in a test"))
+        .expect("raw SQL needs SQLite")
+}
+
+fn migrate(db: &Db) -> Result<()> {
+    match db.backend() {
+        Backend::Sqlite => {
+            let applied: i64 = db.query_one("PRAGMA user_version", &[])?.get(0)?;
+            for (i, sql) in pending(applied)? {
+                db.transaction(Begin::Immediate, |db| {
+                    db.batch(sql)
+                        .with_context(|| format!("schema migration {}", i + 1))?;
+                    db.batch(&format!("PRAGMA user_version = {}", i + 1))
+                })?;
+            }
+            Ok(())
+        }
+        Backend::Postgres => {
+            db.query("SELECT pg_advisory_lock(?1)", args![PG_MIGRATE_LOCK])?;
+            let r = (|| {
+                db.batch(
+                    "CREATE TABLE IF NOT EXISTS waypost_schema (version BIGINT NOT NULL);
+                     INSERT INTO waypost_schema (version)
+                         SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM waypost_schema);",
+                )?;
+                let applied: i64 = db
+                    .query_one("SELECT version FROM waypost_schema", &[])?
+                    .get(0)?;
+                for (i, sql) in pending(applied)? {
+                    db.transaction(Begin::Deferred, |db| {
+                        db.batch(&sql::pg_schema(sql))
+                            .with_context(|| format!("schema migration {}", i + 1))?;
+                        db.execute(
+                            "UPDATE waypost_schema SET version = ?1",
+                            args![(i + 1) as i64],
+                        )
+                        .map(drop)
+                    })?;
+                }
+                Ok(())
+            })();
+            let unlocked = db.query("SELECT pg_advisory_unlock(?1)", args![PG_MIGRATE_LOCK]);
+            r.and(unlocked.map(drop))
+        }
+    }
+}
+
+/// The migrations a database with `applied` of them still needs, with their indexes.
+fn pending(applied: i64) -> Result<impl Iterator<Item = (usize, &'static str)>> {
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
     if applied > MIGRATIONS.len() {
         bail!(
@@ -129,94 +301,128 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             MIGRATIONS.len()
         );
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)
-            .with_context(|| format!("schema migration {}", i + 1))?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
+    Ok(MIGRATIONS.iter().copied().enumerate().skip(applied))
+}
+
+// ---- notifications (PostgreSQL) -------------------------------------------------------------
+
+/// The channel config changes are announced on (payload: the app's name); see
+/// [`config::notify_changed`] and service/fanout.rs.
+pub use config::CONFIG_CHANNEL;
+
+/// Subscribes this connection to `channel` (PostgreSQL `LISTEN`); false on SQLite, which has no
+/// other replicas to hear from.
+pub fn listen(db: &Db, channel: &str) -> Result<bool> {
+    if db.backend() != Backend::Postgres {
+        return Ok(false);
     }
-    Ok(())
+    // A channel is an identifier, not a parameter: only ours, spelled by us.
+    if !channel.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        bail!("invalid channel name {channel:?}");
+    }
+    db.batch(&format!("LISTEN {channel}"))?;
+    Ok(true)
+}
+
+/// At most this many notifications are returned by one [`wait_notifications`].
+const NOTIFICATIONS_PER_WAIT: usize = 1024;
+
+/// Waits up to `timeout` for a notification on a connection that [`listen`]s, then takes every
+/// other one already arrived; returns their payloads (empty on timeout, and on SQLite).
+pub fn wait_notifications(db: &Db, timeout: Duration) -> Result<Vec<String>> {
+    use postgres::fallible_iterator::FallibleIterator as _;
+    db.with_postgres(|c| -> Result<Vec<String>> {
+        let mut n = c.notifications();
+        let mut out = Vec::new();
+        let first = n.timeout_iter(timeout).next()?;
+        if let Some(first) = first {
+            out.push(first.payload().to_string());
+            let mut more = n.iter();
+            while out.len() < NOTIFICATIONS_PER_WAIT {
+                match more.next()? {
+                    Some(m) => out.push(m.payload().to_string()),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    })
+    .unwrap_or(Ok(Vec::new()))
 }
 
 // ---- meta ----------------------------------------------------------------------------------
 
 pub fn meta_get(db: &Db, key: &str) -> Result<Option<String>> {
-    Ok(db
-        .conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()?)
+    db.query_opt("SELECT value FROM meta WHERE key = ?1", args![key])?
+        .map(|r| r.get(0))
+        .transpose()
 }
 
 pub fn meta_set(db: &Db, key: &str, value: &str) -> Result<()> {
-    db.conn.execute(
+    db.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
+        args![key, value],
     )?;
     Ok(())
+}
+
+/// Sets `key` to `value` unless it is set already; returns the value that is stored after (the
+/// caller's, or the one another replica stored first). How the first replica's CA becomes every
+/// replica's.
+pub fn meta_set_once(db: &Db, key: &str, value: &str) -> Result<String> {
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+        args![key, value],
+    )?;
+    meta_get(db, key)?.context("a meta value vanished right after it was set")
 }
 
 /// The `meta` key of the next exec session id.
 const EXEC_SESSION_KEY: &str = "exec_next_session";
 
 /// Allocates the next exec session id. The counter is stored, so ids stay unique across server
-/// restarts (an entrypoint that kept a session through a restart never sees its id reused).
+/// restarts and across replicas (an entrypoint that kept a session through a restart or a move
+/// never sees its id reused).
 pub fn next_exec_session(db: &mut Db) -> Result<u64> {
-    // IMMEDIATE: take the write lock up front. A deferred transaction that reads and then writes
-    // fails at once with SQLITE_BUSY when another connection (the log writer) wrote in between.
-    let tx = db
-        .conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let next: u64 = tx
-        .query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            [EXEC_SESSION_KEY],
-            |r| r.get::<_, String>(0),
-        )
-        .optional()?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [EXEC_SESSION_KEY, &(next + 1).to_string()],
-    )?;
-    tx.commit()?;
-    Ok(next)
+    // Immediate: the read and the write are one step for every connection and replica.
+    db.transaction(Begin::Immediate, |db| {
+        let next: u64 = meta_get(db, EXEC_SESSION_KEY)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        meta_set(db, EXEC_SESSION_KEY, &(next + 1).to_string())?;
+        Ok(next)
+    })
 }
 
 // ---- apps ----------------------------------------------------------------------------------
 
 /// Creates an app; `Ok(false)` if it already exists.
 pub fn create_app(db: &Db, name: &str, now: i64) -> Result<bool> {
-    let n = db.conn.execute(
+    let n = db.execute(
         "INSERT INTO apps (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
-        params![name, now],
+        args![name, now],
     )?;
     Ok(n == 1)
 }
 
 pub fn app_exists(db: &Db, name: &str) -> Result<bool> {
     Ok(db
-        .conn
-        .query_row("SELECT 1 FROM apps WHERE name = ?1", [name], |_| Ok(()))
-        .optional()?
+        .query_opt("SELECT 1 FROM apps WHERE name = ?1", args![name])?
         .is_some())
 }
 
 pub fn list_apps(db: &Db) -> Result<Vec<App>> {
-    let mut stmt = db
-        .conn
-        .prepare("SELECT name, created_at FROM apps ORDER BY name")?;
-    let rows = stmt.query_map([], |r| {
-        Ok(App {
-            name: r.get(0)?,
-            created_at: r.get(1)?,
+    db.query("SELECT name, created_at FROM apps ORDER BY name", &[])?
+        .iter()
+        .map(|r| {
+            Ok(App {
+                name: r.get(0)?,
+                created_at: r.get(1)?,
+            })
         })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+        .collect()
 }
 
 // ---- tokens --------------------------------------------------------------------------------
@@ -228,29 +434,33 @@ pub fn insert_token(db: &Db, hash: &str, scope: &TokenScope, now: i64) -> Result
             ("entrypoint", Some(app.as_str()), deployment.as_deref())
         }
     };
-    db.conn.execute(
+    db.execute(
         "INSERT INTO tokens (hash, kind, app, deployment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![hash, kind, app, deployment, now],
+        args![hash, kind, app, deployment, now],
     )?;
     Ok(())
 }
 
+fn token_row(r: &Row) -> Result<TokenRow> {
+    Ok(TokenRow {
+        hash: r.get(0)?,
+        kind: r.get(1)?,
+        app: r.get(2)?,
+        deployment: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
 /// Tokens, oldest first; `app`: only that app's entrypoint tokens.
 pub fn list_tokens(db: &Db, app: Option<&str>) -> Result<Vec<TokenRow>> {
-    let mut st = db.conn.prepare(
+    db.query(
         "SELECT hash, kind, app, deployment, created_at FROM tokens
-         WHERE ?1 IS NULL OR app = ?1 ORDER BY created_at, hash",
-    )?;
-    let rows = st.query_map([app], |r| {
-        Ok(TokenRow {
-            hash: r.get(0)?,
-            kind: r.get(1)?,
-            app: r.get(2)?,
-            deployment: r.get(3)?,
-            created_at: r.get(4)?,
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+         WHERE CAST(?1 AS TEXT) IS NULL OR app = ?1 ORDER BY created_at, hash",
+        args![app],
+    )?
+    .iter()
+    .map(token_row)
+    .collect()
 }
 
 /// Deletes the entrypoint token whose hash starts with `id_prefix` (hex).
@@ -259,75 +469,84 @@ pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
     if id_prefix.is_empty() || !id_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(Revoke::NotFound);
     }
-    let tx = db
-        .conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let pattern = format!("{}%", id_prefix.to_ascii_lowercase());
-    let found: Vec<TokenRow> = {
-        let mut st = tx.prepare(
-            "SELECT hash, kind, app, deployment, created_at FROM tokens WHERE hash LIKE ?1 LIMIT 2",
-        )?;
-        let rows = st.query_map([&pattern], |r| {
-            Ok(TokenRow {
-                hash: r.get(0)?,
-                kind: r.get(1)?,
-                app: r.get(2)?,
-                deployment: r.get(3)?,
-                created_at: r.get(4)?,
-            })
-        })?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let row = match found.as_slice() {
-        [] => return Ok(Revoke::NotFound),
-        [_, _, ..] => return Ok(Revoke::Ambiguous),
-        [row] if row.kind == "admin" => return Ok(Revoke::Admin),
-        [row] => row.clone(),
-    };
-    tx.execute("DELETE FROM tokens WHERE hash = ?1", [&row.hash])?;
-    tx.commit()?;
-    Ok(Revoke::Done(row))
+    db.transaction(Begin::Immediate, |db| {
+        let found: Vec<TokenRow> = db
+            .query(
+                "SELECT hash, kind, app, deployment, created_at FROM tokens
+                 WHERE hash LIKE ?1 LIMIT 2",
+                args![pattern],
+            )?
+            .iter()
+            .map(token_row)
+            .collect::<Result<_>>()?;
+        let row = match found.as_slice() {
+            [] => return Ok(Revoke::NotFound),
+            [_, _, ..] => return Ok(Revoke::Ambiguous),
+            [row] if row.kind == "admin" => return Ok(Revoke::Admin),
+            [row] => row.clone(),
+        };
+        db.execute("DELETE FROM tokens WHERE hash = ?1", args![row.hash])?;
+        Ok(Revoke::Done(row))
+    })
 }
 
 pub fn lookup_token(db: &Db, hash: &str) -> Result<Option<TokenScope>> {
-    let row: Option<(String, Option<String>, Option<String>)> = db
-        .conn
-        .query_row(
-            "SELECT kind, app, deployment FROM tokens WHERE hash = ?1",
-            [hash],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    Ok(
-        row.and_then(|(kind, app, deployment)| match (kind.as_str(), app) {
-            ("admin", _) => Some(TokenScope::Admin),
-            ("entrypoint", Some(app)) => Some(TokenScope::Entrypoint { app, deployment }),
-            _ => None,
-        }),
-    )
+    let Some(r) = db.query_opt(
+        "SELECT kind, app, deployment FROM tokens WHERE hash = ?1",
+        args![hash],
+    )?
+    else {
+        return Ok(None);
+    };
+    let (kind, app, deployment): (String, Option<String>, Option<String>) =
+        (r.get(0)?, r.get(1)?, r.get(2)?);
+    Ok(match (kind.as_str(), app) {
+        ("admin", _) => Some(TokenScope::Admin),
+        ("entrypoint", Some(app)) => Some(TokenScope::Entrypoint { app, deployment }),
+        _ => None,
+    })
 }
 
 // ---- instances -----------------------------------------------------------------------------
 
-/// After a crash, rows still marked live belong to connections that no longer exist.
+/// After a crash of the only server (SQLite: one server per data dir), rows still marked live
+/// belong to connections that no longer exist.
 pub fn mark_all_lost(db: &Db, now: i64) -> Result<usize> {
-    Ok(db.conn.execute(
+    db.execute(
         "UPDATE instances SET disconnected_at = ?1, ended = 'lost' WHERE disconnected_at IS NULL",
-        [now],
-    )?)
+        args![now],
+    )
 }
 
-fn status_params(s: &ChildStatus) -> [Box<dyn rusqlite::ToSql + '_>; 9] {
+/// The lease: live rows held by a replica that is not in `replicas` any more or was last seen
+/// before `stale_before` (unix ms) turn `lost` — its connections died with it. Rows of
+/// `except` (the caller) are never touched. Returns how many turned lost.
+pub fn expire_leases(db: &Db, except: &str, stale_before: i64, now: i64) -> Result<usize> {
+    db.execute(
+        "UPDATE instances SET disconnected_at = ?1, ended = 'lost'
+         WHERE disconnected_at IS NULL AND (replica IS NULL OR replica <> ?2)
+           AND NOT EXISTS (SELECT 1 FROM replicas r
+                           WHERE r.id = instances.replica AND r.last_seen >= ?3)",
+        args![now, except, stale_before],
+    )
+}
+
+/// The status columns as parameters, in [`STATUS_COLS`] order.
+fn status_values(s: &ChildStatus) -> [sql::Value<'static>; 9] {
+    use sql::Value;
+    let opt = |v: Option<i64>| v.map_or(Value::Null, Value::Int);
     [
-        Box::new(s.state),
-        Box::new(s.child_pid),
-        Box::new(s.exit_code),
-        Box::new(s.exit_signal),
-        Box::new(s.oom_killed),
-        Box::new(s.child_rss_bytes as i64),
-        Box::new(s.child_cpu_ms as i64),
-        Box::new(s.starts),
-        Box::new(s.config_version as i64),
+        s.state
+            .map_or(Value::Null, |t| Value::Text(std::borrow::Cow::Borrowed(t))),
+        opt(s.child_pid.map(i64::from)),
+        opt(s.exit_code.map(i64::from)),
+        opt(s.exit_signal.map(i64::from)),
+        Value::Int(i64::from(s.oom_killed)),
+        Value::Int(s.child_rss_bytes as i64),
+        Value::Int(s.child_cpu_ms as i64),
+        Value::Int(i64::from(s.starts)),
+        Value::Int(s.config_version as i64),
     ]
 }
 
@@ -357,67 +576,53 @@ pub fn upsert_connected_on(
     replica: Option<&str>,
     now: i64,
 ) -> Result<Result<ChildStatus, Conflict>> {
-    // IMMEDIATE: this reads, then writes; a deferred transaction would fail at once (not after
-    // the busy timeout) if another connection (the log writer) committed in between. It also
-    // takes the write lock before the read, which makes the owner check and the insert atomic.
-    let tx = db
-        .conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let row = tx
-        .query_row(
-            &format!(
-                "SELECT app, deployment, token_hash, {STATUS_COLS} FROM instances WHERE id = ?1"
-            ),
-            [&c.id],
-            |r| {
+    // Immediate: this reads, then writes. On SQLite a deferred transaction would fail at once
+    // (not after the busy timeout) if another connection (the log writer) committed in between;
+    // on both, taking the write lock before the read makes the owner check and the insert atomic
+    // (across replicas too).
+    db.transaction(Begin::Immediate, |db| {
+        let row = db
+            .query_opt(
+                &format!(
+                    "SELECT app, deployment, token_hash, {STATUS_COLS} FROM instances WHERE id = ?1"
+                ),
+                args![c.id],
+            )?
+            .map(|r| -> Result<_> {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    status_from_row(r, 3)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<Option<String>>(2)?,
+                    status_from_row(&r, 3)?,
                 ))
-            },
-        )
-        .optional()?;
-    let owner = c.owner();
-    if let Some((app, deployment, token, _)) = &row {
-        if let Some(conflict) = owner.conflict(app, deployment, token.as_deref()) {
+            })
+            .transpose()?;
+        let owner = c.owner();
+        if let Some((app, deployment, token, _)) = &row
+            && let Some(conflict) = owner.conflict(app, deployment, token.as_deref())
+        {
             return Ok(Err(conflict));
         }
-    }
-    // Logs outlive instance rows in principle (and are stored per instance id): they must never
-    // be appended to another app's.
-    let log_app: Option<String> = tx
-        .query_row(
-            "SELECT app FROM log_sources WHERE instance = ?1",
-            [&c.id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if log_app.is_some_and(|a| a != c.app) {
-        return Ok(Err(Conflict::App));
-    }
-    let mut status = row.map(|r| r.3).unwrap_or_default();
-    if let Some(s) = hello_status {
-        status.apply(s);
-    }
-    {
-        let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
-            Box::new(&c.id),
-            Box::new(&c.app),
-            Box::new(&c.deployment),
-            Box::new(&c.hostname),
-            Box::new(c.entrypoint_pid),
-            Box::new(&c.entrypoint_version),
-            Box::new(now),
-        ];
-        p.extend(status_params(&status));
-        p.push(Box::new(c.session));
-        p.push(Box::new(&c.token_hash));
-        p.push(Box::new(replica));
+        // Logs outlive instance rows in principle (and are stored per instance id): they must
+        // never be appended to another app's.
+        let log_app: Option<String> = db
+            .query_opt(
+                "SELECT app FROM log_sources WHERE instance = ?1",
+                args![c.id],
+            )?
+            .map(|r| r.get(0))
+            .transpose()?;
+        if log_app.is_some_and(|a| a != c.app) {
+            return Ok(Err(Conflict::App));
+        }
+        let mut status = row.map(|r| r.3).unwrap_or_default();
+        if let Some(s) = hello_status {
+            status.apply(s);
+        }
+        let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(&status);
         // The owner columns are checked above and never change on a revival; a row recorded
         // without a token takes this one's.
-        tx.execute(
+        db.execute(
             "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
@@ -436,51 +641,65 @@ pub fn upsert_connected_on(
              child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
              config_version = excluded.config_version, session = excluded.session,
              replica = excluded.replica",
-            rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+            args![
+                c.id,
+                c.app,
+                c.deployment,
+                c.hostname,
+                c.entrypoint_pid,
+                c.entrypoint_version,
+                now,
+                s1,
+                s2,
+                s3,
+                s4,
+                s5,
+                s6,
+                s7,
+                s8,
+                s9,
+                c.session,
+                c.token_hash,
+                replica
+            ],
         )?;
-    }
-    tx.commit()?;
-    Ok(Ok(status))
+        Ok(Ok(status))
+    })
 }
 
 const STATUS_COLS: &str = "child_state, child_pid, exit_code, exit_signal, oom_killed, \
     child_rss_bytes, child_cpu_ms, starts, config_version";
 
 /// Reads the [`STATUS_COLS`] starting at column `at`.
-fn status_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ChildStatus> {
+fn status_from_row(r: &Row, at: usize) -> Result<ChildStatus> {
     Ok(ChildStatus {
-        state: ChildStatus::state_from_text(r.get::<_, Option<String>>(at)?.as_deref()),
+        state: ChildStatus::state_from_text(r.get::<Option<String>>(at)?.as_deref()),
         child_pid: r.get(at + 1)?,
         exit_code: r.get(at + 2)?,
         exit_signal: r.get(at + 3)?,
         oom_killed: r.get(at + 4)?,
-        child_rss_bytes: r.get::<_, i64>(at + 5)? as u64,
-        child_cpu_ms: r.get::<_, i64>(at + 6)? as u64,
+        child_rss_bytes: r.get::<i64>(at + 5)? as u64,
+        child_cpu_ms: r.get::<i64>(at + 6)? as u64,
         starts: r.get(at + 7)?,
-        config_version: r.get::<_, i64>(at + 8)? as u64,
+        config_version: r.get::<i64>(at + 8)? as u64,
     })
 }
 
 /// Periodic flush of live instances' last-seen time and child status, in one transaction.
 pub fn flush_live(db: &mut Db, rows: &[FlushRow]) -> Result<()> {
-    let tx = db.conn.transaction()?;
-    {
-        let mut stmt = tx.prepare(
-            "UPDATE instances SET last_seen_at = ?2, child_state = ?3, child_pid = ?4,
-                 exit_code = ?5, exit_signal = ?6, oom_killed = ?7, child_rss_bytes = ?8,
-                 child_cpu_ms = ?9, starts = ?10, config_version = ?11
-             WHERE id = ?1 AND session = ?12 AND disconnected_at IS NULL",
-        )?;
+    db.transaction(Begin::Deferred, |db| {
         for (id, session, last_seen, status) in rows {
-            let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> =
-                vec![Box::new(id), Box::new(*last_seen)];
-            p.extend(status_params(status));
-            p.push(Box::new(*session));
-            stmt.execute(rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())))?;
+            let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(status);
+            db.execute(
+                "UPDATE instances SET last_seen_at = ?2, child_state = ?3, child_pid = ?4,
+                     exit_code = ?5, exit_signal = ?6, oom_killed = ?7, child_rss_bytes = ?8,
+                     child_cpu_ms = ?9, starts = ?10, config_version = ?11
+                 WHERE id = ?1 AND session = ?12 AND disconnected_at IS NULL",
+                args![id, last_seen, s1, s2, s3, s4, s5, s6, s7, s8, s9, session],
+            )?;
         }
-    }
-    tx.commit()?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The connection ended: record the final status and how it ended.
@@ -497,20 +716,15 @@ pub fn mark_disconnected(
     } else {
         "lost"
     };
-    let mut p: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![
-        Box::new(id),
-        Box::new(last_seen),
-        Box::new(now),
-        Box::new(ended),
-    ];
-    p.extend(status_params(status));
-    p.push(Box::new(session));
-    db.conn.execute(
+    let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(status);
+    db.execute(
         "UPDATE instances SET last_seen_at = ?2, disconnected_at = ?3, ended = ?4,
              child_state = ?5, child_pid = ?6, exit_code = ?7, exit_signal = ?8, oom_killed = ?9,
              child_rss_bytes = ?10, child_cpu_ms = ?11, starts = ?12, config_version = ?13
          WHERE id = ?1 AND session = ?14",
-        rusqlite::params_from_iter(p.iter().map(|b| b.as_ref())),
+        args![
+            id, last_seen, now, ended, s1, s2, s3, s4, s5, s6, s7, s8, s9, session
+        ],
     )?;
     Ok(())
 }
@@ -520,45 +734,49 @@ pub fn mark_disconnected(
 pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<InstanceRow>> {
     const COLS: &str = "id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
         connected_at, last_seen_at, disconnected_at, ended, child_state, child_pid, exit_code,
-        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version";
+        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version, replica";
     let sql = format!(
         "SELECT {COLS} FROM (
              SELECT {COLS}, 0 AS grp, connected_at AS ord FROM instances
-                 WHERE disconnected_at IS NULL AND (?1 IS NULL OR app = ?1)
+                 WHERE disconnected_at IS NULL AND (CAST(?1 AS TEXT) IS NULL OR app = ?1)
              UNION ALL
              SELECT {COLS}, 1 AS grp, disconnected_at AS ord FROM (
                  SELECT *, ROW_NUMBER() OVER (PARTITION BY app ORDER BY disconnected_at DESC) AS rn
-                 FROM instances WHERE ?2 AND disconnected_at IS NOT NULL AND (?1 IS NULL OR app = ?1)
-             ) WHERE rn <= {GONE_PER_APP}
-         ) ORDER BY grp, ord DESC, id"
+                 FROM instances WHERE ?2 = 1 AND disconnected_at IS NOT NULL
+                     AND (CAST(?1 AS TEXT) IS NULL OR app = ?1)
+             ) AS gone WHERE rn <= {GONE_PER_APP}
+         ) AS listed ORDER BY grp, ord DESC, id"
     );
-    let mut stmt = db.conn.prepare(&sql)?;
-    let rows = stmt.query_map(params![app, all], |r| {
-        Ok(InstanceRow {
-            id: r.get(0)?,
-            app: r.get(1)?,
-            deployment: r.get(2)?,
-            hostname: r.get(3)?,
-            entrypoint_pid: r.get(4)?,
-            entrypoint_version: r.get(5)?,
-            connected_at: r.get(6)?,
-            last_seen_at: r.get(7)?,
-            disconnected_at: r.get(8)?,
-            ended: r.get(9)?,
-            status: status_from_row(r, 10)?,
+    db.query(&sql, args![app, all])?
+        .iter()
+        .map(|r| {
+            Ok(InstanceRow {
+                id: r.get(0)?,
+                app: r.get(1)?,
+                deployment: r.get(2)?,
+                hostname: r.get(3)?,
+                entrypoint_pid: r.get(4)?,
+                entrypoint_version: r.get(5)?,
+                connected_at: r.get(6)?,
+                last_seen_at: r.get(7)?,
+                disconnected_at: r.get(8)?,
+                ended: r.get(9)?,
+                status: status_from_row(r, 10)?,
+                replica: r.get(19)?,
+            })
         })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use rusqlite::Connection;
+    use std::path::Path;
+
     fn mem() -> Db {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        Db { conn }
+        memory()
     }
 
     fn connected(id: &str, app: &str) -> Connected {
@@ -575,13 +793,13 @@ mod tests {
     }
 
     fn app_of(c: &Db, id: &str) -> (String, String, Option<String>, i64) {
-        c.conn
-            .query_row(
+        raw(c, |c| {
+            c.query_row(
                 "SELECT app, deployment, token_hash, session FROM instances WHERE id = ?1",
                 [id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
-            .unwrap()
+        })
     }
 
     #[test]
@@ -641,9 +859,9 @@ mod tests {
         upsert_connected(&mut c, &connected("old", "b"), None, 10)
             .unwrap()
             .unwrap();
-        c.conn
-            .execute("UPDATE instances SET token_hash = NULL", [])
-            .unwrap();
+        raw(&c, |c| {
+            c.execute("UPDATE instances SET token_hash = NULL", [])
+        });
         assert_eq!(
             upsert_connected(&mut c, &connected("old", "a"), None, 20).unwrap(),
             Err(Conflict::App)
@@ -666,12 +884,12 @@ mod tests {
         use super::Conflict;
         let mut c = mem();
         create_app(&c, "a", 1).unwrap();
-        c.conn
-            .execute(
+        raw(&c, |c| {
+            c.execute(
                 "INSERT INTO log_sources (instance, app) VALUES ('ll', 'b')",
                 [],
             )
-            .unwrap();
+        });
         assert_eq!(
             upsert_connected(&mut c, &connected("ll", "a"), None, 10).unwrap(),
             Err(Conflict::App)
@@ -687,7 +905,7 @@ mod tests {
     fn racing_hellos_for_a_new_id_bind_it_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("race.db");
-        let st = Store::open(&path).unwrap();
+        let st = Store::open(&Location::Sqlite(path.clone())).unwrap();
         st.with(|c| {
             create_app(c, "a", 1)?;
             create_app(c, "b", 1)
@@ -703,7 +921,7 @@ mod tests {
                     let conn = Connection::open(&path).unwrap();
                     conn.busy_timeout(std::time::Duration::from_secs(5))
                         .unwrap();
-                    let mut conn = Db { conn };
+                    let mut conn = Db::sqlite(conn);
                     let (id, barrier) = (id.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
@@ -728,11 +946,11 @@ mod tests {
     fn exec_session_ids_survive_reopening_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let st = Store::open(&path).unwrap();
+        let st = Store::open(&Location::Sqlite(path.clone())).unwrap();
         assert_eq!(st.with(next_exec_session).unwrap(), 1);
         assert_eq!(st.with(next_exec_session).unwrap(), 2);
         drop(st);
-        let st = Store::open(&path).unwrap();
+        let st = Store::open(&Location::Sqlite(path.clone())).unwrap();
         assert_eq!(st.with(next_exec_session).unwrap(), 3);
     }
 
@@ -883,7 +1101,7 @@ mod tests {
     fn databases_of_the_previous_build_open_and_migrate() {
         let dir = tempfile::tempdir().unwrap();
         let fresh = dir.path().join("fresh.db");
-        drop(Store::open(&fresh).unwrap());
+        drop(Store::open(&Location::Sqlite(fresh.clone())).unwrap());
         let (want, version) = schema(&fresh);
         assert_eq!(version as usize, MIGRATIONS.len());
         // A database at every schema version the previous build could leave behind: this build
@@ -902,7 +1120,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            let st = Store::open(&path).unwrap();
+            let st = Store::open(&Location::Sqlite(path.clone())).unwrap();
             assert_eq!(
                 schema(&path),
                 (want.clone(), version),
@@ -927,7 +1145,10 @@ mod tests {
             .unwrap()
             .pragma_update(None, "user_version", (MIGRATIONS.len() + 1) as i64)
             .unwrap();
-        let err = Store::open(&newer).err().expect("refused").to_string();
+        let err = Store::open(&Location::Sqlite(newer.clone()))
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("newer waypost"), "{err}");
     }
 
@@ -968,10 +1189,10 @@ mod tests {
                 .unwrap();
             }
         }
-        drop(Store::open(&path).unwrap());
-        let mut db = connect(&path).unwrap();
-        assert_eq!(logs::convert_line_rows(&mut db).unwrap(), 7);
-        assert_eq!(logs::convert_line_rows(&mut db).unwrap(), 0, "once only");
+        drop(Store::open(&Location::Sqlite(path.clone())).unwrap());
+        let db = connect(&Location::Sqlite(path.clone())).unwrap();
+        assert_eq!(logs::convert_line_rows(&db).unwrap(), 7);
+        assert_eq!(logs::convert_line_rows(&db).unwrap(), 0, "once only");
         assert_eq!(
             logs::max_line_id(&db).unwrap(),
             9,
@@ -1026,12 +1247,11 @@ mod tests {
 
     #[test]
     fn migrations_are_idempotent() {
-        let mut c = mem();
-        migrate(&mut c.conn).unwrap();
-        let v: i64 = c
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let c = mem();
+        migrate(&c).unwrap();
+        let v: i64 = raw(&c, |c| {
+            c.pragma_query_value(None, "user_version", |r| r.get(0))
+        });
         assert_eq!(v as usize, MIGRATIONS.len());
     }
 

@@ -31,7 +31,7 @@
 use crate::server::model::InstanceId;
 use crate::server::service::mux::{PickError, StreamProbe};
 use crate::server::store;
-use crate::server::transport::{Shared, accept, serve_http};
+use crate::server::transport::{Shared, accept, peer, serve_http};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -142,6 +142,26 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sende
                 tracing::debug!(%peer, error = %e, "ingress connection error");
             }
         });
+    }
+}
+
+/// An instance of `app` held by another replica (transport/peer.rs), if any; a database error
+/// counts as none (logged).
+async fn remote(
+    shared: &Shared,
+    app: &str,
+    prefix: Option<&str>,
+) -> Option<crate::server::model::members::RemoteInstance> {
+    match peer::find_remote(shared, app, prefix).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                app,
+                error = format!("{e:#}"),
+                "looking for another replica's instance failed"
+            );
+            None
+        }
     }
 }
 
@@ -321,7 +341,9 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-async fn handle(
+/// Serves one visitor request (also one that another replica forwarded over the hop: then
+/// `peer` is the visitor and the request is marked [`peer::Hopped`]).
+pub(crate) async fn handle(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -367,6 +389,31 @@ async fn handle(
     };
     let instance = match shared.mux.pick_url(&app, prefix.as_deref()) {
         Ok(id) => id,
+        // Not here: another replica may hold one (one hop; a hopped request is never sent on).
+        Err(PickError::NoLive { .. } | PickError::NoSuchInstance { .. })
+            if req.extensions().get::<peer::Hopped>().is_none()
+                && let Some(remote) = remote(shared, &app, prefix.as_deref()).await =>
+        {
+            return match peer::forward_ingress(shared, &remote, peer, req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::warn!(
+                        app,
+                        replica = remote.replica,
+                        error = format!("{e:#}"),
+                        "ingress hop failed"
+                    );
+                    page(
+                        StatusCode::BAD_GATEWAY,
+                        "bad-gateway",
+                        "Bad gateway",
+                        &format!(
+                            "The waypost replica holding app {app}'s instance could not be reached."
+                        ),
+                    )
+                }
+            };
+        }
         Err(e) => {
             let detail = match &e {
                 PickError::NoLive { .. } => format!(

@@ -1,11 +1,13 @@
-//! The transports: the three listeners and what they speak. `control` (TLS, the frame protocol,
-//! for entrypoints), `api` (HTTPS JSON, for the CLI) and `ingress` (plain HTTP, the URL service).
+//! The transports: the listeners and what they speak. `control` (TLS, the frame protocol, for
+//! entrypoints), `api` (HTTPS JSON, for the CLI), `ingress` (plain HTTP, the URL service) and,
+//! with `--peer-addr`, `peer` (TLS with client certificates: the hop between replicas).
 //! They hold no state of their own beyond connections: everything they share is in [`Shared`]
 //! (the services and the store), built by `server::run`.
 
 pub mod api;
 pub mod control;
 pub mod ingress;
+pub mod peer;
 
 use crate::server::service::{config::ConfigService, live, logs::LogService, mux::Mux};
 use crate::server::store::Store;
@@ -42,6 +44,8 @@ pub struct Shared {
     pub logs: LogService,
     /// This replica's id (service/members.rs), recorded on the instances it holds.
     pub replica: String,
+    /// The client side of the replica-to-replica hop (peer.rs).
+    pub peers: peer::Peers,
     /// Flips to true once on SIGTERM/SIGINT.
     pub shutdown: watch::Receiver<bool>,
 }

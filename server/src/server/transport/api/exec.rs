@@ -36,6 +36,7 @@ use super::{ApiError, require_app};
 use crate::server::service::mux::{ExecRoute, INITIAL_WINDOW, OUT_CHUNK, PickError};
 use crate::server::store;
 use crate::server::transport::Shared;
+use crate::server::transport::peer::{self, Hopped};
 use axum::extract::ws::{
     Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
@@ -77,6 +78,8 @@ struct ExecQuery {
 
 async fn exec_ws(
     State(s): State<AppState>,
+    hopped: Option<axum::Extension<Hopped>>,
+    headers: axum::http::HeaderMap,
     q: Result<Query<ExecQuery>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -113,6 +116,15 @@ async fn exec_ws(
     };
     let route = match s.mux.open_exec(&app, prefix.as_deref(), session) {
         Ok(r) => r,
+        // Not here: another replica may hold it (one hop; a hopped request is never sent on).
+        Err(e @ (PickError::NoLive { .. } | PickError::NoSuchInstance { .. }))
+            if hopped.is_none() =>
+        {
+            return match forward(&s, &app, prefix.as_deref(), &headers, ws).await {
+                Some(r) => r,
+                None => err(pick_status(&e), &e.to_string()),
+            };
+        }
         Err(e) => {
             let status = match e {
                 PickError::NoSuchInstance { .. } => StatusCode::NOT_FOUND,
@@ -130,6 +142,62 @@ async fn exec_ws(
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move { relay(socket, route).await })
+}
+
+fn pick_status(e: &PickError) -> StatusCode {
+    match e {
+        PickError::NoSuchInstance { .. } => StatusCode::NOT_FOUND,
+        _ => StatusCode::CONFLICT,
+    }
+}
+
+/// The exec goes to an instance held by another replica, if there is one: the WebSocket is
+/// opened there first (so its refusal reaches the client as an ordinary error), then the
+/// client's is accepted and the two are relayed (transport/peer.rs). None: no other replica
+/// holds a matching instance.
+async fn forward(
+    s: &Arc<Shared>,
+    app: &str,
+    prefix: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Option<Response> {
+    let remote = match peer::find_remote(s, app, prefix).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => return Some(ApiError::from(e).into_response()),
+    };
+    let auth = headers.get(axum::http::header::AUTHORIZATION);
+    let upstream = match peer::open_exec(s, &remote, app, auth).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(refused)) => return Some(err(refused.status, &refused.message)),
+        Err(e) => {
+            tracing::warn!(
+                app,
+                replica = remote.replica,
+                error = format!("{e:#}"),
+                "exec hop failed"
+            );
+            return Some(err(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "instance {} is held by replica {} at {}, which cannot be reached: {e:#}",
+                    remote.id, remote.replica, remote.peer_addr
+                ),
+            ));
+        }
+    };
+    tracing::info!(
+        app,
+        instance = remote.id,
+        replica = remote.replica,
+        "exec session relayed to the holding replica"
+    );
+    Some(
+        ws.max_message_size(MAX_MESSAGE)
+            .max_frame_size(MAX_MESSAGE)
+            .on_upgrade(move |socket| peer::relay_exec(socket, upstream)),
+    )
 }
 
 fn err(status: StatusCode, msg: &str) -> Response {

@@ -63,6 +63,17 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        if store::is_unavailable(&e) {
+            // Not this request's fault, and over once the database is back: 503, said plainly.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "API request failed: database unavailable"
+            );
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unavailable; try again shortly",
+            );
+        }
         tracing::error!(error = format!("{e:#}"), "API request failed");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
     }
@@ -444,6 +455,8 @@ struct InstanceJson {
     child_cpu_ms: u64,
     starts: u32,
     config_version: u64,
+    /// The replica holding its connection (`server members`); once gone, the last one that did.
+    replica: Option<String>,
 }
 
 async fn list_instances(
@@ -463,9 +476,10 @@ async fn list_instances(
     let instances: Vec<InstanceJson> = rows
         .into_iter()
         .map(|mut r| {
-            // A live instance's heartbeat data in memory is fresher than its row.
+            // The row says whether it is live (held here or by another replica); the heartbeat
+            // data in memory of one held here is fresher than its row.
+            let live = r.disconnected_at.is_none();
             let snap = model::parse_id(&r.id).and_then(|id| s.live.snapshot(&id));
-            let live = snap.is_some() && r.disconnected_at.is_none();
             if let (true, Some((last_seen, status))) = (live, snap) {
                 r.last_seen_at = last_seen;
                 r.status = status;
@@ -491,6 +505,7 @@ async fn list_instances(
                 child_cpu_ms: r.status.child_cpu_ms,
                 starts: r.status.starts,
                 config_version: r.status.config_version,
+                replica: r.replica,
             }
         })
         .collect();

@@ -1,0 +1,311 @@
+//! The replica-to-replica hop: how the API and ingress of one replica reach an instance whose
+//! control connection another replica holds (see "Replicas" in docs/architecture.md).
+//!
+//! Each replica started with `--peer-addr` runs a peer listener there: TLS 1.3 with its server
+//! certificate, and a client certificate signed by the cluster CA required of every connection
+//! (replicas sign themselves one at start, service/pki.rs; nobody else holds the CA key). Over it
+//! a replica speaks plain HTTP/1.1:
+//! - API requests (`/v1/...`, the exec WebSocket) are served by the same router as the API
+//!   listener, with the caller's `Authorization` forwarded and checked again;
+//! - ingress requests carry `x-waypost-hop: ingress` and `x-waypost-hop-client: IP:PORT` (the
+//!   visitor, for X-Forwarded-For) and are served by the ingress as if they had arrived there.
+//!
+//! Every request that arrives over the hop is marked ([`Hopped`]) and served from this replica's
+//! own instances only: one hop, never a loop. Where a request goes: the instance registry in the
+//! database says which replica holds an instance ([`find_remote`]); only replicas that beat within
+//! the lease and have a peer address are used.
+//!
+//! Not here: `logs -f` needs no hop (every replica's log writer commits into the one database and
+//! announces it; service/logs.rs), nor do config pushes (service/fanout.rs).
+
+use crate::server::model::members::{LEASE, RemoteInstance};
+use crate::server::service::pki::{self, Pki};
+use crate::server::store;
+use crate::server::transport::{Shared, accept, ingress, serve_http};
+use anyhow::{Context as _, Result, anyhow};
+use axum::extract::ws::{Message as AxMessage, WebSocket};
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_tungstenite::tungstenite::{self, Message as TgMessage, client::ClientRequestBuilder};
+
+/// Marks a request that arrived over the hop (an extension set by the peer listener).
+#[derive(Debug, Clone, Copy)]
+pub struct Hopped;
+
+/// The header that routes a hopped request to the ingress, and its value.
+pub const HOP_HEADER: &str = "x-waypost-hop";
+const HOP_INGRESS: &str = "ingress";
+/// The visitor's address on a hopped ingress request (trusted only over the hop).
+pub const HOP_CLIENT_HEADER: &str = "x-waypost-hop-client";
+
+/// Connecting to a peer (TCP and TLS) may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer connection has this long to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest WebSocket message relayed (as the exec endpoint's own cap).
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// The client side of the hop.
+pub struct Peers {
+    connector: TlsConnector,
+}
+
+impl Peers {
+    pub fn new(pki: &Pki) -> Result<Peers> {
+        Ok(Peers {
+            connector: TlsConnector::from(pki::peer_client_config(pki, &[b"http/1.1"])?),
+        })
+    }
+
+    /// A TLS connection to the peer listener at `addr` (HOST:PORT), both ends authenticated.
+    pub async fn connect(&self, addr: &str) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let host = addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .ok_or_else(|| anyhow!("peer address {addr:?} has no port"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .with_context(|| format!("peer address {addr:?}: not a host name"))?;
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            self.connector.connect(name, tcp).await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| anyhow!("replica {addr} did not answer within {CONNECT_TIMEOUT:?}"))?
+            .with_context(|| format!("cannot reach replica {addr}"))
+    }
+}
+
+/// A live instance of `app` (whose hex id starts with `prefix`, if given) held by another replica
+/// that is up and reachable; the most recently connected first. None if there is none.
+pub async fn find_remote(
+    shared: &Shared,
+    app: &str,
+    prefix: Option<&str>,
+) -> Result<Option<RemoteInstance>> {
+    let (app, prefix, me) = (
+        app.to_string(),
+        prefix.map(str::to_string),
+        shared.replica.clone(),
+    );
+    let fresh_after = crate::util::now_ms().saturating_sub(LEASE.as_millis() as i64);
+    let found = shared
+        .store
+        .call(move |c| {
+            store::members::remote_instances(c, &app, prefix.as_deref(), &me, fresh_after)
+        })
+        .await?;
+    Ok(found.into_iter().next())
+}
+
+// ---- the listener ------------------------------------------------------------------------------
+
+/// Accepts peer connections until shutdown. `done`: see `control::serve`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    done: mpsc::Sender<()>,
+) {
+    let api = super::api::router(shared.clone());
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let Some((tcp, peer)) = accept(&listener, &mut shutdown, "peer").await else {
+            break;
+        };
+        let (acceptor, api, done, shared) =
+            (acceptor.clone(), api.clone(), done.clone(), shared.clone());
+        tokio::spawn(async move {
+            let _done = done;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    return tracing::info!(%peer, error = %e, "peer TLS handshake refused");
+                }
+                Err(_) => return tracing::debug!(%peer, "peer TLS handshake timed out"),
+            };
+            let shutdown = shared.shutdown.clone();
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let (api, shared) = (api.clone(), shared.clone());
+                req.extensions_mut().insert(Hopped);
+                async move {
+                    let is_ingress = req
+                        .headers()
+                        .get(HOP_HEADER)
+                        .is_some_and(|v| v.as_bytes() == HOP_INGRESS.as_bytes());
+                    let resp = if is_ingress {
+                        let client = req
+                            .headers()
+                            .get(HOP_CLIENT_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<SocketAddr>().ok())
+                            .unwrap_or(peer);
+                        ingress::handle(&shared, client, req)
+                            .await
+                            .map(axum::body::Body::new)
+                    } else {
+                        use hyper::service::Service as _;
+                        let svc = hyper_util::service::TowerToHyperService::new(api);
+                        match svc.call(req).await {
+                            Ok(r) => r,
+                            Err(never) => match never {},
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            if let Err(e) = serve_http(TokioIo::new(tls), service, shutdown).await {
+                tracing::debug!(%peer, error = %e, "peer connection error");
+            }
+        });
+    }
+}
+
+// ---- forwarding: the ingress ---------------------------------------------------------------------
+
+/// Sends a visitor's request on to the replica holding `to`, and its response back (bodies
+/// streamed both ways; an upgrade, e.g. a WebSocket, bridged byte for byte).
+pub async fn forward_ingress(
+    shared: &Shared,
+    to: &RemoteInstance,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Either<Incoming, http_body_util::Full<Bytes>>>> {
+    let tls = shared.peers.connect(&to.peer_addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .context("HTTP with the replica")?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let upgrade = req
+        .headers()
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let h = req.headers_mut();
+    h.insert(HOP_HEADER, HeaderValue::from_static(HOP_INGRESS));
+    h.insert(
+        HOP_CLIENT_HEADER,
+        HeaderValue::from_str(&client.to_string()).context("client address")?,
+    );
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .context("the replica dropped the request")?;
+    if let (Some(visitor), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(a), Ok(b)) = (visitor.await, upstream.await) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+        });
+    }
+    Ok(resp.map(Either::Left))
+}
+
+// ---- forwarding: exec ----------------------------------------------------------------------------
+
+type PeerWs = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Why the replica holding the instance refused an exec: its status and message, passed on.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// Opens the exec WebSocket on the replica holding `to` (the request as the client made it, with
+/// the instance pinned to `to`'s id). `Ok(Err(refused))`: that replica answered with an error
+/// before the upgrade (as the client should see it).
+pub async fn open_exec(
+    shared: &Shared,
+    to: &RemoteInstance,
+    app: &str,
+    authorization: Option<&HeaderValue>,
+) -> Result<std::result::Result<PeerWs, Refused>> {
+    let tls = shared.peers.connect(&to.peer_addr).await?;
+    let uri: tungstenite::http::Uri = format!(
+        "wss://{}/v1/exec?app={}&instance={}",
+        to.peer_addr, app, to.id
+    )
+    .parse()
+    .context("building the exec URL")?;
+    let mut req = ClientRequestBuilder::new(uri);
+    if let Some(auth) = authorization.and_then(|v| v.to_str().ok()) {
+        req = req.with_header("Authorization", auth);
+    }
+    let mut config = tungstenite::protocol::WebSocketConfig::default();
+    config.max_message_size = Some(MAX_MESSAGE);
+    config.max_frame_size = Some(MAX_MESSAGE);
+    match tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await {
+        Ok((ws, _)) => Ok(Ok(ws)),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = resp.body().clone().unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| status.to_string());
+            Ok(Err(Refused { status, message }))
+        }
+        Err(e) => Err(anyhow!(
+            "the exec WebSocket to replica {} failed: {e}",
+            to.peer_addr
+        )),
+    }
+}
+
+/// Relays messages between the client's WebSocket and the one to the holding replica until
+/// either side closes. Backpressure end to end: a message is read from one side only after the
+/// previous one was written to the other.
+pub async fn relay_exec(client: WebSocket, upstream: PeerWs) {
+    let (mut c_tx, mut c_rx) = client.split();
+    let (mut u_tx, mut u_rx) = upstream.split();
+    let up = async {
+        while let Some(Ok(m)) = c_rx.next().await {
+            let m = match m {
+                AxMessage::Text(t) => TgMessage::Text(t.as_str().into()),
+                AxMessage::Binary(b) => TgMessage::Binary(b),
+                AxMessage::Close(_) => break,
+                AxMessage::Ping(_) | AxMessage::Pong(_) => continue,
+            };
+            if u_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = u_tx.close().await;
+    };
+    let down = async {
+        while let Some(Ok(m)) = u_rx.next().await {
+            let m = match m {
+                TgMessage::Text(t) => AxMessage::Text(t.as_str().into()),
+                TgMessage::Binary(b) => AxMessage::Binary(b),
+                TgMessage::Close(_) => break,
+                TgMessage::Ping(_) | TgMessage::Pong(_) | TgMessage::Frame(_) => continue,
+            };
+            if c_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = c_tx.close().await;
+    };
+    // The exit message comes down before the upstream closes; the client's close ends both.
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+    }
+}
