@@ -15,6 +15,7 @@
 #   EXEC_BYTES       `exec -- cat` volume [100MiB]         FLEET_INSTANCES  [10000]
 #   FLEET_DURATION   fleet steady phase [60s]              SKIP_FLEET=1   leave the fleet out
 #   SKIP_PEERS=1     no rathole/bore rows (otherwise built once with cargo install into target/)
+#   SKIP_REPLICAS=1  no fleet on 2 replicas + PostgreSQL (bench/fleet-replicas.sh; needs PostgreSQL)
 #   NOTE             free text for the history line        KEEP=1         keep the work directory
 #
 # Everything runs on loopback on this machine; the load average at start and end is in the
@@ -49,6 +50,7 @@ FLEET_INSTANCES="${FLEET_INSTANCES:-10000}"
 FLEET_DURATION="${FLEET_DURATION:-60s}"
 SKIP_FLEET="${SKIP_FLEET:-0}"
 SKIP_PEERS="${SKIP_PEERS:-0}"
+SKIP_REPLICAS="${SKIP_REPLICAS:-0}"
 
 say() { printf '\n== %s\n' "$*" >&2; }
 warn() { printf 'bench.sh: %s\n' "$*" >&2; }
@@ -330,6 +332,17 @@ if ((HAVE_LOGS)); then
     fi
 fi
 
+# The same block-mode flood against a fresh server of each backend, side by side (PostgreSQL
+# durable: fsync and synchronous commit on); bench/log-ingest.sh, a quarter of LOG_BYTES.
+BACKENDS_MD="(skipped: the server has no log storage)"
+if ((HAVE_LOGS)); then
+    say "logs: delivered (stored) on SQLite and on PostgreSQL"
+    BACKENDS_MD="$("$BENCH/log-ingest.sh" "$( ((quick)) && echo 16MiB || echo 256MiB)" 2>"$WORK/ingest-backends.err")" ||
+        BACKENDS_MD="${BACKENDS_MD}
+
+The run failed: $(tail -n3 "$WORK/ingest-backends.err" | tr '\n' ' ')"
+fi
+
 # ---- 6. tunnel --------------------------------------------------------------------------------------
 # Peer tunnels for the same figures, built once from crates.io into target/bench-peers.
 RATHOLE_VERSION=0.5.0
@@ -467,6 +480,20 @@ else
     FLEET_MD="(skipped: SKIP_FLEET=1)"
 fi
 
+# ---- 8. fleet on replicas sharing PostgreSQL, next to the SQLite fleet above -----------------------
+REPLICAS_MD="(skipped: SKIP_REPLICAS=1 or SKIP_FLEET=1)"
+if [[ "$SKIP_FLEET" != 1 && "$SKIP_REPLICAS" != 1 ]]; then
+    say "fleet: $FLEET_INSTANCES simulated entrypoints against 2 replicas sharing PostgreSQL"
+    rc=0
+    REPLICAS_MD="$(BASELINE_JSON="$( [[ -s "$WORK/fleet.json" ]] && echo "$WORK/fleet.json" || true)" \
+        FLEET_INSTANCES="$FLEET_INSTANCES" FLEET_DURATION="$FLEET_DURATION" \
+        FLEET_IDLE="$( ((quick)) && echo 4s || echo 30s)" FLEET_BURST="$( ((quick)) && echo 2s || echo 10s)" \
+        "$BENCH/fleet-replicas.sh" 2>"$WORK/replicas.err")" || rc=$?
+    ((rc == 0)) || REPLICAS_MD="${REPLICAS_MD}
+
+The replicas run failed ($rc): $(tail -n3 "$WORK/replicas.err" | tr '\n' ' ')"
+fi
+
 T_END=$(date +%s)
 LOAD_END="$(loadavg)"
 
@@ -548,6 +575,10 @@ exec_rows() {
     echo "| server ingest | $(fmt "$INGEST_LPS" 0) lines/s | | | $INGEST_NOTE |"
     echo "| delivered (stored), WAYPOST_LOG_MODE=block | ${BLOCK_STORED_MIBS:-n/a} MiB/s | ${BLOCK_CHILD_MIBS:-n/a} MiB/s the child's own write speed | $(ratio "${BLOCK_STORED_MIBS:-}" "${BLOCK_CHILD_MIBS:-}") | $BLOCK_NOTE |"
     echo
+    echo "Delivered (stored) by backend: \`bench/log-ingest.sh\`, the block-mode flood into a fresh server on each (PostgreSQL 15 local, fsync and synchronous commit on):"
+    echo
+    echo "$BACKENDS_MD"
+    echo
     echo "## URL service (tunnel) and exec"
     echo
     echo "| figure | waypost | baseline | ratio | note |"
@@ -562,6 +593,12 @@ exec_rows() {
     echo "\`waypost-fleet --spawn-server --instances $FLEET_INSTANCES --duration $FLEET_DURATION\`: tokio tasks speaking the real protocol (TLS 1.3, Hello/Welcome, Ping + Status every 15 s, LogBatch/LogAck, ConfigApplied, the entrypoint's jittered backoff), on loopback; the simulator shares the 2 cores with the server."
     echo
     echo "$FLEET_MD"
+    echo
+    echo "## Fleet: 2 replicas sharing PostgreSQL, next to the one server on SQLite above"
+    echo
+    echo "\`bench/fleet-replicas.sh\`: \`waypost-fleet --spawn-server --replicas 2 --database postgres://...\`, same instances and phases; each instance starts at a random replica and moves to the next on loss, as the entrypoint does with a WAYPOST_SERVER list; the run ends by SIGKILLing replica B. PostgreSQL runs with fsync, synchronous_commit and full_page_writes on. Both replicas, PostgreSQL and the simulator share the 2 cores."
+    echo
+    echo "$REPLICAS_MD"
 } >"$REPORT"
 
 if [[ ! -s "$HISTORY" ]]; then

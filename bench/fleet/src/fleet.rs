@@ -1,7 +1,8 @@
 //! `waypost-fleet`: N simulated entrypoints — tokio tasks speaking the real protocol (TLS
 //! 1.3 + ALPN `waypost/1`, Hello → Welcome, Ping + Status every heartbeat, LogBatch with
 //! sequence numbers and resend after reconnect, ConfigApplied, the entrypoint's jittered
-//! exponential backoff) — against one server, and what that fleet costs the server.
+//! exponential backoff) — against one server or several replicas sharing PostgreSQL, and what
+//! that fleet costs the servers (and the database).
 //!
 //! Phases, one run:
 //! 1. ramp: every instance connects (at most `--connect-concurrency` handshakes in flight, so
@@ -14,7 +15,11 @@
 //! 5. burst: every instance sends batches back to back (one unacknowledged batch each) for
 //!    `--burst`; the server's peak ingest rate;
 //! 6. restart (with `--spawn-server`): SIGKILL the server, start it again on the same ports and
-//!    data directory; time until every instance is welcomed again.
+//!    data directory; time until every instance is welcomed again. With `--replicas N` (and
+//!    `--database URL`) a failover instead: SIGKILL the last replica; time until its instances
+//!    are welcomed by another (each instance starts at a random replica and moves to the next on
+//!    loss, as the entrypoint does with a WAYPOST_SERVER list), and until the first replica's API
+//!    lists them all live there.
 //!
 //! The simulator shares the machine with the server (that is the point of a loopback test), so
 //! its own CPU is reported next to the server's.
@@ -64,8 +69,10 @@ pub struct FleetArgs {
     /// Number of simulated entrypoints.
     #[arg(long, default_value_t = 1000)]
     instances: usize,
-    /// Control address of an existing server (needs --ca and --token).
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "spawn_server", requires_all = ["ca", "token"])]
+    /// Control address of an existing server, or several replicas' comma-separated (needs --ca
+    /// and --token). Each instance starts at a random one and moves to the next on loss, as the
+    /// entrypoint does with a WAYPOST_SERVER list.
+    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "spawn_server", requires_all = ["ca", "token"])]
     server: Option<String>,
     /// The server's CA: PEM text, base64 of it, or a path.
     #[arg(long)]
@@ -80,9 +87,27 @@ pub struct FleetArgs {
     /// Start a private server (fresh data dir, free ports) for the run, and restart it at the end.
     #[arg(long)]
     spawn_server: bool,
-    /// Data directory of the spawned server (default: a new temporary one, removed afterwards).
+    /// Data directory of the spawned server (default: a new temporary one, removed afterwards);
+    /// with --replicas N > 1, replica i gets DIR/replica-i.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Server replicas to spawn (with --spawn-server; more than one needs --database). The run
+    /// ends with a failover instead of a restart: the last replica is SIGKILLed and its instances
+    /// move to the others.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    replicas: u16,
+    /// A PostgreSQL URL the spawned replicas share (`server run --database`; each also gets
+    /// `--peer-addr 127.0.0.1:0`). Default: SQLite in the data dir.
+    #[arg(long, value_name = "URL", requires = "spawn_server")]
+    database: Option<String>,
+    /// The database server's main process (e.g. the postmaster's pid): its CPU, with its child
+    /// processes', is reported next to the servers'.
+    #[arg(long, value_name = "PID")]
+    database_pid: Option<u32>,
+    /// JSON results of another run (`--json`) to print side by side in the Markdown table, e.g.
+    /// the one-server SQLite fleet next to replicas on PostgreSQL.
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<PathBuf>,
     /// The `waypost` binary used to run the server and `config set` (default: the `waypost` next
     /// to this executable, else the one on PATH).
     #[arg(long)]
@@ -128,6 +153,9 @@ pub struct FleetArgs {
 
 pub fn run(a: FleetArgs) -> Result<i32> {
     let limit = waypost::server::raise_fd_limit();
+    if a.replicas > 1 && (!a.spawn_server || a.database.is_none()) {
+        bail!("--replicas above 1 needs --spawn-server and --database (replicas share PostgreSQL)");
+    }
     if (limit as usize) < a.instances + 64 {
         bail!(
             "the open-files limit is {limit}, too low for {} instances (raise the hard limit: ulimit -Hn)",
@@ -144,14 +172,17 @@ pub fn run(a: FleetArgs) -> Result<i32> {
 
 // ---- the simulated entrypoint -----------------------------------------------------------------
 
+/// `Fleet::replica_of` of an instance without a connection.
+const NONE: usize = usize::MAX;
+
 const LOGS_OFF: u8 = 0;
 const LOGS_TRICKLE: u8 = 1;
 const LOGS_BURST: u8 = 2;
 
 /// State shared by the coordinator and every simulated instance.
 struct Fleet {
-    addr: SocketAddr,
-    server_name: rustls::pki_types::ServerName<'static>,
+    /// The servers (replicas) an instance may connect to, in list order.
+    targets: Vec<(SocketAddr, rustls::pki_types::ServerName<'static>)>,
     connector: TlsConnector,
     token: String,
     sources: Vec<IpAddr>,
@@ -163,6 +194,8 @@ struct Fleet {
     epoch: Instant,
     /// Per instance: when it was last welcomed (ns since `epoch` + 1; 0 = never).
     welcomed_at: Vec<AtomicU64>,
+    /// Per instance: the index in `targets` of the server it is connected to (NONE: none).
+    replica_of: Vec<AtomicUsize>,
     /// Per instance: the newest config generation it has, and when it got it.
     config_gen: Vec<AtomicU64>,
     config_at: Vec<AtomicU64>,
@@ -199,6 +232,10 @@ struct Sim {
     id: [u8; 16],
     rng: u64,
     attempts: u32,
+    /// The index in `targets` of the server the next attempt goes to.
+    target: usize,
+    /// Failed attempts in the current round through `targets`.
+    failed_in_round: usize,
     /// Sequence number of the next new line.
     next_seq: u64,
     /// Every line below this is acknowledged by the server (or dropped).
@@ -239,7 +276,41 @@ fn unix_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// How a connection or an attempt ended, for the rounds over the server list.
+enum Outcome {
+    /// An established connection was lost.
+    Lost,
+    /// An attempt failed (refused, TLS, timeout, Reject with its retry hint).
+    Failed(Duration),
+}
+
 impl Sim {
+    /// Moves to the next server and returns the delay before the next attempt: the entrypoint's
+    /// rounds over its server list. A lost connection starts a new round at the next entry after
+    /// one backoff step; a failed attempt moves to the next entry at once, and only a round of
+    /// failures backs off (with one server: every failure).
+    fn next_attempt(&mut self, outcome: Outcome, n_targets: usize) -> Duration {
+        let n_targets = n_targets.max(1);
+        self.target = (self.target + 1) % n_targets;
+        let (at_least, round_over) = match outcome {
+            Outcome::Lost => {
+                self.failed_in_round = 0;
+                (Duration::ZERO, true)
+            }
+            Outcome::Failed(hint) => {
+                self.failed_in_round += 1;
+                (hint, self.failed_in_round >= n_targets)
+            }
+        };
+        if !round_over {
+            return at_least;
+        }
+        self.failed_in_round = 0;
+        let d = backoff::delay(self.attempts, &mut self.rng);
+        self.attempts = self.attempts.saturating_add(1);
+        d.max(at_least)
+    }
+
     /// A LogBatch of up to `max` unsent lines, or None.
     fn batch(&mut self, max: u64) -> Option<Kind> {
         // Drop the oldest beyond the resend buffer, as the entrypoint does.
@@ -291,6 +362,8 @@ async fn sim(f: Arc<Fleet>, idx: usize, mut stop: watch::Receiver<bool>) {
         id,
         rng: u64::from_le_bytes(id[..8].try_into().expect("8 bytes")) | 1,
         attempts: 0,
+        target: 0,
+        failed_in_round: 0,
         next_seq: 0,
         acked: 0,
         sent: 0,
@@ -299,6 +372,9 @@ async fn sim(f: Arc<Fleet>, idx: usize, mut stop: watch::Receiver<bool>) {
         config_version: 0,
         in_flight: None,
     };
+    // The first attempt goes to a random entry, so a fleet spreads over the replicas.
+    let n_targets = f.targets.len().max(1);
+    sim.target = (next_random(&mut sim.rng) % n_targets as u64) as usize;
     let mut first = true;
     loop {
         if f.stop.load(Relaxed) {
@@ -306,17 +382,16 @@ async fn sim(f: Arc<Fleet>, idx: usize, mut stop: watch::Receiver<bool>) {
         }
         let end = session(&f, &mut sim, &mut stop, first).await;
         first = false;
-        let at_least = match end {
+        let outcome = match end {
             Ok(End::Stop) => return,
-            Ok(End::Lost) => Duration::ZERO,
-            Ok(End::Rejected(hint)) => hint,
+            Ok(End::Lost) => Outcome::Lost,
+            Ok(End::Rejected(hint)) => Outcome::Failed(hint),
             Err(e) => {
                 f.note_error(format!("{e:#}"));
-                Duration::ZERO
+                Outcome::Failed(Duration::ZERO)
             }
         };
-        let delay = backoff::delay(sim.attempts, &mut sim.rng).max(at_least);
-        sim.attempts = sim.attempts.saturating_add(1);
+        let delay = sim.next_attempt(outcome, n_targets);
         tokio::select! {
             _ = sleep(delay) => {}
             _ = stop.changed() => return,
@@ -324,15 +399,16 @@ async fn sim(f: Arc<Fleet>, idx: usize, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn connect(f: &Fleet, idx: usize) -> Result<TlsStream<TcpStream>> {
-    let sock = if f.addr.is_ipv4() {
+async fn connect(f: &Fleet, idx: usize, target: usize) -> Result<TlsStream<TcpStream>> {
+    let (addr, server_name) = &f.targets[target];
+    let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     if !f.sources.is_empty() {
         let src = f.sources[idx % f.sources.len()];
-        if src.is_ipv4() == f.addr.is_ipv4() {
+        if src.is_ipv4() == addr.is_ipv4() {
             use std::os::fd::AsRawFd as _;
             let one: libc::c_int = 1;
             // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
@@ -351,8 +427,8 @@ async fn connect(f: &Fleet, idx: usize) -> Result<TlsStream<TcpStream>> {
         }
     }
     sock.set_nodelay(true)?;
-    let tcp = sock.connect(f.addr).await?;
-    let tls = f.connector.connect(f.server_name.clone(), tcp).await?;
+    let tcp = sock.connect(*addr).await?;
+    let tls = f.connector.connect(server_name.clone(), tcp).await?;
     if tls.get_ref().1.alpn_protocol() != Some(proto::ALPN) {
         bail!("the server did not negotiate ALPN waypost/1");
     }
@@ -385,7 +461,7 @@ async fn session(
         None
     };
     let tls = tokio::select! {
-        r = timeout(CONNECT_TIMEOUT, connect(f, idx)) => r.context("connect timed out")??,
+        r = timeout(CONNECT_TIMEOUT, connect(f, idx, sim.target)) => r.context("connect timed out")??,
         _ = stop.changed() => return Ok(End::Stop),
     };
     let (rd, mut wr) = tokio::io::split(tls);
@@ -429,10 +505,13 @@ async fn session(
     let _ = f.app.set(welcome.app.clone());
     f.heartbeat_ms
         .store(u64::from(welcome.heartbeat_interval_ms), Relaxed);
+    sim.failed_in_round = 0;
+    f.replica_of[idx].store(sim.target, Relaxed);
     f.welcomed_at[idx].store(f.stamp(), Relaxed);
     f.ready.fetch_add(1, Relaxed);
     let end = ready(f, sim, stop, &mut reader, &mut wr, welcome).await;
     f.ready.fetch_sub(1, Relaxed);
+    f.replica_of[idx].store(NONE, Relaxed);
     // Leave politely (close_notify + FIN) unless the connection is already gone.
     if matches!(end, Ok(End::Stop)) {
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
@@ -614,16 +693,66 @@ fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-/// CPU of `pid` (and of this process) over `window`: (server cores used, simulator cores used).
-async fn cpu_over(pid: Option<u32>, window: Duration) -> (Option<f64>, Option<f64>) {
+/// The parent pid of a process.
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+}
+
+/// CPU seconds of `pid` and its direct children: PostgreSQL's backends and background workers
+/// are the postmaster's children. A child that exits within a window takes its CPU with it
+/// (the servers' connections stay; autovacuum workers come and go).
+fn tree_cpu_s(pid: u32) -> Option<f64> {
+    let mut total = proc_cpu_s(pid)?;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if proc_ppid(child) == Some(pid) {
+            total += proc_cpu_s(child).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
+/// Cores used over a window: per server (replica), by the database, by this simulator.
+struct Cpu {
+    servers: Vec<Option<f64>>,
+    database: Option<f64>,
+    sim: Option<f64>,
+}
+
+impl Cpu {
+    /// All servers together (None when none was measured).
+    fn servers_total(&self) -> Option<f64> {
+        let v: Vec<f64> = self.servers.iter().flatten().copied().collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    }
+}
+
+/// CPU of the servers, the database (a process tree) and this process over `window`.
+async fn cpu_over(pids: &[Option<u32>], database: Option<u32>, window: Duration) -> Cpu {
     let me = std::process::id();
-    let (s0, m0) = (pid.and_then(proc_cpu_s), proc_cpu_s(me));
+    let sample = || {
+        (
+            pids.iter()
+                .map(|p| p.and_then(proc_cpu_s))
+                .collect::<Vec<_>>(),
+            database.and_then(tree_cpu_s),
+            proc_cpu_s(me),
+        )
+    };
+    let (s0, d0, m0) = sample();
     let t0 = Instant::now();
     sleep(window).await;
     let secs = t0.elapsed().as_secs_f64();
-    let (s1, m1) = (pid.and_then(proc_cpu_s), proc_cpu_s(me));
+    let (s1, d1, m1) = sample();
     let d = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
-    (d(s0, s1), d(m0, m1))
+    Cpu {
+        servers: s0.into_iter().zip(s1).map(|(a, b)| d(a, b)).collect(),
+        database: d(d0, d1),
+        sim: d(m0, m1),
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -646,6 +775,8 @@ struct Spawned {
     api_addr: String,
     heartbeat: Duration,
     ingress_flag: bool,
+    /// `--database URL` (and then `--peer-addr 127.0.0.1:0`), else SQLite in the data dir.
+    database: Option<String>,
 }
 
 impl Spawned {
@@ -668,6 +799,9 @@ impl Spawned {
             .arg(format!("{}ms", self.heartbeat.as_millis()));
         if self.ingress_flag {
             cmd.args(["--ingress-addr", "127.0.0.1:0"]);
+        }
+        if let Some(url) = &self.database {
+            cmd.args(["--database", url, "--peer-addr", "127.0.0.1:0"]);
         }
         cmd.env("WAYPOST_CONTEXT", self.context_path())
             .stdin(std::process::Stdio::null())
@@ -753,9 +887,28 @@ impl Drop for Spawned {
 /// How the CLI reaches the server's API: (address, admin token, CA PEM).
 type ApiAccess = (String, String, String);
 
-/// Figures of one run (JSON keys follow the field names).
-#[derive(Default, serde::Serialize)]
+/// One replica's figures (with --replicas; JSON keys follow the field names).
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct ReplicaResults {
+    control_addr: String,
+    connected: usize,
+    rss_base_kib: Option<u64>,
+    rss_kib: Option<u64>,
+    rss_per_instance_kib: Option<f64>,
+    cpu_idle_cores: Option<f64>,
+    config_reached: usize,
+    config_p50_ms: Option<f64>,
+    config_p99_ms: Option<f64>,
+}
+
+/// Figures of one run (JSON keys follow the field names; a `--baseline` file is read back into
+/// this, missing keys as defaults).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 struct Results {
+    /// "sqlite" or "postgres".
+    database: String,
     instances: usize,
     connected: usize,
     heartbeat_s: f64,
@@ -786,6 +939,27 @@ struct Results {
     reconnect_p99_ms: Option<f64>,
     reconnected: Option<usize>,
     server_rss_after_restart_kib: Option<u64>,
+    /// With --replicas: per replica, in start order (the first takes `config set`, the last is
+    /// killed).
+    replicas: Vec<ReplicaResults>,
+    /// With --database-pid: the database's cores (postmaster + children) per phase.
+    database_cpu_idle_cores: Option<f64>,
+    database_cpu_logs_cores: Option<f64>,
+    database_cpu_burst_cores: Option<f64>,
+    /// Failover (--replicas > 1): "ok" or why not; instances on the killed replica; how many of
+    /// them were welcomed again by a survivor, and when (ms after the SIGKILL).
+    failover: Option<String>,
+    failover_moved: Option<usize>,
+    failover_reconnected: Option<usize>,
+    failover_all_ms: Option<f64>,
+    failover_p50_ms: Option<f64>,
+    failover_p99_ms: Option<f64>,
+    /// When the API (on the first replica) first listed every instance live on a survivor, ms
+    /// after the SIGKILL (polled every API_POLL).
+    failover_api_all_live_ms: Option<f64>,
+    failover_api_note: Option<String>,
+    /// RSS of the surviving replica(s) with the whole fleet.
+    failover_survivor_rss_kib: Option<u64>,
     rejects: u64,
     failed_attempts: u64,
     last_error: Option<String>,
@@ -835,85 +1009,124 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         None => default_waypost_bin(),
     };
     let mut res = Results {
+        database: if a.database.is_some() {
+            "postgres".into()
+        } else {
+            "sqlite".into()
+        },
         instances: a.instances,
         heartbeat_s: a.heartbeat_interval.as_secs_f64(),
         ..Default::default()
     };
 
-    // ---- the server ----
-    let mut spawned: Option<Spawned> = None;
-    let (control, ca_pem, token, server_pid, api): (_, _, _, _, Option<ApiAccess>) =
-        if a.spawn_server {
-            let (data_dir, temp) = match &a.data_dir {
-                Some(d) => (d.clone(), false),
-                None => (
-                    std::env::temp_dir().join(format!("waypost-fleet-{}", std::process::id())),
-                    true,
-                ),
+    // ---- the server(s) ----
+    let mut spawned: Vec<Spawned> = Vec::new();
+    // The temporary parent of the replicas' data dirs, removed at the end.
+    let mut temp_base: Option<PathBuf> = None;
+    let (controls, ca_pem, token, mut server_pids, api): (
+        Vec<String>,
+        _,
+        _,
+        Vec<Option<u32>>,
+        Option<ApiAccess>,
+    ) = if a.spawn_server {
+        let (base, temp) = match &a.data_dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("waypost-fleet-{}", std::process::id())),
+                true,
+            ),
+        };
+        let many = a.replicas > 1;
+        if many && temp {
+            temp_base = Some(base.clone());
+        }
+        // One after the other: the first creates the CA in the shared database, the others
+        // load it, so one CA PEM trusts every replica.
+        for i in 0..a.replicas {
+            let data_dir = if many {
+                base.join(format!("replica-{i}"))
+            } else {
+                base.clone()
             };
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("creating {}", data_dir.display()))?;
             let mut s = Spawned {
                 bin: bin.clone(),
                 data_dir,
-                temp,
+                temp: temp && !many,
                 child: None,
                 pid: 0,
                 control_addr: String::new(),
                 api_addr: String::new(),
                 heartbeat: a.heartbeat_interval,
                 ingress_flag: help_mentions(&bin, &["server", "run"], "--ingress-addr"),
+                database: a.database.clone(),
             };
-            s.start("127.0.0.1:0", "127.0.0.1:0")?;
-            let ctx = s.context()?;
-            let c = waypost::client::ApiClient::new(
-                &s.api_addr,
-                Some(ctx.admin_token.clone()),
-                &ctx.ca_pem,
-            )?;
-            let _: serde_json::Value = c
-                .post("/v1/apps", &json!({ "name": "fleet" }))
-                .await
-                .context("creating the app")?;
-            let t: serde_json::Value = c
-                .post("/v1/tokens", &json!({ "app": "fleet", "deployment": null }))
-                .await
-                .context("creating a token")?;
-            let token = t["token"]
-                .as_str()
-                .context("the server's answer has no token")?
-                .to_string();
-            let out = (
-                s.control_addr.clone(),
-                ctx.ca_pem.clone(),
-                token,
-                Some(s.pid),
-                Some((s.api_addr.clone(), ctx.admin_token, ctx.ca_pem)),
-            );
-            spawned = Some(s);
-            out
-        } else {
-            let Some(server) = a.server.clone() else {
-                bail!("give --spawn-server, or --server ADDR --ca PEM --token T");
-            };
-            let ca = waypost::cli::read_ca(a.ca.as_deref().unwrap_or_default())?;
-            (
-                server,
-                ca,
-                a.token.clone().unwrap_or_default(),
-                a.server_pid,
-                None,
-            )
+            s.start("127.0.0.1:0", "127.0.0.1:0")
+                .with_context(|| format!("starting replica {i}"))?;
+            spawned.push(s);
+        }
+        let s = &spawned[0];
+        let ctx = s.context()?;
+        let c = waypost::client::ApiClient::new(
+            &s.api_addr,
+            Some(ctx.admin_token.clone()),
+            &ctx.ca_pem,
+        )?;
+        let _: serde_json::Value = c
+            .post("/v1/apps", &json!({ "name": "fleet" }))
+            .await
+            .context("creating the app")?;
+        let t: serde_json::Value = c
+            .post("/v1/tokens", &json!({ "app": "fleet", "deployment": null }))
+            .await
+            .context("creating a token")?;
+        let token = t["token"]
+            .as_str()
+            .context("the server's answer has no token")?
+            .to_string();
+        (
+            spawned.iter().map(|s| s.control_addr.clone()).collect(),
+            ctx.ca_pem.clone(),
+            token,
+            spawned.iter().map(|s| Some(s.pid)).collect(),
+            Some((s.api_addr.clone(), ctx.admin_token, ctx.ca_pem)),
+        )
+    } else {
+        let Some(server) = a.server.clone() else {
+            bail!("give --spawn-server, or --server ADDR --ca PEM --token T");
         };
+        let ca = waypost::cli::read_ca(a.ca.as_deref().unwrap_or_default())?;
+        let controls: Vec<String> = server
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut pids = vec![None; controls.len()];
+        pids[0] = a.server_pid;
+        (
+            controls,
+            ca,
+            a.token.clone().unwrap_or_default(),
+            pids,
+            None,
+        )
+    };
 
-    let addr: SocketAddr = tokio::net::lookup_host(&control)
-        .await
-        .with_context(|| format!("resolving {control}"))?
-        .next()
-        .with_context(|| format!("{control} has no address"))?;
-    let host = waypost::client::host_of(&control)?.to_string();
-    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
-        .with_context(|| format!("server name {host}"))?;
+    let mut targets = Vec::new();
+    for control in &controls {
+        let addr: SocketAddr = tokio::net::lookup_host(control)
+            .await
+            .with_context(|| format!("resolving {control}"))?
+            .next()
+            .with_context(|| format!("{control} has no address"))?;
+        let host = waypost::client::host_of(control)?.to_string();
+        let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("server name {host}"))?;
+        targets.push((addr, server_name));
+    }
+    let addr = targets.first().context("no server address")?.0;
     // Every reconnect is a full handshake, like a fresh entrypoint (the test kit's config has
     // resumption off: no ticket from the old server).
     let tls = waypost_testkit::client_config(&ca_pem, Some(proto::ALPN))?;
@@ -928,8 +1141,7 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
     };
     let n = a.instances;
     let f = Arc::new(Fleet {
-        addr,
-        server_name,
+        targets,
         connector: TlsConnector::from(Arc::new(tls)),
         token,
         sources,
@@ -938,6 +1150,7 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         lines_per_sec: a.log_lines_per_sec,
         epoch: Instant::now(),
         welcomed_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        replica_of: (0..n).map(|_| AtomicUsize::new(NONE)).collect(),
         config_gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
         config_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
         ready: AtomicUsize::new(0),
@@ -951,16 +1164,28 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         last_error: std::sync::Mutex::new(None),
         stop: AtomicBool::new(false),
     });
-    let server_pid = server_pid.or_else(|| {
-        let text = std::fs::read_to_string(a.data_dir.as_ref()?.join("server.json")).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["pid"]
-            .as_u64()
-            .map(|p| p as u32)
-    });
+    if server_pids[0].is_none() {
+        server_pids[0] = (|| {
+            let text = std::fs::read_to_string(a.data_dir.as_ref()?.join("server.json")).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()?["pid"]
+                .as_u64()
+                .map(|p| p as u32)
+        })();
+    }
     sleep(Duration::from_millis(500)).await;
-    res.server_rss_base_kib = server_pid.and_then(|p| proc_status_kb(p, "VmRSS"));
+    let rss = |pids: &[Option<u32>]| -> Vec<Option<u64>> {
+        pids.iter()
+            .map(|p| p.and_then(|p| proc_status_kb(p, "VmRSS")))
+            .collect()
+    };
+    let sum = |v: &[Option<u64>]| -> Option<u64> {
+        let known: Vec<u64> = v.iter().flatten().copied().collect();
+        (!known.is_empty()).then(|| known.iter().sum())
+    };
+    let rss_base = rss(&server_pids);
+    res.server_rss_base_kib = sum(&rss_base);
     eprintln!(
-        "fleet: {n} instances against {addr} (server pid {server_pid:?}, sources {:?})",
+        "fleet: {n} instances against {controls:?} (server pids {server_pids:?}, sources {:?})",
         f.sources
     );
 
@@ -1006,13 +1231,34 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
     sleep(Duration::from_secs(3)).await;
     let idle = a.idle_window.min(a.duration);
     eprintln!("fleet: idle window {idle:?} (heartbeats only)");
-    let (srv, me) = cpu_over(server_pid, idle).await;
-    res.server_cpu_idle_cores = srv;
-    res.sim_cpu_idle_cores = me;
-    res.server_rss_kib = server_pid.and_then(|p| proc_status_kb(p, "VmRSS"));
+    let cpu = cpu_over(&server_pids, a.database_pid, idle).await;
+    res.server_cpu_idle_cores = cpu.servers_total();
+    res.sim_cpu_idle_cores = cpu.sim;
+    res.database_cpu_idle_cores = cpu.database;
+    let rss_now = rss(&server_pids);
+    res.server_rss_kib = sum(&rss_now);
     if let (Some(r), Some(b)) = (res.server_rss_kib, res.server_rss_base_kib) {
         let c = f.ready.load(Relaxed).max(1);
         res.server_rss_per_instance_kib = Some((r.saturating_sub(b)) as f64 / c as f64);
+    }
+    if controls.len() > 1 {
+        res.replicas = (0..controls.len())
+            .map(|r| {
+                let connected = f.replica_of.iter().filter(|x| x.load(Relaxed) == r).count();
+                let (base, now) = (rss_base[r], rss_now[r]);
+                ReplicaResults {
+                    control_addr: controls[r].clone(),
+                    connected,
+                    rss_base_kib: base,
+                    rss_kib: now,
+                    rss_per_instance_kib: base
+                        .zip(now)
+                        .map(|(b, n)| n.saturating_sub(b) as f64 / connected.max(1) as f64),
+                    cpu_idle_cores: cpu.servers[r],
+                    ..Default::default()
+                }
+            })
+            .collect();
     }
 
     // ---- log trickle ----
@@ -1027,11 +1273,17 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         sleep(Duration::from_secs(1)).await;
         let (s0, a0) = (f.lines_sent.load(Relaxed), f.lines_acked.load(Relaxed));
         let t0 = Instant::now();
-        let (srv, _) = cpu_over(server_pid, log_window - Duration::from_secs(1)).await;
+        let cpu = cpu_over(
+            &server_pids,
+            a.database_pid,
+            log_window - Duration::from_secs(1),
+        )
+        .await;
         let secs = t0.elapsed().as_secs_f64();
         res.log_lines_offered_per_s = Some((f.lines_sent.load(Relaxed) - s0) as f64 / secs);
         res.log_lines_acked_per_s = Some((f.lines_acked.load(Relaxed) - a0) as f64 / secs);
-        res.server_cpu_logs_cores = srv;
+        res.server_cpu_logs_cores = cpu.servers_total();
+        res.database_cpu_logs_cores = cpu.database;
     }
 
     // ---- config change ----
@@ -1046,64 +1298,72 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         sleep(Duration::from_secs(1)).await;
         let a0 = f.lines_acked.load(Relaxed);
         let t0 = Instant::now();
-        let (srv, _) = cpu_over(server_pid, a.burst).await;
+        let cpu = cpu_over(&server_pids, a.database_pid, a.burst).await;
         res.log_burst_lines_acked_per_s =
             Some((f.lines_acked.load(Relaxed) - a0) as f64 / t0.elapsed().as_secs_f64());
-        res.server_cpu_burst_cores = srv;
+        res.server_cpu_burst_cores = cpu.servers_total();
+        res.database_cpu_burst_cores = cpu.database;
     }
     f.logs.send_replace(LOGS_OFF);
     // Let the last acks arrive so the restart does not measure a resend storm of old lines only.
     sleep(Duration::from_secs(2)).await;
 
-    // ---- restart ----
-    match spawned.as_mut() {
-        Some(s) if !a.no_restart => {
-            let (control_addr, api_addr) = (s.control_addr.clone(), s.api_addr.clone());
-            eprintln!("fleet: restarting the server (SIGKILL, then the same ports and data dir)");
-            let t_kill = Instant::now();
-            s.kill(Signal::KILL);
-            let started = s.start(&control_addr, &api_addr);
-            match started {
-                Err(e) => res.restart = Some(format!("the server did not come back: {e:#}")),
-                Ok(()) => {
-                    let t_up = Instant::now();
-                    res.restart_server_up_ms = Some((t_up - t_kill).as_secs_f64() * 1e3);
-                    let kill_stamp = (t_kill - f.epoch).as_nanos() as u64 + 1;
-                    let f2 = f.clone();
-                    let ok = wait_for(a.phase_timeout, move || {
-                        f2.welcomed_at.iter().all(|w| w.load(Relaxed) > kill_stamp)
-                    })
-                    .await;
-                    let mut lat: Vec<f64> = f
-                        .welcomed_at
-                        .iter()
-                        .filter_map(|w| f.at(w.load(Relaxed)).filter(|&t| t > t_kill))
-                        .map(|t| (t - t_kill).as_secs_f64() * 1e3)
-                        .collect();
-                    lat.sort_by(f64::total_cmp);
-                    res.reconnected = Some(lat.len());
-                    res.reconnect_p50_ms = Some(percentile(&lat, 50.0));
-                    res.reconnect_p99_ms = Some(percentile(&lat, 99.0));
-                    if ok {
-                        let all = *lat.last().unwrap_or(&0.0);
-                        res.reconnect_all_from_kill_ms = Some(all);
-                        res.reconnect_all_from_up_ms =
-                            Some(all - (t_up - t_kill).as_secs_f64() * 1e3);
-                        res.restart = Some("ok".into());
-                    } else {
-                        res.restart = Some(format!(
-                            "only {} of {n} reconnected within {:?}",
-                            lat.len(),
-                            a.phase_timeout
-                        ));
+    // ---- restart (one server) or failover (replicas) ----
+    if spawned.len() > 1 && !a.no_restart {
+        failover_phase(&a, &f, &mut spawned, api.as_ref(), &mut res).await;
+        res.restart = Some("n/a (replicas: failover instead)".into());
+    } else {
+        match spawned.first_mut() {
+            Some(s) if !a.no_restart => {
+                let (control_addr, api_addr) = (s.control_addr.clone(), s.api_addr.clone());
+                eprintln!(
+                    "fleet: restarting the server (SIGKILL, then the same ports and data dir)"
+                );
+                let t_kill = Instant::now();
+                s.kill(Signal::KILL);
+                let started = s.start(&control_addr, &api_addr);
+                match started {
+                    Err(e) => res.restart = Some(format!("the server did not come back: {e:#}")),
+                    Ok(()) => {
+                        let t_up = Instant::now();
+                        res.restart_server_up_ms = Some((t_up - t_kill).as_secs_f64() * 1e3);
+                        let kill_stamp = (t_kill - f.epoch).as_nanos() as u64 + 1;
+                        let f2 = f.clone();
+                        let ok = wait_for(a.phase_timeout, move || {
+                            f2.welcomed_at.iter().all(|w| w.load(Relaxed) > kill_stamp)
+                        })
+                        .await;
+                        let mut lat: Vec<f64> = f
+                            .welcomed_at
+                            .iter()
+                            .filter_map(|w| f.at(w.load(Relaxed)).filter(|&t| t > t_kill))
+                            .map(|t| (t - t_kill).as_secs_f64() * 1e3)
+                            .collect();
+                        lat.sort_by(f64::total_cmp);
+                        res.reconnected = Some(lat.len());
+                        res.reconnect_p50_ms = Some(percentile(&lat, 50.0));
+                        res.reconnect_p99_ms = Some(percentile(&lat, 99.0));
+                        if ok {
+                            let all = *lat.last().unwrap_or(&0.0);
+                            res.reconnect_all_from_kill_ms = Some(all);
+                            res.reconnect_all_from_up_ms =
+                                Some(all - (t_up - t_kill).as_secs_f64() * 1e3);
+                            res.restart = Some("ok".into());
+                        } else {
+                            res.restart = Some(format!(
+                                "only {} of {n} reconnected within {:?}",
+                                lat.len(),
+                                a.phase_timeout
+                            ));
+                        }
+                        sleep(Duration::from_secs(2)).await;
+                        res.server_rss_after_restart_kib = proc_status_kb(s.pid, "VmRSS");
                     }
-                    sleep(Duration::from_secs(2)).await;
-                    res.server_rss_after_restart_kib = proc_status_kb(s.pid, "VmRSS");
                 }
             }
+            Some(_) => res.restart = Some("skipped (--no-restart)".into()),
+            None => res.restart = Some("n/a (needs --spawn-server)".into()),
         }
-        Some(_) => res.restart = Some("skipped (--no-restart)".into()),
-        None => res.restart = Some("n/a (needs --spawn-server)".into()),
     }
 
     // ---- stop ----
@@ -1123,6 +1383,9 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
         .clone();
     res.load_avg = load_avg();
     drop(spawned);
+    if let Some(base) = temp_base {
+        let _ = std::fs::remove_dir_all(base);
+    }
 
     let text = summary(&res);
     print!("{text}");
@@ -1131,9 +1394,137 @@ async fn fleet(a: FleetArgs) -> Result<i32> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.markdown {
-        std::fs::write(p, markdown(&res)).with_context(|| format!("writing {}", p.display()))?;
+        let text = if res.replicas.is_empty() && a.baseline.is_none() {
+            markdown(&res)
+        } else {
+            let baseline = match &a.baseline {
+                None => None,
+                Some(b) => Some(
+                    std::fs::read(b)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|j| Ok(serde_json::from_slice::<Results>(&j)?))
+                        .with_context(|| format!("reading the baseline {}", b.display()))?,
+                ),
+            };
+            markdown_side_by_side(&res, baseline.as_ref())
+        };
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(if ramp_ok { 0 } else { 1 })
+}
+
+/// How often the failover phase asks the API whether every instance is live on a survivor.
+const API_POLL: Duration = Duration::from_millis(500);
+
+/// SIGKILLs the last replica and measures how long its instances take to be welcomed by a
+/// survivor (they move on loss, as the entrypoint does with a server list), and when the API of
+/// the first replica lists every instance live again, none on the killed one.
+async fn failover_phase(
+    a: &FleetArgs,
+    f: &Arc<Fleet>,
+    spawned: &mut [Spawned],
+    api: Option<&ApiAccess>,
+    res: &mut Results,
+) {
+    let victim = spawned.len() - 1;
+    let moved: Vec<usize> = (0..f.replica_of.len())
+        .filter(|&i| f.replica_of[i].load(Relaxed) == victim)
+        .collect();
+    res.failover_moved = Some(moved.len());
+    eprintln!(
+        "fleet: failover: SIGKILL replica {victim} ({} instances on it)",
+        moved.len()
+    );
+    let t_kill = Instant::now();
+    spawned[victim].kill(Signal::KILL);
+    let kill_stamp = (t_kill - f.epoch).as_nanos() as u64 + 1;
+    let (f2, moved2) = (f.clone(), moved.clone());
+    let ok = wait_for(a.phase_timeout, move || {
+        moved2
+            .iter()
+            .all(|&i| f2.welcomed_at[i].load(Relaxed) > kill_stamp)
+    })
+    .await;
+    let mut lat: Vec<f64> = moved
+        .iter()
+        .filter_map(|&i| f.at(f.welcomed_at[i].load(Relaxed)).filter(|&t| t > t_kill))
+        .map(|t| (t - t_kill).as_secs_f64() * 1e3)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    res.failover_reconnected = Some(lat.len());
+    res.failover_p50_ms = Some(percentile(&lat, 50.0));
+    res.failover_p99_ms = Some(percentile(&lat, 99.0));
+    if ok {
+        res.failover_all_ms = lat.last().copied().or(Some(0.0));
+        res.failover = Some("ok".into());
+    } else {
+        res.failover = Some(format!(
+            "only {} of {} moved within {:?}",
+            lat.len(),
+            moved.len(),
+            a.phase_timeout
+        ));
+    }
+    // The server's view: the survivors' own rows say live, the killed replica's rows are marked
+    // lost by a survivor once its heartbeat is overdue, then replaced as its instances return.
+    res.failover_api_note = Some(match api {
+        None => "n/a (no API access)".into(),
+        Some((addr, token, ca)) => match api_all_live(f, addr, token, ca, t_kill, a).await {
+            Ok(ms) => {
+                res.failover_api_all_live_ms = Some(ms);
+                "ok".into()
+            }
+            Err(e) => format!("{e:#}"),
+        },
+    });
+    res.failover_survivor_rss_kib = spawned[..victim]
+        .iter()
+        .filter_map(|s| proc_status_kb(s.pid, "VmRSS"))
+        .reduce(|x, y| x + y);
+}
+
+/// Polls `GET /v1/instances?app=APP` until it lists every simulated instance live, each on the
+/// replica the simulator is connected to; ms after `t0`.
+async fn api_all_live(
+    f: &Fleet,
+    addr: &str,
+    token: &str,
+    ca: &str,
+    t0: Instant,
+    a: &FleetArgs,
+) -> Result<f64> {
+    let app = f.app.get().context("no instance connected")?;
+    let c = waypost::client::ApiClient::new(addr, Some(token.to_string()), ca)?;
+    let ids: std::collections::HashSet<String> = (0..f.welcomed_at.len())
+        .map(|i| format!("fleet-{i:05}"))
+        .collect();
+    loop {
+        let v: serde_json::Value = c.get(&format!("/v1/instances?app={app}")).await?;
+        let rows = v
+            .as_array()
+            .or_else(|| v["instances"].as_array())
+            .context("the instance list is not an array")?;
+        let live: Vec<&serde_json::Value> = rows
+            .iter()
+            .filter(|r| r["live"].as_bool() == Some(true))
+            .filter(|r| r["hostname"].as_str().is_some_and(|h| ids.contains(h)))
+            .collect();
+        let mut by_replica = std::collections::BTreeMap::<String, usize>::new();
+        for r in &live {
+            *by_replica
+                .entry(r["replica"].as_str().unwrap_or("-").to_string())
+                .or_default() += 1;
+        }
+        // Every instance live, and no live row still on more replicas than survive.
+        if live.len() >= ids.len() && by_replica.len() < f.targets.len() {
+            return Ok(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let last = format!("{} live rows by replica {by_replica:?}", live.len());
+        if t0.elapsed() > a.phase_timeout {
+            bail!("the API never listed every instance live on a survivor: {last}");
+        }
+        sleep(API_POLL).await;
+    }
 }
 
 /// Changes the config through the API (`waypost config set`) and waits for every instance to
@@ -1213,6 +1604,20 @@ async fn config_phase(
     res.config_p50_ms = Some(percentile(&lat, 50.0));
     res.config_p99_ms = Some(percentile(&lat, 99.0));
     res.config_max_ms = lat.last().copied();
+    // Per replica: the change is made through the first replica's API; the others learn it from
+    // the database's notification.
+    for (r, rr) in res.replicas.iter_mut().enumerate() {
+        let mut lat: Vec<f64> = (0..f.config_gen.len())
+            .filter(|&i| f.replica_of[i].load(Relaxed) == r)
+            .filter(|&i| f.config_gen[i].load(Relaxed) >= gen_value)
+            .filter_map(|i| f.at(f.config_at[i].load(Relaxed)))
+            .map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1e3)
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        rr.config_reached = lat.len();
+        rr.config_p50_ms = Some(percentile(&lat, 50.0));
+        rr.config_p99_ms = Some(percentile(&lat, 99.0));
+    }
     if ok {
         "ok".into()
     } else {
@@ -1281,6 +1686,49 @@ fn summary(r: &Results) -> String {
             opt(r.config_max_ms, 1)
         ),
     );
+    for (i, x) in r.replicas.iter().enumerate() {
+        line(
+            &format!("replica {i}: instances / RSS per instance KiB"),
+            format!("{} / {}", x.connected, opt(x.rss_per_instance_kib, 1)),
+        );
+        line(
+            &format!("replica {i}: config p50 / p99, ms"),
+            format!("{} / {}", opt(x.config_p50_ms, 1), opt(x.config_p99_ms, 1)),
+        );
+    }
+    if r.database_cpu_idle_cores.is_some() {
+        line(
+            "database CPU idle / trickle / burst, cores",
+            format!(
+                "{} / {} / {}",
+                opt(r.database_cpu_idle_cores, 3),
+                opt(r.database_cpu_logs_cores, 3),
+                opt(r.database_cpu_burst_cores, 3)
+            ),
+        );
+    }
+    if let Some(fo) = &r.failover {
+        line("failover", fo.clone());
+        line(
+            "failover: moved / all back, p50, p99 ms",
+            format!(
+                "{} of {} / {} {} {}",
+                r.failover_reconnected.unwrap_or(0),
+                r.failover_moved.unwrap_or(0),
+                opt(r.failover_all_ms, 0),
+                opt(r.failover_p50_ms, 0),
+                opt(r.failover_p99_ms, 0)
+            ),
+        );
+        line(
+            "failover: API all live on survivor, ms",
+            format!(
+                "{} ({})",
+                opt(r.failover_api_all_live_ms, 0),
+                r.failover_api_note.clone().unwrap_or_default()
+            ),
+        );
+    }
     line("restart", r.restart.clone().unwrap_or_default());
     line(
         "server back up after kill, ms",
@@ -1424,6 +1872,195 @@ fn markdown(r: &Results) -> String {
     s
 }
 
+/// The replicas run's table, with a baseline run (e.g. one server on SQLite) in its own column.
+fn markdown_side_by_side(r: &Results, b: Option<&Results>) -> String {
+    let mib = |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1} MiB", v as f64 / 1024.0));
+    let pct = |v: Option<f64>| format!("{} %", opt(v.map(|c| c * 100.0), 1));
+    let label = |x: &Results| {
+        let n = x.replicas.len().max(1);
+        format!(
+            "{n} {} + {}",
+            if n == 1 { "server" } else { "replicas" },
+            if x.database == "postgres" {
+                "PostgreSQL"
+            } else {
+                "SQLite"
+            }
+        )
+    };
+    let name = |i: usize| (b'A' + i as u8) as char;
+    let per = |f: &dyn Fn(&ReplicaResults) -> String| {
+        r.replicas
+            .iter()
+            .enumerate()
+            .map(|(i, x)| format!("{}: {}", name(i), f(x)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let none = Results::default();
+    let base = b.unwrap_or(&none);
+    let mut s = String::new();
+    s.push_str(&format!(
+        "| fleet figure | {} | {} | note |\n|---|---|---|---|\n",
+        label(r),
+        b.map_or("baseline".into(), label)
+    ));
+    let mut row = |k: &str, v: String, bv: String, note: String| {
+        let bv = if b.is_some() { bv } else { "—".into() };
+        s.push_str(&format!(
+            "| {k} | {v} | {bv} | {} |\n",
+            note.replace('|', "/")
+        ))
+    };
+    let connected = |x: &Results| format!("{} of {}", x.connected, x.instances);
+    row(
+        "instances connected",
+        connected(r),
+        connected(base),
+        if r.replicas.is_empty() {
+            String::new()
+        } else {
+            format!("per replica {}", per(&|x| x.connected.to_string()))
+        },
+    );
+    row(
+        "time to connect them all (ramp)",
+        format!("{} s", opt(r.ramp_s, 1)),
+        format!("{} s", opt(base.ramp_s, 1)),
+        "≤ 64 handshakes in flight".into(),
+    );
+    row(
+        "server RSS per connected instance",
+        if r.replicas.is_empty() {
+            format!("{} KiB", opt(r.server_rss_per_instance_kib, 1))
+        } else {
+            per(&|x| format!("{} KiB", opt(x.rss_per_instance_kib, 1)))
+        },
+        format!("{} KiB", opt(base.server_rss_per_instance_kib, 1)),
+        if r.replicas.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "(RSS with the fleet − before) / its instances: {}",
+                per(&|x| format!("{} vs {}", mib(x.rss_kib), mib(x.rss_base_kib)))
+            )
+        },
+    );
+    row(
+        "server CPU at idle fleet (all servers)",
+        pct(r.server_cpu_idle_cores),
+        pct(base.server_cpu_idle_cores),
+        format!(
+            "heartbeat {} s, logs paused; database {}{}",
+            r.heartbeat_s,
+            pct(r.database_cpu_idle_cores),
+            if r.replicas.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", per(&|x| pct(x.cpu_idle_cores)))
+            }
+        ),
+    );
+    row(
+        "log ingest, trickle",
+        format!("{} lines/s acked", opt(r.log_lines_acked_per_s, 0)),
+        format!("{} lines/s acked", opt(base.log_lines_acked_per_s, 0)),
+        format!(
+            "offered {} lines/s; servers CPU {} (baseline {}), database {}",
+            opt(r.log_lines_offered_per_s, 0),
+            pct(r.server_cpu_logs_cores),
+            pct(base.server_cpu_logs_cores),
+            pct(r.database_cpu_logs_cores)
+        ),
+    );
+    row(
+        "log ingest, burst",
+        format!("{} lines/s acked", opt(r.log_burst_lines_acked_per_s, 0)),
+        format!("{} lines/s acked", opt(base.log_burst_lines_acked_per_s, 0)),
+        format!(
+            "every instance 100-line batches back to back; servers CPU {} (baseline {}), database {}",
+            pct(r.server_cpu_burst_cores),
+            pct(base.server_cpu_burst_cores),
+            pct(r.database_cpu_burst_cores)
+        ),
+    );
+    let cfg = |x: &Results| {
+        format!(
+            "{} / {} / {} ms",
+            opt(x.config_p50_ms, 1),
+            opt(x.config_p99_ms, 1),
+            opt(x.config_max_ms, 1)
+        )
+    };
+    row(
+        "config change to all: p50 / p99 / max",
+        cfg(r),
+        cfg(base),
+        match r.config.as_deref() {
+            Some("ok") => format!(
+                "reached {} of {}; `config set` through A's API took {} ms",
+                r.config_reached.unwrap_or(0),
+                r.instances,
+                opt(r.config_cli_ms, 0)
+            ),
+            Some(other) => other.to_string(),
+            None => "skipped".into(),
+        },
+    );
+    for (i, x) in r.replicas.iter().enumerate() {
+        row(
+            &format!("config change, instances on {}: p50 / p99", name(i)),
+            format!(
+                "{} / {} ms",
+                opt(x.config_p50_ms, 1),
+                opt(x.config_p99_ms, 1)
+            ),
+            String::new(),
+            format!(
+                "{} of {} reached{}",
+                x.config_reached,
+                x.connected,
+                if i == 0 {
+                    ", the replica that took the change"
+                } else {
+                    ", via the database's NOTIFY"
+                }
+            ),
+        );
+    }
+    if !r.replicas.is_empty() {
+        let last = name(r.replicas.len() - 1);
+        row(
+            &format!("SIGKILL {last}: all its instances back on a survivor"),
+            format!("{} ms", opt(r.failover_all_ms, 0)),
+            format!("restart: {} ms", opt(base.reconnect_all_from_kill_ms, 0)),
+            format!(
+                "{}; {} of {} moved, p50 / p99 {} / {} ms after the kill; the API (on A) listed every instance live, none on {last}, after {} ms ({}); survivor RSS then {}. Baseline: the one server SIGKILLed and restarted on the same ports (p50 / p99 {} / {} ms)",
+                r.failover.clone().unwrap_or_else(|| "skipped".into()),
+                r.failover_reconnected.unwrap_or(0),
+                r.failover_moved.unwrap_or(0),
+                opt(r.failover_p50_ms, 0),
+                opt(r.failover_p99_ms, 0),
+                opt(r.failover_api_all_live_ms, 0),
+                r.failover_api_note.clone().unwrap_or_default(),
+                mib(r.failover_survivor_rss_kib),
+                opt(base.reconnect_p50_ms, 0),
+                opt(base.reconnect_p99_ms, 0)
+            ),
+        );
+    }
+    row(
+        "rejects / failed connection attempts",
+        format!("{} / {}", r.rejects, r.failed_attempts),
+        format!("{} / {}", base.rejects, base.failed_attempts),
+        format!(
+            "attempts refused by a killed server count here; last error: {}",
+            r.last_error.clone().unwrap_or_default()
+        ),
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1438,6 +2075,53 @@ mod tests {
         }
     }
 
+    fn sim_at(target: usize) -> Sim {
+        Sim {
+            idx: 0,
+            id: [0; 16],
+            rng: 7,
+            attempts: 0,
+            target,
+            failed_in_round: 0,
+            next_seq: 0,
+            acked: 0,
+            sent: 0,
+            dropped_unsent: 0,
+            owed: 0.0,
+            config_version: 0,
+            in_flight: None,
+        }
+    }
+
+    #[test]
+    fn rounds_over_the_server_list_like_the_entrypoint() {
+        // Two replicas: a failed attempt tries the other at once; a whole round backs off.
+        let mut s = sim_at(1);
+        assert_eq!(
+            s.next_attempt(Outcome::Failed(Duration::ZERO), 2),
+            Duration::ZERO
+        );
+        assert_eq!(s.target, 0);
+        let d = s.next_attempt(Outcome::Failed(Duration::ZERO), 2);
+        assert!(d >= backoff::MIN / 2, "{d:?}");
+        assert_eq!((s.target, s.attempts), (1, 1));
+        // A Reject's hint is honoured even when the next entry is tried.
+        let hint = Duration::from_secs(3);
+        assert_eq!(s.next_attempt(Outcome::Failed(hint), 2), hint);
+        // A lost connection: the next entry, after one backoff step.
+        let mut s = sim_at(0);
+        let d = s.next_attempt(Outcome::Lost, 2);
+        assert!(d >= backoff::MIN / 2 && d <= backoff::MIN, "{d:?}");
+        assert_eq!(s.target, 1);
+        // One server: every failure backs off, as before replicas.
+        let mut s = sim_at(0);
+        for n in 0..3u32 {
+            let d = s.next_attempt(Outcome::Failed(Duration::ZERO), 1);
+            assert!(d >= backoff::MIN * (1 << n) / 2, "attempt {n}: {d:?}");
+            assert_eq!(s.target, 0);
+        }
+    }
+
     #[test]
     fn batches_are_in_sequence_and_bounded() {
         let mut s = Sim {
@@ -1445,6 +2129,8 @@ mod tests {
             id: [0; 16],
             rng: 1,
             attempts: 0,
+            target: 0,
+            failed_in_round: 0,
             next_seq: 250,
             acked: 0,
             sent: 0,

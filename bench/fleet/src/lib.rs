@@ -2,8 +2,9 @@
 //! shipped `waypost` binary.
 //!
 //! - [`fleet`] (the `waypost-fleet` binary): N protocol-level entrypoint sessions (tokio tasks,
-//!   not processes) against one server — heartbeats, a trickle of logs, config changes, a server
-//!   restart — and the server's cost per instance.
+//!   not processes) against one server or replicas sharing PostgreSQL — heartbeats, a trickle of
+//!   logs, config changes, a server restart or a replica's failover — and the servers' cost per
+//!   instance.
 //! - [`wirecheck`]: the server's control-frame path driven synchronously, for the `server_frames`
 //!   fuzz target.
 

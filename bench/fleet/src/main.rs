@@ -1,5 +1,6 @@
 //! `waypost-fleet`: the fleet simulator (see `waypost_fleet::fleet`), e.g.
-//! `waypost-fleet --spawn-server --instances 10000`.
+//! `waypost-fleet --spawn-server --instances 10000`, or against two replicas sharing a database:
+//! `waypost-fleet --spawn-server --replicas 2 --database postgres://USER@HOST:PORT/DB`.
 
 use clap::Parser as _;
 

@@ -137,7 +137,8 @@ fn env() -> &'static Mutex<Env> {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a temporary directory");
         let path = dir.join("waypost.db");
-        let st = store::Store::open(&path).expect("the fuzz database");
+        let location = store::Location::Sqlite(path.clone());
+        let st = store::Store::open(&location).expect("the fuzz database");
         st.with(|c| {
             store::create_app(c, FUZZ_APP, 0)?;
             let scope = store::TokenScope::Entrypoint {
@@ -177,7 +178,7 @@ fn env() -> &'static Mutex<Env> {
             .build()
             .expect("a runtime");
         let logs = rt
-            .block_on(async { LogService::start(&path) })
+            .block_on(async { LogService::start(&location) })
             .expect("starting the log service");
         let raw = rusqlite::Connection::open(&path).expect("the fuzz database");
         raw.busy_timeout(std::time::Duration::from_secs(10))
