@@ -90,10 +90,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     waypost_proto::parse_duration(s)
 }
 
+/// The shortest heartbeat interval: the entrypoint's own floor (`MIN_HEARTBEAT` in
+/// src/session.rs). Below it an entrypoint would beat more slowly than the server expects and be
+/// dropped as silent.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
 fn parse_heartbeat(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if d < Duration::from_millis(50) || d > Duration::from_secs(3600) {
-        return Err("must be between 50ms and 1h".into());
+    if d < MIN_HEARTBEAT || d > Duration::from_secs(3600) {
+        return Err("must be between 100ms and 1h".into());
     }
     Ok(d)
 }
@@ -766,6 +771,15 @@ mod tests {
     fn cli_definition_is_valid() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_heartbeat_interval_is_no_shorter_than_the_entrypoints_floor() {
+        assert_eq!(parse_heartbeat("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_heartbeat("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["99ms", "50ms", "0s", "61m", "abc"] {
+            assert!(parse_heartbeat(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
