@@ -322,6 +322,9 @@ fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
         "te",
         "trailer",
         "transfer-encoding",
+        // The replica-to-replica headers (peer.rs): for this server, never for the app.
+        peer::HOP_HEADER,
+        peer::HOP_CLIENT_HEADER,
     ] {
         h.remove(n);
     }
@@ -715,6 +718,11 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(peer::HOP_HEADER, HeaderValue::from_static("ingress"));
+        h.insert(
+            peer::HOP_CLIENT_HEADER,
+            HeaderValue::from_static("10.0.0.9:4000"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_headers(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
