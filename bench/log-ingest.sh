@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 BYTES="${1:-256MiB}"
 EP="$ROOT/target/x86_64-unknown-linux-musl/min/waypost-entrypoint"
-WP="$ROOT/target/release/waypost"
+WP="${WP:-$ROOT/target/release/waypost}"   # WP=OTHER_BUILD: a baseline server side by side
 H="$ROOT/target/bench-helper/release/waypost-bench-helper"
 for b in "$EP" "$WP" "$H"; do [[ -x "$b" ]] || { echo "log-ingest.sh: missing $b (run make bench first)" >&2; exit 2; }; done
 

@@ -44,7 +44,9 @@ use waypost::server::live::Registry;
 use waypost::server::logs::LogService;
 use waypost::server::tunnel::{self as mux, Mux};
 use waypost::server::{auth, store};
-use waypost_proto::{self as proto, Frame, Kind};
+#[cfg(test)]
+use waypost_proto::Frame;
+use waypost_proto::{self as proto, Kind};
 
 /// The entrypoint token the fuzz store knows (the seed corpus carries it, so the fuzzer gets past
 /// admission).
@@ -226,7 +228,7 @@ fn claim(
     st: &store::Store,
     live: &Live,
     c: Claim,
-    tx: &mpsc::Sender<Frame>,
+    tx: &mpsc::Sender<mux::Queued>,
     now_ms: i64,
 ) -> Result<Arc<Notify>, ClaimError> {
     let Claim {
@@ -252,7 +254,7 @@ fn claim(
 }
 
 /// The connection's writer task: encodes what is queued, control frames first.
-fn drain(rx: &mut mpsc::Receiver<Frame>, lanes: &mut mux::Lanes) {
+fn drain(rx: &mut mpsc::Receiver<mux::Queued>, lanes: &mut mux::Lanes) {
     let mut buf = Vec::new();
     while let Some(f) = lanes.try_next(rx) {
         buf.clear();
@@ -291,7 +293,7 @@ pub fn control_frames(data: &[u8]) -> Outcome {
     let mut cs = ControlSession::new(at(now_ms), NONCE.fetch_add(1, Ordering::Relaxed), HEARTBEAT);
     reader.set_cap(cs.frame_cap());
     let live = Live::default();
-    let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<mux::Queued>(OUT_QUEUE);
     let (lane_tx, mut lanes) = mux::lanes();
 
     // ---- Hello and admission ----
@@ -326,7 +328,7 @@ pub fn control_frames(data: &[u8]) -> Outcome {
                     );
                     // The writer sends it (it must encode: its message is built from the
                     // Hello's fields), then the connection closes.
-                    tx.try_send(frame).expect("room for the Reject");
+                    tx.try_send(Box::new(frame)).expect("room for the Reject");
                     drain(&mut rx, &mut lanes);
                     return out;
                 }
@@ -424,7 +426,7 @@ pub fn control_frames(data: &[u8]) -> Outcome {
             match action {
                 Action::Touch => live.registry.touch(&id, session, now_ms),
                 Action::Reply(frame) => {
-                    if tx.try_send(frame).is_err() {
+                    if tx.try_send(Box::new(frame)).is_err() {
                         break 'run; // "not reading its Pongs": the server drops the connection
                     }
                     out.pongs += 1;

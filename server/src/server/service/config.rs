@@ -16,6 +16,7 @@
 use crate::server::model::InstanceId;
 use crate::server::model::config::{AppConfig, Change};
 use crate::server::service::live::Registry;
+use crate::server::service::mux::Queued;
 use crate::server::store::{self, Store};
 use crate::util;
 use anyhow::Result;
@@ -51,7 +52,7 @@ struct Member {
     deployment: String,
     /// Weak: a connection's writer ends when its last strong sender is dropped; this map must not
     /// keep it open.
-    tx: mpsc::WeakSender<Frame>,
+    tx: mpsc::WeakSender<Queued>,
     /// What its ConfigApplied said last: (version, error).
     applied: u64,
     error: String,
@@ -98,8 +99,8 @@ impl ConfigService {
     /// Queues `frame` for a connection without ever waiting with the lock held: when its queue
     /// is full, a task delivers it (a later snapshot overtaking it is harmless: versions only
     /// grow and the entrypoint ignores older ones).
-    fn deliver(tx: &mpsc::Sender<Frame>, frame: Frame) {
-        if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+    fn deliver(tx: &mpsc::Sender<Queued>, frame: Frame) {
+        if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(Box::new(frame)) {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(PUSH_TIMEOUT, tx.send(frame)).await;
@@ -113,7 +114,7 @@ impl ConfigService {
     /// 10,000 instances neither holds a lock meanwhile nor builds every copy of the frame before
     /// the connections' writers start sending them.
     fn push(&self, app: &str, cfg: Arc<AppConfig>) -> usize {
-        let targets: Vec<(mpsc::Sender<Frame>, String)> = {
+        let targets: Vec<(mpsc::Sender<Queued>, String)> = {
             let mut members = lock(&self.members);
             let mut targets = Vec::new();
             members.retain(|_, m| {
@@ -224,7 +225,7 @@ impl ConfigService {
     pub async fn send_welcome(
         &self,
         live: &Registry,
-        tx: &mpsc::Sender<Frame>,
+        tx: &mpsc::Sender<Queued>,
         id: InstanceId,
         session: i64,
         app: &str,

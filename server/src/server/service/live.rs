@@ -3,6 +3,7 @@
 //! latest heartbeat data, which is flushed to the store every few seconds instead of on every frame.
 
 pub use crate::server::model::{ChildStatus, Conflict, FlushRow, InstanceId, Owner, parse_id};
+use crate::server::service::mux::Queued;
 use crate::server::store::{self, Store};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ pub struct LiveInstance {
     /// Why the connection was told to close, when it was not superseded (see [`Registry::close_token`]).
     closing: Option<&'static str>,
     /// Outgoing frames for this connection; its writer task drains the queue.
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: mpsc::Sender<Queued>,
     /// Notified to make the connection close itself (superseded by a reconnect).
     kick: Arc<Notify>,
     pub last_seen_ms: i64,
@@ -58,7 +59,7 @@ impl Registry {
         id: InstanceId,
         session: i64,
         who: Owner,
-        tx: mpsc::Sender<Frame>,
+        tx: mpsc::Sender<Queued>,
         now_ms: i64,
     ) -> Result<Arc<Notify>, Conflict> {
         let mut map = self.lock();
@@ -107,7 +108,7 @@ impl Registry {
         let mut n = 0;
         for e in self.lock().values_mut().filter(|e| e.token_hash == hash) {
             e.closing = Some(reason);
-            let _ = e.tx.try_send(goodbye());
+            let _ = e.tx.try_send(Box::new(goodbye()));
             e.kick.notify_one();
             n += 1;
         }
@@ -216,7 +217,7 @@ impl Registry {
     /// The outgoing-frame queue of a live instance, for features that push frames
     /// (config, exec, tunnel streams).
     #[allow(dead_code)] // used by later features
-    pub fn sender(&self, id: &InstanceId) -> Option<mpsc::Sender<Frame>> {
+    pub fn sender(&self, id: &InstanceId) -> Option<mpsc::Sender<Queued>> {
         self.lock().get(id).map(|e| e.tx.clone())
     }
 
@@ -226,7 +227,7 @@ impl Registry {
         &self,
         app: &str,
         deployment: Option<&str>,
-    ) -> Vec<(InstanceId, mpsc::Sender<Frame>)> {
+    ) -> Vec<(InstanceId, mpsc::Sender<Queued>)> {
         self.lock()
             .iter()
             .filter(|(_, e)| e.app == app && deployment.is_none_or(|d| e.deployment == d))

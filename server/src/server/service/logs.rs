@@ -26,6 +26,7 @@
 use crate::server::model::InstanceId;
 pub use crate::server::model::logs::IntakeStall;
 use crate::server::model::logs::{ChunkBuilder, NewLine, Retention, SourceRow, Usage};
+use crate::server::service::mux::Queued;
 use crate::server::store::{self, Backend, Db, Location};
 use crate::util;
 use anyhow::{Context as _, Result};
@@ -103,7 +104,7 @@ struct Item {
     app: String,
     batch: proto::LogBatch,
     /// The connection to acknowledge on (weak: never keeps a closed connection open).
-    ack: mpsc::WeakSender<Frame>,
+    ack: mpsc::WeakSender<Queued>,
     _credits: OwnedSemaphorePermit,
 }
 
@@ -246,7 +247,7 @@ impl LogService {
         id: &InstanceId,
         app: &str,
         batch: proto::LogBatch,
-        conn: &mpsc::Sender<Frame>,
+        conn: &mpsc::Sender<Queued>,
     ) {
         if batch.entries.is_empty() && batch.first_seq == 0 && batch.dropped == 0 {
             return; // nothing to store or acknowledge
@@ -538,7 +539,7 @@ impl Writer {
         &mut self,
         db: &Db,
         items: &[Item],
-    ) -> Result<(Vec<(mpsc::WeakSender<Frame>, u64)>, i64)> {
+    ) -> Result<(Vec<(mpsc::WeakSender<Queued>, u64)>, i64)> {
         let mut acks = Vec::with_capacity(items.len());
         let mut touched: HashMap<InstanceId, Source> = HashMap::new();
         let mut usage_delta: HashMap<&str, Usage> = HashMap::new();
@@ -883,10 +884,10 @@ fn reconnect(db: &mut Db, location: &Location) {
 
 /// Queues a LogAck without blocking the writer; a full queue gets a task (acks are cumulative,
 /// so one arriving late or out of order is harmless).
-fn send_ack(rt: &tokio::runtime::Handle, weak: mpsc::WeakSender<Frame>, up_to: u64) {
+fn send_ack(rt: &tokio::runtime::Handle, weak: mpsc::WeakSender<Queued>, up_to: u64) {
     let Some(tx) = weak.upgrade() else { return };
     let frame: Frame = Kind::LogAck(proto::LogAck { up_to_seq: up_to }).into();
-    if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+    if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(Box::new(frame)) {
         rt.spawn(async move {
             let _ = tokio::time::timeout(ACK_TIMEOUT, tx.send(frame)).await;
         });

@@ -18,6 +18,7 @@ pub mod session;
 pub use session::FIRST_FRAME_CAP;
 use session::{Action, Claim, ClaimError, ControlSession, End, REJECT_RETRY_MS, Rejected};
 
+use crate::server::service::mux::Queued;
 use crate::server::service::{auth, mux};
 use crate::server::store;
 use crate::server::transport::{Shared, accept};
@@ -124,7 +125,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// stream (TLS close_notify + FIN) when every sender is gone.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<Queued>,
     // Exec and tunnel frames, written after control frames (see `mux::Lanes`).
     mut lanes: mux::Lanes,
 ) -> Result<()> {
@@ -340,7 +341,7 @@ async fn connection(
     let (rd, wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
     reader.set_cap(cs.frame_cap());
-    let (tx, rx) = mpsc::channel::<Frame>(OUT_QUEUE);
+    let (tx, rx) = mpsc::channel::<Queued>(OUT_QUEUE);
     let (lane_tx, lanes) = mux::lanes();
     let mut writer = tokio::spawn(write_loop(wr, rx, lanes));
 
@@ -393,7 +394,7 @@ async fn connection(
                             Rejected::Unavailable | Rejected::NotHello(_) => {}
                         }
                     }
-                    let _ = tx.try_send(frame);
+                    let _ = tx.try_send(Box::new(frame));
                     drop(tx);
                     // Let the writer send the Reject and close the stream.
                     let flushed = timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_ok();
@@ -499,7 +500,7 @@ async fn connection(
             match action {
                 Action::Touch => shared.live.touch(&id, session, now_ms),
                 Action::Reply(frame) => {
-                    if tx.try_send(frame).is_err() {
+                    if tx.try_send(Box::new(frame)).is_err() {
                         break 'run Ok("not reading its Pongs (outgoing queue full)");
                     }
                 }
@@ -590,7 +591,7 @@ async fn connection(
 async fn claim(
     shared: &Shared,
     c: Claim,
-    tx: &mpsc::Sender<Frame>,
+    tx: &mpsc::Sender<Queued>,
 ) -> std::result::Result<Arc<tokio::sync::Notify>, ClaimError> {
     let Claim {
         id,
