@@ -253,6 +253,12 @@ impl Supervisor {
 
     /// Starting the child failed after the entrypoint was already up (exit 126/127).
     pub fn handle_spawn_failed(&mut self, code: i32, now: Instant) {
+        // The server is told how it ended (127 not found, 126 not executable), not "exit 0".
+        self.ended = Some(Ended {
+            code,
+            signal: None,
+            oom_killed: false,
+        });
         self.enter_cleanup(code, now);
     }
 
@@ -260,8 +266,14 @@ impl Supervisor {
     pub fn handle_signal(&mut self, sig: i32, now: Instant) {
         match &mut self.state {
             State::Waiting { .. } => {
-                // Stopped before the child ever ran: leave as if killed by it, like the child would.
+                // Stopped before the child ever ran: leave as if killed by it, like the child
+                // would, and tell the server so (its last Status is not "exit 0").
                 if is_terminating(sig) {
+                    self.ended = Some(Ended {
+                        code: 128 + sig,
+                        signal: Some(sig),
+                        oom_killed: false,
+                    });
                     self.enter_cleanup(128 + sig, now);
                 }
             }
@@ -700,6 +712,13 @@ mod tests {
         );
         s.start();
         assert_eq!(drain(&mut s), [], "never spawned after a stop");
+        // The server's last Status says how it ended, as if the child had been killed.
+        let ended = Ended {
+            code: 143,
+            signal: Some(TERM),
+            oom_killed: false,
+        };
+        assert_eq!(s.child_state(), ChildState::Exited(Some(ended)));
         s.handle_leftovers(NONE, t0);
         assert_eq!(drain(&mut s), [Action::Exit(143)]);
     }
@@ -938,6 +957,16 @@ mod tests {
         assert_eq!(
             drain(&mut s),
             [Action::SignalDescendants(TERM), Action::LastWords]
+        );
+        let ended = Ended {
+            code: 127,
+            signal: None,
+            oom_killed: false,
+        };
+        assert_eq!(
+            s.child_state(),
+            ChildState::Exited(Some(ended)),
+            "not exit 0"
         );
         s.handle_leftovers(NONE, t0);
         s.handle_timeout(t0 + CLEANUP_GRACE, NONE);

@@ -662,6 +662,30 @@ fn a_child_killed_by_a_signal_is_shown_so() {
     assert!(all.contains("SIGTERM"), "{all}");
 }
 
+#[test]
+fn a_command_that_cannot_start_is_shown_with_its_127_not_as_exit_0() {
+    let server = Server::start(&["--heartbeat-interval", "300ms"]);
+    let Some(mut e) = Builder::new(&server, "web", "")
+        .argv(&["/nonexistent/waypost-test-command"])
+        .env("WAYPOST_SERVER_REQUIRED", "1")
+        .spawn()
+    else {
+        return;
+    };
+    assert_eq!(e.wait().code(), Some(127));
+    let gone = wait_for("the instance gone with its exit", || {
+        server
+            .instances(true)
+            .into_iter()
+            .find(|i| i["app"] == "web" && i["live"] == false)
+    });
+    assert_eq!(
+        (gone["ended"].as_str(), gone["exit_code"].as_i64()),
+        (Some("exited"), Some(127)),
+        "{gone}"
+    );
+}
+
 /// voluntary + involuntary context switches of `pid` so far.
 fn switches(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -68,6 +68,12 @@ impl Builder {
         self
     }
 
+    /// Runs `argv` instead of `sh -c script`.
+    pub fn argv(mut self, argv: &[&str]) -> Builder {
+        self.argv = argv.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     #[allow(dead_code)] // the harness's counterpart of `env`; no test removes a variable now
     pub fn unset(mut self, k: &str) -> Builder {
         self.env.remove(k);
