@@ -87,6 +87,12 @@ impl Cluster {
         self.port
     }
 
+    /// The user the cluster runs as when the tests run as root (`postgres`), else None: files put
+    /// in [`Cluster::data_dir`] (e.g. `server.crt`/`server.key` for `ssl = on`) must be its.
+    pub fn os_user(&self) -> Option<&'static str> {
+        self.as_postgres.then_some(OS_USER)
+    }
+
     /// The directory of the PostgreSQL binaries this cluster runs (for tests that want `psql`).
     pub fn bin_dir(&self) -> &Path {
         &self.bin
@@ -146,7 +152,8 @@ impl Cluster {
         ))
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// The cluster's data directory (its `postgresql.conf`, `server.crt`, ...).
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 

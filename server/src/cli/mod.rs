@@ -139,7 +139,9 @@ struct RunArgs {
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::server::model::members::parse_peer_addr)]
     peer_addr: Option<String>,
     /// The database shared by replicas: a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST:PORT/DB;
-    /// `?connect_timeout=5` etc. as libpq takes them). Default: SQLite in the data dir.
+    /// `?sslmode=require`, `connect_timeout=5` etc. as libpq takes them; with TLS the database's
+    /// certificate is verified against WAYPOST_DATABASE_CA, a PEM file or text, else the system
+    /// bundle). Default: SQLite in the data dir.
     #[arg(long, env = "WAYPOST_DATABASE_URL", value_name = "URL", value_parser = parse_database, hide_env_values = true)]
     database: Option<crate::server::store::Location>,
 }

@@ -13,6 +13,7 @@ mod api;
 mod config;
 mod containers;
 mod control;
+mod database_tls;
 mod exec;
 mod failover;
 mod logs;

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod logs;
 pub mod members;
+pub mod pgtls;
 pub mod sql;
 
 use crate::server::model::Conflict;
@@ -207,6 +208,15 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The TLS connector for PostgreSQL (see pgtls.rs), made once per process.
+fn pg_tls() -> Result<pgtls::Rustls> {
+    static TLS: std::sync::OnceLock<std::result::Result<pgtls::Rustls, String>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| pgtls::Rustls::from_env().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// Another connection to a database [`Store::open`] has migrated, for a thread or a request of
 /// its own (the log writer, log readers). SQLite: WAL lets it read while the shared one writes.
 pub fn connect(location: &Location) -> Result<Db> {
@@ -229,7 +239,7 @@ pub fn connect(location: &Location) -> Result<Db> {
             }
             config.application_name("waypost");
             let client = config
-                .connect(postgres::NoTls)
+                .connect(pg_tls()?)
                 .with_context(|| format!("connecting to {}", redact(url)))?;
             Ok(Db::postgres(client))
         }),

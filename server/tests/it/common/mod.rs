@@ -142,6 +142,8 @@ pub struct Env {
     database: Option<String>,
     /// Whether `database` is counted in [`DATABASE_USERS`] (dropped after its last Env).
     counted: bool,
+    /// More variables for every command of this Env (e.g. WAYPOST_DATABASE_CA for its servers).
+    vars: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Env {
@@ -178,6 +180,7 @@ impl Env {
             root,
             database: None,
             counted: false,
+            vars: Vec::new(),
         }
     }
 
@@ -288,6 +291,7 @@ impl Env {
             "WAYPOST_ADMIN_TOKEN",
             "WAYPOST_CA",
             "WAYPOST_DATABASE",
+            "WAYPOST_DATABASE_CA",
             "WAYPOST_DATABASE_URL",
             "WAYPOST_DATA_DIR",
             "WAYPOST_SERVER",
@@ -298,9 +302,16 @@ impl Env {
         }
         c.env("WAYPOST_CONTEXT", self.context_path())
             .env("HOME", self.home())
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .current_dir(self.root.path())
             .stdin(Stdio::null());
         c
+    }
+
+    /// Sets a variable for every later command of this Env (servers and CLI alike).
+    #[allow(dead_code)] // used by some test modules only
+    pub fn set_var(&mut self, key: &str, value: impl Into<std::ffi::OsString>) {
+        self.vars.push((key.to_string(), value.into()));
     }
 
     pub fn context(&self) -> serde_json::Value {
