@@ -545,6 +545,8 @@ struct InstanceJson {
     config_version: u64,
     #[serde(default)]
     replica: Option<String>,
+    #[serde(default)]
+    entrypoint_rss_bytes: u64,
 }
 
 fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
@@ -626,6 +628,7 @@ async fn instances(a: InstancesArgs) -> Result<()> {
         "STATE",
         "CHILD PID",
         "RSS",
+        "EP RSS",
         "CPU",
         "CONFIG",
         "UP/SINCE",
@@ -653,6 +656,12 @@ async fn instances(a: InstancesArgs) -> Result<()> {
                 .unwrap_or_else(|| "-".into()),
             if i.child_rss_bytes > 0 {
                 util::fmt_bytes(i.child_rss_bytes)
+            } else {
+                "-".into()
+            },
+            // What the entrypoint itself costs, next to the app.
+            if i.entrypoint_rss_bytes > 0 {
+                util::fmt_bytes(i.entrypoint_rss_bytes)
             } else {
                 "-".into()
             },

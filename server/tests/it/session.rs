@@ -686,6 +686,33 @@ fn a_command_that_cannot_start_is_shown_with_its_127_not_as_exit_0() {
     );
 }
 
+#[test]
+fn the_entrypoints_own_memory_is_shown_live_and_kept_after_it_ends() {
+    let server = Server::start(&["--heartbeat-interval", "300ms"]);
+    let Some(mut e) = Builder::new(&server, "web", "echo hi; exec sleep 60").spawn() else {
+        return;
+    };
+    let rss = |i: &serde_json::Value| i["entrypoint_rss_bytes"].as_u64().unwrap_or(0);
+    let live = wait_for("a Status with the entrypoint's RSS", || {
+        let i = e.instance(&server);
+        (rss(&i) > 0).then_some(i)
+    });
+    // A static binary of ~1.4 MB mapped: between half a megabyte and a few tens.
+    assert!((500_000..50_000_000).contains(&rss(&live)), "{live}");
+    let table = server.cli(&["instances", "--app", "web"]).ok().stdout;
+    assert!(table.lines().next().unwrap().contains("EP RSS"), "{table}");
+    let id = live["id"].as_str().unwrap().to_string();
+    e.signal(libc::SIGTERM);
+    e.wait();
+    let gone = wait_for("the instance gone", || {
+        server
+            .instances(true)
+            .into_iter()
+            .find(|i| i["id"] == id.as_str() && i["live"] == false)
+    });
+    assert!(rss(&gone) > 0, "stored, not only in memory: {gone}");
+}
+
 /// voluntary + involuntary context switches of `pid` so far.
 fn switches(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

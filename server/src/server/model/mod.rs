@@ -76,6 +76,8 @@ pub struct ChildStatus {
     pub child_cpu_ms: u64,
     pub starts: u32,
     pub config_version: u64,
+    /// The entrypoint's own resident memory (bytes): what waypost costs next to the app.
+    pub entrypoint_rss_bytes: u64,
 }
 
 impl ChildStatus {
@@ -107,6 +109,9 @@ impl ChildStatus {
             self.oom_killed = s.oom_killed;
         }
         self.child_rss_bytes = s.child_rss_bytes;
+        if s.entrypoint_rss_bytes != 0 {
+            self.entrypoint_rss_bytes = s.entrypoint_rss_bytes;
+        }
         self.child_cpu_ms = s.child_cpu_ms;
         self.starts = s.starts;
         self.config_version = s.config_version;
@@ -228,6 +233,24 @@ pub type FlushRow = (String, i64, i64, ChildStatus);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_entrypoints_rss_is_kept_until_a_status_reports_a_new_one() {
+        let mut st = ChildStatus::default();
+        st.apply(&waypost_proto::Status {
+            entrypoint_rss_bytes: 1_400_000,
+            ..Default::default()
+        });
+        assert_eq!(st.entrypoint_rss_bytes, 1_400_000);
+        // A Status without the figure (an older entrypoint, the Hello's) keeps the last one.
+        st.apply(&waypost_proto::Status::default());
+        assert_eq!(st.entrypoint_rss_bytes, 1_400_000);
+        st.apply(&waypost_proto::Status {
+            entrypoint_rss_bytes: 1_500_000,
+            ..Default::default()
+        });
+        assert_eq!(st.entrypoint_rss_bytes, 1_500_000);
+    }
 
     #[test]
     fn rows_without_a_token_bind_on_app_and_deployment() {

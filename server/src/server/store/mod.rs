@@ -51,6 +51,8 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0005_log_chunks.sql"),
     // 6: replicas (membership) and which replica holds each live instance.
     include_str!("../../../migrations/0006_replicas.sql"),
+    // 7: the entrypoint's own RSS from its Status frames.
+    include_str!("../../../migrations/0007_entrypoint_rss.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -580,7 +582,7 @@ pub fn expire_leases(db: &Db, except: &str, stale_before: i64, now: i64) -> Resu
 }
 
 /// The status columns as parameters, in [`STATUS_COLS`] order.
-fn status_values(s: &ChildStatus) -> [sql::Value<'static>; 9] {
+fn status_values(s: &ChildStatus) -> [sql::Value<'static>; 10] {
     use sql::Value;
     let opt = |v: Option<i64>| v.map_or(Value::Null, Value::Int);
     [
@@ -594,6 +596,7 @@ fn status_values(s: &ChildStatus) -> [sql::Value<'static>; 9] {
         Value::Int(s.child_cpu_ms as i64),
         Value::Int(i64::from(s.starts)),
         Value::Int(s.config_version as i64),
+        Value::Int(s.entrypoint_rss_bytes as i64),
     ]
 }
 
@@ -666,15 +669,16 @@ pub fn upsert_connected_on(
         if let Some(s) = hello_status {
             status.apply(s);
         }
-        let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(&status);
+        let [s1, s2, s3, s4, s5, s6, s7, s8, s9, s10] = status_values(&status);
         // The owner columns are checked above and never change on a revival; a row recorded
         // without a token takes this one's.
         db.execute(
             "INSERT INTO instances (id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
-             child_cpu_ms, starts, config_version, session, token_hash, replica)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+             child_cpu_ms, starts, config_version, session, token_hash, replica,
+             entrypoint_rss_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
          ON CONFLICT (id) DO UPDATE SET
              token_hash = COALESCE(instances.token_hash, excluded.token_hash),
              hostname = excluded.hostname,
@@ -687,7 +691,7 @@ pub fn upsert_connected_on(
              oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
              child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
              config_version = excluded.config_version, session = excluded.session,
-             replica = excluded.replica",
+             replica = excluded.replica, entrypoint_rss_bytes = excluded.entrypoint_rss_bytes",
             args![
                 c.id,
                 c.app,
@@ -707,7 +711,8 @@ pub fn upsert_connected_on(
                 s9,
                 c.session,
                 c.token_hash,
-                replica
+                replica,
+                s10
             ],
         )?;
         Ok(Ok(status))
@@ -715,7 +720,7 @@ pub fn upsert_connected_on(
 }
 
 const STATUS_COLS: &str = "child_state, child_pid, exit_code, exit_signal, oom_killed, \
-    child_rss_bytes, child_cpu_ms, starts, config_version";
+    child_rss_bytes, child_cpu_ms, starts, config_version, entrypoint_rss_bytes";
 
 /// Reads the [`STATUS_COLS`] starting at column `at`.
 fn status_from_row(r: &Row, at: usize) -> Result<ChildStatus> {
@@ -729,6 +734,7 @@ fn status_from_row(r: &Row, at: usize) -> Result<ChildStatus> {
         child_cpu_ms: r.get::<i64>(at + 6)? as u64,
         starts: r.get(at + 7)?,
         config_version: r.get::<i64>(at + 8)? as u64,
+        entrypoint_rss_bytes: r.get::<i64>(at + 9)? as u64,
     })
 }
 
@@ -736,13 +742,16 @@ fn status_from_row(r: &Row, at: usize) -> Result<ChildStatus> {
 pub fn flush_live(db: &mut Db, rows: &[FlushRow]) -> Result<()> {
     db.transaction(Begin::Deferred, |db| {
         for (id, session, last_seen, status) in rows {
-            let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(status);
+            let [s1, s2, s3, s4, s5, s6, s7, s8, s9, s10] = status_values(status);
             db.execute(
                 "UPDATE instances SET last_seen_at = ?2, child_state = ?3, child_pid = ?4,
                      exit_code = ?5, exit_signal = ?6, oom_killed = ?7, child_rss_bytes = ?8,
-                     child_cpu_ms = ?9, starts = ?10, config_version = ?11
+                     child_cpu_ms = ?9, starts = ?10, config_version = ?11,
+                     entrypoint_rss_bytes = ?13
                  WHERE id = ?1 AND session = ?12 AND disconnected_at IS NULL",
-                args![id, last_seen, s1, s2, s3, s4, s5, s6, s7, s8, s9, session],
+                args![
+                    id, last_seen, s1, s2, s3, s4, s5, s6, s7, s8, s9, session, s10
+                ],
             )?;
         }
         Ok(())
@@ -763,14 +772,15 @@ pub fn mark_disconnected(
     } else {
         "lost"
     };
-    let [s1, s2, s3, s4, s5, s6, s7, s8, s9] = status_values(status);
+    let [s1, s2, s3, s4, s5, s6, s7, s8, s9, s10] = status_values(status);
     db.execute(
         "UPDATE instances SET last_seen_at = ?2, disconnected_at = ?3, ended = ?4,
              child_state = ?5, child_pid = ?6, exit_code = ?7, exit_signal = ?8, oom_killed = ?9,
-             child_rss_bytes = ?10, child_cpu_ms = ?11, starts = ?12, config_version = ?13
+             child_rss_bytes = ?10, child_cpu_ms = ?11, starts = ?12, config_version = ?13,
+             entrypoint_rss_bytes = ?15
          WHERE id = ?1 AND session = ?14",
         args![
-            id, last_seen, now, ended, s1, s2, s3, s4, s5, s6, s7, s8, s9, session
+            id, last_seen, now, ended, s1, s2, s3, s4, s5, s6, s7, s8, s9, session, s10
         ],
     )?;
     Ok(())
@@ -781,7 +791,8 @@ pub fn mark_disconnected(
 pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<InstanceRow>> {
     const COLS: &str = "id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
         connected_at, last_seen_at, disconnected_at, ended, child_state, child_pid, exit_code,
-        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version, replica";
+        exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version,
+        entrypoint_rss_bytes, replica";
     let sql = format!(
         "SELECT {COLS} FROM (
              SELECT {COLS}, 0 AS grp, connected_at AS ord FROM instances
@@ -809,7 +820,7 @@ pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<Insta
                 disconnected_at: r.get(8)?,
                 ended: r.get(9)?,
                 status: status_from_row(r, 10)?,
-                replica: r.get(19)?,
+                replica: r.get(20)?,
             })
         })
         .collect()

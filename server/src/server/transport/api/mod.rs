@@ -455,6 +455,8 @@ struct InstanceJson {
     child_cpu_ms: u64,
     starts: u32,
     config_version: u64,
+    /// The entrypoint's own resident memory (bytes; 0: not reported yet).
+    entrypoint_rss_bytes: u64,
     /// The replica holding its connection (`server members`); once gone, the last one that did.
     replica: Option<String>,
 }
@@ -505,6 +507,7 @@ async fn list_instances(
                 child_cpu_ms: r.status.child_cpu_ms,
                 starts: r.status.starts,
                 config_version: r.status.config_version,
+                entrypoint_rss_bytes: r.status.entrypoint_rss_bytes,
                 replica: r.replica,
             }
         })
