@@ -315,10 +315,10 @@ mod tests {
         let location = store::Location::Postgres(url.clone());
         let st = store::Store::open(&location).unwrap();
         let listener = store::connect(&location).unwrap();
-        listener
-            .with_postgres(|c| c.batch_execute(&format!("LISTEN {CONFIG_CHANNEL}")))
-            .expect("a PostgreSQL connection")
-            .unwrap();
+        assert!(
+            store::listen(&listener, CONFIG_CHANNEL).unwrap(),
+            "a PostgreSQL connection"
+        );
 
         let changes = st
             .with(|db| {

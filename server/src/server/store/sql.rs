@@ -199,14 +199,6 @@ impl Row {
     pub fn value(&self, i: usize) -> &Value<'static> {
         &self.0[i]
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Which engine a [`Db`] talks to.
