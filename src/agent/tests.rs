@@ -55,11 +55,17 @@ impl Pair {
             ("WAYPOST_TOKEN", "secret"),
             ("HOME", "/root"),
         ];
+        // The process environment the child's is made from: a fixed one, plus the settings'
+        // variables (as the real entrypoint's environment holds them).
         let id = Identity {
             instance_id: vec![7; 16],
             hostname: "box".into(),
             pid: 1,
-            env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            env: env
+                .iter()
+                .chain(vars)
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
             seeds: [1, 2],
         };
         Pair {
@@ -645,4 +651,46 @@ fn the_write_priority_is_control_then_exec_then_streams_then_logs() {
     p.frame(Kind::Ping(Ping { nonce: 5 }));
     let order: Vec<&str> = p.sent().iter().map(Kind::name).collect();
     assert_eq!(order, ["Pong", "ExecOutput", "StreamData", "LogBatch"]);
+}
+
+#[test]
+fn labels_go_in_every_hello_and_never_to_the_child() {
+    let mut p = Pair::new(&[
+        ("WAYPOST_SERVER", "127.0.0.1:9701"),
+        ("WAYPOST_TOKEN", "t"),
+        ("WAYPOST_LABELS", "env=prod,tier=web"),
+        ("WAYPOST_TEST_MARKER", "kept"),
+    ]);
+    let want: std::collections::BTreeMap<String, String> = [("env", "prod"), ("tier", "web")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert!(matches!(p.io()[..], [IoAction::Connect(_)]));
+    assert_eq!(p.connect().labels, want);
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    }));
+    assert_eq!(p.io(), [IoAction::SpawnChild]);
+    let env = p.agent.child_env();
+    assert_eq!(
+        env_of(&env, "WAYPOST_TEST_MARKER").as_deref(),
+        Some("kept"),
+        "premise: the settings' variables are in the environment the child's is made from"
+    );
+    assert_eq!(env_of(&env, "WAYPOST_LABELS"), None, "{env:?}");
+
+    // After a reconnect, the new Hello carries them again.
+    p.event(IoEvent::Closed("reset by peer"));
+    while !p.io().iter().any(|a| matches!(a, IoAction::Connect(_))) {
+        p.advance(ms(10));
+    }
+    assert_eq!(p.connect().labels, want);
+}
+
+#[test]
+fn a_hello_without_labels_has_none() {
+    let mut p = Pair::new(&[("WAYPOST_SERVER", "127.0.0.1:9701"), ("WAYPOST_TOKEN", "t")]);
+    p.io();
+    assert!(p.connect().labels.is_empty());
 }

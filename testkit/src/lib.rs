@@ -27,6 +27,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use waypost_proto::{self as proto, Frame, Kind, RecvBuf};
 
+pub mod bao;
+pub mod etcd;
 pub mod pg;
 
 /// Upper bound for anything a test waits for. Generous: CI machines are slow and shared.

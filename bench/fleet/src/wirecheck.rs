@@ -392,6 +392,7 @@ pub fn control_frames(data: &[u8]) -> Outcome {
         &app,
         &deployment,
         &hello,
+        &Default::default(),
         welcome,
     ));
     live.mux

@@ -4,6 +4,7 @@
 //! overriding the matching field of the context file written by `waypost server run`).
 
 mod config;
+pub mod dotenv;
 mod exec;
 mod inject;
 mod logs;
@@ -11,6 +12,7 @@ mod up;
 mod url;
 
 use crate::client::{ApiClient, ApiError};
+use crate::server::model::{Labels, labels};
 use crate::{context, util};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -171,12 +173,17 @@ enum TokenCmd {
         app: String,
         #[arg(long)]
         deployment: Option<String>,
+        /// A label for every instance that connects with this token: `k=v`, or several as
+        /// `k=v,k2=v2`; repeatable. On a conflict they win over the instance's own
+        /// (WAYPOST_LABELS).
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
         /// env: WAYPOST_SERVER/WAYPOST_TOKEN/WAYPOST_CA lines for `export` or `docker --env-file`;
         /// json: the API's answer. Default: just the token.
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<TokenOutput>,
     },
-    /// List tokens: ID, kind, app, deployment, live instances using each.
+    /// List tokens: ID, kind, app, deployment, labels, live instances using each.
     ///
     /// The token text itself is never shown: the server keeps only its hash, whose first 12 hex
     /// digits are the ID.
@@ -250,8 +257,9 @@ pub fn main() -> i32 {
                 Cmd::Token(TokenCmd::Create {
                     app,
                     deployment,
+                    labels,
                     output,
-                }) => token_create(&app, deployment, output).await,
+                }) => token_create(&app, deployment, &labels, output).await,
                 Cmd::Token(TokenCmd::List { app, output }) => token_list(app, output).await,
                 Cmd::Token(TokenCmd::Revoke { id }) => token_revoke(&id).await,
                 Cmd::Instances(a) => instances(a).await,
@@ -408,6 +416,9 @@ pub(crate) struct TokenJson {
     pub id: String,
     pub app: String,
     pub deployment: Option<String>,
+    /// Given to the instances that connect with it (a server before labels sends none).
+    #[serde(default)]
+    pub labels: Labels,
     pub control_addr: String,
     pub ca_pem: String,
 }
@@ -417,11 +428,41 @@ pub(crate) async fn create_token(
     app: &str,
     deployment: Option<String>,
 ) -> Result<TokenJson> {
+    create_token_with_labels(c, app, deployment, &Labels::new()).await
+}
+
+/// [`create_token`] with labels for the instances that connect with it.
+pub(crate) async fn create_token_with_labels(
+    c: &ApiClient,
+    app: &str,
+    deployment: Option<String>,
+    token_labels: &Labels,
+) -> Result<TokenJson> {
     c.post(
         "/v1/tokens",
-        &json!({ "app": app, "deployment": deployment }),
+        &json!({ "app": app, "deployment": deployment, "labels": token_labels }),
     )
     .await
+}
+
+/// The `--label` arguments (each `k=v` or `k=v,k2=v2`) as one set of labels; an error names the
+/// bad label.
+fn label_args(args: &[String]) -> Result<Labels> {
+    let mut all = Labels::new();
+    for arg in args {
+        let parsed = labels::parse(arg).map_err(|e| anyhow::anyhow!("invalid --label: {e}"))?;
+        for (k, v) in parsed {
+            if all.contains_key(&k) {
+                bail!(
+                    "invalid --label: label {:?} repeats the key of an earlier label",
+                    format!("{k}={v}")
+                );
+            }
+            all.insert(k, v);
+        }
+    }
+    labels::check_all(&all).map_err(|e| anyhow::anyhow!("invalid --label: {e}"))?;
+    Ok(all)
 }
 
 /// The `-o env` lines; every value is one line without spaces or quotes, so the output works
@@ -436,10 +477,13 @@ pub fn env_lines(control_addr: &str, token: &str, ca_pem: &str) -> String {
 async fn token_create(
     app: &str,
     deployment: Option<String>,
+    label_flags: &[String],
     output: Option<TokenOutput>,
 ) -> Result<()> {
+    // Checked here too, so a typo is reported before anything is sent.
+    let token_labels = label_args(label_flags)?;
     let c = client()?;
-    let t = create_token(&c, app, deployment).await?;
+    let t = create_token_with_labels(&c, app, deployment, &token_labels).await?;
     match output {
         Some(TokenOutput::Json) => println!("{}", serde_json::to_string_pretty(&t)?),
         Some(TokenOutput::Env) => print!("{}", env_lines(&t.control_addr, &t.token, &t.ca_pem)),
@@ -469,6 +513,8 @@ struct TokenRowJson {
     app: Option<String>,
     deployment: Option<String>,
     created_at: String,
+    #[serde(default)]
+    labels: Labels,
     live_instances: u64,
 }
 
@@ -487,9 +533,17 @@ async fn token_list(app: Option<String>, output: TableOrJson) -> Result<()> {
     let tokens: Vec<TokenRowJson> =
         serde_json::from_value(v["tokens"].clone()).context("unexpected response")?;
     let mut rows = vec![
-        ["ID", "KIND", "APP", "DEPLOYMENT", "LIVE", "CREATED"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "ID",
+            "KIND",
+            "APP",
+            "DEPLOYMENT",
+            "LABELS",
+            "LIVE",
+            "CREATED",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for t in tokens {
         rows.push(vec![
@@ -497,6 +551,7 @@ async fn token_list(app: Option<String>, output: TableOrJson) -> Result<()> {
             t.kind,
             t.app.unwrap_or_else(|| "-".into()),
             t.deployment.unwrap_or_else(|| "-".into()),
+            labels_text(&t.labels),
             t.live_instances.to_string(),
             t.created_at,
         ]);
@@ -547,6 +602,17 @@ struct InstanceJson {
     replica: Option<String>,
     #[serde(default)]
     entrypoint_rss_bytes: u64,
+    #[serde(default)]
+    labels: Labels,
+}
+
+/// Labels for a table cell: `k=v,k2=v2`, or `-` for none.
+fn labels_text(l: &Labels) -> String {
+    if l.is_empty() {
+        "-".into()
+    } else {
+        labels::format(l)
+    }
 }
 
 fn exit_text(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
@@ -620,6 +686,8 @@ async fn instances(a: InstancesArgs) -> Result<()> {
     let replicas: std::collections::HashSet<&str> =
         list.iter().filter_map(|i| i.replica.as_deref()).collect();
     let show_replica = replicas.len() > 1;
+    // Labels only when some instance has any: most fleets use none, and the table is wide.
+    let show_labels = list.iter().any(|i| !i.labels.is_empty());
     let mut header = [
         "ID",
         "APP",
@@ -637,6 +705,9 @@ async fn instances(a: InstancesArgs) -> Result<()> {
     .to_vec();
     if show_replica {
         header.push("REPLICA".into());
+    }
+    if show_labels {
+        header.push("LABELS".into());
     }
     let mut rows = vec![header];
     for i in &list {
@@ -678,6 +749,11 @@ async fn instances(a: InstancesArgs) -> Result<()> {
             rows.last_mut()
                 .expect("just pushed")
                 .push(r.chars().take(8).collect());
+        }
+        if show_labels {
+            rows.last_mut()
+                .expect("just pushed")
+                .push(labels_text(&i.labels));
         }
     }
     print_table(&rows);
@@ -806,6 +882,38 @@ mod tests {
         assert!(out.lines().all(|l| !l.contains(' ') && !l.contains('"')));
         let ca = read_ca(lines[2].strip_prefix("WAYPOST_CA=").unwrap()).unwrap();
         assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn label_flags_combine_and_errors_name_the_label() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let l = label_args(&args(&["tier=api", "env=prod,team=x"])).unwrap();
+        assert_eq!(labels::format(&l), "env=prod,team=x,tier=api");
+        assert!(label_args(&[]).unwrap().is_empty());
+        for (bad, why) in [
+            (&["tier"][..], "label \"tier\" is not key=value"),
+            (
+                &["a=1", "a=2"][..],
+                "label \"a=2\" repeats the key of an earlier",
+            ),
+            (
+                &["a=1,a=2"][..],
+                "label \"a=2\" repeats the key of an earlier",
+            ),
+            (&["a=b c"][..], "\"a=b c\""),
+        ] {
+            let e = label_args(&args(bad)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("invalid --label: ") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
+        // The cap counts every flag together.
+        let many: Vec<String> = (0..=labels::MAX_LABELS)
+            .map(|i| format!("k{i}=v"))
+            .collect();
+        let e = label_args(&many).unwrap_err().to_string();
+        assert!(e.contains("at most 16"), "{e}");
     }
 
     #[test]

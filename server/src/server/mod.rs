@@ -511,6 +511,23 @@ async fn run_async(opts: Options) -> Result<()> {
         })
     };
     let beats = tokio::spawn(membership.clone().heartbeat_loop(shared.shutdown.clone()));
+    // Every scope and source loaded, dynamic values followed (service/resolve.rs); what the
+    // resolver reads reaches the instances through the config service.
+    if let Some(mut resolved) = shared.config.start().await? {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(e) = resolved.recv().await {
+                if let Err(err) = shared.config.on_resolved(e.clone()).await {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        source = e.key.source,
+                        path = e.key.path,
+                        "applying a dynamic config value failed"
+                    );
+                }
+            }
+        });
+    }
     // Config changes made on other replicas (PostgreSQL only; see service/fanout.rs).
     let stop_listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(mut reloads) = service::fanout::start(&location, stop_listening.clone()) {

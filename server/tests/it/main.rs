@@ -16,6 +16,7 @@ mod control;
 mod database_tls;
 mod exec;
 mod failover;
+mod labels;
 mod logs;
 mod members;
 mod replicas;

@@ -3,11 +3,18 @@
 //! stored or served; it may use the wire types of `waypost-proto`.
 
 pub mod config;
+pub mod labels;
 pub mod logs;
 pub mod members;
+pub mod sources;
+pub mod template;
 
 /// The 16-byte id an entrypoint makes at start and keeps across reconnects.
 pub type InstanceId = [u8; 16];
+
+/// Labels of an instance (`WAYPOST_LABELS`, merged with its token's) or of a selector: key →
+/// value, sorted. Config variables may apply only where a selector matches (model/config.rs).
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// Parses the hex form back to an id.
 pub fn parse_id(hex: &str) -> Option<InstanceId> {
@@ -47,6 +54,8 @@ pub struct TokenRow {
     pub app: Option<String>,
     pub deployment: Option<String>,
     pub created_at: i64,
+    /// Labels given to every instance that connects with it (they win over the instance's own).
+    pub labels: Labels,
 }
 
 /// What deleting a token by id (a prefix of its hash) found.
@@ -225,6 +234,8 @@ pub struct InstanceRow {
     /// The replica that holds (or, once gone, last held) its connection; None: recorded before
     /// replicas were.
     pub replica: Option<String>,
+    /// Its labels as of its latest Hello: its own merged with its token's (model/labels.rs).
+    pub labels: Labels,
 }
 
 /// What a flush writes for one instance: (id hex, session, last seen, status).

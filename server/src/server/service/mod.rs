@@ -18,3 +18,5 @@ pub mod logs;
 pub mod members;
 pub mod mux;
 pub mod pki;
+pub mod resolve;
+pub mod sources;

@@ -19,10 +19,10 @@ pub mod members;
 pub mod pgtls;
 pub mod sql;
 
-use crate::server::model::Conflict;
 pub use crate::server::model::{
     App, ChildStatus, Connected, FlushRow, InstanceRow, Revoke, TokenRow, TokenScope,
 };
+use crate::server::model::{Conflict, Labels, labels};
 use anyhow::{Context as _, Result, bail};
 pub(crate) use sql::args;
 pub use sql::{Backend, Begin, Db, Row};
@@ -53,6 +53,10 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0006_replicas.sql"),
     // 7: the entrypoint's own RSS from its Status frames.
     include_str!("../../../migrations/0007_entrypoint_rss.sql"),
+    // 8: config scopes (global and per app) as versioned documents, their history, sources.
+    include_str!("../../../migrations/0008_config_scopes.sql"),
+    // 9: labels of tokens and instances (config selectors, filters).
+    include_str!("../../../migrations/0009_labels.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -298,6 +302,14 @@ pub(crate) fn raw<R>(db: &Db, f: impl FnOnce(&rusqlite::Connection) -> rusqlite:
         .expect("raw SQL needs SQLite")
 }
 
+/// The steps of a migration that SQL alone cannot do, run in its transaction right after its SQL.
+fn after_migration(db: &Db, version: usize) -> Result<()> {
+    match version {
+        8 => config::convert_legacy(db).context("schema migration 8: converting the app config"),
+        _ => Ok(()),
+    }
+}
+
 fn migrate(db: &Db) -> Result<()> {
     match db.backend() {
         Backend::Sqlite => {
@@ -306,6 +318,7 @@ fn migrate(db: &Db) -> Result<()> {
                 db.transaction(Begin::Immediate, |db| {
                     db.batch(sql)
                         .with_context(|| format!("schema migration {}", i + 1))?;
+                    after_migration(db, i + 1)?;
                     db.batch(&format!("PRAGMA user_version = {}", i + 1))
                 })?;
             }
@@ -326,6 +339,7 @@ fn migrate(db: &Db) -> Result<()> {
                     db.transaction(Begin::Deferred, |db| {
                         db.batch(&sql::pg_schema(sql))
                             .with_context(|| format!("schema migration {}", i + 1))?;
+                        after_migration(db, i + 1)?;
                         db.execute(
                             "UPDATE waypost_schema SET version = ?1",
                             args![(i + 1) as i64],
@@ -477,6 +491,18 @@ pub fn list_apps(db: &Db) -> Result<Vec<App>> {
 // ---- tokens --------------------------------------------------------------------------------
 
 pub fn insert_token(db: &Db, hash: &str, scope: &TokenScope, now: i64) -> Result<()> {
+    insert_token_with_labels(db, hash, scope, &Labels::new(), now)
+}
+
+/// [`insert_token`] with labels for the instances that connect with it; the caller has checked
+/// them (`labels::check_all`).
+pub fn insert_token_with_labels(
+    db: &Db,
+    hash: &str,
+    scope: &TokenScope,
+    token_labels: &Labels,
+    now: i64,
+) -> Result<()> {
     let (kind, app, deployment) = match scope {
         TokenScope::Admin => ("admin", None, None),
         TokenScope::Entrypoint { app, deployment } => {
@@ -484,11 +510,27 @@ pub fn insert_token(db: &Db, hash: &str, scope: &TokenScope, now: i64) -> Result
         }
     };
     db.execute(
-        "INSERT INTO tokens (hash, kind, app, deployment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        args![hash, kind, app, deployment, now],
+        "INSERT INTO tokens (hash, kind, app, deployment, created_at, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        args![
+            hash,
+            kind,
+            app,
+            deployment,
+            now,
+            labels::format(token_labels)
+        ],
     )?;
     Ok(())
 }
+
+/// Stored label text (canonical, see model/labels.rs) back as labels.
+fn stored_labels(text: &str) -> Result<Labels> {
+    labels::parse(text).map_err(|e| anyhow::anyhow!("stored labels {text:?}: {e}"))
+}
+
+/// The columns [`token_row`] reads, in order.
+const TOKEN_COLS: &str = "hash, kind, app, deployment, created_at, labels";
 
 fn token_row(r: &Row) -> Result<TokenRow> {
     Ok(TokenRow {
@@ -497,14 +539,17 @@ fn token_row(r: &Row) -> Result<TokenRow> {
         app: r.get(2)?,
         deployment: r.get(3)?,
         created_at: r.get(4)?,
+        labels: stored_labels(&r.get::<String>(5)?)?,
     })
 }
 
 /// Tokens, oldest first; `app`: only that app's entrypoint tokens.
 pub fn list_tokens(db: &Db, app: Option<&str>) -> Result<Vec<TokenRow>> {
     db.query(
-        "SELECT hash, kind, app, deployment, created_at FROM tokens
-         WHERE CAST(?1 AS TEXT) IS NULL OR app = ?1 ORDER BY created_at, hash",
+        &format!(
+            "SELECT {TOKEN_COLS} FROM tokens
+             WHERE CAST(?1 AS TEXT) IS NULL OR app = ?1 ORDER BY created_at, hash"
+        ),
         args![app],
     )?
     .iter()
@@ -522,8 +567,7 @@ pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
     db.transaction(Begin::Immediate, |db| {
         let found: Vec<TokenRow> = db
             .query(
-                "SELECT hash, kind, app, deployment, created_at FROM tokens
-                 WHERE hash LIKE ?1 LIMIT 2",
+                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash LIKE ?1 LIMIT 2"),
                 args![pattern],
             )?
             .iter()
@@ -541,8 +585,13 @@ pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
 }
 
 pub fn lookup_token(db: &Db, hash: &str) -> Result<Option<TokenScope>> {
+    Ok(lookup_token_with_labels(db, hash)?.map(|(scope, _)| scope))
+}
+
+/// [`lookup_token`] and the token's labels, in one query (the control handshake needs both).
+pub fn lookup_token_with_labels(db: &Db, hash: &str) -> Result<Option<(TokenScope, Labels)>> {
     let Some(r) = db.query_opt(
-        "SELECT kind, app, deployment FROM tokens WHERE hash = ?1",
+        "SELECT kind, app, deployment, labels FROM tokens WHERE hash = ?1",
         args![hash],
     )?
     else {
@@ -550,11 +599,12 @@ pub fn lookup_token(db: &Db, hash: &str) -> Result<Option<TokenScope>> {
     };
     let (kind, app, deployment): (String, Option<String>, Option<String>) =
         (r.get(0)?, r.get(1)?, r.get(2)?);
-    Ok(match (kind.as_str(), app) {
-        ("admin", _) => Some(TokenScope::Admin),
-        ("entrypoint", Some(app)) => Some(TokenScope::Entrypoint { app, deployment }),
-        _ => None,
-    })
+    let scope = match (kind.as_str(), app) {
+        ("admin", _) => TokenScope::Admin,
+        ("entrypoint", Some(app)) => TokenScope::Entrypoint { app, deployment },
+        _ => return Ok(None),
+    };
+    Ok(Some((scope, stored_labels(&r.get::<String>(3)?)?)))
 }
 
 // ---- instances -----------------------------------------------------------------------------
@@ -626,6 +676,20 @@ pub fn upsert_connected_on(
     replica: Option<&str>,
     now: i64,
 ) -> Result<Result<ChildStatus, Conflict>> {
+    upsert_connected_with_labels(db, c, &Labels::new(), hello_status, replica, now)
+}
+
+/// [`upsert_connected_on`], recording the instance's labels (its own merged with its token's,
+/// see model/labels.rs) on the row; they replace whatever an earlier Hello recorded.
+pub fn upsert_connected_with_labels(
+    db: &mut Db,
+    c: &Connected,
+    instance_labels: &Labels,
+    hello_status: Option<&waypost_proto::Status>,
+    replica: Option<&str>,
+    now: i64,
+) -> Result<Result<ChildStatus, Conflict>> {
+    let label_text = labels::format(instance_labels);
     // Immediate: this reads, then writes. On SQLite a deferred transaction would fail at once
     // (not after the busy timeout) if another connection (the log writer) committed in between;
     // on both, taking the write lock before the read makes the owner check and the insert atomic
@@ -677,8 +741,8 @@ pub fn upsert_connected_on(
              connected_at, last_seen_at, disconnected_at, ended,
              child_state, child_pid, exit_code, exit_signal, oom_killed, child_rss_bytes,
              child_cpu_ms, starts, config_version, session, token_hash, replica,
-             entrypoint_rss_bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+             entrypoint_rss_bytes, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, NULL, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
          ON CONFLICT (id) DO UPDATE SET
              token_hash = COALESCE(instances.token_hash, excluded.token_hash),
              hostname = excluded.hostname,
@@ -691,7 +755,8 @@ pub fn upsert_connected_on(
              oom_killed = excluded.oom_killed, child_rss_bytes = excluded.child_rss_bytes,
              child_cpu_ms = excluded.child_cpu_ms, starts = excluded.starts,
              config_version = excluded.config_version, session = excluded.session,
-             replica = excluded.replica, entrypoint_rss_bytes = excluded.entrypoint_rss_bytes",
+             replica = excluded.replica, entrypoint_rss_bytes = excluded.entrypoint_rss_bytes,
+             labels = excluded.labels",
             args![
                 c.id,
                 c.app,
@@ -712,7 +777,8 @@ pub fn upsert_connected_on(
                 c.session,
                 c.token_hash,
                 replica,
-                s10
+                s10,
+                label_text
             ],
         )?;
         Ok(Ok(status))
@@ -792,7 +858,7 @@ pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<Insta
     const COLS: &str = "id, app, deployment, hostname, entrypoint_pid, entrypoint_version,
         connected_at, last_seen_at, disconnected_at, ended, child_state, child_pid, exit_code,
         exit_signal, oom_killed, child_rss_bytes, child_cpu_ms, starts, config_version,
-        entrypoint_rss_bytes, replica";
+        entrypoint_rss_bytes, replica, labels";
     let sql = format!(
         "SELECT {COLS} FROM (
              SELECT {COLS}, 0 AS grp, connected_at AS ord FROM instances
@@ -821,6 +887,7 @@ pub fn list_instances(db: &Db, app: Option<&str>, all: bool) -> Result<Vec<Insta
                 ended: r.get(9)?,
                 status: status_from_row(r, 10)?,
                 replica: r.get(20)?,
+                labels: stored_labels(&r.get::<String>(21)?)?,
             })
         })
         .collect()
@@ -1348,6 +1415,84 @@ mod tests {
             deployment: None,
         };
         assert!(insert_token(&c, "h3", &bad, 1).is_err());
+    }
+
+    fn labels_of(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tokens_keep_their_labels() {
+        let c = mem();
+        create_app(&c, "web", 1).unwrap();
+        let scope = TokenScope::Entrypoint {
+            app: "web".into(),
+            deployment: None,
+        };
+        let l = labels_of(&[("tier", "api"), ("env", "prod")]);
+        insert_token_with_labels(&c, "bb11", &scope, &l, 1).unwrap();
+        insert_token(&c, "bb22", &scope, 2).unwrap();
+        assert_eq!(
+            lookup_token_with_labels(&c, "bb11").unwrap(),
+            Some((scope.clone(), l.clone()))
+        );
+        assert_eq!(
+            lookup_token_with_labels(&c, "bb22").unwrap(),
+            Some((scope.clone(), Labels::new()))
+        );
+        assert_eq!(lookup_token_with_labels(&c, "nope").unwrap(), None);
+        // Stored in the canonical text form.
+        let text: String = raw(&c, |c| {
+            c.query_row("SELECT labels FROM tokens WHERE hash = 'bb11'", [], |r| {
+                r.get(0)
+            })
+        });
+        assert_eq!(text, "env=prod,tier=api");
+        let listed: Vec<(String, Labels)> = list_tokens(&c, Some("web"))
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.hash, t.labels))
+            .collect();
+        assert_eq!(
+            listed,
+            [("bb11".to_string(), l), ("bb22".to_string(), Labels::new())]
+        );
+    }
+
+    #[test]
+    fn an_instance_has_the_labels_of_its_latest_hello() {
+        let mut c = mem();
+        create_app(&c, "web", 1).unwrap();
+        let l = labels_of(&[("env", "prod"), ("tier", "api")]);
+        upsert_connected_with_labels(&mut c, &connected("aa", "web"), &l, None, None, 10)
+            .unwrap()
+            .unwrap();
+        let rows = list_instances(&c, Some("web"), false).unwrap();
+        assert_eq!(rows[0].labels, l);
+        mark_disconnected(&c, "aa", 1, 20, &ChildStatus::default(), 20).unwrap();
+        assert_eq!(
+            list_instances(&c, Some("web"), true).unwrap()[0].labels,
+            l,
+            "a gone instance keeps its labels"
+        );
+        // A reconnect with other labels replaces them; one without any (an older entrypoint)
+        // clears them.
+        let l2 = labels_of(&[("env", "staging")]);
+        upsert_connected_with_labels(&mut c, &connected("aa", "web"), &l2, None, None, 30)
+            .unwrap()
+            .unwrap();
+        assert_eq!(list_instances(&c, None, false).unwrap()[0].labels, l2);
+        upsert_connected(&mut c, &connected("aa", "web"), None, 40)
+            .unwrap()
+            .unwrap();
+        assert!(
+            list_instances(&c, None, false).unwrap()[0]
+                .labels
+                .is_empty()
+        );
     }
 
     #[test]

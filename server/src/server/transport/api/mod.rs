@@ -280,6 +280,9 @@ struct CreateToken {
     app: String,
     #[serde(default)]
     deployment: Option<String>,
+    /// Given to every instance that connects with the token, over the instance's own labels.
+    #[serde(default)]
+    labels: model::Labels,
 }
 
 async fn create_token(
@@ -296,6 +299,8 @@ async fn create_token(
             ));
         }
     }
+    model::labels::check_all(&body.labels)
+        .map_err(|e| ApiError::bad(format!("invalid token labels: {e}")))?;
     require_app(&s, &body.app).await?;
     let token = auth::new_token(auth::ENTRYPOINT_PREFIX);
     let hash = auth::hash_token(&token);
@@ -304,10 +309,16 @@ async fn create_token(
         deployment: deployment.clone(),
     };
     let now = util::now_ms();
+    let labels = body.labels.clone();
     s.store
-        .call(move |c| store::insert_token(c, &hash, &scope, now))
+        .call(move |c| store::insert_token_with_labels(c, &hash, &scope, &labels, now))
         .await?;
-    tracing::info!(app = body.app, deployment, "entrypoint token created");
+    tracing::info!(
+        app = body.app,
+        deployment,
+        labels = model::labels::format(&body.labels),
+        "entrypoint token created"
+    );
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -315,6 +326,7 @@ async fn create_token(
             "id": token_id(&auth::hash_token(&token)),
             "app": body.app,
             "deployment": deployment,
+            "labels": body.labels,
             "control_addr": s.control_addr,
             "ca_pem": s.ca_pem,
         })),
@@ -356,6 +368,7 @@ async fn list_tokens(
                 "app": t.app,
                 "deployment": t.deployment,
                 "created_at": util::fmt_rfc3339(t.created_at),
+                "labels": t.labels,
                 "live_instances": live.get(&t.hash).copied().unwrap_or(0),
             })
         })
@@ -459,6 +472,8 @@ struct InstanceJson {
     entrypoint_rss_bytes: u64,
     /// The replica holding its connection (`server members`); once gone, the last one that did.
     replica: Option<String>,
+    /// Its own labels (WAYPOST_LABELS) merged with its token's, as of its latest Hello.
+    labels: model::Labels,
 }
 
 async fn list_instances(
@@ -509,6 +524,7 @@ async fn list_instances(
                 config_version: r.status.config_version,
                 entrypoint_rss_bytes: r.status.entrypoint_rss_bytes,
                 replica: r.replica,
+                labels: r.labels,
             }
         })
         .collect();

@@ -18,6 +18,7 @@ pub mod session;
 pub use session::FIRST_FRAME_CAP;
 use session::{Action, Claim, ClaimError, ControlSession, End, REJECT_RETRY_MS, Rejected};
 
+use crate::server::model::{Labels, labels};
 use crate::server::service::mux::Queued;
 use crate::server::service::{auth, mux};
 use crate::server::store;
@@ -349,22 +350,49 @@ async fn connection(
     let mut kick = None;
     // What was claimed, for the log when the claim is refused.
     let mut claimed = None;
+    // The instance's labels: its own from the Hello (read as the frame passes to the session),
+    // merged at the claim with its token's, which win (model/labels.rs). Stored on its row and
+    // given to the config service with the Welcome.
+    let mut hello_labels: Option<Labels> = None;
+    let mut token_labels = Labels::new();
+    let mut instance_labels = Labels::new();
     let admitted = 'hello: loop {
         while let Some(action) = cs.poll_action() {
             match action {
                 Action::LookupToken { hash } => {
                     let scope = shared
                         .store
-                        .call(move |c| store::lookup_token(c, &hash))
+                        .call(move |c| store::lookup_token_with_labels(c, &hash))
                         .await
+                        .map(|found| {
+                            found.map(|(scope, l)| {
+                                token_labels = l;
+                                scope
+                            })
+                        })
                         .map_err(|e| {
                             tracing::error!(error = format!("{e:#}"), "token lookup failed");
                         });
                     cs.handle_token(scope);
                 }
                 Action::Claim(c) => {
+                    // Invalid labels are the instance's own mistake: dropped, never a refusal.
+                    let (own, dropped) =
+                        labels::from_hello(hello_labels.as_ref().unwrap_or(&Labels::new()));
+                    for problem in dropped {
+                        tracing::warn!(
+                            instance = c.connected.id,
+                            app = c.connected.app,
+                            %peer,
+                            problem,
+                            "dropped an invalid label of an instance (WAYPOST_LABELS)"
+                        );
+                    }
+                    instance_labels = labels::merge(&own, &token_labels);
                     claimed = Some(c.connected.clone());
-                    let outcome = claim(shared, c, &tx).await.map(|k| kick = Some(k));
+                    let outcome = claim(shared, c, &instance_labels, &tx)
+                        .await
+                        .map(|k| kick = Some(k));
                     cs.handle_claim(outcome, std::time::Instant::now());
                 }
                 Action::Admitted(a) => break 'hello a,
@@ -420,7 +448,12 @@ async fn connection(
         let deadline = Instant::from_std(cs.poll_timeout());
         tokio::select! {
             r = reader.next() => match r.context("before Hello")? {
-                Some(frame) => cs.handle_frame(frame, std::time::Instant::now()),
+                Some(frame) => {
+                    if let (None, Some(Kind::Hello(h))) = (&hello_labels, &frame.kind) {
+                        hello_labels = Some(h.labels.clone());
+                    }
+                    cs.handle_frame(frame, std::time::Instant::now())
+                }
                 None => cs.handle_eof(),
             },
             _ = tokio::time::sleep_until(deadline) => cs.handle_timeout(std::time::Instant::now()),
@@ -447,6 +480,7 @@ async fn connection(
         deployment,
         hostname = hello.hostname,
         version = hello.entrypoint_version,
+        labels = labels::format(&instance_labels),
         %peer,
         "instance connected"
     );
@@ -470,6 +504,7 @@ async fn connection(
             &app,
             &deployment,
             &hello,
+            &instance_labels,
             welcome,
         )
         .await;
@@ -591,6 +626,7 @@ async fn connection(
 async fn claim(
     shared: &Shared,
     c: Claim,
+    instance_labels: &Labels,
     tx: &mpsc::Sender<Queued>,
 ) -> std::result::Result<Arc<tokio::sync::Notify>, ClaimError> {
     let Claim {
@@ -605,10 +641,18 @@ async fn claim(
     let now = util::now_ms();
     let session = connected.session;
     let replica = shared.replica.clone();
+    let instance_labels = instance_labels.clone();
     let status = match shared
         .store
         .call(move |c| {
-            store::upsert_connected_on(c, &connected, hello_status.as_ref(), Some(&replica), now)
+            store::upsert_connected_with_labels(
+                c,
+                &connected,
+                &instance_labels,
+                hello_status.as_ref(),
+                Some(&replica),
+                now,
+            )
         })
         .await
     {
