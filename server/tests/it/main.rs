@@ -11,6 +11,7 @@ mod common;
 
 mod api;
 mod config;
+mod config_replicas;
 mod containers;
 mod control;
 mod database_tls;

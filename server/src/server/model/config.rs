@@ -232,8 +232,9 @@ impl DynRef {
             Some(_) => return Err(bad()),
             None => (rest, None),
         };
-        let path = path.trim_start_matches('/');
-        if path.is_empty()
+        // Kept as written: an etcd key's leading '/' is part of the key (OpenBao/Vault paths
+        // ignore it).
+        if path.trim_start_matches('/').is_empty()
             || path.len() > MAX_PATH
             || path.chars().any(|c| c.is_control() || c.is_whitespace())
         {

@@ -91,10 +91,12 @@ fn dynamic_references_parse() {
     );
     assert_eq!(r.to_string(), "bao:secret/data/web#password");
     let r = DynRef::parse("etcd:/config/web/port").unwrap();
-    assert_eq!((r.path.as_str(), r.field), ("config/web/port", None));
+    assert_eq!((r.path.as_str(), r.field), ("/config/web/port", None));
     let q = DynRef::parse("bao:pki/issue/web?common_name=a.b&ttl=10s#certificate").unwrap();
     assert_eq!(q.path, "pki/issue/web?common_name=a.b&ttl=10s");
-    for bad in ["nosource", ":x", "bao:", "bao:x#", "b a:x", "bao:a b"] {
+    for bad in [
+        "nosource", ":x", "bao:", "bao:/", "bao:x#", "b a:x", "bao:a b",
+    ] {
         assert!(DynRef::parse(bad).is_err(), "{bad}");
     }
 }
