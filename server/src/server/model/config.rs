@@ -684,6 +684,32 @@ impl<'a> View<'a> {
         ev.value(name)
     }
 
+    /// Whether the value of `name` for such an instance holds a secret: its definition is secret
+    /// or dynamic, or its template uses (directly or through other templates) one that is.
+    pub fn is_secret(&self, name: &Name, deployment: &str, labels: &Labels) -> bool {
+        let winners = self.winners(deployment, labels);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo = vec![name.clone()];
+        while let Some(n) = todo.pop() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            let Some((var, _)) = winners.get(&n) else {
+                continue;
+            };
+            match &var.value {
+                _ if var.secret => return true,
+                VarValue::Dynamic(_) => return true,
+                VarValue::Text(t) => {
+                    if let Ok(tpl) = template::parse(t) {
+                        todo.extend(tpl.refs().into_iter().map(|(r, _)| r));
+                    }
+                }
+            }
+        }
+        false
+    }
+
     /// Checks the templates of both scopes together: each parses, each name a template requires
     /// is defined somewhere in the view (any target), and no name depends on itself.
     pub fn check_templates(&self) -> Result<(), String> {

@@ -351,7 +351,7 @@ impl ConfigService {
             .map_err(ChangeError::Failed)?;
         let Some(old) = old else {
             return Err(ChangeError::Refused(format!(
-                "there is no version {version} in the history (see `waypost config history`; the                  newest {} versions are kept)",
+                "there is no version {version} in the history (see `waypost config history`; the newest {} versions are kept)",
                 rules::HISTORY_KEPT
             )));
         };
@@ -366,7 +366,7 @@ impl ConfigService {
             for r in new.dynamic_refs() {
                 if !(ctx.has_source)(&r.source) {
                     return Err(format!(
-                        "version {version} uses the config source {:?}, which no longer exists;                          add it again first",
+                        "version {version} uses the config source {:?}, which no longer exists; add it again first",
                         r.source
                     ));
                 }

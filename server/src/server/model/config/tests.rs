@@ -249,6 +249,18 @@ fn templates_compose_and_internal_variables_stay_inside() {
     .unwrap();
     let e = env(&g, &a, "", "");
     assert_eq!(e["DATABASE_URL"], "postgres://app:s3cret@db.internal/web");
+    let view = View {
+        global: &g,
+        app_name: "web",
+        app: &a,
+    };
+    let name = |k: &str| Name {
+        internal: false,
+        key: k.into(),
+    };
+    let none = Labels::new();
+    assert!(!view.is_secret(&name("DATABASE_URL"), "", &none));
+    assert!(!view.is_secret(&name("LITERAL"), "", &none));
     assert_eq!(e["LITERAL"], "cost: ${HOME} and $5");
     assert_eq!(e["B64"], util::base64_encode(b"s3cret"));
     assert_eq!(e["J"], "{\"p\": \"s3cret\"}");
@@ -336,7 +348,33 @@ fn dynamic_values_come_from_the_resolver_and_missing_ones_are_left_out() {
         .insert("DB_PASS".into(), "bao:secret/data/web#password".into());
     ch.secret = true;
     let a = app_change(&ch, &ScopeConfig::default(), &g).unwrap();
-    let a = app_change(&set(&[("URL", "pg://u:${DB_PASS}@h")]), &a, &g).unwrap();
+    let a = app_change(
+        &set(&[
+            ("URL", "pg://u:${DB_PASS}@h"),
+            ("U2", "${URL}"),
+            ("P", "plain"),
+        ]),
+        &a,
+        &g,
+    )
+    .unwrap();
+    {
+        let view = View {
+            global: &g,
+            app_name: "web",
+            app: &a,
+        };
+        let n = |k: &str| Name {
+            internal: false,
+            key: k.into(),
+        };
+        let none = Labels::new();
+        // A template over a secret is secret, through other templates too.
+        assert!(view.is_secret(&n("DB_PASS"), "", &none));
+        assert!(view.is_secret(&n("URL"), "", &none));
+        assert!(view.is_secret(&n("U2"), "", &none));
+        assert!(!view.is_secret(&n("P"), "", &none));
+    }
     let a = app_change(
         &Change {
             files: vec![FileSet {

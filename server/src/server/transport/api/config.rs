@@ -366,7 +366,8 @@ async fn value_app(
         }
         VarValue::Text(_) => (None, None, None),
     };
-    let masked = var.secret || dynamic.is_some();
+    // A template that uses a secret (or dynamic) value is as secret as what it uses.
+    let masked = view.is_secret(&name, &deployment, &labels);
     let shown = match value {
         Some(_) if masked && !q.reveal => Some(MASK.to_string()),
         other => other,
