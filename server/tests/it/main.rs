@@ -12,6 +12,7 @@ mod common;
 mod api;
 mod config;
 mod config_replicas;
+mod config_sources;
 mod config_templates;
 mod containers;
 mod control;
