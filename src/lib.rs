@@ -58,6 +58,8 @@ Configured by environment variables:
   WAYPOST_FLUSH_TIMEOUT    after CMD exits, time to hand the server its last logs (default 2s)
   WAYPOST_CAPTURE          1: capture CMD's output even when stdout is a terminal
   WAYPOST_URL_HOLD         0: do not hold URL visitors during a config restart (default 1)
+  WAYPOST_URL_PORTS        ports on 127.0.0.1 the URL service may reach besides PORT,
+                           comma-separated, or * for any (default: PORT only)
   WAYPOST_LABELS           k=v,k2=v2: this instance's labels, for config selectors and filters
   PORT                     the app's port for the URL service (default: CMD gets PORT=5000)
   HTTPS_PROXY / NO_PROXY   reach the server through an HTTP CONNECT proxy

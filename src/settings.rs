@@ -49,6 +49,39 @@ pub const MAX_LABEL_LEN: usize = 63;
 /// the use; a longer list is a mistake, and each entry costs a slot in the link.
 pub const MAX_SERVERS: usize = 32;
 
+/// Most distinct ports `WAYPOST_URL_PORTS` may list: the list lives inline in the settings (no
+/// allocation, a binary search per stream); a few services per instance is the use, and a
+/// longer list is better written `*`.
+pub const MAX_URL_PORTS: usize = 64;
+
+/// `WAYPOST_URL_PORTS`: the ports on 127.0.0.1 a tunnel stream (the URL service, port-forward)
+/// may reach. The app's `PORT` is always allowed, whether the server names it as 0 or by its
+/// number: the list only adds ports, so unset means the app's `PORT` alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlPorts {
+    /// `*`: any port.
+    Any,
+    /// These ports besides `PORT`. INVARIANT: sorted, no duplicates (for the binary search).
+    Only(heapless::Vec<u16, MAX_URL_PORTS>),
+}
+
+impl Default for UrlPorts {
+    /// Unset: the app's `PORT` alone.
+    fn default() -> UrlPorts {
+        UrlPorts::Only(heapless::Vec::new())
+    }
+}
+
+impl UrlPorts {
+    /// Whether a stream may reach `port`; `app_port`: the app's `PORT`.
+    pub fn allows(&self, app_port: u16, port: u16) -> bool {
+        match self {
+            UrlPorts::Any => true,
+            UrlPorts::Only(list) => port == app_port || list.binary_search(&port).is_ok(),
+        }
+    }
+}
+
 /// Where trust anchors for the server's certificate come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaSource {
@@ -118,6 +151,8 @@ pub struct Settings {
     pub port: u16,
     /// Whether `PORT` was set; if not, the child gets `PORT=5000`.
     pub port_set: bool,
+    /// `WAYPOST_URL_PORTS`: the ports streams may reach besides `port`.
+    pub url_ports: UrlPorts,
     /// `HTTPS_PROXY` / `https_proxy`.
     pub https_proxy: Option<HostPort>,
     /// `NO_PROXY` / `no_proxy`: comma-separated hosts or domain suffixes that bypass the proxy.
@@ -213,6 +248,10 @@ impl Settings {
                     .collect()
             })
             .unwrap_or_default();
+        let url_ports = match env.get("WAYPOST_URL_PORTS", None)? {
+            Some((name, v)) => parse_url_ports(&v).map_err(|why| Error::Env { name, why })?,
+            None => UrlPorts::default(),
+        };
         let labels = match env.get("WAYPOST_LABELS", None)? {
             Some((name, v)) => parse_labels(&v).map_err(|why| Error::Env { name, why })?,
             None => BTreeMap::new(),
@@ -278,6 +317,7 @@ impl Settings {
             flush_timeout: env.duration("WAYPOST_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)?,
             port,
             port_set,
+            url_ports,
             https_proxy,
             no_proxy,
             labels,
@@ -300,7 +340,7 @@ impl Settings {
 }
 
 /// Every variable this version reads, for the unknown-variable warning.
-pub(crate) const KNOWN: [&str; 22] = [
+pub(crate) const KNOWN: [&str; 23] = [
     "WAYPOST_SERVER",
     "WAYPOST_TOKEN",
     "WAYPOST_CA",
@@ -322,6 +362,7 @@ pub(crate) const KNOWN: [&str; 22] = [
     "WAYPOST_LOG_MODE",
     "WAYPOST_FLUSH_TIMEOUT",
     "WAYPOST_LABELS",
+    "WAYPOST_URL_PORTS",
     // Read by the server-side CLI, harmless here; not worth a warning.
     "WAYPOST_DATA_DIR",
 ];
@@ -413,6 +454,35 @@ pub fn parse_server_list(s: &str) -> Result<Vec<HostPort>, String> {
             }
         })
         .collect()
+}
+
+/// `*` or `port[,port...]` (`WAYPOST_URL_PORTS`): ports 1-65535, spaces around an entry ignored,
+/// duplicates merged, at most [`MAX_URL_PORTS`] distinct. An empty entry is an error (a stray
+/// comma usually means a port went missing), and so is `*` inside a list.
+pub fn parse_url_ports(s: &str) -> Result<UrlPorts, String> {
+    if s.trim() == "*" {
+        return Ok(UrlPorts::Any);
+    }
+    let mut list = heapless::Vec::new();
+    for (i, entry) in s.split(',').map(str::trim).enumerate() {
+        let port = match entry.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            // One message site for every bad entry: each format! costs binary size.
+            _ => {
+                let why = match entry {
+                    "" => "is empty (a stray comma?)",
+                    "*" => "is * (any port), which stands alone, not in a list",
+                    _ => "is not a TCP port (1-65535)",
+                };
+                return Err(format!("entry {} {entry:?} {why}", i + 1));
+            }
+        };
+        if let Err(at) = list.binary_search(&port) {
+            list.insert(at, port)
+                .map_err(|_| format!("lists more than {MAX_URL_PORTS} ports (use * for any)"))?;
+        }
+    }
+    Ok(UrlPorts::Only(list))
 }
 
 /// `k=v,k2=v2` (`WAYPOST_LABELS`): a key is 1-63 characters of `A-Z a-z 0-9 . _ / -` starting
@@ -928,6 +998,66 @@ mod tests {
             let e = env_error(&[("WAYPOST_LABELS", bad)]);
             assert!(
                 e.starts_with("WAYPOST_LABELS: ") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn url_ports() {
+        let only = |ports: &[u16]| UrlPorts::Only(heapless::Vec::from_slice(ports).unwrap());
+        // Unset (or empty): the app's PORT alone.
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.url_ports, only(&[]));
+        assert!(s.url_ports.allows(5000, 5000));
+        assert!(!s.url_ports.allows(5000, 22));
+        assert_eq!(
+            parse(&[("WAYPOST_URL_PORTS", "")]).unwrap().url_ports,
+            only(&[])
+        );
+        let s = parse(&[("PORT", "8080")]).unwrap();
+        assert!(s.url_ports.allows(s.port, 8080) && !s.url_ports.allows(s.port, 5000));
+        // Sorted, duplicates merged, spaces ignored.
+        let s = parse(&[("WAYPOST_URL_PORTS", " 9090, 22 ,9090,65535,1")]).unwrap();
+        assert_eq!(s.url_ports, only(&[1, 22, 9090, 65535]));
+        assert!(s.unknown.is_empty(), "a known variable: {:?}", s.unknown);
+        // The list adds ports: PORT stays allowed.
+        for p in [5000, 1, 22, 9090, 65535] {
+            assert!(s.url_ports.allows(5000, p), "{p}");
+        }
+        for p in [2, 21, 23, 8080, 65534] {
+            assert!(!s.url_ports.allows(5000, p), "{p}");
+        }
+        for any in ["*", " * "] {
+            let s = parse(&[("WAYPOST_URL_PORTS", any)]).unwrap();
+            assert_eq!(s.url_ports, UrlPorts::Any);
+            assert!(s.url_ports.allows(5000, 1) && s.url_ports.allows(5000, 65535));
+        }
+        // The cap counts distinct ports.
+        let max: Vec<String> = (1..=MAX_URL_PORTS).map(|p| p.to_string()).collect();
+        let twice = format!("{0},{0}", max.join(","));
+        match parse(&[("WAYPOST_URL_PORTS", &twice)]).unwrap().url_ports {
+            UrlPorts::Only(list) => assert_eq!(list.len(), MAX_URL_PORTS),
+            other => panic!("{other:?}"),
+        }
+        let over = format!("{},{}", max.join(","), MAX_URL_PORTS + 1);
+
+        for (bad, why) in [
+            ("abc", "entry 1 \"abc\" is not a TCP port (1-65535)"),
+            ("0", "entry 1 \"0\" is not a TCP port"),
+            ("70000", "entry 1 \"70000\" is not a TCP port"),
+            ("80,-1", "entry 2 \"-1\" is not a TCP port"),
+            ("80 443", "entry 1 \"80 443\" is not a TCP port"),
+            ("1,,2", "entry 2 \"\" is empty"),
+            ("1,", "entry 2 \"\" is empty"),
+            (" ", "entry 1 \"\" is empty"),
+            ("*,80", "entry 1 \"*\" is * (any port), which stands alone"),
+            ("80,*", "entry 2 \"*\" is * (any port), which stands alone"),
+            (&over, "lists more than 64 ports (use * for any)"),
+        ] {
+            let e = env_error(&[("WAYPOST_URL_PORTS", bad)]);
+            assert!(
+                e.starts_with("WAYPOST_URL_PORTS: ") && e.contains(why),
                 "{bad:?}: {e}"
             );
         }

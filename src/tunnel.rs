@@ -1,11 +1,13 @@
 //! URL-service streams, sans-IO: one per visitor connection the server's ingress accepted, each
-//! carried to a TCP connection to the app (127.0.0.1, then ::1, on `PORT`), with credit-based
-//! flow control both ways and TCP-like half-close.
+//! carried to a TCP connection to the app (127.0.0.1, then ::1, on `PORT` or another port that
+//! `WAYPOST_URL_PORTS` allows), with credit-based flow control both ways and TCP-like half-close.
 //!
 //! Each stream owns its state; the agent (`crate::agent`) keeps them in a table whose slots the
 //! reactor's socket table shares.
 
 use crate::flow::{Inbound, Outbound, Overrun};
+use crate::settings::UrlPorts;
+use std::fmt::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -28,9 +30,45 @@ pub fn admit(disabled: bool, active: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The port a StreamOpen's `target_port` names (0 = the app's `PORT`), if `allowed` lets a stream
+/// reach it; else the refusal the server gets (and shows the visitor).
+pub fn target_port(target_port: u32, app_port: u16, allowed: &UrlPorts) -> Result<u16, String> {
+    let port = match u16::try_from(target_port) {
+        Ok(0) => return Ok(app_port),
+        Ok(p) if allowed.allows(app_port, p) => return Ok(p),
+        Ok(p) => p,
+        // Never truncate: 70000 as u16 would be some other port, maybe an allowed one.
+        Err(_) => return Err(format!("port {target_port} is not a TCP port (1-65535)")),
+    };
+    let mut why = format!("port {port} is not in WAYPOST_URL_PORTS (allowed: ");
+    // (With `*` every port was allowed above.)
+    let list: &[u16] = match allowed {
+        UrlPorts::Only(list) => list,
+        UrlPorts::Any => &[],
+    };
+    // The app's PORT in its place among the listed ports.
+    let mut app = Some(app_port).filter(|p| list.binary_search(p).is_err());
+    for &p in list {
+        if let Some(a) = app.filter(|&a| a < p) {
+            let _ = write!(why, "{a}, ");
+            app = None;
+        }
+        let _ = write!(why, "{p}, ");
+    }
+    if let Some(a) = app {
+        let _ = write!(why, "{a}, ");
+    }
+    why.truncate(why.len() - 2);
+    why.push(')');
+    Err(why)
+}
+
 #[derive(Debug)]
 pub struct Stream {
     id: u64,
+    /// The port on 127.0.0.1 (then ::1) this stream connects to, checked against
+    /// `WAYPOST_URL_PORTS`; every connect of the stream, held or retried, goes here.
+    port: u16,
     /// App → server.
     output: Outbound,
     /// Server → app.
@@ -53,9 +91,10 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn new(id: u64, retry_until: Option<Instant>) -> Stream {
+    pub fn new(id: u64, port: u16, retry_until: Option<Instant>) -> Stream {
         Stream {
             id,
+            port,
             output: Outbound::default(),
             input: Inbound::default(),
             has_sock: false,
@@ -71,6 +110,11 @@ impl Stream {
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The port this stream connects to.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Held for a restart: the first connect waits for the new child, until `until` at most.
@@ -214,8 +258,50 @@ mod tests {
     }
 
     #[test]
+    fn target_ports_are_checked_against_the_allow_list() {
+        let only = |ports: &[u16]| UrlPorts::Only(heapless::Vec::from_slice(ports).unwrap());
+        let none = only(&[]);
+        // 0 and the app's own number both mean the app.
+        assert_eq!(target_port(0, 5000, &none), Ok(5000));
+        assert_eq!(target_port(5000, 5000, &none), Ok(5000));
+        assert_eq!(
+            target_port(22, 5000, &none),
+            Err("port 22 is not in WAYPOST_URL_PORTS (allowed: 5000)".into())
+        );
+        let some = only(&[80, 8080]);
+        assert_eq!(target_port(8080, 5000, &some), Ok(8080));
+        assert_eq!(target_port(0, 5000, &some), Ok(5000));
+        // The app's port takes its place in the sorted list: first, between, last, or once.
+        for (app, allowed) in [
+            (22, "22, 80, 8080"),
+            (5000, "80, 5000, 8080"),
+            (9000, "80, 8080, 9000"),
+            (80, "80, 8080"),
+        ] {
+            assert_eq!(
+                target_port(443, app, &some),
+                Err(format!(
+                    "port 443 is not in WAYPOST_URL_PORTS (allowed: {allowed})"
+                )),
+                "PORT={app}"
+            );
+        }
+        assert_eq!(target_port(65535, 5000, &UrlPorts::Any), Ok(65535));
+        assert_eq!(target_port(1, 5000, &UrlPorts::Any), Ok(1));
+        // Beyond u16: refused, never truncated (70000 as u16 is 4464; 65536 + 8080 is 73616).
+        for big in [70_000, 65_536 + 8080, u32::MAX] {
+            for allowed in [&some, &UrlPorts::Any] {
+                assert_eq!(
+                    target_port(big, 5000, allowed),
+                    Err(format!("port {big} is not a TCP port (1-65535)"))
+                );
+            }
+        }
+    }
+
+    #[test]
     fn half_close_both_ways() {
-        let mut s = Stream::new(1, None);
+        let mut s = Stream::new(1, 5000, None);
         assert_eq!(s.budget(), 0, "nothing to read before connecting");
         s.connecting(None);
         s.handle_connected();
@@ -236,9 +322,9 @@ mod tests {
     #[test]
     fn refused_connects_retry_only_while_held() {
         let t0 = Instant::now();
-        let mut s = Stream::new(1, None);
+        let mut s = Stream::new(1, 5000, None);
         assert!(!s.refused(t0));
-        let mut s = Stream::new(1, Some(t0 + Duration::from_secs(1)));
+        let mut s = Stream::new(1, 5000, Some(t0 + Duration::from_secs(1)));
         assert!(s.refused(t0));
         assert_eq!(s.retry_at(), Some(t0 + RETRY));
         assert!(!s.retry_due(t0), "not yet");

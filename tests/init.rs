@@ -782,6 +782,48 @@ fn malformed_labels_are_errors_before_spawn() {
 }
 
 #[test]
+fn malformed_url_ports_are_errors_before_spawn() {
+    let dir = TestDir::new("malformed-url-ports");
+    let script = spawn_marker_script(&dir);
+    for (value, why) in [
+        ("abc", "entry 1 \"abc\" is not a TCP port (1-65535)"),
+        ("0", "entry 1 \"0\" is not a TCP port (1-65535)"),
+        ("70000", "entry 1 \"70000\" is not a TCP port (1-65535)"),
+        ("1,,2", "entry 2 \"\" is empty"),
+        ("80,*", "entry 2 \"*\" is * (any port), which stands alone"),
+    ] {
+        let mut cmd = entrypoint_sh(&dir, &script);
+        cmd.env("WAYPOST_URL_PORTS", value);
+        let out = Running::spawn_captured(cmd).finish();
+        out.assert_code(2, &format!("WAYPOST_URL_PORTS={value} is a config error"));
+        assert!(
+            !dir.exists("spawned"),
+            "WAYPOST_URL_PORTS={value}: the child was spawned"
+        );
+        let err = out.stderr_str();
+        assert!(
+            err.contains("WAYPOST_URL_PORTS") && err.contains(why),
+            "WAYPOST_URL_PORTS={value}: stderr should name the variable and say {why:?}\n{}",
+            out.context()
+        );
+    }
+    // Control: well-formed values pass the check, without a warning about the variable.
+    for value in ["8080, 9090,8080", "*"] {
+        let mut cmd = entrypoint_sh(&dir, &script);
+        cmd.env("WAYPOST_URL_PORTS", value);
+        let out = Running::spawn_captured(cmd).finish();
+        out.assert_code(0, &format!("WAYPOST_URL_PORTS={value} is accepted"));
+        assert!(dir.exists("spawned"), "{}", out.context());
+        fs::remove_file(dir.join("spawned")).unwrap();
+        assert!(
+            !out.stderr_str().contains("WAYPOST_URL_PORTS"),
+            "{}",
+            out.context()
+        );
+    }
+}
+
+#[test]
 fn unknown_waypost_variable_is_only_a_warning() {
     let dir = TestDir::new("unknown-var");
     let mut cmd = entrypoint_sh(&dir, &format!(": > {}; exit 3", dir.sh("spawned")));

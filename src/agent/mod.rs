@@ -21,7 +21,7 @@ use crate::app_config::{ConfigCore, Step};
 use crate::exec::{self, MAX_SESSIONS};
 use crate::logs::Logs;
 use crate::session::{Event, Session};
-use crate::settings::{ENTRYPOINT_ONLY_VARS, SECRET_VARS, Settings};
+use crate::settings::{ENTRYPOINT_ONLY_VARS, SECRET_VARS, Settings, UrlPorts};
 use crate::supervisor::{Action, ChildState, Leftovers, Supervisor, Target};
 use crate::tunnel::{self, MAX_STREAMS};
 use crate::{debug, info, trace, warn};
@@ -42,6 +42,10 @@ mod tests;
 /// While cleaning up, how often to look for descendants that are not our children (their exit
 /// does not raise SIGCHLD here).
 pub const CLEANUP_TICK: Duration = Duration::from_millis(50);
+
+/// At most one WARN per this long about streams refused by `WAYPOST_URL_PORTS` (a server probing
+/// ports could otherwise flood the log); the ones in between are counted into the next WARN.
+pub const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What the agent learns about its process at start (the reactor gathers it).
 pub struct Identity {
@@ -228,6 +232,11 @@ pub struct Agent {
     url_hold: bool,
     /// The app's port (`PORT`).
     app_port: u16,
+    /// `WAYPOST_URL_PORTS`: the other ports streams may reach.
+    url_ports: UrlPorts,
+    /// Streams refused by `url_ports`: when the last WARN went out, and how many were refused
+    /// since without one.
+    refusals: (Option<Instant>, u32),
     stop_timeout: Duration,
     /// A config restart waiting for the app's in-flight streams to finish: (grace, deadline).
     restart_pending: Option<(Option<Duration>, Instant)>,
@@ -317,6 +326,8 @@ impl Agent {
             url_disabled: settings.disable_url,
             url_hold: settings.url_hold,
             app_port: settings.port,
+            url_ports: settings.url_ports.clone(),
+            refusals: (None, 0),
             stop_timeout: settings.stop_timeout,
             restart_pending: None,
             hold_until: None,
@@ -564,7 +575,7 @@ impl Agent {
             for slot in 0..self.tunnels.len() {
                 if let Some(t) = &mut self.tunnels[slot] {
                     if t.retry_due(now) {
-                        let port = self.app_port;
+                        let port = t.port();
                         t.connecting(Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)));
                         let (id, addr) = (
                             t.id(),
@@ -1282,17 +1293,25 @@ impl Agent {
     /// A visitor connected through the ingress: connect to the app (or hold, during a restart).
     fn tunnel_open(&mut self, open: StreamOpen, now: Instant) {
         let active = self.tunnels.iter().flatten().count();
-        if let Err(why) = tunnel::admit(self.url_disabled, active) {
-            self.send(
-                Kind::StreamClose(StreamClose {
-                    stream: open.stream,
-                    half: false,
-                    error: why,
-                }),
-                now,
-            );
-            return;
-        }
+        // The port is checked before a slot is taken: a refused one never gets near a socket.
+        let admitted = tunnel::admit(self.url_disabled, active).and_then(|()| {
+            tunnel::target_port(open.target_port, self.app_port, &self.url_ports)
+                .inspect_err(|why| self.log_port_refusal(&open, why, now))
+        });
+        let port = match admitted {
+            Ok(port) => port,
+            Err(why) => {
+                self.send(
+                    Kind::StreamClose(StreamClose {
+                        stream: open.stream,
+                        half: false,
+                        error: why,
+                    }),
+                    now,
+                );
+                return;
+            }
+        };
         let slot = match self.tunnels.iter().position(Option::is_none) {
             Some(slot) => slot,
             None => {
@@ -1302,16 +1321,11 @@ impl Agent {
         };
         debug_assert!(slot < MAX_STREAMS);
         let hold = self.hold_until.filter(|&t| t > now);
-        let port = if open.target_port != 0 {
-            open.target_port as u16
-        } else {
-            self.app_port
-        };
         trace!(
             "stream {} from {} to port {port}",
             open.stream, open.client_addr
         );
-        let mut t = tunnel::Stream::new(open.stream, hold);
+        let mut t = tunnel::Stream::new(open.stream, port, hold);
         // While the old child drains or is being stopped, a connect could still land in its
         // listen queue and be reset when it dies: wait for the new child instead.
         let old_child =
@@ -1329,6 +1343,28 @@ impl Agent {
         self.tunnels[slot] = Some(t);
     }
 
+    /// Logs a stream refused by `WAYPOST_URL_PORTS`: a security-relevant event (the server asked
+    /// for a port it may not reach), so at WARN, at most once per [`REFUSAL_WARN_EVERY`].
+    fn log_port_refusal(&mut self, open: &StreamOpen, why: &str, now: Instant) {
+        let (last, quiet) = &mut self.refusals;
+        if last.is_some_and(|t| now < t + REFUSAL_WARN_EVERY) {
+            *quiet += 1;
+            debug!(
+                "stream {} from {} refused: {why}",
+                open.stream, open.client_addr
+            );
+            return;
+        }
+        let (id, from) = (open.stream, &open.client_addr);
+        if *quiet == 0 {
+            warn!("stream {id} from {from} refused: {why}");
+        } else {
+            warn!("stream {id} from {from} refused: {why} ({quiet} more since the last warning)");
+        }
+        *last = Some(now);
+        *quiet = 0;
+    }
+
     fn tunnel_refused(&mut self, slot: usize, error: &io::Error, now: Instant) {
         let Some(Some(t)) = self.tunnels.get_mut(slot) else {
             return;
@@ -1342,10 +1378,7 @@ impl Agent {
                 addr,
             });
         } else if !t.refused(now) {
-            let why = format!(
-                "cannot connect to the app on port {}: {error}",
-                self.app_port
-            );
+            let why = format!("cannot connect to the app on port {}: {error}", t.port());
             self.tunnel_abort(slot, &why, now);
         }
         self.restart_when_drained(now);

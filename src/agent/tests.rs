@@ -694,3 +694,258 @@ fn a_hello_without_labels_has_none() {
     p.io();
     assert!(p.connect().labels.is_empty());
 }
+
+/// An agent with a server and a running child, the given settings added.
+fn running(vars: &[(&str, &str)]) -> Pair {
+    let all: Vec<(&str, &str)> = [("WAYPOST_SERVER", "127.0.0.1:9701"), ("WAYPOST_TOKEN", "t")]
+        .into_iter()
+        .chain(vars.iter().copied())
+        .collect();
+    let mut p = Pair::new(&all);
+    p.io();
+    p.connect();
+    p.frame(Kind::Welcome(Welcome {
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    }));
+    assert_eq!(p.io(), [IoAction::SpawnChild]);
+    p.event(IoEvent::ChildSpawned {
+        pid: 100,
+        oom_kills: None,
+    });
+    p.sent();
+    p
+}
+
+fn open(p: &mut Pair, stream: u64, target_port: u32) {
+    p.frame(Kind::StreamOpen(StreamOpen {
+        stream,
+        target_port,
+        client_addr: "203.0.113.9:4000".into(),
+    }));
+}
+
+/// The address stream `id` is connected to now, and its slot; panics unless that is all the
+/// agent asks for.
+fn connects(p: &mut Pair, id: u64) -> (usize, String) {
+    match &p.io()[..] {
+        [IoAction::ConnectTunnel { slot, id: i, addr }] if *i == id => (*slot, addr.to_string()),
+        other => panic!("expected a connect of stream {id}, got {other:?}"),
+    }
+}
+
+/// Asserts that stream `id` was refused with `error`: no socket, no slot, one StreamClose.
+fn refused(p: &mut Pair, id: u64, error: &str) {
+    assert_eq!(p.io(), [], "a refused stream never connects");
+    assert_eq!(
+        p.sent_data(),
+        [Kind::StreamClose(StreamClose {
+            stream: id,
+            half: false,
+            error: error.into()
+        })]
+    );
+    assert!(
+        p.agent.tunnel_slot(id).is_none(),
+        "a refused stream takes no slot"
+    );
+}
+
+#[test]
+fn by_default_streams_reach_the_apps_port_only() {
+    let mut p = running(&[]);
+    open(&mut p, 1, 0);
+    assert_eq!(connects(&mut p, 1).1, "127.0.0.1:5000");
+    // The app's port by its number is the same port.
+    open(&mut p, 2, 5000);
+    assert_eq!(connects(&mut p, 2).1, "127.0.0.1:5000");
+    for (id, port) in [(3, 22), (4, 5001), (5, 1), (6, 65535)] {
+        open(&mut p, id, port);
+        refused(
+            &mut p,
+            id,
+            &format!("port {port} is not in WAYPOST_URL_PORTS (allowed: 5000)"),
+        );
+    }
+    // Beyond 16 bits: refused, not truncated to 5000 (70000 - 65536 = 4464; 65536 + 5000).
+    open(&mut p, 7, 65_536 + 5000);
+    refused(&mut p, 7, "port 70536 is not a TCP port (1-65535)");
+    assert_eq!(p.agent.tunnels.iter().flatten().count(), 2);
+
+    // PORT decides which port that is.
+    let mut p = running(&[("PORT", "8080")]);
+    open(&mut p, 1, 0);
+    assert_eq!(connects(&mut p, 1).1, "127.0.0.1:8080");
+    open(&mut p, 2, 5000);
+    refused(
+        &mut p,
+        2,
+        "port 5000 is not in WAYPOST_URL_PORTS (allowed: 8080)",
+    );
+}
+
+#[test]
+fn listed_ports_connect_and_others_are_refused() {
+    let mut p = running(&[("WAYPOST_URL_PORTS", "9090, 8080")]);
+    open(&mut p, 1, 9090);
+    let (slot, addr) = connects(&mut p, 1);
+    assert_eq!(addr, "127.0.0.1:9090");
+    // Refused on 127.0.0.1: ::1 on the same port next; then the error names that port.
+    let error = io::Error::from(io::ErrorKind::ConnectionRefused);
+    p.event(IoEvent::TunnelRefused {
+        slot,
+        error: &error,
+    });
+    assert_eq!(connects(&mut p, 1).1, "[::1]:9090");
+    p.event(IoEvent::TunnelRefused {
+        slot,
+        error: &error,
+    });
+    let sent = p.sent_data();
+    assert!(
+        matches!(&sent[..], [Kind::StreamClose(c)] if c.stream == 1
+            && c.error.starts_with("cannot connect to the app on port 9090: ")),
+        "{sent:?}"
+    );
+    assert_eq!(p.io(), [IoAction::CloseTunnel(slot)]);
+
+    open(&mut p, 2, 8080);
+    assert_eq!(connects(&mut p, 2).1, "127.0.0.1:8080");
+    // The app's port stays allowed (as 0 or by number).
+    open(&mut p, 3, 0);
+    assert_eq!(connects(&mut p, 3).1, "127.0.0.1:5000");
+    open(&mut p, 4, 5000);
+    assert_eq!(connects(&mut p, 4).1, "127.0.0.1:5000");
+    open(&mut p, 5, 22);
+    refused(
+        &mut p,
+        5,
+        "port 22 is not in WAYPOST_URL_PORTS (allowed: 5000, 8080, 9090)",
+    );
+    // A refusal leaves the others alone.
+    assert_eq!(p.agent.tunnels.iter().flatten().count(), 3);
+}
+
+#[test]
+fn a_star_allows_any_port() {
+    let mut p = running(&[("WAYPOST_URL_PORTS", "*")]);
+    for (id, port) in [(1, 22), (2, 1), (3, 65535), (4, 0)] {
+        open(&mut p, id, port);
+        let want = if port == 0 { 5000 } else { port };
+        assert_eq!(connects(&mut p, id).1, format!("127.0.0.1:{want}"));
+    }
+    open(&mut p, 5, 65_536);
+    refused(&mut p, 5, "port 65536 is not a TCP port (1-65535)");
+}
+
+#[test]
+fn refusals_are_warned_about_at_most_every_ten_seconds() {
+    let mut p = running(&[]);
+    assert_eq!(p.agent.refusals, (None, 0));
+    let t0 = p.now;
+    open(&mut p, 1, 22);
+    assert_eq!(
+        p.agent.refusals,
+        (Some(t0), 0),
+        "the first one is warned about"
+    );
+    p.now += ms(1000);
+    open(&mut p, 2, 23);
+    p.now += REFUSAL_WARN_EVERY - ms(1001);
+    open(&mut p, 3, 24);
+    assert_eq!(p.agent.refusals, (Some(t0), 2), "counted, not warned about");
+    p.now = t0 + REFUSAL_WARN_EVERY;
+    open(&mut p, 4, 25);
+    assert_eq!(
+        p.agent.refusals,
+        (Some(p.now), 0),
+        "warned about again, with the count"
+    );
+    // Every one of them was refused all the same.
+    let closes = p
+        .sent_data()
+        .iter()
+        .filter(|k| matches!(k, Kind::StreamClose(c) if !c.error.is_empty()))
+        .count();
+    assert_eq!(closes, 4);
+    assert!(p.agent.tunnels.is_empty());
+}
+
+#[test]
+fn a_stream_held_over_a_restart_connects_to_its_own_port() {
+    let mut p = running(&[("WAYPOST_URL_PORTS", "8080")]);
+    // One open stream keeps the old child until it finishes.
+    open(&mut p, 1, 0);
+    let (slot, _) = connects(&mut p, 1);
+    p.event(IoEvent::TunnelConnected(slot));
+    p.frame(Kind::Config(Config {
+        version: 2,
+        env: [("A".to_string(), "1".to_string())].into_iter().collect(),
+        ..Default::default()
+    }));
+    assert!(matches!(
+        p.io()[..],
+        [IoAction::WriteConfig { version: 2, .. }]
+    ));
+    p.event(IoEvent::ConfigWritten {
+        version: 2,
+        wrote: 0,
+        removed: 0,
+        result: Ok(()),
+    });
+    assert_eq!(p.io(), []);
+    // Held: one stream to another allowed port, one to the app; and a refused one stays refused.
+    open(&mut p, 2, 8080);
+    open(&mut p, 3, 0);
+    assert_eq!(p.io(), [], "held, not connected to the old child");
+    open(&mut p, 4, 9090);
+    p.sent();
+    assert!(p.agent.tunnel_slot(4).is_none());
+    p.frame(Kind::StreamClose(StreamClose {
+        stream: 1,
+        half: false,
+        error: String::new(),
+    }));
+    p.io();
+    p.event(IoEvent::Reaped {
+        pid: 100,
+        code: Some(0),
+        signal: None,
+        oom_kills: None,
+    });
+    assert_eq!(p.io().last(), Some(&IoAction::SpawnChild));
+    p.event(IoEvent::ChildSpawned {
+        pid: 101,
+        oom_kills: None,
+    });
+    p.advance(tunnel::RETRY);
+    let mut addrs: Vec<(u64, String)> = p
+        .io()
+        .into_iter()
+        .map(|a| match a {
+            IoAction::ConnectTunnel { id, addr, .. } => (id, addr.to_string()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        [(2, "127.0.0.1:8080".into()), (3, "127.0.0.1:5000".into())],
+        "each held stream goes to its own port on the new child"
+    );
+    // A refused retry of the held stream stays on its port too (::1, then later 127.0.0.1).
+    let slot = p.agent.tunnel_slot(2).unwrap();
+    let error = io::Error::from(io::ErrorKind::ConnectionRefused);
+    p.event(IoEvent::TunnelRefused {
+        slot,
+        error: &error,
+    });
+    assert_eq!(connects(&mut p, 2).1, "[::1]:8080");
+    p.event(IoEvent::TunnelRefused {
+        slot,
+        error: &error,
+    });
+    assert_eq!(p.io(), [], "held: retried later, not given up");
+    p.advance(tunnel::RETRY);
+    assert_eq!(connects(&mut p, 2).1, "127.0.0.1:8080");
+}
