@@ -700,3 +700,82 @@ fn bad_sources_are_refused_and_credentials_never_shown() {
         t0.elapsed()
     );
 }
+
+/// A TCP proxy to `target` on a free loopback port that counts the connections it accepted
+/// (the server's source client makes one connection per request). Returns (address, counter).
+fn counting_proxy(target: &str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let (target, n) = (target.to_string(), count.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { continue };
+            n.fetch_add(1, Ordering::SeqCst);
+            let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let (mut c1, mut u1) = (client, upstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c1, &mut u1);
+                let _ = u1.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn the_server_reads_a_path_once_however_many_instances_use_it() {
+    use std::sync::atomic::Ordering;
+    let bao = Bao::start();
+    put_password(&bao, "one");
+    let (proxy, requests) = counting_proxy(bao.addr.trim_start_matches("http://"));
+    let server = Server::start(&[]);
+    server
+        .cli(&[
+            "config",
+            "source",
+            "set",
+            "bao",
+            "--kind",
+            "openbao",
+            "--addr",
+            &format!("http://{proxy}"),
+            "--token",
+            &bao.token,
+            "--refresh",
+            "1s",
+        ])
+        .ok();
+    app_with_policy(&server, "web", "restart");
+    // Two variables from the same path: still one read per refresh.
+    set_dynamic(&server, "web", "DB_PASS", "bao:secret/data/web#password");
+    set_dynamic(&server, "web", "DB_PASS2", "bao:secret/data/web#password");
+    let eps: Vec<Entrypoint> = (0..6)
+        .map(|_| recorder(&server, "web", "DB_PASS"))
+        .collect();
+    for ep in &eps {
+        assert_eq!(wait_starts(ep, 1), ["one"]);
+    }
+    let before = requests.load(Ordering::SeqCst);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(6));
+    let reads = requests.load(Ordering::SeqCst) - before;
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!(
+        "{reads} requests to OpenBao in {elapsed:.1} s with 6 instances, 2 variables, refresh 1 s"
+    );
+    // Once per refresh (plus one for timing slack), not once per instance or variable: the
+    // instances each polling would make at least 36 (and the entrypoints have no route there).
+    assert!(
+        reads >= 3 && reads <= elapsed.ceil() as usize + 1,
+        "{reads} requests in {elapsed:.1} s"
+    );
+}
