@@ -37,7 +37,7 @@ use tokio_tungstenite::tungstenite::{self, Message, client::ClientRequestBuilder
 #[derive(Args)]
 pub struct ExecArgs {
     /// The app whose instance runs the command.
-    #[arg(long)]
+    #[arg(short = 'a', long, env = "WAYPOST_APP")]
     app: String,
     /// A prefix of the instance's id (see `waypost instances`). Default: the app's live instance
     /// with the fewest exec sessions.

@@ -36,7 +36,7 @@ pub enum Output {
 
 #[derive(Args)]
 pub struct LogsArgs {
-    #[arg(long)]
+    #[arg(short = 'a', long, env = "WAYPOST_APP")]
     app: String,
     /// Only this instance: its hex id or any unique prefix of it.
     #[arg(long, value_name = "ID")]

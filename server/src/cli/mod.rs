@@ -4,8 +4,10 @@
 //! overriding the matching field of the context file written by `waypost server run`).
 
 mod config;
+mod domain;
 pub mod dotenv;
 mod exec;
+mod forward;
 mod inject;
 mod logs;
 mod up;
@@ -61,6 +63,12 @@ enum Cmd {
     Exec(exec::ExecArgs),
     /// Print an app's public URL (served by the server's ingress).
     Url(url::UrlArgs),
+    /// Apps' custom domains, served by the HTTPS ingress with their own certificates.
+    #[command(subcommand)]
+    Domain(domain::DomainCmd),
+    /// Forward a local port to a port inside a live instance of an app (like kubectl
+    /// port-forward): `[LOCAL:]REMOTE`; Ctrl-C stops it.
+    PortForward(forward::ForwardArgs),
     /// Put the static entrypoint into a container image (OCI layout, oci-archive or
     /// docker-archive), without a container daemon.
     Inject(inject::InjectArgs),
@@ -136,6 +144,15 @@ struct RunArgs {
     /// The ingress answers 504 when an app sends nothing back for this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     ingress_timeout: Duration,
+    /// Address of the HTTPS ingress (TLS 1.3, HTTP/2 and HTTP/1.1; apps at
+    /// https://NAME.DOMAIN:PORT/ with a certificate signed by the server CA, custom domains with
+    /// their own: `waypost domain add`). Default: off. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    ingress_tls_addr: Option<String>,
+    /// The plain ingress answers requests for apps with a redirect (308) to the HTTPS ingress
+    /// (needs --ingress-tls-addr).
+    #[arg(long)]
+    ingress_redirect_https: bool,
     /// Address other server replicas reach this one at (shown by `server members`). Default:
     /// none, this replica is not reachable by its peers.
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::server::model::members::parse_peer_addr)]
@@ -169,7 +186,7 @@ enum AppCmd {
 enum TokenCmd {
     /// Create an entrypoint token for an app (and optionally one deployment).
     Create {
-        #[arg(long)]
+        #[arg(short = 'a', long, env = "WAYPOST_APP")]
         app: String,
         #[arg(long)]
         deployment: Option<String>,
@@ -189,7 +206,7 @@ enum TokenCmd {
     /// digits are the ID.
     List {
         /// Only this app's tokens.
-        #[arg(long)]
+        #[arg(short = 'a', long)]
         app: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
         output: TableOrJson,
@@ -219,7 +236,7 @@ enum TableOrJson {
 #[derive(Args)]
 struct InstancesArgs {
     /// Only this app's instances.
-    #[arg(long)]
+    #[arg(short = 'a', long)]
     app: Option<String>,
     /// Also show recently gone instances (the last 100 per app) and how they ended.
     #[arg(long)]
@@ -242,12 +259,15 @@ pub fn main() -> i32 {
             advertise_addr: a.advertise_addr,
             ingress_addr: a.ingress_addr,
             ingress_timeout: a.ingress_timeout,
+            ingress_tls_addr: a.ingress_tls_addr,
+            ingress_redirect_https: a.ingress_redirect_https,
             peer_addr: a.peer_addr,
             database: a.database,
         })
         .map(|()| 0),
         Cmd::Up(a) => up::run(a),
         Cmd::Exec(a) => exec::run(a),
+        Cmd::PortForward(a) => forward::run(a),
         Cmd::Inject(a) => inject::run(a),
         Cmd::Detach { log, args } => up::detach(&log, &args),
         cmd => block_on(async move {
@@ -268,10 +288,12 @@ pub fn main() -> i32 {
                 Cmd::Logs(a) => logs::run(a).await,
                 Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
                 Cmd::Url(a) => url::run(a).await,
+                Cmd::Domain(d) => domain::run(d).await,
                 Cmd::Server(ServerCmd::Run(_))
                 | Cmd::Up(_)
                 | Cmd::Inject(_)
                 | Cmd::Exec(_)
+                | Cmd::PortForward(_)
                 | Cmd::Detach { .. } => {
                     unreachable!("handled above")
                 }

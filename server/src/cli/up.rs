@@ -28,7 +28,7 @@ const MUSL_BUILD: &str = "target/x86_64-unknown-linux-musl/min/waypost-entrypoin
 #[derive(Args)]
 pub struct UpArgs {
     /// App name (default: the current directory's name, made a valid DNS label).
-    #[arg(long)]
+    #[arg(short = 'a', long)]
     app: Option<String>,
     /// The entrypoint binary (default: waypost-entrypoint next to this waypost, then
     /// ./target/x86_64-unknown-linux-musl/min/waypost-entrypoint, then PATH).

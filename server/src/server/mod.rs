@@ -98,6 +98,10 @@ pub struct Options {
     pub ingress_addr: String,
     /// The ingress answers 504 when the app has not answered for this long.
     pub ingress_timeout: Duration,
+    /// Address of the HTTPS ingress (transport/ingress_tls.rs); None: off. Port 0 picks a port.
+    pub ingress_tls_addr: Option<String>,
+    /// The plain ingress answers apps' requests with a 308 to the HTTPS ingress.
+    pub ingress_redirect_https: bool,
     /// `HOST:PORT` other replicas reach this one at (checked by the CLI); None: not reachable.
     pub peer_addr: Option<String>,
     /// PostgreSQL shared by replicas; None: SQLite in the data dir.
@@ -404,6 +408,28 @@ async fn run_async(opts: Options) -> Result<()> {
     let control_listener = bind("control", &opts.control_addr).await?;
     let api_listener = bind("API", &opts.api_addr).await?;
     let ingress_listener = bind("ingress", &opts.ingress_addr).await?;
+    // The HTTPS ingress: the default certificate is signed now (never stored), custom domains'
+    // come from the database (and follow its changes: ingress_tls.rs).
+    anyhow::ensure!(
+        !opts.ingress_redirect_https || opts.ingress_tls_addr.is_some(),
+        "--ingress-redirect-https needs --ingress-tls-addr (where to redirect to)"
+    );
+    let domains = Arc::new(transport::ingress_tls::Domains::default());
+    domains.set(st.with(|c| store::domains::list(c, None))?);
+    let ingress_tls = match &opts.ingress_tls_addr {
+        Some(addr) => {
+            let signer = st.with(|c| pki::IngressSigner::load(c))?;
+            let resolver =
+                transport::ingress_tls::Resolver::new(domains.clone(), &opts.url_domain, signer)?;
+            let tls = TlsAcceptor::from(transport::ingress_tls::server_config(Arc::new(resolver))?);
+            Some((bind("ingress (TLS)", addr).await?, tls))
+        }
+        None => None,
+    };
+    let ingress_tls_local = match &ingress_tls {
+        Some((l, _)) => Some(l.local_addr()?),
+        None => None,
+    };
     let ingress_local = ingress_listener.local_addr()?;
     let control_local = control_listener.local_addr()?;
     let api_local = api_listener.local_addr()?;
@@ -419,6 +445,9 @@ async fn run_async(opts: Options) -> Result<()> {
     println!("waypost: control listening on {control_local}");
     println!("waypost: api listening on {api_local}");
     println!("waypost: ingress listening on {ingress_local}");
+    if let Some(addr) = ingress_tls_local {
+        println!("waypost: ingress (TLS) listening on {addr}");
+    }
     if minted {
         // Shown once to a person at a terminal; otherwise stdout is a log (journald, a container
         // log, `waypost up`'s server.log) and the token goes to an owner-only file instead.
@@ -447,6 +476,7 @@ async fn run_async(opts: Options) -> Result<()> {
         "control_addr": control_local.to_string(),
         "api_addr": api_local.to_string(),
         "ingress_addr": ingress_local.to_string(),
+        "ingress_tls_addr": ingress_tls_local.map(|a| a.to_string()),
         "version": crate::VERSION,
     });
     let server_json = opts.data_dir.join("server.json");
@@ -466,7 +496,13 @@ async fn run_async(opts: Options) -> Result<()> {
         ingress_addr: local_connect_addr(ingress_local),
         ingress_timeout: opts.ingress_timeout,
         pool: transport::ingress::Pool::default(),
+        https: transport::ingress_tls::Https {
+            domains,
+            addr: ingress_tls_local.map(local_connect_addr),
+            redirect: opts.ingress_redirect_https,
+        },
         config: service::config::ConfigService::new(st.clone()),
+        urlauth: service::urlauth::UrlAuthService::new(st.clone()),
         logs: service::logs::LogService::start(&location)?,
         replica: membership.id().to_string(),
         peers: transport::peer::Peers::new(&pki)?,
@@ -490,6 +526,16 @@ async fn run_async(opts: Options) -> Result<()> {
         ingress_listener,
         done_tx.clone(),
     ));
+    if let Some((listener, tls)) = ingress_tls {
+        tokio::spawn(transport::ingress_tls::serve(
+            shared.clone(),
+            listener,
+            tls,
+            done_tx.clone(),
+        ));
+    }
+    // Custom domains added or removed on other replicas (PostgreSQL only).
+    transport::ingress_tls::follow(shared.clone());
     if let Some((listener, advertised)) = peer {
         let tls = TlsAcceptor::from(pki::peer_server_config(&pki, &[b"http/1.1"])?);
         println!(
@@ -517,13 +563,23 @@ async fn run_async(opts: Options) -> Result<()> {
         let shared = shared.clone();
         tokio::spawn(async move {
             while let Some(e) = resolved.recv().await {
-                if let Err(err) = shared.config.on_resolved(e.clone()).await {
+                // A value that cannot be applied now (the database is down: the epoch bump
+                // failed) is retried until it can, or the instances would keep the old one
+                // until the next change.
+                let mut pause = Duration::from_millis(500);
+                while let Err(err) = shared.config.on_resolved(e.clone()).await {
                     tracing::warn!(
                         error = format!("{err:#}"),
                         source = e.key.source,
                         path = e.key.path,
+                        retry_in = ?pause,
                         "applying a dynamic config value failed"
                     );
+                    if *shared.shutdown.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
                 }
             }
         });
@@ -535,8 +591,20 @@ async fn run_async(opts: Options) -> Result<()> {
         tokio::spawn(async move {
             while let Some(r) = reloads.recv().await {
                 let done = match &r {
+                    // URL access control changed (store/urlauth.rs): only a cache to drop.
+                    service::fanout::Reload::App(p)
+                        if p.starts_with(store::urlauth::CHANGED_PREFIX) =>
+                    {
+                        shared
+                            .urlauth
+                            .invalidate(&p[store::urlauth::CHANGED_PREFIX.len()..]);
+                        Ok(())
+                    }
                     service::fanout::Reload::App(app) => shared.config.reload(app).await,
-                    service::fanout::Reload::All => shared.config.reload_all().await,
+                    service::fanout::Reload::All => {
+                        shared.urlauth.invalidate_all();
+                        shared.config.reload_all().await
+                    }
                 };
                 if let Err(e) = done {
                     tracing::warn!(error = format!("{e:#}"), reload = ?r, "config reload failed");

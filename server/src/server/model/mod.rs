@@ -3,11 +3,13 @@
 //! stored or served; it may use the wire types of `waypost-proto`.
 
 pub mod config;
+pub mod domains;
 pub mod labels;
 pub mod logs;
 pub mod members;
 pub mod sources;
 pub mod template;
+pub mod urlauth;
 
 /// The 16-byte id an entrypoint makes at start and keeps across reconnects.
 pub type InstanceId = [u8; 16];

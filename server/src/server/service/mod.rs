@@ -20,3 +20,4 @@ pub mod mux;
 pub mod pki;
 pub mod resolve;
 pub mod sources;
+pub mod urlauth;

@@ -427,10 +427,23 @@ impl Mux {
         Mux::pick(&mut map, app, Feature::Url, prefix).map(|(id, _)| id)
     }
 
-    /// Opens a URL-service stream to instance `id` (None if it is gone).
+    /// Opens a URL-service stream to instance `id` (None if it is gone), to the app's `PORT`.
     pub fn open_stream_on(
         self: &Arc<Self>,
         id: InstanceId,
+        client_addr: &str,
+    ) -> Option<TunnelStream> {
+        self.open_stream_to_port(id, 0, client_addr)
+    }
+
+    /// Opens a tunnel stream to `127.0.0.1:target_port` inside instance `id` (None if it is
+    /// gone); `target_port` 0 is the app's `PORT` (what the ingress uses). `port-forward` names
+    /// its port; the entrypoint answers a port it does not allow with a StreamClose error, which
+    /// the stream's reads and writes then return.
+    pub fn open_stream_to_port(
+        self: &Arc<Self>,
+        id: InstanceId,
+        target_port: u16,
         client_addr: &str,
     ) -> Option<TunnelStream> {
         let mut map = lock(&self.inner);
@@ -442,7 +455,7 @@ impl Mux {
         conn.stream_count += 1;
         conn.out.data(Kind::StreamOpen(proto::StreamOpen {
             stream,
-            target_port: 0,
+            target_port: u32::from(target_port),
             client_addr: client_addr.to_string(),
         }));
         let out = conn.out.clone();
@@ -943,6 +956,23 @@ mod tests {
         drop(s);
         assert!(l.data.try_recv().is_err(), "done both ways: no abort");
         assert_eq!(lock(&mux.inner)[&id].stream_count, 0);
+    }
+
+    #[tokio::test]
+    async fn streams_name_their_target_port_and_the_ingress_keeps_port_zero() {
+        let (mux, mut lanes) = mux_with("web", &[(1, false)]);
+        let s = mux.open_stream_to_port([1; 16], 5432, "pf").unwrap();
+        assert!(
+            matches!(frame(&mut lanes[0]), Kind::StreamOpen(o) if o.stream == s.id() && o.target_port == 5432)
+        );
+        let (i, _) = mux.open_stream("web", None, "1.2.3.4:5").unwrap();
+        assert!(
+            matches!(frame(&mut lanes[0]), Kind::StreamOpen(o) if o.stream == i.id() && o.target_port == 0)
+        );
+        assert!(
+            mux.open_stream_to_port([9; 16], 1, "pf").is_none(),
+            "no such instance"
+        );
     }
 
     #[tokio::test]

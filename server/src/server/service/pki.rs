@@ -325,3 +325,89 @@ pub fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientC
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
+
+/// Signs the HTTPS ingress's own certificates (transport/ingress_tls.rs) with the CA: the
+/// default one for `*.URL_DOMAIN` and `URL_DOMAIN`, and, where clients refuse a wildcard (see
+/// [`IngressSigner::for_host`]), one per app host name. Made at every start from the CA in the
+/// database and never stored — like the server certificate on PostgreSQL, each replica mints its
+/// own. All its certificates share one key, made at start, so one for a new host name costs a
+/// signature, not a key generation.
+pub struct IngressSigner {
+    issuer: Issuer<'static, KeyPair>,
+    key: KeyPair,
+    ca_der: CertificateDer<'static>,
+    today: i64,
+}
+
+impl std::fmt::Debug for IngressSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressSigner").finish_non_exhaustive()
+    }
+}
+
+impl IngressSigner {
+    /// Loads the CA (made by [`load_or_create`], which runs first) from the database.
+    pub fn load(db: &Db) -> Result<IngressSigner> {
+        let today = util::now_ms() / 86_400_000;
+        let (Some(ca_pem), Some(ca_key_pem), Some(ca_cn)) = (
+            store::meta_get(db, "ca_cert_pem")?,
+            store::meta_get(db, "ca_key_pem")?,
+            store::meta_get(db, "ca_cn")?,
+        ) else {
+            anyhow::bail!("the CA is not in the database yet");
+        };
+        let ca_nb: i64 = store::meta_get(db, "ca_not_before_days")?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(today - 1);
+        let ca_key = KeyPair::from_pem(&ca_key_pem).context("the stored CA key is invalid")?;
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .context("parsing the CA certificate")?;
+        Ok(IngressSigner {
+            // Rebuilt with the same subject and key, the issuer matches the stored CA cert.
+            issuer: Issuer::new(ca_params(&ca_cn, ca_nb)?, ca_key),
+            key: KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?,
+            ca_der,
+            today,
+        })
+    }
+
+    /// A certificate for `names` (DNS names), valid from yesterday for the server certificate's
+    /// lifetime ([`SERVER_DAYS`]): the chain (leaf, CA) and its key, for rustls.
+    pub fn sign(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let mut params = CertificateParams::new(names.to_vec())
+            .context("invalid --url-domain (it must be a DNS name)")?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "waypost");
+        dn.push(DnType::CommonName, "waypost ingress");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = date!(self.today - 1);
+        params.not_after = date!(self.today + SERVER_DAYS);
+        let cert = params.signed_by(&self.key, &self.issuer)?;
+        let key = PrivateKeyDer::try_from(self.key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("the ingress key: {e}"))?;
+        Ok((vec![cert.der().clone(), self.ca_der.clone()], key))
+    }
+
+    /// The default certificate: `*.DOMAIN` and `DOMAIN` (`--url-domain`, trailing dot removed).
+    pub fn wildcard(
+        &self,
+        domain: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.sign(&[format!("*.{d}"), d])
+    }
+
+    /// Whether a host under `domain` needs a certificate of its own: clients (OpenSSL, browsers,
+    /// rustls) refuse a wildcard directly under a single-label name, so `*.localhost` (the
+    /// default URL domain) covers nothing and `web.localhost` gets one made for it.
+    pub fn for_host(domain: &str) -> bool {
+        !domain.trim_end_matches('.').contains('.')
+    }
+}

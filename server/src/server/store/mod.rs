@@ -14,10 +14,12 @@
 //! `server/migrations/`.
 
 pub mod config;
+pub mod domains;
 pub mod logs;
 pub mod members;
 pub mod pgtls;
 pub mod sql;
+pub mod urlauth;
 
 pub use crate::server::model::{
     App, ChildStatus, Connected, FlushRow, InstanceRow, Revoke, TokenRow, TokenScope,
@@ -57,6 +59,10 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0008_config_scopes.sql"),
     // 9: labels of tokens and instances (config selectors, filters).
     include_str!("../../../migrations/0009_labels.sql"),
+    // 10: access control of apps' URLs (basic users, bearer tokens, CIDRs).
+    include_str!("../../../migrations/0010_url_auth.sql"),
+    // 11: custom domains of apps' URLs, with their certificates.
+    include_str!("../../../migrations/0011_domains.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).

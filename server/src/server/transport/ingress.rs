@@ -6,6 +6,7 @@
 //!   fewest open streams first;
 //! - `NAME--ID.DOMAIN` → the live instance of NAME whose hex id starts with ID (when no app is
 //!   called `NAME--ID` itself);
+//! - a custom domain (`waypost domain add`; ingress_tls.rs) → its app, like `NAME.DOMAIN`;
 //! - unknown app → 404; the app has no (URL-enabled) live instance → 502; the app does not
 //!   start answering within `--ingress-timeout` of the last byte moved → 504; an ambiguous host
 //!   (two Host headers, an unreadable one, or an absolute-form target naming another host than
@@ -29,6 +30,7 @@
 //! reading the body) and not forwarded. `X-Forwarded-For` (appended), `-Proto` and `-Host` are set.
 
 use crate::server::model::InstanceId;
+use crate::server::model::urlauth::Decision;
 use crate::server::service::mux::{PickError, StreamProbe};
 use crate::server::store;
 use crate::server::transport::{Shared, accept, peer, serve_http};
@@ -136,7 +138,12 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sende
             let svc_shared = shared.clone();
             let service = hyper::service::service_fn(move |req| {
                 let shared = svc_shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&shared, peer, req).await) }
+                async move {
+                    if let Some(resp) = redirect(&shared, &req) {
+                        return Ok(resp);
+                    }
+                    Ok::<_, std::convert::Infallible>(handle(&shared, peer, req).await)
+                }
             });
             if let Err(e) = serve_http(TokioIo::new(tcp), service, shutdown).await {
                 tracing::debug!(%peer, error = %e, "ingress connection error");
@@ -193,6 +200,45 @@ pub fn host_route(host: &str, domain: &str) -> HostRoute {
         }
         _ => HostRoute::None,
     }
+}
+
+/// Where a Host header points on this server: a custom domain (`waypost domain add`,
+/// ingress_tls.rs) is its app's label, else [`host_route`] under `--url-domain`.
+pub fn route(shared: &Shared, host: &str) -> HostRoute {
+    match shared.https.domains.app_for(host) {
+        Some(app) => HostRoute::Label(app),
+        None => host_route(host, &shared.url_domain),
+    }
+}
+
+/// `--ingress-redirect-https`: a request for an app (`NAME.DOMAIN` or a custom domain) gets a
+/// 308 to the same path on the HTTPS ingress. None: served here (the option is off, or the host is
+/// no app's, which keeps the "no app here" page and ambiguous hosts' 400 as they are).
+fn redirect(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if !shared.https.redirect {
+        return None;
+    }
+    let port = shared.https.port_suffix()?;
+    let host = request_host(req.headers(), req.uri()).ok()?;
+    if route(shared, &host) == HostRoute::None {
+        return None;
+    }
+    let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&format!("https://{name}{port}{path}")).ok()?;
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "This app is served over HTTPS: {}\n",
+        location.to_str().unwrap_or_default()
+    )))));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, location);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Some(resp)
 }
 
 /// The host a request is for, or why it is ambiguous (answered 400, as RFC 9112 §3.2 asks for
@@ -359,7 +405,7 @@ pub(crate) async fn handle(
         }
     };
     let domain = &shared.url_domain;
-    let HostRoute::Label(label) = host_route(&host, domain) else {
+    let HostRoute::Label(label) = route(shared, &host) else {
         return page(
             StatusCode::NOT_FOUND,
             "unknown-app",
@@ -390,6 +436,52 @@ pub(crate) async fn handle(
             );
         }
     };
+    // Access control (`waypost url auth`), checked by the replica the visitor reached: a
+    // request hopped from another replica was checked there.
+    if req.extensions().get::<peer::Hopped>().is_none() {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match shared.urlauth.decide(&app, peer.ip(), authorization).await {
+            Ok(Decision::Allow { strip }) => {
+                if strip {
+                    // Our credentials, not the app's.
+                    req.headers_mut().remove(header::AUTHORIZATION);
+                }
+            }
+            Ok(Decision::Unauthorized(challenge)) => {
+                let mut resp = page(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "Sign in",
+                    &format!("App {app} needs credentials (see `waypost url auth`)."),
+                );
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                return resp;
+            }
+            Ok(Decision::Forbidden) => {
+                tracing::debug!(app, %peer, "ingress request from a network not allowed");
+                return page(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "Forbidden",
+                    &format!("App {app} is not served to your network."),
+                );
+            }
+            Err(e) => {
+                tracing::error!(app, error = format!("{e:#}"), "checking URL access failed");
+                return page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bad-gateway",
+                    "Server error",
+                    "The waypost server could not check access to this app; try again.",
+                );
+            }
+        }
+    }
     let instance = match shared.mux.pick_url(&app, prefix.as_deref()) {
         Ok(id) => id,
         // Not here: another replica may hold one (one hop; a hopped request is never sent on).
@@ -457,7 +549,16 @@ pub(crate) async fn handle(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert("x-forwarded-for", v);
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let proto = if parts
+        .extensions
+        .get::<crate::server::transport::ingress_tls::ViaTls>()
+        .is_some()
+    {
+        "https"
+    } else {
+        "http"
+    };
+    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("x-forwarded-host", v.clone());
         h.insert(header::HOST, v);

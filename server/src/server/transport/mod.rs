@@ -7,6 +7,7 @@
 pub mod api;
 pub mod control;
 pub mod ingress;
+pub mod ingress_tls;
 pub mod peer;
 
 use crate::server::service::{config::ConfigService, live, logs::LogService, mux::Mux};
@@ -38,8 +39,12 @@ pub struct Shared {
     pub ingress_timeout: Duration,
     /// The ingress's idle upstream connections per instance.
     pub pool: ingress::Pool,
+    /// The HTTPS ingress's address and options, and the custom domains (ingress_tls.rs).
+    pub https: ingress_tls::Https,
     /// App configuration: cache, pushes, Welcome snapshots.
     pub config: ConfigService,
+    /// Who may reach each app's URL (the ingress asks it per request).
+    pub urlauth: crate::server::service::urlauth::UrlAuthService,
     /// Log ingest (the writer thread) and reading.
     pub logs: LogService,
     /// This replica's id (service/members.rs), recorded on the instances it holds.

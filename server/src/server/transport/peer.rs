@@ -5,8 +5,8 @@
 //! certificate, and a client certificate signed by the cluster CA required of every connection
 //! (replicas sign themselves one at start, service/pki.rs; nobody else holds the CA key). Over it
 //! a replica speaks plain HTTP/1.1:
-//! - API requests (`/v1/...`, the exec WebSocket) are served by the same router as the API
-//!   listener, with the caller's `Authorization` forwarded and checked again;
+//! - API requests (`/v1/...`, the exec and port-forward WebSockets) are served by the same router
+//!   as the API listener, with the caller's `Authorization` forwarded and checked again;
 //! - ingress requests carry `x-waypost-hop: ingress` and `x-waypost-hop-client: IP:PORT` (the
 //!   visitor, for X-Forwarded-For) and are served by the ingress as if they had arrived there.
 //!
@@ -236,13 +236,83 @@ pub async fn open_exec(
     app: &str,
     authorization: Option<&HeaderValue>,
 ) -> Result<std::result::Result<PeerWs, Refused>> {
+    let path = format!("/v1/exec?app={}&instance={}", app, to.id);
+    open_ws(shared, to, &path, authorization, "exec").await
+}
+
+/// Opens the port-forward WebSocket on the replica holding `to`: a tunnel stream to
+/// `127.0.0.1:port` inside that instance (transport/api/forward.rs). `Ok(Err(refused))` as for
+/// [`open_exec`].
+pub async fn open_port_forward(
+    shared: &Shared,
+    to: &RemoteInstance,
+    app: &str,
+    port: u16,
+    authorization: Option<&HeaderValue>,
+) -> Result<std::result::Result<PeerWs, Refused>> {
+    let path = forward_path(app, port, &to.id);
+    open_ws(shared, to, &path, authorization, "port-forward").await
+}
+
+/// The port-forward endpoint's path on the holding replica, pinned to instance `id`.
+fn forward_path(app: &str, port: u16, id: &str) -> String {
+    format!("/v1/apps/{app}/port-forward?port={port}&instance={id}")
+}
+
+/// Asks the replica holding `to` whether a port-forward to `port` there would be accepted (the
+/// endpoint's plain GET, which opens nothing): its status and JSON body, as the client should
+/// see them.
+pub async fn check_port_forward(
+    shared: &Shared,
+    to: &RemoteInstance,
+    app: &str,
+    port: u16,
+    authorization: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes)> {
+    use http_body_util::BodyExt as _;
     let tls = shared.peers.connect(&to.peer_addr).await?;
-    let uri: tungstenite::http::Uri = format!(
-        "wss://{}/v1/exec?app={}&instance={}",
-        to.peer_addr, app, to.id
-    )
-    .parse()
-    .context("building the exec URL")?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .context("HTTP with the replica")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = Request::get(forward_path(app, port, &to.id)).header(
+        hyper::header::HOST,
+        HeaderValue::from_str(&to.peer_addr).context("peer address")?,
+    );
+    if let Some(auth) = authorization {
+        req = req.header(hyper::header::AUTHORIZATION, auth);
+    }
+    let req = req
+        .body(http_body_util::Empty::<Bytes>::new())
+        .context("building the port-forward check")?;
+    let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(req))
+        .await
+        .map_err(|_| anyhow!("replica {} did not answer in time", to.peer_addr))?
+        .context("the replica dropped the request")?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the replica's answer: {e}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// A WebSocket to `path` on the replica holding `to`, with the client's Authorization passed
+/// on. `what` names the feature in errors.
+async fn open_ws(
+    shared: &Shared,
+    to: &RemoteInstance,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+    what: &str,
+) -> Result<std::result::Result<PeerWs, Refused>> {
+    let tls = shared.peers.connect(&to.peer_addr).await?;
+    let uri: tungstenite::http::Uri = format!("wss://{}{path}", to.peer_addr)
+        .parse()
+        .with_context(|| format!("building the {what} URL"))?;
     let mut req = ClientRequestBuilder::new(uri);
     if let Some(auth) = authorization.and_then(|v| v.to_str().ok()) {
         req = req.with_header("Authorization", auth);
@@ -263,7 +333,7 @@ pub async fn open_exec(
             Ok(Err(Refused { status, message }))
         }
         Err(e) => Err(anyhow!(
-            "the exec WebSocket to replica {} failed: {e}",
+            "the {what} WebSocket to replica {} failed: {e}",
             to.peer_addr
         )),
     }
@@ -304,6 +374,70 @@ pub async fn relay_exec(client: WebSocket, upstream: PeerWs) {
         let _ = c_tx.close().await;
     };
     // The exit message comes down before the upstream closes; the client's close ends both.
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+    }
+}
+
+// ---- forwarding: port-forward ------------------------------------------------------------------
+
+/// Relays a port-forward WebSocket between the client and the holding replica, message for
+/// message, until either side closes. Unlike [`relay_exec`], a close frame is passed on with its
+/// code and reason (the reason carries the instance's refusal), and neither direction's end stops
+/// the other: a half-close travels as a message and data may still flow the other way. Backpressure
+/// end to end: a message is read from one side only after the previous one was written to the
+/// other.
+pub async fn relay_port_forward(client: WebSocket, upstream: PeerWs) {
+    use axum::extract::ws::CloseFrame as AxClose;
+    use tungstenite::protocol::CloseFrame as TgClose;
+    let (mut c_tx, mut c_rx) = client.split();
+    let (mut u_tx, mut u_rx) = upstream.split();
+    let up = async {
+        while let Some(Ok(m)) = c_rx.next().await {
+            let m = match m {
+                AxMessage::Text(t) => TgMessage::Text(t.as_str().into()),
+                AxMessage::Binary(b) => TgMessage::Binary(b),
+                AxMessage::Close(f) => {
+                    let _ = u_tx
+                        .send(TgMessage::Close(f.map(|f| TgClose {
+                            code: f.code.into(),
+                            reason: f.reason.as_str().into(),
+                        })))
+                        .await;
+                    return;
+                }
+                AxMessage::Ping(_) | AxMessage::Pong(_) => continue,
+            };
+            if u_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = u_tx.close().await;
+    };
+    let down = async {
+        while let Some(Ok(m)) = u_rx.next().await {
+            let m = match m {
+                TgMessage::Text(t) => AxMessage::Text(t.as_str().into()),
+                TgMessage::Binary(b) => AxMessage::Binary(b),
+                TgMessage::Close(f) => {
+                    let _ = c_tx
+                        .send(AxMessage::Close(f.map(|f| AxClose {
+                            code: f.code.into(),
+                            reason: f.reason.as_str().into(),
+                        })))
+                        .await;
+                    return;
+                }
+                TgMessage::Ping(_) | TgMessage::Pong(_) | TgMessage::Frame(_) => continue,
+            };
+            if c_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = c_tx.close().await;
+    };
+    // Either side's close ends the relay: it was passed on, and the other side answers it.
     tokio::select! {
         _ = down => {}
         _ = up => {}

@@ -8,8 +8,11 @@
 //! the server here; `config`, `logs` and `exec` in their modules.
 
 pub mod config;
+pub mod domains;
 pub mod exec;
+pub mod forward;
 pub mod logs;
+pub mod urlauth;
 
 use crate::server::model::{self, TokenScope};
 use crate::server::service::{self, auth};
@@ -109,7 +112,10 @@ pub fn router(shared: AppState) -> Router {
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/instances", get(list_instances))
         .merge(exec::routes())
+        .merge(forward::routes())
         .merge(config::routes())
+        .merge(domains::routes())
+        .merge(urlauth::routes())
         .merge(logs::routes());
     Router::new()
         .nest("/v1", v1)
@@ -169,6 +175,7 @@ async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
         "ca_pem": s.ca_pem,
         "url_domain": s.url_domain,
         "ingress_addr": s.ingress_addr,
+        "ingress_tls_addr": s.https.addr,
         "live_instances": s.live.len(),
         "log_intake": logs::intake_json(s.logs.intake_stall().as_ref()),
     }))

@@ -1,0 +1,390 @@
+//! `waypost port-forward -a APP [--instance ID] [LOCAL:]REMOTE`: like `kubectl port-forward`, a
+//! listener on `127.0.0.1:LOCAL` whose every connection is carried to `127.0.0.1:REMOTE` inside a
+//! live instance of the app (the server side and the WebSocket protocol: server/transport/api/
+//! forward.rs).
+//!
+//! - `REMOTE` alone listens on the same port; `0:REMOTE` or `:REMOTE` on a free port. Either way
+//!   `Forwarding from 127.0.0.1:LOCAL -> REMOTE` is printed once listening (stdout), and
+//!   `Handling connection for REMOTE` for each connection.
+//! - The instance is checked and picked once at start (the endpoint's plain GET: app, instance,
+//!   port, URL service on), so mistakes fail before anything listens (exit 1); every connection
+//!   then goes to that same instance.
+//! - Each accepted connection gets its own WebSocket. A refusal by the instance (e.g. a port not
+//!   in `WAYPOST_URL_PORTS`, nothing listening there) or a failure ends that connection only, with
+//!   a line on stderr; the listener keeps serving.
+//! - Bytes flow both ways with backpressure (a TCP read only after the previous chunk was sent);
+//!   a TCP FIN is passed on as a half-close, so request/response protocols that shut down their
+//!   write side keep working.
+//! - SIGINT (Ctrl-C), SIGTERM or SIGHUP: the listener and every open connection are closed and it
+//!   exits 0.
+
+use super::Target;
+use crate::util;
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+use futures_util::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::ServerName;
+use serde_json::json;
+use std::io::Write as _;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::{self, Message, client::ClientRequestBuilder};
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// The app (default: $WAYPOST_APP).
+    #[arg(short = 'a', long, env = "WAYPOST_APP")]
+    app: String,
+    /// A prefix of the instance's id (see `waypost instances`). Default: the app's live instance
+    /// with the fewest open tunnel streams, picked once at start.
+    #[arg(long, value_name = "ID")]
+    instance: Option<String>,
+    /// The port inside the instance, and the local one: `5432` (both the same), `8080:5432`,
+    /// `0:5432` or `:5432` (a free local port, printed).
+    #[arg(value_name = "[LOCAL:]REMOTE")]
+    ports: String,
+}
+
+/// Bytes read from a local connection per WebSocket message.
+const CHUNK: usize = 64 * 1024;
+/// TLS + WebSocket handshake with the API, at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// After the last byte, how long the close handshake may take before the connection is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `[LOCAL:]REMOTE` as (local, remote); local 0 means a free port.
+fn parse_ports(spec: &str) -> Result<(u16, u16)> {
+    let port = |what: &str, p: &str, zero_ok: bool| -> Result<u16> {
+        match p.parse::<u16>() {
+            Ok(0) if !zero_ok => {
+                bail!("invalid {what} port 0 in {spec:?}: give a port from 1 to 65535")
+            }
+            Ok(n) => Ok(n),
+            Err(_) => bail!(
+                "invalid {what} port {p:?} in {spec:?}: give [LOCAL:]REMOTE, ports from 1 to 65535 \
+                 (LOCAL 0 or empty: a free port)"
+            ),
+        }
+    };
+    match spec.split_once(':') {
+        None => {
+            let r = port("remote", spec, false)?;
+            Ok((r, r))
+        }
+        Some((l, r)) => {
+            let r = port("remote", r, false)?;
+            let l = if l.is_empty() {
+                0
+            } else {
+                port("local", l, true)?
+            };
+            Ok((l, r))
+        }
+    }
+}
+
+pub fn run(a: ForwardArgs) -> Result<i32> {
+    if !util::valid_app_name(&a.app) {
+        bail!("invalid app name {:?}", a.app);
+    }
+    if let Some(i) = &a.instance {
+        if i.is_empty() || i.len() > 32 || !i.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "invalid instance id {i:?}: give a prefix of its hex id (see `waypost instances`)"
+            );
+        }
+    }
+    let (local, remote) = parse_ports(&a.ports)?;
+    let target = super::resolve_target()?;
+    // Two workers: each connection moves bytes both ways through TLS, and several may be open.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(forward(target, a, local, remote))
+}
+
+async fn forward(target: Target, a: ForwardArgs, local: u16, remote: u16) -> Result<i32> {
+    // Handlers first: from here on these end the forward through our code, cleanly.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    // The checks, and the instance every connection goes to.
+    let mut check = format!("/v1/apps/{}/port-forward?port={remote}", a.app);
+    if let Some(i) = &a.instance {
+        check.push_str(&format!("&instance={}", i.to_ascii_lowercase()));
+    }
+    let client = super::client_for(&target)?;
+    let picked: serde_json::Value = tokio::select! {
+        r = client.get(&check) => r?,
+        // Stopped before it listened: nothing to close.
+        _ = sigint.recv() => return Ok(0),
+        _ = sigterm.recv() => return Ok(0),
+        _ = sighup.recv() => return Ok(0),
+    };
+    let instance = picked["instance"]
+        .as_str()
+        .context("the server did not say which instance it picked (is it older than this CLI?)")?
+        .to_string();
+    let path = format!(
+        "/v1/apps/{}/port-forward?port={remote}&instance={instance}",
+        a.app
+    );
+
+    let listener = TcpListener::bind(("127.0.0.1", local))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{local}"))?;
+    let local = listener.local_addr()?.port();
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "Forwarding from 127.0.0.1:{local} -> {remote}");
+        let _ = out.flush();
+    }
+
+    let target = std::sync::Arc::new(target);
+    let path = std::sync::Arc::new(path);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => {
+                    {
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "Handling connection for {remote}");
+                        let _ = out.flush();
+                    }
+                    let (target, path) = (target.clone(), path.clone());
+                    conns.spawn(async move {
+                        if let Err(e) = connection(&target, &path, tcp).await {
+                            let msg = format!("{e:#}").replace('\n', " ");
+                            eprintln!("port-forward: {msg}");
+                        }
+                    });
+                }
+                // E.g. out of file descriptors: this connection is lost, the listener is not.
+                Err(e) => {
+                    eprintln!("port-forward: accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
+        }
+    }
+    // Stop: no new connections, and every open one closed (its WebSocket dropped, so the server
+    // aborts the stream to the app).
+    drop(listener);
+    conns.shutdown().await;
+    Ok(0)
+}
+
+/// Carries one local connection over its own WebSocket until both directions are done, or
+/// either side fails. The error is the line to print (none when the local client left).
+async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(t, path)).await {
+        Ok(ws) => ws.context("cannot open a connection to the instance")?,
+        Err(_) => bail!(
+            "cannot open a connection to the instance: the waypost API at {} did not answer within {CONNECT_TIMEOUT:?}",
+            t.addr
+        ),
+    };
+    let (mut tr, mut tw) = tcp.into_split();
+    let (mut sink, mut stream) = ws.split();
+    let result = {
+        // local → instance; Ok once the local side sent its FIN (passed on as `eof`).
+        let up = async {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match tr.read(&mut buf).await {
+                    Ok(0) => {
+                        let eof = Message::text(json!({"type": "eof"}).to_string());
+                        return sink.send(eof).await.map_err(lost);
+                    }
+                    Ok(n) => {
+                        // Waiting here is the backpressure: the next read only after this went.
+                        sink.send(Message::binary(buf[..n].to_vec()))
+                            .await
+                            .map_err(lost)?;
+                    }
+                    // The local client reset the connection: abort.
+                    Err(_) => return Err(LocalGone.into()),
+                }
+            }
+        };
+        // instance → local; Ok once the server closed normally (both directions done).
+        let down = async {
+            // Whether the instance sent anything: an error before that is a refusal.
+            let mut received = false;
+            let mut error: Option<String> = None;
+            loop {
+                let m = match stream.next().await {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return Err(lost(e)),
+                    None => return Err(anyhow!("the server closed the connection")),
+                };
+                match m {
+                    Message::Binary(b) => {
+                        received = true;
+                        if tw.write_all(&b).await.is_err() {
+                            // The local client is gone: nothing more to deliver.
+                            return Err(LocalGone.into());
+                        }
+                    }
+                    Message::Text(t) => {
+                        let v: serde_json::Value =
+                            serde_json::from_str(t.as_str()).unwrap_or_default();
+                        match v["type"].as_str() {
+                            // The app's FIN: the local client reads EOF, and may still send.
+                            Some("eof") => {
+                                let _ = tw.shutdown().await;
+                            }
+                            Some("error") => {
+                                error = v["error"].as_str().map(str::to_string);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Message::Close(frame) => {
+                        let reason = frame
+                            .as_ref()
+                            .map(|f| f.reason.to_string())
+                            .filter(|r| !r.is_empty());
+                        let normal = frame.as_ref().is_none_or(|f| {
+                            f.code == tungstenite::protocol::frame::coding::CloseCode::Normal
+                        });
+                        return match (error.take().or(reason), normal) {
+                            (None, true) => Ok(()),
+                            (why, _) => {
+                                let why = why.unwrap_or_else(|| "the stream failed".into());
+                                Err(anyhow!(
+                                    "{}{why}",
+                                    if received {
+                                        "the connection to the instance failed: "
+                                    } else {
+                                        "connection refused by the instance: "
+                                    }
+                                ))
+                            }
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    Err(e) => break Err(e),
+                },
+                r = &mut down => break r,
+            }
+        }
+    };
+    match result {
+        Ok(()) => {
+            // Answer the server's close so the TLS connection ends cleanly.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+            Ok(())
+        }
+        // The local client's choice: no message. Dropping the WebSocket aborts the stream, so
+        // the app's socket is closed too.
+        Err(e) if e.is::<LocalGone>() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The local client went away (a reset, or a close while data was still coming): the connection
+/// is aborted without a message.
+#[derive(Debug)]
+struct LocalGone;
+
+impl std::fmt::Display for LocalGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the local connection went away")
+    }
+}
+
+impl std::error::Error for LocalGone {}
+
+fn lost(e: tungstenite::Error) -> anyhow::Error {
+    anyhow!("the connection to the waypost API failed: {e}")
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TLS (trusting exactly the context's CA) and the WebSocket handshake with the bearer token, as
+/// `exec` does. An HTTP error answer becomes the API's error message.
+async fn connect(t: &Target, path: &str) -> Result<Ws> {
+    let host = crate::client::host_of(&t.addr)?;
+    let server_name = ServerName::try_from(host.to_string())
+        .with_context(|| format!("{host:?} is not a valid host name or IP address"))?;
+    let cfg = crate::server::pki::client_config(&t.ca_pem, &[b"http/1.1"])?;
+    let tcp = TcpStream::connect(&t.addr)
+        .await
+        .with_context(|| format!("cannot reach the waypost API at {}", t.addr))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(cfg)
+        .connect(server_name, tcp)
+        .await
+        .with_context(|| format!("TLS with the waypost API at {} failed (wrong CA?)", t.addr))?;
+    let uri: tungstenite::http::Uri = format!("wss://{}{}", t.addr, path)
+        .parse()
+        .context("building the port-forward URL")?;
+    let req = ClientRequestBuilder::new(uri)
+        .with_header("Authorization", format!("Bearer {}", t.token))
+        .with_header(
+            "User-Agent",
+            concat!("waypost-cli/", env!("CARGO_PKG_VERSION")),
+        );
+    let mut config = tungstenite::protocol::WebSocketConfig::default();
+    config.max_message_size = Some(1 << 20);
+    config.max_frame_size = Some(1 << 20);
+    match tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status();
+            let body = resp.body().clone().unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+            Err(crate::client::ApiError {
+                status: hyper::StatusCode::from_u16(status.as_u16())
+                    .unwrap_or(hyper::StatusCode::BAD_GATEWAY),
+                message,
+            }
+            .into())
+        }
+        Err(e) => Err(anyhow!("the port-forward WebSocket handshake failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs() {
+        assert_eq!(parse_ports("5432").unwrap(), (5432, 5432));
+        assert_eq!(parse_ports("8080:5432").unwrap(), (8080, 5432));
+        assert_eq!(parse_ports("0:5432").unwrap(), (0, 5432));
+        assert_eq!(parse_ports(":5432").unwrap(), (0, 5432));
+        for bad in [
+            "0", "70000", "x", "80:0", "80:", ":", "a:80", "70000:80", "1:2:3", "",
+        ] {
+            let e = parse_ports(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+}
