@@ -46,6 +46,7 @@ test: build
 	scripts/check-deps.sh
 	scripts/check-layers.sh
 	size-report/check-budget.sh $(BIN)
+	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 	WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) cargo nextest run --workspace --no-fail-fast
 	$(TEST_PG)
 	cargo test --workspace --doc -q
@@ -56,11 +57,38 @@ TEST_PG = scripts/with-postgres.sh env WAYPOST_ENTRYPOINT_BIN=$(abspath $(BIN)) 
 
 ## test-pg: only the server's integration tests against PostgreSQL (part of `make test`)
 test-pg: build
+	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 	$(TEST_PG)
 
 ## unit: only the fast sans-IO unit tests
 unit:
+	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 	cargo nextest run --workspace --lib
+
+## server-static: the waypost server and CLI as one static musl binary (runs on any Linux, and
+## alone in a FROM scratch image); ring and the bundled SQLite compile with musl-gcc
+SERVER_STATIC := target/$(MUSL_TARGET)/release/waypost
+.PHONY: server-static server-image
+server-static: setup
+	cargo build --release --target $(MUSL_TARGET) -p waypost --bin waypost
+	@echo "built $(SERVER_STATIC): $$(stat -c %s $(SERVER_STATIC)) bytes"
+
+## server-image: the FROM scratch image localhost/waypost-server (deploy/Containerfile.server)
+## built by podman from the static binary, staged alone as the build context. PODMAN: the podman
+## command with its options (e.g. PODMAN="podman --storage-driver=vfs" where overlay is missing)
+PODMAN ?= podman
+server-image: server-static
+	rm -rf target/server-image && mkdir -p target/server-image
+	cp $(SERVER_STATIC) target/server-image/waypost
+	$(PODMAN) build -f deploy/Containerfile.server -t localhost/waypost-server target/server-image
+
+## man: the CLI's man pages, generated from its clap definitions, into target/man (waypost.1 and
+## one per command: waypost-config.1, waypost-config-set.1, …); read one with `man -l FILE`
+.PHONY: man
+man:
+	cargo build -p waypost --bin waypost
+	rm -rf target/man
+	target/debug/waypost __man target/man
 
 ## size-report: size and idle memory of the binary next to tini-static; appends to the history
 size-report:

@@ -164,6 +164,10 @@ pub fn every_kind() -> Vec<Frame> {
         Kind::Ping(Ping { nonce: 11 }),
         Kind::Pong(Pong { nonce: 11 }),
         Kind::Status(status),
+        Kind::ChildControl(ChildControl {
+            restart: true,
+            signal: 1,
+        }),
     ];
     kinds.into_iter().map(Frame::from).collect()
 }

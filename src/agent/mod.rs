@@ -819,6 +819,22 @@ impl Agent {
                     self.kill_exec(slot, sig.signal);
                 }
             }
+            Kind::ChildControl(c) => {
+                if c.restart {
+                    self.restart_child("restart requested by the server", now);
+                } else if (1..=64).contains(&c.signal) && c.signal != libc::SIGCHLD {
+                    info!(
+                        "the server asked to send {} to the app",
+                        crate::sys::signals::name(c.signal)
+                    );
+                    // As if the entrypoint had received it: a terminating signal is followed
+                    // by SIGKILL after the stop timeout.
+                    self.sup.handle_signal(c.signal, now);
+                } else {
+                    warn!("ignoring a request to send an invalid signal {}", c.signal);
+                }
+                self.sup_actions(now);
+            }
             Kind::StreamOpen(open) => self.tunnel_open(open, now),
             Kind::StreamData(data) => {
                 if let Some(slot) = self.tunnel_slot(data.stream) {
@@ -1079,24 +1095,7 @@ impl Agent {
                     write,
                     remove,
                 }),
-                Step::Restart => {
-                    let grace = self.cfg.stop_grace();
-                    if self.url_hold && self.session.is_some() && !self.url_disabled {
-                        // Zero-downtime: new visitors wait; the old child goes once its
-                        // streams are done (or at the stop timeout).
-                        info!(
-                            "config changed: restarting the app once its open URL streams finish"
-                        );
-                        self.restart_pending =
-                            Some((grace, now + grace.unwrap_or(self.stop_timeout)));
-                        self.send_status(now);
-                        self.restart_when_drained(now);
-                    } else {
-                        info!("config changed: restarting the app");
-                        self.sup.restart(grace, now);
-                        self.send_status(now);
-                    }
-                }
+                Step::Restart => self.restart_child("config changed", now),
                 Step::Signal(sig) => {
                     info!(
                         "config files changed: sending {} to the app",
@@ -1111,6 +1110,23 @@ impl Agent {
             }
         }
         self.sup_actions(now);
+    }
+
+    /// Restarts the child (a config change, or the server's `ChildControl`): zero-downtime with
+    /// the URL service — new visitors wait, the old child goes once its streams are done (or at
+    /// the stop timeout) — else at once. `why` starts the log line.
+    fn restart_child(&mut self, why: &str, now: Instant) {
+        let grace = self.cfg.stop_grace();
+        if self.url_hold && self.session.is_some() && !self.url_disabled {
+            info!("{why}: restarting the app once its open URL streams finish");
+            self.restart_pending = Some((grace, now + grace.unwrap_or(self.stop_timeout)));
+            self.send_status(now);
+            self.restart_when_drained(now);
+        } else {
+            info!("{why}: restarting the app");
+            self.sup.restart(grace, now);
+            self.send_status(now);
+        }
     }
 
     /// A pending config restart goes ahead once no stream is connected to the old child, or at

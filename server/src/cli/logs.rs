@@ -131,6 +131,8 @@ pub fn escape_bytes(data: &[u8]) -> String {
 struct Printer {
     json: bool,
     color: bool,
+    /// Rows written (markers included), for the note on an empty result.
+    rows: u64,
     out: std::io::BufWriter<std::io::StdoutLock<'static>>,
 }
 
@@ -159,6 +161,7 @@ impl Printer {
     /// One row of the stream (`raw`: the server's JSON line, `v`: parsed). Err: stdout is gone
     /// (e.g. `| head`).
     fn row(&mut self, raw: &[u8], v: &Value) -> std::io::Result<()> {
+        self.rows += 1;
         if self.json {
             self.out.write_all(raw)?;
             return self.out.write_all(b"\n");
@@ -233,6 +236,12 @@ pub fn warn_if_intake_stalled(state: &Value) {
 
 fn stdout_is_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stdout())
+}
+
+/// Colors only on a terminal, and never with `NO_COLOR` set to anything but empty
+/// (https://no-color.org). The only colors the CLI prints are these log lines'.
+fn color_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 pub async fn run(a: LogsArgs) -> Result<()> {
@@ -327,7 +336,12 @@ pub async fn run(a: LogsArgs) -> Result<()> {
     }
     let mut p = Printer {
         json: a.output == Output::Json,
-        color: a.output == Output::Text && stdout_is_terminal(),
+        color: a.output == Output::Text
+            && color_wanted(
+                stdout_is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ),
+        rows: 0,
         out: std::io::BufWriter::new(std::io::stdout().lock()),
     };
     let mut pending: Vec<u8> = Vec::new();
@@ -388,12 +402,36 @@ pub async fn run(a: LogsArgs) -> Result<()> {
     if a.follow {
         bail!("the server ended the log stream (it is shutting down or restarting)");
     }
+    // Nothing at all looks like a hang or a wrong app on a terminal; piped, empty stays empty.
+    if p.rows == 0 && stdout_is_terminal() {
+        let filtered = a.instance.is_some() || a.since.is_some() || a.stream.is_some();
+        if filtered {
+            eprintln!(
+                "no log lines of app {} match --instance/--since/--stream",
+                a.app
+            );
+        } else {
+            eprintln!("no log lines for app {} (yet)", a.app);
+        }
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn color_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(color_wanted(true, None));
+        assert!(
+            color_wanted(true, Some(OsStr::new(""))),
+            "empty NO_COLOR is unset"
+        );
+        assert!(!color_wanted(true, Some(OsStr::new("1"))));
+        assert!(!color_wanted(false, None));
+    }
 
     #[test]
     fn escapes() {

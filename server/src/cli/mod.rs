@@ -1,17 +1,24 @@
 //! The `waypost` command line. Everything except `server run` goes through the HTTPS API.
 //!
 //! The API is found through `WAYPOST_ADDR`, `WAYPOST_ADMIN_TOKEN`, `WAYPOST_CA` (each one
-//! overriding the matching field of the context file written by `waypost server run`).
+//! overriding the matching field of the current context: see context.rs; `waypost server run`
+//! writes the context `default`, `waypost login` others).
 
+mod apps;
+mod backup;
+mod child;
 mod config;
 mod domain;
 pub mod dotenv;
 mod exec;
 mod forward;
 mod inject;
+mod login;
 mod logs;
+mod shell;
 mod up;
 mod url;
+mod watch;
 
 use crate::client::{ApiClient, ApiError};
 use crate::server::model::{Labels, labels};
@@ -30,8 +37,8 @@ use std::time::Duration;
     about = "waypost: run apps behind a tiny entrypoint and manage them from one server",
     propagate_version = true,
     after_help = "The CLI finds the server through WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN and WAYPOST_CA, \
-                  else the context file written by `waypost server run` \
-                  ($WAYPOST_CONTEXT, default ~/.config/waypost/context.json)."
+                  else the current context of the context file written by `waypost server run` \
+                  and `waypost login` ($WAYPOST_CONTEXT, default ~/.config/waypost/context.json)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,9 +53,15 @@ enum Cmd {
     /// Create and list apps.
     #[command(subcommand)]
     App(AppCmd),
-    /// Create, list and revoke entrypoint tokens.
+    /// Create, list and revoke entrypoint and admin tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Log in to a waypost server (e.g. from another machine): check its CA and an admin token,
+    /// and save them as a named context, made current.
+    Login(login::LoginArgs),
+    /// The servers this CLI knows (contexts): list them, choose the current one, remove one.
+    #[command(subcommand)]
+    Context(login::ContextCmd),
     /// List instances (live ones; with --all also recently gone ones).
     Instances(InstancesArgs),
     /// An app's configuration: variables, files, and how instances react to a change.
@@ -63,6 +76,12 @@ enum Cmd {
     Exec(exec::ExecArgs),
     /// Print an app's public URL (served by the server's ingress).
     Url(url::UrlArgs),
+    /// Restart an app's instances (each child stopped with SIGTERM, its stop grace, SIGKILL,
+    /// and started again, as a config change would); waits until each reports its new start.
+    Restart(child::RestartArgs),
+    /// Send a signal to the children of an app's instances (a terminating one is followed by
+    /// SIGKILL after the entrypoint's stop timeout).
+    Signal(child::SignalArgs),
     /// Apps' custom domains, served by the HTTPS ingress with their own certificates.
     #[command(subcommand)]
     Domain(domain::DomainCmd),
@@ -72,6 +91,11 @@ enum Cmd {
     /// Put the static entrypoint into a container image (OCI layout, oci-archive or
     /// docker-archive), without a container daemon.
     Inject(inject::InjectArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completion(shell::CompletionArgs),
+    /// Internal (used by `make man`): write a man page per command into DIR.
+    #[command(name = "__man", hide = true)]
+    Man { dir: PathBuf },
     /// Internal (used by `up`): start `waypost ARGS...` detached, print its pid, exit.
     #[command(name = "__detach", hide = true)]
     Detach {
@@ -92,6 +116,9 @@ enum ServerCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
         output: TableOrJson,
     },
+    /// Copy the server's SQLite database to FILE, consistently, while it runs (reads the data
+    /// dir; no API). On PostgreSQL: prints the pg_dump command to use instead.
+    Backup(backup::BackupArgs),
 }
 
 /// Every duration flag (`--splay 10s`, `--heartbeat-interval 300ms`, `--ingress-timeout 1.5m`):
@@ -180,27 +207,52 @@ enum AppCmd {
     },
     /// Change an app's settings (log retention).
     Set(logs::AppSetArgs),
+    /// Delete an app and everything of it: tokens, instance history, config and its history,
+    /// logs, URL access control, custom domains. Refused while instances are live, unless --force.
+    Delete(apps::DeleteArgs),
 }
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Create an entrypoint token for an app (and optionally one deployment).
+    /// Create an entrypoint token for an app (and optionally one deployment), or with --admin an
+    /// admin token (for another operator's `waypost login`, or a script).
+    ///
+    /// The token is printed once: the server keeps only its hash.
     Create {
-        #[arg(short = 'a', long, env = "WAYPOST_APP")]
-        app: String,
+        /// The app of the entrypoint token.
+        #[arg(
+            short = 'a',
+            long,
+            env = "WAYPOST_APP",
+            required_unless_present = "admin"
+        )]
+        app: Option<String>,
         #[arg(long)]
         deployment: Option<String>,
+        /// Create an admin token: it can do everything through the API, until revoked or expired.
+        #[arg(long)]
+        admin: bool,
+        /// The admin token's name, shown by `token list` (unique; letters, digits, '.', '_',
+        /// '-', '@'). Default: admin-ID.
+        #[arg(long, requires = "admin")]
+        name: Option<String>,
+        /// The admin token expires after this long (`30d`, `12h`, `90m`); after that the API
+        /// refuses it, saying it expired. Default: never.
+        #[arg(long, requires = "admin", value_parser = parse_duration)]
+        ttl: Option<Duration>,
         /// A label for every instance that connects with this token: `k=v`, or several as
         /// `k=v,k2=v2`; repeatable. On a conflict they win over the instance's own
         /// (WAYPOST_LABELS).
         #[arg(long = "label", value_name = "K=V")]
         labels: Vec<String>,
-        /// env: WAYPOST_SERVER/WAYPOST_TOKEN/WAYPOST_CA lines for `export` or `docker --env-file`;
+        /// env: WAYPOST_SERVER/WAYPOST_TOKEN/WAYPOST_CA lines for `export` or `docker --env-file`
+        /// (admin tokens: WAYPOST_ADDR/WAYPOST_ADMIN_TOKEN/WAYPOST_CA, the CLI's variables);
         /// json: the API's answer. Default: just the token.
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<TokenOutput>,
     },
-    /// List tokens: ID, kind, app, deployment, labels, live instances using each.
+    /// List tokens: ID, kind, name (admin tokens), app, deployment, labels, live instances
+    /// using each, created, expires (and whether expired).
     ///
     /// The token text itself is never shown: the server keeps only its hash, whose first 12 hex
     /// digits are the ID.
@@ -211,10 +263,12 @@ enum TokenCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
         output: TableOrJson,
     },
-    /// Revoke an entrypoint token: it can no longer connect, and its live instances are disconnected.
+    /// Revoke a token. An entrypoint token can no longer connect, and its live instances are
+    /// disconnected; an admin token is refused by the API from its next request on.
     ///
     /// The apps of those instances keep running; their entrypoints retry and stay refused until
-    /// they are given a new token. The admin token cannot be revoked this way.
+    /// they are given a new token. The last admin token that has not expired cannot be revoked
+    /// (create another first).
     Revoke {
         /// The ID `token list` shows, or a unique prefix of it (at least 6 hex digits).
         id: String,
@@ -243,6 +297,10 @@ struct InstancesArgs {
     all: bool,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = TableOrJson::Table)]
     output: TableOrJson,
+    /// Watch: ask every second and show the table again when it changed (on a terminal,
+    /// redrawn in place); Ctrl-C ends it.
+    #[arg(short = 'w', long, conflicts_with = "output")]
+    watch: bool,
 }
 
 /// Entry point of the binary; returns the process exit code.
@@ -265,11 +323,14 @@ pub fn main() -> i32 {
             database: a.database,
         })
         .map(|()| 0),
+        Cmd::Server(ServerCmd::Backup(a)) => backup::run(a).map(|()| 0),
         Cmd::Up(a) => up::run(a),
         Cmd::Exec(a) => exec::run(a),
         Cmd::PortForward(a) => forward::run(a),
         Cmd::Inject(a) => inject::run(a),
         Cmd::Detach { log, args } => up::detach(&log, &args),
+        Cmd::Completion(a) => shell::completion(a).map(|()| 0),
+        Cmd::Man { dir } => shell::man(&dir).map(|()| 0),
         cmd => block_on(async move {
             match cmd {
                 Cmd::App(AppCmd::Create { name }) => app_create(&name).await,
@@ -277,9 +338,25 @@ pub fn main() -> i32 {
                 Cmd::Token(TokenCmd::Create {
                     app,
                     deployment,
+                    admin: true,
+                    name,
+                    ttl,
                     labels,
                     output,
-                }) => token_create(&app, deployment, &labels, output).await,
+                }) => admin_token_create(app, deployment, &labels, name, ttl, output).await,
+                Cmd::Token(TokenCmd::Create {
+                    app,
+                    deployment,
+                    labels,
+                    output,
+                    ..
+                }) => {
+                    // INVARIANT: clap requires --app (or WAYPOST_APP) without --admin.
+                    let app = app.expect("--app is required without --admin");
+                    token_create(&app, deployment, &labels, output).await
+                }
+                Cmd::Login(a) => login::login(a).await,
+                Cmd::Context(c) => login::context(c),
                 Cmd::Token(TokenCmd::List { app, output }) => token_list(app, output).await,
                 Cmd::Token(TokenCmd::Revoke { id }) => token_revoke(&id).await,
                 Cmd::Instances(a) => instances(a).await,
@@ -287,14 +364,20 @@ pub fn main() -> i32 {
                 Cmd::Config(c) => config::run(c).await,
                 Cmd::Logs(a) => logs::run(a).await,
                 Cmd::App(AppCmd::Set(a)) => logs::app_set(a).await,
+                Cmd::App(AppCmd::Delete(a)) => apps::delete(a).await,
                 Cmd::Url(a) => url::run(a).await,
+                Cmd::Restart(a) => child::restart(a).await,
+                Cmd::Signal(a) => child::signal(a).await,
                 Cmd::Domain(d) => domain::run(d).await,
                 Cmd::Server(ServerCmd::Run(_))
+                | Cmd::Server(ServerCmd::Backup(_))
                 | Cmd::Up(_)
                 | Cmd::Inject(_)
                 | Cmd::Exec(_)
                 | Cmd::PortForward(_)
-                | Cmd::Detach { .. } => {
+                | Cmd::Detach { .. }
+                | Cmd::Completion(_)
+                | Cmd::Man { .. } => {
                     unreachable!("handled above")
                 }
             }
@@ -351,25 +434,31 @@ pub fn read_ca(v: &str) -> Result<String> {
     })
 }
 
-/// Resolves the target from the environment and the context file.
+/// Resolves the target from the environment and the current context.
 pub(crate) fn resolve_target() -> Result<Target> {
-    let ctx = context::load();
-    let ctx_ref = ctx.as_ref().ok().and_then(|c| c.as_ref());
+    let all = context::load_all();
+    let ctx_ref = all.as_ref().ok().and_then(|a| a.current()).map(|(_, c)| c);
     let missing = || -> anyhow::Error {
         let path = context::path()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "~/.config/waypost/context.json".into());
-        match &ctx {
+        match &all {
             Err(e) => anyhow::anyhow!("{e:#}"),
+            Ok(a) if !a.contexts.is_empty() => anyhow::anyhow!(
+                "no current waypost context in {path}: choose one with `waypost context use NAME` \
+                 (`waypost context list` shows them)"
+            ),
             Ok(_) => anyhow::anyhow!(
-                "no waypost server configured: start one with `waypost server run` (it writes {path}) \
-                 or set WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN and WAYPOST_CA"
+                "no waypost server configured: start one with `waypost server run` (it writes {path}), \
+                 log in to one with `waypost login ADDR`, or set WAYPOST_ADDR, WAYPOST_ADMIN_TOKEN \
+                 and WAYPOST_CA"
             ),
         }
     };
-    let addr = env("WAYPOST_ADDR")
-        .or_else(|| ctx_ref.map(|c| c.api_addr.clone()))
-        .ok_or_else(missing)?;
+    let addr = match env("WAYPOST_ADDR") {
+        Some(a) => api_addr(&a)?,
+        None => ctx_ref.map(|c| c.api_addr.clone()).ok_or_else(missing)?,
+    };
     let token = env("WAYPOST_ADMIN_TOKEN")
         .or_else(|| ctx_ref.map(|c| c.admin_token.clone()))
         .ok_or_else(missing)?;
@@ -382,6 +471,31 @@ pub(crate) fn resolve_target() -> Result<Target> {
         token,
         ca_pem,
     })
+}
+
+/// `WAYPOST_ADDR` as `host:port`: also taken as `https://host:port` (what a browser or curl
+/// would be given; the API is always HTTPS) with an optional trailing `/`. `http://` is refused:
+/// the API speaks only TLS, and a plain-HTTP address is most likely the ingress's.
+fn api_addr(v: &str) -> Result<String> {
+    let v = v.trim();
+    let lower = v.to_ascii_lowercase();
+    if lower.starts_with("http://") {
+        bail!(
+            "WAYPOST_ADDR={v}: the waypost API is HTTPS only; use https://HOST:PORT or HOST:PORT \
+             (the API address, not the ingress's)"
+        );
+    }
+    let rest = if lower.starts_with("https://") {
+        &v["https://".len()..]
+    } else {
+        v
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        bail!("WAYPOST_ADDR={v}: give HOST:PORT or https://HOST:PORT (no path)");
+    }
+    crate::client::host_of(rest).with_context(|| format!("WAYPOST_ADDR={v}"))?;
+    Ok(rest.to_string())
 }
 
 pub(crate) fn client_for(t: &Target) -> Result<ApiClient> {
@@ -528,13 +642,77 @@ async fn token_create(
     Ok(())
 }
 
+/// `token create --admin`: prints the new admin token once (stdout), what it is on stderr.
+async fn admin_token_create(
+    app: Option<String>,
+    deployment: Option<String>,
+    label_flags: &[String],
+    name: Option<String>,
+    ttl: Option<Duration>,
+    output: Option<TokenOutput>,
+) -> Result<()> {
+    // WAYPOST_APP is a default for --app, not a request for an app: only a given --app clashes.
+    let app_given = app.is_some() && app != env("WAYPOST_APP");
+    if app_given || deployment.is_some() || !label_flags.is_empty() {
+        bail!(
+            "an admin token has no app, deployment or labels: drop --app/--deployment/--label or --admin"
+        );
+    }
+    if let Some(n) = &name
+        && !crate::server::transport::api::valid_admin_name(n)
+    {
+        bail!("invalid --name {n:?}: use 1-64 letters, digits, '.', '_', '-' or '@'");
+    }
+    let c = client()?;
+    // Milliseconds: exact, and in the duration syntax the API parses.
+    let ttl = ttl.map(|d| format!("{}ms", d.as_millis()));
+    let v: serde_json::Value = c
+        .post(
+            "/v1/tokens",
+            &json!({ "admin": true, "name": name, "ttl": ttl }),
+        )
+        .await?;
+    let token = v["token"].as_str().context("unexpected response")?;
+    match output {
+        Some(TokenOutput::Json) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Some(TokenOutput::Env) => print!(
+            "WAYPOST_ADDR={}\nWAYPOST_ADMIN_TOKEN={token}\nWAYPOST_CA={}\n",
+            c.addr(),
+            util::base64_encode(v["ca_pem"].as_str().unwrap_or_default().as_bytes())
+        ),
+        None => {
+            println!("{token}");
+            eprintln!(
+                "Admin token {} named {}{}; it is shown only now. On another machine: \
+                 `waypost login {}` and paste it (the API must listen on an address that machine \
+                 reaches: `server run --api-addr`).",
+                v["id"].as_str().unwrap_or("?"),
+                v["name"].as_str().unwrap_or("?"),
+                v["expires_at"]
+                    .as_str()
+                    .map(|t| format!(", expires {t}"))
+                    .unwrap_or_default(),
+                c.addr()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct TokenRowJson {
     id: String,
     kind: String,
+    /// Admin tokens' (a server before named admin tokens sends none).
+    #[serde(default)]
+    name: Option<String>,
     app: Option<String>,
     deployment: Option<String>,
     created_at: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    expired: bool,
     #[serde(default)]
     labels: Labels,
     live_instances: u64,
@@ -558,24 +736,33 @@ async fn token_list(app: Option<String>, output: TableOrJson) -> Result<()> {
         [
             "ID",
             "KIND",
+            "NAME",
             "APP",
             "DEPLOYMENT",
             "LABELS",
             "LIVE",
             "CREATED",
+            "EXPIRES",
         ]
         .map(String::from)
         .to_vec(),
     ];
     for t in tokens {
+        let expires = match (t.expires_at, t.expired) {
+            (Some(at), true) => format!("{at} (expired)"),
+            (Some(at), false) => at,
+            (None, _) => "never".into(),
+        };
         rows.push(vec![
             t.id,
             t.kind,
+            t.name.unwrap_or_else(|| "-".into()),
             t.app.unwrap_or_else(|| "-".into()),
             t.deployment.unwrap_or_else(|| "-".into()),
             labels_text(&t.labels),
             t.live_instances.to_string(),
             t.created_at,
+            expires,
         ]);
     }
     print_table(&rows);
@@ -592,6 +779,14 @@ async fn token_revoke(id: &str) -> Result<()> {
     let v: serde_json::Value = c
         .call(hyper::Method::DELETE, &format!("/v1/tokens/{id}"), None)
         .await?;
+    if v["kind"] == "admin" {
+        println!(
+            "revoked admin token {} ({}); the API refuses it from now on",
+            v["id"].as_str().unwrap_or(id),
+            v["name"].as_str().unwrap_or("unnamed")
+        );
+        return Ok(());
+    }
     println!(
         "revoked token {} of app {}; disconnected {} live instance(s)",
         v["id"].as_str().unwrap_or(id),
@@ -679,24 +874,44 @@ async fn instances(a: InstancesArgs) -> Result<()> {
         }
         path.push_str(&format!("&app={app}"));
     }
+    if a.watch {
+        return watch::instances(&c, &path, &a).await;
+    }
     let v: serde_json::Value = c.get(&path).await?;
     logs::warn_if_intake_stalled(&v["log_intake"]);
     if a.output == TableOrJson::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    match instances_view(&v, &a)? {
+        InstancesView::Table(rows) => print_table(&rows),
+        InstancesView::Empty(msg) => eprintln!("{msg}"),
+    }
+    Ok(())
+}
+
+/// What `instances` shows of an answer of `/v1/instances`: the table (header first), or why
+/// there is none.
+enum InstancesView {
+    Table(Vec<Vec<String>>),
+    Empty(String),
+}
+
+/// The column of [`InstancesView::Table`] that changes with the clock alone (ages).
+const INSTANCES_AGE_COLUMN: &str = "UP/SINCE";
+
+fn instances_view(v: &serde_json::Value, a: &InstancesArgs) -> Result<InstancesView> {
     let list: Vec<InstanceJson> =
         serde_json::from_value(v["instances"].clone()).context("unexpected response")?;
     if list.is_empty() {
-        eprintln!(
+        return Ok(InstancesView::Empty(format!(
             "no {}instances{}",
             if a.all { "" } else { "live " },
             a.app
                 .as_deref()
                 .map(|a| format!(" of app {a}"))
                 .unwrap_or_default()
-        );
-        return Ok(());
+        )));
     }
     let now = util::now_ms();
     let age = |t: &str| {
@@ -721,7 +936,7 @@ async fn instances(a: InstancesArgs) -> Result<()> {
         "EP RSS",
         "CPU",
         "CONFIG",
-        "UP/SINCE",
+        INSTANCES_AGE_COLUMN,
     ]
     .map(String::from)
     .to_vec();
@@ -778,8 +993,7 @@ async fn instances(a: InstancesArgs) -> Result<()> {
                 .push(labels_text(&i.labels));
         }
     }
-    print_table(&rows);
-    Ok(())
+    Ok(InstancesView::Table(rows))
 }
 
 #[derive(Deserialize)]
@@ -844,6 +1058,12 @@ async fn server_members(output: TableOrJson) -> Result<()> {
 
 /// Left-aligned columns separated by three spaces (kubectl style).
 fn print_table(rows: &[Vec<String>]) {
+    print!("{}", table_text(rows));
+}
+
+/// [`print_table`]'s text.
+fn table_text(rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
@@ -863,8 +1083,10 @@ fn print_table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
             }
         }
-        println!("{}", line.trim_end());
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
+    out
 }
 
 /// Is this error "the API answered with status X"?
@@ -936,6 +1158,33 @@ mod tests {
             .collect();
         let e = label_args(&many).unwrap_err().to_string();
         assert!(e.contains("at most 16"), "{e}");
+    }
+
+    #[test]
+    fn waypost_addr_takes_https_urls_and_refuses_http() {
+        for (given, want) in [
+            ("10.0.0.5:9702", "10.0.0.5:9702"),
+            ("https://10.0.0.5:9702", "10.0.0.5:9702"),
+            ("https://ops.example.com:9702/", "ops.example.com:9702"),
+            ("HTTPS://[::1]:9702", "[::1]:9702"),
+            (" https://h:1 ", "h:1"),
+        ] {
+            assert_eq!(api_addr(given).unwrap(), want, "{given}");
+        }
+        let e = api_addr("http://10.0.0.5:9702").unwrap_err().to_string();
+        assert!(
+            e.contains("HTTPS only") && e.contains("https://HOST:PORT"),
+            "{e}"
+        );
+        for bad in [
+            "https://h:1/v1",
+            "https://",
+            "https://h",
+            "ftp://h:1",
+            "h:x",
+        ] {
+            assert!(api_addr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -99,8 +99,15 @@ fn every_replica_follows_the_source_and_instances_restart_once_per_change() {
     else {
         return;
     };
-    assert_eq!(wait_start(&on_a, "red|unset|unset"), 1);
-    assert_eq!(wait_start(&on_b, "red|unset|unset"), 1);
+    for e in [&on_a, &on_b] {
+        assert_eq!(
+            wait_start(e, "red|unset|unset"),
+            1,
+            "{:?}\n{}",
+            starts(e),
+            e.stderr()
+        );
+    }
     assert_ne!(
         on_a.instance(&a)["replica"],
         on_b.instance(&a)["replica"],

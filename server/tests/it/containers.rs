@@ -8,7 +8,7 @@
 //! that probe is a real failure. Tests of features whose CLI is not there yet (`waypost logs`,
 //! `config`, `exec`, `url`) print a loud skip line of their own.
 
-mod podman;
+pub(crate) mod podman;
 
 use crate::common::*;
 use podman::{Out, Podman, SCRATCH};

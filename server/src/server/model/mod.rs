@@ -58,6 +58,17 @@ pub struct TokenRow {
     pub created_at: i64,
     /// Labels given to every instance that connects with it (they win over the instance's own).
     pub labels: Labels,
+    /// An admin token's name (`token create --admin --name`); None for entrypoint tokens.
+    pub name: Option<String>,
+    /// Unix ms after which the token is refused; None: it never expires.
+    pub expires_at: Option<i64>,
+}
+
+impl TokenRow {
+    /// Whether the token is past its expiry at `now` (unix ms).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
 }
 
 /// What deleting a token by id (a prefix of its hash) found.
@@ -68,8 +79,8 @@ pub enum Revoke {
     NotFound,
     /// The prefix matches more than one token.
     Ambiguous,
-    /// Admin tokens are not revoked through the API (that would lock the operator out).
-    Admin,
+    /// The last admin token that has not expired: revoking it would lock every operator out.
+    LastAdmin(TokenRow),
 }
 
 // ---- instances -----------------------------------------------------------------------------

@@ -11,9 +11,9 @@
 //!   (an operator's change bumps the version, a changed dynamic value the epoch — both stored, so
 //!   versions keep growing across restarts and replicas). A no-op change keeps it and pushes
 //!   nothing; the entrypoint also ignores a snapshot equal to the one it has.
-//! - A dynamic value not read yet: a new instance is welcomed without a config and gets one once
-//!   the first read finished (its startup timeout still governs when its child starts). A
-//!   value never read successfully is left out — but an instance that already has a config is
+//! - A dynamic value not read yet: a new instance's Welcome waits for its first read (at most
+//!   [`FIRST_READ_WAIT`]; the entrypoint starts its child when welcomed). A value never read
+//!   successfully is left out — but an instance that already has a config is
 //!   never sent a snapshot missing a value it may have: it keeps what it has until the value is
 //!   read (a restarted server, a source down, never empties a variable).
 //! - Welcome carries the snapshot when its version is newer than the one in the Hello.
@@ -46,6 +46,13 @@ use waypost_proto::{self as proto, Frame, Kind};
 const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// A push yields to the runtime after queueing the snapshot for this many connections.
 const PUSH_BATCH: usize = 64;
+/// How long a new instance's Welcome may wait for the first read of its app's dynamic values:
+/// well inside the entrypoint's 10 s Welcome timeout, and about its default startup timeout (5 s).
+/// A source slower than this: the child starts without those values and restarts once they
+/// arrive.
+pub const FIRST_READ_WAIT: Duration = Duration::from_secs(4);
+/// How often that wait looks again.
+const FIRST_READ_POLL: Duration = Duration::from_millis(25);
 
 /// Why a change was not applied.
 #[derive(Debug)]
@@ -194,6 +201,21 @@ impl ConfigService {
             .dynamic_refs()
             .any(|r| self.resolver.pending(GLOBAL, r))
             || cfg.dynamic_refs().any(|r| self.resolver.pending(app, r))
+    }
+
+    /// Waits (at most [`FIRST_READ_WAIT`]) until no dynamic value `app` uses is still waiting
+    /// for its first read.
+    async fn wait_first_reads(&self, app: &str) {
+        let deadline = tokio::time::Instant::now() + FIRST_READ_WAIT;
+        loop {
+            let Ok((g, c)) = self.view_parts(app).await else {
+                return;
+            };
+            if !self.pending(&g, app, &c) || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(FIRST_READ_POLL).await;
+        }
     }
 
     /// Queues `frame` for a connection without ever waiting with the lock held: when its queue
@@ -608,6 +630,12 @@ impl ConfigService {
             return;
         };
         let disabled = hello.disabled.as_ref().is_some_and(|f| f.config);
+        if !disabled && hello.config_version == 0 {
+            // An entrypoint starts its child when welcomed, config or not: a new instance waits
+            // here (not holding the ordering lock) for the first read of the dynamic values its
+            // app uses, so its child starts with them instead of being restarted for them.
+            self.wait_first_reads(app).await;
+        }
         let _order = self.order.lock().await;
         if !disabled {
             let had = hello.config_version;

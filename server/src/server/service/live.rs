@@ -115,6 +115,24 @@ impl Registry {
         n
     }
 
+    /// Closes every live connection of `app` (it is being deleted), as [`Registry::close_token`]
+    /// does for a token. Returns how many.
+    pub fn close_app(&self, app: &str, reason: &'static str, goodbye: impl Fn() -> Frame) -> usize {
+        let mut n = 0;
+        for e in self.lock().values_mut().filter(|e| e.app == app) {
+            e.closing = Some(reason);
+            let _ = e.tx.try_send(Box::new(goodbye()));
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
+    }
+
+    /// Live connections of `app` held here.
+    pub fn count_app(&self, app: &str) -> usize {
+        self.lock().values().filter(|e| e.app == app).count()
+    }
+
     /// Why `session` was told to close: set by [`Registry::close_token`]; otherwise (the entry
     /// is gone or belongs to a newer connection) it was superseded.
     pub fn close_reason(&self, id: &InstanceId, session: i64) -> &'static str {
@@ -314,6 +332,38 @@ mod tests {
                 .is_err()
         );
         assert!(reg.close_reason(&[2; 16], 2).contains("superseded"));
+    }
+
+    #[tokio::test]
+    async fn closing_an_app_closes_only_its_connections() {
+        let reg = Registry::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let k1 = reg.register([1; 16], 1, owner(), tx1, 0).unwrap();
+        let other = Owner {
+            app: "b".into(),
+            ..owner()
+        };
+        let k2 = reg.register([2; 16], 2, other, tx2, 0).unwrap();
+        assert_eq!(reg.count_app("a"), 1);
+        assert_eq!(
+            reg.close_app("a", "app deleted", || Frame { kind: None }),
+            1
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(1), k1.notified())
+            .await
+            .unwrap();
+        assert_eq!(reg.close_reason(&[1; 16], 1), "app deleted");
+        assert!(rx1.try_recv().is_ok(), "the goodbye frame is queued");
+        assert!(rx2.try_recv().is_err());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), k2.notified())
+                .await
+                .is_err()
+        );
+        assert!(reg.remove(&[1; 16], 1).is_some());
+        assert_eq!(reg.count_app("a"), 0);
+        assert_eq!(reg.count_app("b"), 1);
     }
 
     #[tokio::test]

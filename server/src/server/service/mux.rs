@@ -422,6 +422,28 @@ impl Mux {
 
     /// The instance a URL request for `app` goes to (as `open_stream` would pick it), without
     /// opening anything: the ingress first looks for an idle upstream connection to it.
+    /// Sends `control` (an operator's restart or signal) to each live connection of `app` held
+    /// here whose hex id starts with `prefix` (every one when None); their ids. Not gated by a
+    /// feature switch: managing the child is what an entrypoint is for.
+    pub fn control_children(
+        &self,
+        app: &str,
+        prefix: Option<&str>,
+        control: &proto::ChildControl,
+    ) -> Vec<InstanceId> {
+        let map = lock(&self.inner);
+        let p = prefix.map(str::to_ascii_lowercase);
+        map.iter()
+            .filter(|(id, c)| {
+                c.app == app
+                    && p.as_deref()
+                        .is_none_or(|p| crate::util::hex(*id).starts_with(p))
+            })
+            .filter(|(_, c)| c.out.exec(Kind::ChildControl(control.clone())))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub fn pick_url(&self, app: &str, prefix: Option<&str>) -> Result<InstanceId, PickError> {
         let mut map = lock(&self.inner);
         Mux::pick(&mut map, app, Feature::Url, prefix).map(|(id, _)| id)

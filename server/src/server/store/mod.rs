@@ -13,6 +13,8 @@
 //! runtime worker. The schema is the ordered list [`MIGRATIONS`] of `.sql` files in
 //! `server/migrations/`.
 
+pub mod apps;
+pub mod backup;
 pub mod config;
 pub mod domains;
 pub mod logs;
@@ -63,6 +65,8 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0010_url_auth.sql"),
     // 11: custom domains of apps' URLs, with their certificates.
     include_str!("../../../migrations/0011_domains.sql"),
+    // 12: named admin tokens with an optional expiry.
+    include_str!("../../../migrations/0012_admin_tokens.sql"),
 ];
 
 /// How many gone instances per app `instances --all` returns (newest first).
@@ -496,6 +500,9 @@ pub fn list_apps(db: &Db) -> Result<Vec<App>> {
 
 // ---- tokens --------------------------------------------------------------------------------
 
+/// Inserts a token without labels. An admin token made this way (the one `server run` mints at
+/// first start) is named `initial`, or `initial-2`, `initial-3`… if that name is taken (the CLI
+/// context was lost and a new one minted), and never expires.
 pub fn insert_token(db: &Db, hash: &str, scope: &TokenScope, now: i64) -> Result<()> {
     insert_token_with_labels(db, hash, scope, &Labels::new(), now)
 }
@@ -509,25 +516,79 @@ pub fn insert_token_with_labels(
     token_labels: &Labels,
     now: i64,
 ) -> Result<()> {
-    let (kind, app, deployment) = match scope {
-        TokenScope::Admin => ("admin", None, None),
-        TokenScope::Entrypoint { app, deployment } => {
-            ("entrypoint", Some(app.as_str()), deployment.as_deref())
-        }
+    let (kind, app, deployment, name) = match scope {
+        TokenScope::Admin => ("admin", None, None, Some(free_initial_name(db)?)),
+        TokenScope::Entrypoint { app, deployment } => (
+            "entrypoint",
+            Some(app.as_str()),
+            deployment.as_deref(),
+            None,
+        ),
     };
     db.execute(
-        "INSERT INTO tokens (hash, kind, app, deployment, created_at, labels)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO tokens (hash, kind, app, deployment, created_at, labels, name)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         args![
             hash,
             kind,
             app,
             deployment,
             now,
-            labels::format(token_labels)
+            labels::format(token_labels),
+            name
         ],
     )?;
     Ok(())
+}
+
+/// The first of `initial`, `initial-2`, `initial-3`… that no admin token has.
+fn free_initial_name(db: &Db) -> Result<String> {
+    let taken: std::collections::HashSet<String> = db
+        .query(
+            "SELECT name FROM tokens WHERE kind = 'admin' AND name LIKE 'initial%'",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get::<String>(0))
+        .collect::<Result<_>>()?;
+    Ok(std::iter::once("initial".to_string())
+        .chain((2..).map(|n| format!("initial-{n}")))
+        .find(|n| !taken.contains(n))
+        .expect("an unbounded sequence has a free name"))
+}
+
+/// What [`insert_admin_token`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NewAdmin {
+    Created,
+    /// Another admin token already has this name (expired or not); nothing was inserted.
+    NameTaken(TokenRow),
+}
+
+/// Inserts an admin token named `name` (unique among admin tokens), expiring at `expires_at`
+/// (unix ms; None: never).
+pub fn insert_admin_token(
+    db: &mut Db,
+    hash: &str,
+    name: &str,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<NewAdmin> {
+    // Immediate: the name check and the insert are one step, also across replicas.
+    db.transaction(Begin::Immediate, |db| {
+        if let Some(r) = db.query_opt(
+            &format!("SELECT {TOKEN_COLS} FROM tokens WHERE kind = 'admin' AND name = ?1"),
+            args![name],
+        )? {
+            return Ok(NewAdmin::NameTaken(token_row(&r)?));
+        }
+        db.execute(
+            "INSERT INTO tokens (hash, kind, app, deployment, created_at, labels, name, expires_at)
+             VALUES (?1, 'admin', NULL, NULL, ?2, '', ?3, ?4)",
+            args![hash, now, name, expires_at],
+        )?;
+        Ok(NewAdmin::Created)
+    })
 }
 
 /// Stored label text (canonical, see model/labels.rs) back as labels.
@@ -536,7 +597,7 @@ fn stored_labels(text: &str) -> Result<Labels> {
 }
 
 /// The columns [`token_row`] reads, in order.
-const TOKEN_COLS: &str = "hash, kind, app, deployment, created_at, labels";
+const TOKEN_COLS: &str = "hash, kind, app, deployment, created_at, labels, name, expires_at";
 
 fn token_row(r: &Row) -> Result<TokenRow> {
     Ok(TokenRow {
@@ -546,6 +607,8 @@ fn token_row(r: &Row) -> Result<TokenRow> {
         deployment: r.get(3)?,
         created_at: r.get(4)?,
         labels: stored_labels(&r.get::<String>(5)?)?,
+        name: r.get(6)?,
+        expires_at: r.get(7)?,
     })
 }
 
@@ -563,13 +626,16 @@ pub fn list_tokens(db: &Db, app: Option<&str>) -> Result<Vec<TokenRow>> {
     .collect()
 }
 
-/// Deletes the entrypoint token whose hash starts with `id_prefix` (hex).
-pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
+/// Deletes the token whose hash starts with `id_prefix` (hex) — any entrypoint token, and an
+/// admin token unless it is the last one that has not expired at `now` (unix ms).
+pub fn revoke_token(db: &mut Db, id_prefix: &str, now: i64) -> Result<Revoke> {
     // Ids are hex (LIKE would treat % and _ as wildcards).
     if id_prefix.is_empty() || !id_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(Revoke::NotFound);
     }
     let pattern = format!("{}%", id_prefix.to_ascii_lowercase());
+    // Immediate: two operators revoking the last two admin tokens at once cannot both pass the
+    // check.
     db.transaction(Begin::Immediate, |db| {
         let found: Vec<TokenRow> = db
             .query(
@@ -582,23 +648,69 @@ pub fn revoke_token(db: &mut Db, id_prefix: &str) -> Result<Revoke> {
         let row = match found.as_slice() {
             [] => return Ok(Revoke::NotFound),
             [_, _, ..] => return Ok(Revoke::Ambiguous),
-            [row] if row.kind == "admin" => return Ok(Revoke::Admin),
             [row] => row.clone(),
         };
+        if row.kind == "admin" && !row.expired(now) {
+            let others: i64 = db
+                .query_one(
+                    "SELECT COUNT(*) FROM tokens WHERE kind = 'admin' AND hash <> ?1
+                       AND (expires_at IS NULL OR expires_at > ?2)",
+                    args![row.hash, now],
+                )?
+                .get(0)?;
+            if others == 0 {
+                return Ok(Revoke::LastAdmin(row));
+            }
+        }
         db.execute("DELETE FROM tokens WHERE hash = ?1", args![row.hash])?;
         Ok(Revoke::Done(row))
     })
 }
 
+/// What the token with a hash is at a moment, for the API's authentication.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Valid(TokenScope),
+    /// Known but past its expiry (unix ms); refused with a message that says so.
+    Expired {
+        expires_at: i64,
+    },
+    Unknown,
+}
+
+/// The token with this hash at `now` (unix ms): valid, expired or unknown.
+pub fn lookup_token_at(db: &Db, hash: &str, now: i64) -> Result<Lookup> {
+    let Some(r) = db.query_opt(
+        "SELECT kind, app, deployment, expires_at FROM tokens WHERE hash = ?1",
+        args![hash],
+    )?
+    else {
+        return Ok(Lookup::Unknown);
+    };
+    let (kind, app, deployment, expires_at): (String, Option<String>, Option<String>, Option<i64>) =
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+    if let Some(t) = expires_at.filter(|t| *t <= now) {
+        return Ok(Lookup::Expired { expires_at: t });
+    }
+    Ok(match (kind.as_str(), app) {
+        ("admin", _) => Lookup::Valid(TokenScope::Admin),
+        ("entrypoint", Some(app)) => Lookup::Valid(TokenScope::Entrypoint { app, deployment }),
+        _ => Lookup::Unknown,
+    })
+}
+
+/// The scope of a valid token; None for an unknown or expired one.
 pub fn lookup_token(db: &Db, hash: &str) -> Result<Option<TokenScope>> {
     Ok(lookup_token_with_labels(db, hash)?.map(|(scope, _)| scope))
 }
 
 /// [`lookup_token`] and the token's labels, in one query (the control handshake needs both).
+/// An expired token is None, like an unknown one.
 pub fn lookup_token_with_labels(db: &Db, hash: &str) -> Result<Option<(TokenScope, Labels)>> {
     let Some(r) = db.query_opt(
-        "SELECT kind, app, deployment, labels FROM tokens WHERE hash = ?1",
-        args![hash],
+        "SELECT kind, app, deployment, labels FROM tokens
+         WHERE hash = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+        args![hash, crate::util::now_ms()],
     )?
     else {
         return Ok(None);
@@ -1387,6 +1499,82 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_from_before_names_are_named_initial() {
+        // Migrations 1-11, the admin tokens a server of then minted (a second one after a lost
+        // context), then migration 12.
+        let db = Db::sqlite(Connection::open_in_memory().unwrap());
+        for sql in &MIGRATIONS[..11] {
+            db.batch(sql).unwrap();
+        }
+        db.batch(
+            "INSERT INTO tokens (hash, kind, created_at) VALUES ('bb22', 'admin', 2);
+             INSERT INTO tokens (hash, kind, created_at) VALUES ('aa11', 'admin', 1);",
+        )
+        .unwrap();
+        db.batch(MIGRATIONS[11]).unwrap();
+        let rows = list_tokens(&db, None).unwrap();
+        let names: Vec<_> = rows.iter().map(|t| t.name.as_deref().unwrap()).collect();
+        assert_eq!(names, ["initial", "initial-bb22"]);
+        assert!(rows.iter().all(|t| t.expires_at.is_none()));
+    }
+
+    #[test]
+    fn named_admin_tokens_expire_and_the_last_valid_one_stays() {
+        let mut c = mem();
+        // The first-start token is `initial`; one minted again later gets the next free name.
+        insert_token(&c, "a0", &TokenScope::Admin, 1).unwrap();
+        insert_token(&c, "a1", &TokenScope::Admin, 2).unwrap();
+        let names: Vec<_> = list_tokens(&c, None)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.unwrap())
+            .collect();
+        assert_eq!(names, ["initial", "initial-2"]);
+        // Names are unique among admin tokens.
+        assert_eq!(
+            insert_admin_token(&mut c, "b0", "alice", Some(1_000), 3).unwrap(),
+            NewAdmin::Created
+        );
+        assert!(matches!(
+            insert_admin_token(&mut c, "b1", "alice", None, 4).unwrap(),
+            NewAdmin::NameTaken(r) if r.hash == "b0"
+        ));
+        // Before its expiry alice's token is valid, at and after it expired (and None for the
+        // control handshake's lookup, whose clock is now: long after 1000 ms).
+        assert_eq!(
+            lookup_token_at(&c, "b0", 999).unwrap(),
+            Lookup::Valid(TokenScope::Admin)
+        );
+        assert_eq!(
+            lookup_token_at(&c, "b0", 1_000).unwrap(),
+            Lookup::Expired { expires_at: 1_000 }
+        );
+        assert_eq!(lookup_token(&c, "b0").unwrap(), None);
+        assert_eq!(lookup_token_at(&c, "zz", 1).unwrap(), Lookup::Unknown);
+        // Revoking: fine while another valid admin token remains; the last valid one stays,
+        // whether or not expired ones are left.
+        assert!(matches!(
+            revoke_token(&mut c, "a0", 5).unwrap(),
+            Revoke::Done(_)
+        ));
+        assert!(matches!(
+            revoke_token(&mut c, "a1", 5_000).unwrap(),
+            Revoke::LastAdmin(r) if r.hash == "a1"
+        ));
+        // An expired token can always go.
+        assert!(matches!(
+            revoke_token(&mut c, "b0", 5_000).unwrap(),
+            Revoke::Done(_)
+        ));
+        // At a time alice's token was valid, a1 was not the last.
+        insert_admin_token(&mut c, "b0", "alice", Some(1_000), 3).unwrap();
+        assert!(matches!(
+            revoke_token(&mut c, "a1", 500).unwrap(),
+            Revoke::Done(_)
+        ));
+    }
+
+    #[test]
     fn apps_and_tokens() {
         let mut c = mem();
         assert!(create_app(&c, "web", 1).unwrap());
@@ -1405,12 +1593,15 @@ mod tests {
         let all = list_tokens(&c, None).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(list_tokens(&c, Some("web")).unwrap().len(), 1);
-        assert_eq!(revoke_token(&mut c, "aa").unwrap(), Revoke::Ambiguous);
-        assert_eq!(revoke_token(&mut c, "aa22").unwrap(), Revoke::Admin);
-        assert_eq!(revoke_token(&mut c, "ff").unwrap(), Revoke::NotFound);
-        assert_eq!(revoke_token(&mut c, "a%").unwrap(), Revoke::NotFound);
+        assert_eq!(revoke_token(&mut c, "aa", 1).unwrap(), Revoke::Ambiguous);
+        assert!(matches!(
+            revoke_token(&mut c, "aa22", 1).unwrap(),
+            Revoke::LastAdmin(r) if r.name.as_deref() == Some("initial")
+        ));
+        assert_eq!(revoke_token(&mut c, "ff", 1).unwrap(), Revoke::NotFound);
+        assert_eq!(revoke_token(&mut c, "a%", 1).unwrap(), Revoke::NotFound);
         assert!(
-            matches!(revoke_token(&mut c, "AA11").unwrap(), Revoke::Done(r) if r.hash == "aa11")
+            matches!(revoke_token(&mut c, "AA11", 1).unwrap(), Revoke::Done(r) if r.hash == "aa11")
         );
         assert_eq!(lookup_token(&c, "aa11").unwrap(), None);
         assert_eq!(lookup_token(&c, "aa22").unwrap(), Some(TokenScope::Admin));

@@ -7,6 +7,8 @@
 //! the control listener), with axum's Router as the service. Routes: apps, tokens, instances and
 //! the server here; `config`, `logs` and `exec` in their modules.
 
+pub mod apps;
+pub mod child;
 pub mod config;
 pub mod domains;
 pub mod exec;
@@ -110,12 +112,15 @@ pub fn router(shared: AppState) -> Router {
         .route("/apps", get(list_apps).post(create_app))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/ca.pem", get(get_ca))
         .route("/instances", get(list_instances))
+        .merge(apps::routes())
         .merge(exec::routes())
         .merge(forward::routes())
         .merge(config::routes())
         .merge(domains::routes())
         .merge(urlauth::routes())
+        .merge(child::routes())
         .merge(logs::routes());
     Router::new()
         .nest("/v1", v1)
@@ -131,7 +136,23 @@ pub fn router(shared: AppState) -> Router {
         .with_state(shared)
 }
 
+/// The one route served without a token: the CA certificate (PEM), public by nature. `waypost
+/// login` fetches it over an unverified connection to show its fingerprint for the user to
+/// confirm (like ssh's host keys), since the server's TLS chain holds only its own certificate.
+pub const CA_PATH: &str = "/v1/ca.pem";
+
+async fn get_ca(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        s.ca_pem.clone(),
+    )
+        .into_response()
+}
+
 async fn require_admin(State(shared): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::GET && req.uri().path() == CA_PATH {
+        return next.run(req).await;
+    }
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -149,18 +170,31 @@ async fn require_admin(State(shared): State<AppState>, req: Request, next: Next)
         .into_response();
     };
     let hash = auth::hash_token(&token);
+    // Looked up on every request (no cache): a revoked or expired token is refused at once.
+    let now = util::now_ms();
     match shared
         .store
-        .call(move |c| store::lookup_token(c, &hash))
+        .call(move |c| store::lookup_token_at(c, &hash, now))
         .await
     {
-        Ok(Some(TokenScope::Admin)) => next.run(req).await,
-        Ok(Some(TokenScope::Entrypoint { .. })) => ApiError::new(
+        Ok(store::Lookup::Valid(TokenScope::Admin)) => next.run(req).await,
+        Ok(store::Lookup::Valid(TokenScope::Entrypoint { .. })) => ApiError::new(
             StatusCode::FORBIDDEN,
             "an entrypoint token cannot use the API; use an admin token",
         )
         .into_response(),
-        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        Ok(store::Lookup::Expired { expires_at }) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "this admin token expired at {}; create a new one with `waypost token create \
+                 --admin` using another admin token",
+                util::fmt_rfc3339(expires_at)
+            ),
+        )
+        .into_response(),
+        Ok(store::Lookup::Unknown) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response()
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -282,14 +316,35 @@ pub(crate) async fn require_app(s: &Shared, app: &str) -> ApiResult<()> {
 
 // ---- /v1/tokens ----------------------------------------------------------------------------
 
+/// `POST /v1/tokens`: an entrypoint token (`app`, optional `deployment` and `labels`) or, with
+/// `"admin": true`, an admin token (optional `name` and `ttl`, e.g. `"30d"`).
 #[derive(Deserialize)]
 struct CreateToken {
-    app: String,
+    #[serde(default)]
+    app: Option<String>,
     #[serde(default)]
     deployment: Option<String>,
     /// Given to every instance that connects with the token, over the instance's own labels.
     #[serde(default)]
     labels: model::Labels,
+    #[serde(default)]
+    admin: bool,
+    /// An admin token's name, unique among admin tokens; default `admin-` and the start of its id.
+    #[serde(default)]
+    name: Option<String>,
+    /// How long an admin token is valid (the duration syntax of every flag: `30d`, `12h`,
+    /// `90s`); default: it never expires.
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// Whether `name` is a valid admin token name: 1-64 letters, digits and `.`, `_`, `-`, `@`
+/// (e.g. `alice`, `ci-deploy`, `bob@example.com`).
+pub fn valid_admin_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
 }
 
 async fn create_token(
@@ -297,6 +352,19 @@ async fn create_token(
     body: Result<Json<CreateToken>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let Json(body) = body?;
+    if body.admin {
+        return create_admin_token(&s, body).await;
+    }
+    if body.name.is_some() || body.ttl.is_some() {
+        return Err(ApiError::bad(
+            "name and ttl are for admin tokens (\"admin\": true; `waypost token create --admin`)",
+        ));
+    }
+    let Some(app) = body.app else {
+        return Err(ApiError::bad(
+            "give the app of an entrypoint token (\"app\"), or \"admin\": true for an admin token",
+        ));
+    };
     let deployment = body.deployment.filter(|d| !d.is_empty());
     if let Some(d) = &deployment {
         if d.len() > 128 || d.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -308,11 +376,11 @@ async fn create_token(
     }
     model::labels::check_all(&body.labels)
         .map_err(|e| ApiError::bad(format!("invalid token labels: {e}")))?;
-    require_app(&s, &body.app).await?;
+    require_app(&s, &app).await?;
     let token = auth::new_token(auth::ENTRYPOINT_PREFIX);
     let hash = auth::hash_token(&token);
     let scope = TokenScope::Entrypoint {
-        app: body.app.clone(),
+        app: app.clone(),
         deployment: deployment.clone(),
     };
     let now = util::now_ms();
@@ -321,7 +389,7 @@ async fn create_token(
         .call(move |c| store::insert_token_with_labels(c, &hash, &scope, &labels, now))
         .await?;
     tracing::info!(
-        app = body.app,
+        app,
         deployment,
         labels = model::labels::format(&body.labels),
         "entrypoint token created"
@@ -331,10 +399,84 @@ async fn create_token(
         Json(json!({
             "token": token,
             "id": token_id(&auth::hash_token(&token)),
-            "app": body.app,
+            "app": app,
             "deployment": deployment,
             "labels": body.labels,
             "control_addr": s.control_addr,
+            "ca_pem": s.ca_pem,
+        })),
+    ))
+}
+
+/// The admin half of [`create_token`]: the token is shown in this answer only.
+async fn create_admin_token(
+    s: &Shared,
+    body: CreateToken,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    if body.app.is_some() || body.deployment.is_some() || !body.labels.is_empty() {
+        return Err(ApiError::bad(
+            "an admin token has no app, deployment or labels (they are for entrypoint tokens)",
+        ));
+    }
+    let now = util::now_ms();
+    let expires_at = match &body.ttl {
+        None => None,
+        Some(ttl) => {
+            let d = waypost_proto::parse_duration(ttl)
+                .map_err(|e| ApiError::bad(format!("invalid ttl: {e}")))?;
+            if d.is_zero() {
+                return Err(ApiError::bad("invalid ttl: it must be longer than 0"));
+            }
+            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            Some(now.saturating_add(ms))
+        }
+    };
+    let token = auth::new_token(auth::ADMIN_PREFIX);
+    let hash = auth::hash_token(&token);
+    let id = token_id(&hash);
+    let name = match body.name {
+        Some(n) if valid_admin_name(&n) => n,
+        Some(n) => {
+            return Err(ApiError::bad(format!(
+                "invalid admin token name {n:?}: use 1-64 letters, digits, '.', '_', '-' or '@'"
+            )));
+        }
+        None => format!("admin-{}", &id[..8]),
+    };
+    let stored_name = name.clone();
+    match s
+        .store
+        .call(move |c| store::insert_admin_token(c, &hash, &stored_name, expires_at, now))
+        .await?
+    {
+        store::NewAdmin::Created => {}
+        store::NewAdmin::NameTaken(other) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "an admin token named {name} already exists (id {}); choose another name, or \
+                     revoke that one first with `waypost token revoke {}`",
+                    token_id(&other.hash),
+                    token_id(&other.hash)
+                ),
+            ));
+        }
+    }
+    // The name and id only: the token text never goes to the log.
+    tracing::info!(
+        id,
+        name,
+        expires_at = expires_at.map(util::fmt_rfc3339),
+        "admin token created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "id": id,
+            "kind": "admin",
+            "name": name,
+            "expires_at": expires_at.map(util::fmt_rfc3339),
             "ca_pem": s.ca_pem,
         })),
     ))
@@ -366,15 +508,19 @@ async fn list_tokens(
         .call(move |c| store::list_tokens(c, app.as_deref()))
         .await?;
     let live = s.live.token_counts();
+    let now = util::now_ms();
     let tokens: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|t| {
             json!({
                 "id": token_id(&t.hash),
                 "kind": t.kind,
+                "name": t.name,
                 "app": t.app,
                 "deployment": t.deployment,
                 "created_at": util::fmt_rfc3339(t.created_at),
+                "expires_at": t.expires_at.map(util::fmt_rfc3339),
+                "expired": t.expired(now),
                 "labels": t.labels,
                 "live_instances": live.get(&t.hash).copied().unwrap_or(0),
             })
@@ -383,9 +529,11 @@ async fn list_tokens(
     Ok(Json(json!({ "tokens": tokens })))
 }
 
-/// Deletes an entrypoint token: it can no longer connect, and the live connections that used
-/// it are closed with a Reject (their apps keep running; the entrypoints retry with backoff and
-/// stay refused until they get a new token).
+/// Deletes a token. An entrypoint token can no longer connect, and the live connections that
+/// used it are closed with a Reject (their apps keep running; the entrypoints retry with backoff
+/// and stay refused until they get a new token). An admin token is refused by the very next API
+/// request (every request looks its token up); the last admin token that has not expired is
+/// never deleted, so the server always keeps an operator.
 async fn revoke_token(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -399,9 +547,10 @@ async fn revoke_token(
         ));
     }
     let prefix = id.clone();
+    let now = util::now_ms();
     let row = match s
         .store
-        .call(move |c| store::revoke_token(c, &prefix))
+        .call(move |c| store::revoke_token(c, &prefix, now))
         .await?
     {
         model::Revoke::Done(row) => row,
@@ -417,13 +566,34 @@ async fn revoke_token(
                 format!("token id {id} matches more than one token; give more of it"),
             ));
         }
-        model::Revoke::Admin => {
+        model::Revoke::LastAdmin(row) => {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("token {id} is the admin token; it is not revoked through the API"),
+                StatusCode::CONFLICT,
+                format!(
+                    "admin token {} ({}) is the last admin token that has not expired; revoking \
+                     it would lock every operator out: create another with `waypost token create \
+                     --admin` first",
+                    token_id(&row.hash),
+                    row.name.as_deref().unwrap_or("unnamed")
+                ),
             ));
         }
     };
+    if row.kind == "admin" {
+        tracing::info!(
+            id = token_id(&row.hash),
+            name = row.name,
+            "admin token revoked"
+        );
+        return Ok(Json(json!({
+            "id": token_id(&row.hash),
+            "kind": "admin",
+            "name": row.name,
+            "app": null,
+            "deployment": null,
+            "disconnected_instances": 0,
+        })));
+    }
     let closed = s
         .live
         .close_token(&row.hash, "its token was revoked", control::revoked_goodbye);
@@ -435,6 +605,7 @@ async fn revoke_token(
     );
     Ok(Json(json!({
         "id": token_id(&row.hash),
+        "kind": row.kind,
         "app": row.app,
         "deployment": row.deployment,
         "disconnected_instances": closed,
