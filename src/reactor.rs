@@ -188,7 +188,12 @@ impl Reactor {
                         self.act(now);
                     }
                     Some(Tok::Tunnel(slot)) => {
-                        self.fds.tunnel_ready(slot as usize, readable, writable)
+                        self.fds.tunnel_ready(
+                            slot as usize,
+                            readable,
+                            writable,
+                            event.is_read_closed() || event.is_error(),
+                        )
                     }
                     Some(Tok::Exec(slot, which)) => {
                         self.fds

@@ -32,6 +32,9 @@ struct TunnelSock {
     sock: mio::net::TcpStream,
     readable: bool,
     writable: bool,
+    /// The app shut its side (or the socket failed): reads go on until they return 0, a read
+    /// shorter than asked no longer means drained.
+    read_closed: bool,
 }
 
 /// A new exec session, as [`crate::agent::IoAction::StartExec`] describes it.
@@ -58,10 +61,11 @@ impl Fds {
         e.writable |= writable && which == 0;
     }
 
-    pub fn tunnel_ready(&mut self, slot: usize, readable: bool, writable: bool) {
+    pub fn tunnel_ready(&mut self, slot: usize, readable: bool, writable: bool, closed: bool) {
         if let Some(Some(t)) = self.tunnels.get_mut(slot) {
             t.readable |= readable;
             t.writable |= writable;
+            t.read_closed |= closed;
         }
     }
 
@@ -198,6 +202,7 @@ impl Fds {
                         sock,
                         readable: false,
                         writable: false,
+                        read_closed: false,
                     });
                     return;
                 }
@@ -303,7 +308,15 @@ impl Pull for Fds {
                 };
                 match t.sock.read(buf) {
                     Ok(0) => Read::Eof,
-                    Ok(n) => Read::Data(n),
+                    Ok(n) => {
+                        // Edge-triggered: a short read emptied the socket, and new bytes (or the
+                        // app's FIN, which sets read_closed) bring a new event. Saves the read
+                        // that would only say EAGAIN: half of all reads under keep-alive load.
+                        if n < buf.len() && !t.read_closed {
+                            t.readable = false;
+                        }
+                        Read::Data(n)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         t.readable = false;
                         Read::Blocked

@@ -721,6 +721,13 @@ impl TunnelStream {
     pub fn probe(&self) -> StreamProbe {
         StreamProbe(self.state.clone())
     }
+
+    /// Whether the stream is open both ways with nothing unread: an idle keep-alive connection
+    /// to the app that may carry another request.
+    pub fn is_reusable(&self) -> bool {
+        let st = lock(&self.state);
+        st.error.is_none() && !st.remote_fin && !st.local_fin && st.inbox.is_empty()
+    }
 }
 
 impl AsyncRead for TunnelStream {

@@ -29,6 +29,9 @@
 //! `Expect: 100-continue` is answered by our side (hyper sends the 100 when the upstream copy starts
 //! reading the body) and not forwarded. `X-Forwarded-For` (appended), `-Proto` and `-Host` are set.
 
+#[path = "ingress_raw.rs"]
+pub(crate) mod raw;
+
 use crate::server::model::InstanceId;
 use crate::server::model::urlauth::Decision;
 use crate::server::service::mux::{PickError, StreamProbe};
@@ -134,6 +137,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sende
         let done = done.clone();
         tokio::spawn(async move {
             let _done = done;
+            if raw::ENABLED {
+                // The fast path (ingress_raw.rs), which hands hyper what it does not take.
+                return raw::serve_conn(shared, tcp, peer).await;
+            }
             let shutdown = shared.shutdown.clone();
             let svc_shared = shared.clone();
             let service = hyper::service::service_fn(move |req| {

@@ -544,6 +544,7 @@ async fn connection(
                     // idle.
                     let restarting = s.state == proto::status::State::Restarting as i32;
                     shared.pool.note_state(&id, restarting);
+                    crate::server::transport::ingress::raw::note_state(&id, restarting);
                     shared.live.apply_status(&id, session, &s, now_ms)
                 }
                 Action::ConfigApplied(a) => shared.config.on_applied(&shared.live, &id, session, a),
@@ -592,6 +593,7 @@ async fn connection(
     shared.live.remove(&id, session);
     shared.mux.detach(&id, session);
     shared.pool.forget(&id);
+    crate::server::transport::ingress::raw::forget(&id);
     // Nothing can queue frames for this connection any more: let the writer flush and close.
     drop(tx);
     if !writer_done && timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_err() {
