@@ -187,14 +187,12 @@ impl Reactor {
                         }
                         self.act(now);
                     }
-                    Some(Tok::Tunnel(slot)) => {
-                        self.fds.tunnel_ready(
-                            slot as usize,
-                            readable,
-                            writable,
-                            event.is_read_closed() || event.is_error(),
-                        )
-                    }
+                    Some(Tok::Tunnel(slot)) => self.fds.tunnel_ready(
+                        slot as usize,
+                        readable,
+                        writable,
+                        event.is_read_closed() || event.is_error(),
+                    ),
                     Some(Tok::Exec(slot, which)) => {
                         self.fds
                             .exec_ready(slot as usize, which as usize, readable, writable)

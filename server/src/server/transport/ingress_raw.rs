@@ -571,7 +571,7 @@ pub async fn serve_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         // Like the hyper path: in-flight requests get the drain time, then the connection goes.
         _ = async {
             wait_shutdown(&mut shutdown).await;
-            tokio::time::sleep(super::super::DRAIN_TIMEOUT).await
+            tokio::time::sleep(crate::server::transport::DRAIN_TIMEOUT).await
         } => None,
     };
     if let Some(tcp) = handed {
@@ -603,7 +603,7 @@ impl Conn {
         let mut shutdown = shared.shutdown.clone();
         loop {
             // ---- a whole request ----
-            let deadline = tokio::time::Instant::now() + super::super::HEADER_READ_TIMEOUT;
+            let deadline = tokio::time::Instant::now() + crate::server::transport::HEADER_READ_TIMEOUT;
             let req = loop {
                 if let Some(end) = head_end(&self.buf) {
                     match parse_request(shared, peer, &self.buf, end).await {
