@@ -603,7 +603,8 @@ impl Conn {
         let mut shutdown = shared.shutdown.clone();
         loop {
             // ---- a whole request ----
-            let deadline = tokio::time::Instant::now() + crate::server::transport::HEADER_READ_TIMEOUT;
+            let deadline =
+                tokio::time::Instant::now() + crate::server::transport::HEADER_READ_TIMEOUT;
             let req = loop {
                 if let Some(end) = head_end(&self.buf) {
                     match parse_request(shared, peer, &self.buf, end).await {
