@@ -21,6 +21,7 @@ mod control;
 mod database_tls;
 mod exec;
 mod failover;
+mod health;
 mod ingress_tls;
 mod labels;
 mod login;

@@ -423,6 +423,12 @@ pub fn wait_notifications(db: &Db, timeout: Duration) -> Result<Vec<String>> {
     .unwrap_or(Ok(Vec::new()))
 }
 
+/// A trivial query: whether the database answers (`/readyz`).
+pub fn ping(db: &Db) -> Result<()> {
+    db.query_one("SELECT 1", &[])?;
+    Ok(())
+}
+
 // ---- meta ----------------------------------------------------------------------------------
 
 pub fn meta_get(db: &Db, key: &str) -> Result<Option<String>> {

@@ -124,6 +124,8 @@ pub fn router(shared: AppState) -> Router {
         .merge(logs::routes());
     Router::new()
         .nest("/v1", v1)
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -149,8 +151,39 @@ async fn get_ca(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Health checks for load balancers and service managers, served without a token: `/healthz`
+/// answers 200 while the process serves requests; `/readyz` answers 200 when it can also reach
+/// its database (a trivial query within [`READY_TIMEOUT`]), else 503 with the reason.
+pub const HEALTHZ_PATH: &str = "/healthz";
+pub const READYZ_PATH: &str = "/readyz";
+/// How long `/readyz` waits for the database.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn healthz() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let probe = s.store.call(|db| store::ping(db));
+    let why = match tokio::time::timeout(READY_TIMEOUT, probe).await {
+        Ok(Ok(())) => {
+            return ([(header::CONTENT_TYPE, "text/plain")], "ready\n").into_response();
+        }
+        Ok(Err(e)) => format!("the database cannot be reached: {e:#}"),
+        Err(_) => format!("the database did not answer within {READY_TIMEOUT:?}"),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "text/plain")],
+        format!("not ready: {why}\n"),
+    )
+        .into_response()
+}
+
 async fn require_admin(State(shared): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() == axum::http::Method::GET && req.uri().path() == CA_PATH {
+    if req.method() == axum::http::Method::GET
+        && matches!(req.uri().path(), CA_PATH | HEALTHZ_PATH | READYZ_PATH)
+    {
         return next.run(req).await;
     }
     let token = req
