@@ -121,7 +121,7 @@ async fn session(
         query.push_str(&format!("&instance={}", i.to_ascii_lowercase()));
     }
     let ws = tokio::select! {
-        r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, &query)) => match r {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, &query, "exec")) => match r {
             Ok(ws) => ws?,
             Err(_) => bail!("the waypost API at {} did not answer within {CONNECT_TIMEOUT:?}", target.addr),
         },
@@ -269,11 +269,12 @@ fn stdin_thread(wtx: mpsc::Sender<Message>) {
     });
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(super) type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// TLS (trusting exactly the context's CA) and the WebSocket handshake with the bearer token.
-/// An HTTP error answer becomes the API's error message.
-async fn connect(t: &Target, path: &str) -> Result<Ws> {
+/// TLS (trusting exactly the context's CA) and the WebSocket handshake with the bearer token,
+/// for `exec` and `port-forward` (`what` names it in errors). An HTTP error answer becomes the
+/// API's error message.
+pub(super) async fn connect(t: &Target, path: &str, what: &str) -> Result<Ws> {
     let host = crate::client::host_of(&t.addr)?;
     let server_name = ServerName::try_from(host.to_string())
         .with_context(|| format!("{host:?} is not a valid host name or IP address"))?;
@@ -288,7 +289,7 @@ async fn connect(t: &Target, path: &str) -> Result<Ws> {
         .with_context(|| format!("TLS with the waypost API at {} failed (wrong CA?)", t.addr))?;
     let uri: tungstenite::http::Uri = format!("wss://{}{}", t.addr, path)
         .parse()
-        .context("building the exec URL")?;
+        .with_context(|| format!("building the {what} URL"))?;
     let req = ClientRequestBuilder::new(uri)
         .with_header("Authorization", format!("Bearer {}", t.token))
         .with_header(
@@ -314,7 +315,7 @@ async fn connect(t: &Target, path: &str) -> Result<Ws> {
             }
             .into())
         }
-        Err(e) => Err(anyhow!("the exec WebSocket handshake failed: {e}")),
+        Err(e) => Err(anyhow!("the {what} WebSocket handshake failed: {e}")),
     }
 }
 

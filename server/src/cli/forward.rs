@@ -19,19 +19,18 @@
 //!   exits 0.
 
 use super::Target;
+use super::exec::connect;
 use crate::util;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use futures_util::{SinkExt as _, StreamExt as _};
-use rustls::pki_types::ServerName;
 use serde_json::json;
 use std::io::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::{self, Message, client::ClientRequestBuilder};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 #[derive(Args)]
 pub struct ForwardArgs {
@@ -189,7 +188,7 @@ async fn forward(target: Target, a: ForwardArgs, local: u16, remote: u16) -> Res
 /// either side fails. The error is the line to print (none when the local client left).
 async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
     let _ = tcp.set_nodelay(true);
-    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(t, path)).await {
+    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(t, path, "port-forward")).await {
         Ok(ws) => ws.context("cannot open a connection to the instance")?,
         Err(_) => bail!(
             "cannot open a connection to the instance: the waypost API at {} did not answer within {CONNECT_TIMEOUT:?}",
@@ -319,55 +318,6 @@ impl std::error::Error for LocalGone {}
 
 fn lost(e: tungstenite::Error) -> anyhow::Error {
     anyhow!("the connection to the waypost API failed: {e}")
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-/// TLS (trusting exactly the context's CA) and the WebSocket handshake with the bearer token, as
-/// `exec` does. An HTTP error answer becomes the API's error message.
-async fn connect(t: &Target, path: &str) -> Result<Ws> {
-    let host = crate::client::host_of(&t.addr)?;
-    let server_name = ServerName::try_from(host.to_string())
-        .with_context(|| format!("{host:?} is not a valid host name or IP address"))?;
-    let cfg = crate::server::pki::client_config(&t.ca_pem, &[b"http/1.1"])?;
-    let tcp = TcpStream::connect(&t.addr)
-        .await
-        .with_context(|| format!("cannot reach the waypost API at {}", t.addr))?;
-    let _ = tcp.set_nodelay(true);
-    let tls = TlsConnector::from(cfg)
-        .connect(server_name, tcp)
-        .await
-        .with_context(|| format!("TLS with the waypost API at {} failed (wrong CA?)", t.addr))?;
-    let uri: tungstenite::http::Uri = format!("wss://{}{}", t.addr, path)
-        .parse()
-        .context("building the port-forward URL")?;
-    let req = ClientRequestBuilder::new(uri)
-        .with_header("Authorization", format!("Bearer {}", t.token))
-        .with_header(
-            "User-Agent",
-            concat!("waypost-cli/", env!("CARGO_PKG_VERSION")),
-        );
-    let mut config = tungstenite::protocol::WebSocketConfig::default();
-    config.max_message_size = Some(1 << 20);
-    config.max_frame_size = Some(1 << 20);
-    match tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => {
-            let status = resp.status();
-            let body = resp.body().clone().unwrap_or_default();
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-            Err(crate::client::ApiError {
-                status: hyper::StatusCode::from_u16(status.as_u16())
-                    .unwrap_or(hyper::StatusCode::BAD_GATEWAY),
-                message,
-            }
-            .into())
-        }
-        Err(e) => Err(anyhow!("the port-forward WebSocket handshake failed: {e}")),
-    }
 }
 
 #[cfg(test)]

@@ -682,49 +682,34 @@ EMPTY=
     let before = list_json(&server, Some("web"));
 
     // A malformed file: refused naming the line, nothing imported (not even the good lines).
-    let bad = tmp.path().join("bad.env");
-    std::fs::write(
-        &bad,
-        "# ok so far\nGOOD=1\nthis line has no equals sign\nLATER=2\n",
-    )
-    .unwrap();
-    let r = server
-        .cli(&["config", "import", "-a", "web", &bad.display().to_string()])
-        .fails();
-    assert!(
-        r.stderr.contains("line 3") && r.stderr.contains("this line has no equals sign"),
-        "{}",
-        r.stderr
-    );
-    // An unclosed quote, and a reference to a name defined nowhere: refused too.
-    let unclosed = tmp.path().join("unclosed.env");
-    std::fs::write(&unclosed, "GOOD=1\nOPEN=\"never closed\nMORE=2\n").unwrap();
-    let r = server
-        .cli(&[
-            "config",
-            "import",
-            "-a",
-            "web",
-            &unclosed.display().to_string(),
-        ])
-        .fails();
-    assert!(
-        r.stderr.contains("line 2") && r.stderr.contains("never closed"),
-        "{}",
-        r.stderr
-    );
-    let undefined = tmp.path().join("undefined.env");
-    std::fs::write(&undefined, "GOOD=1\nURL=${NOWHERE}/x\n").unwrap();
-    let r = server
-        .cli(&[
-            "config",
-            "import",
-            "-a",
-            "web",
-            &undefined.display().to_string(),
-        ])
-        .fails();
-    assert!(r.stderr.contains("NOWHERE"), "{}", r.stderr);
+    // A line without `=`, an unclosed quote, a reference to a name defined nowhere: each refused,
+    // naming what is wrong.
+    for (name, text, want) in [
+        (
+            "bad.env",
+            "# ok so far\nGOOD=1\nthis line has no equals sign\nLATER=2\n",
+            &["line 3", "this line has no equals sign"][..],
+        ),
+        (
+            "unclosed.env",
+            "GOOD=1\nOPEN=\"never closed\nMORE=2\n",
+            &["line 2", "never closed"][..],
+        ),
+        (
+            "undefined.env",
+            "GOOD=1\nURL=${NOWHERE}/x\n",
+            &["NOWHERE"][..],
+        ),
+    ] {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let r = server
+            .cli(&["config", "import", "-a", "web", &file.display().to_string()])
+            .fails();
+        for w in want {
+            assert!(r.stderr.contains(w), "{name}: {}", r.stderr);
+        }
+    }
     let after = list_json(&server, Some("web"));
     assert_eq!(after["version"], before["version"], "{after}");
     assert_eq!(after["entries"], before["entries"], "nothing changed");

@@ -105,21 +105,24 @@ impl Registry {
         reason: &'static str,
         goodbye: impl Fn() -> Frame,
     ) -> usize {
-        let mut n = 0;
-        for e in self.lock().values_mut().filter(|e| e.token_hash == hash) {
-            e.closing = Some(reason);
-            let _ = e.tx.try_send(Box::new(goodbye()));
-            e.kick.notify_one();
-            n += 1;
-        }
-        n
+        self.close_where(|e| e.token_hash == hash, reason, goodbye)
     }
 
     /// Closes every live connection of `app` (it is being deleted), as [`Registry::close_token`]
     /// does for a token. Returns how many.
     pub fn close_app(&self, app: &str, reason: &'static str, goodbye: impl Fn() -> Frame) -> usize {
+        self.close_where(|e| e.app == app, reason, goodbye)
+    }
+
+    /// Tells every live connection matching `which` to close with `reason`, queueing `goodbye`.
+    fn close_where(
+        &self,
+        which: impl Fn(&LiveInstance) -> bool,
+        reason: &'static str,
+        goodbye: impl Fn() -> Frame,
+    ) -> usize {
         let mut n = 0;
-        for e in self.lock().values_mut().filter(|e| e.app == app) {
+        for e in self.lock().values_mut().filter(|e| which(e)) {
             e.closing = Some(reason);
             let _ = e.tx.try_send(Box::new(goodbye()));
             e.kick.notify_one();
