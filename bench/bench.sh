@@ -124,6 +124,9 @@ start_bg() { "$@" & PIDS+=("$!"); }
 # ---- the server -----------------------------------------------------------------------------------
 export WAYPOST_CONTEXT="$WORK/context.json"
 unset WAYPOST_ADDR WAYPOST_ADMIN_TOKEN WAYPOST_CA WAYPOST_SERVER WAYPOST_TOKEN
+# The metrics listener on a free port, not the default 9703 a running server may hold (older
+# servers ignore the variable).
+export WAYPOST_METRICS_ADDR=127.0.0.1:0
 DATA="$WORK/data"
 server_args=(server run --data-dir "$DATA" --control-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --heartbeat-interval 15s)
 have_ingress=0

@@ -26,6 +26,7 @@ run_one() {
     (
         export WAYPOST_CONTEXT="$work/context.json" HOME="$work"
         unset WAYPOST_ADDR WAYPOST_ADMIN_TOKEN WAYPOST_CA WAYPOST_SERVER WAYPOST_TOKEN WAYPOST_DATABASE_URL
+        export WAYPOST_METRICS_ADDR=127.0.0.1:0 # not the default 9703 a running server may hold
         "$WP" server run --data-dir "$work/data" --control-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 \
             --ingress-addr 127.0.0.1:0 "$@" >"$work/server.log" 2>&1 &
         pid=$!

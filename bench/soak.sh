@@ -46,6 +46,7 @@ trap 'exit 143' TERM
 
 export WAYPOST_CONTEXT="$WORK/context.json"
 unset WAYPOST_ADDR WAYPOST_ADMIN_TOKEN WAYPOST_CA WAYPOST_SERVER WAYPOST_TOKEN
+export WAYPOST_METRICS_ADDR=127.0.0.1:0 # not the default 9703 a running server may hold
 args=(server run --data-dir "$WORK/data" --control-addr 127.0.0.1:0 --api-addr 127.0.0.1:0)
 "$WP" server run --help | grep -q -- --ingress-addr && args+=(--ingress-addr 127.0.0.1:0)
 "$WP" "${args[@]}" >"$WORK/server.log" 2>&1 &

@@ -803,7 +803,10 @@ impl Spawned {
         if let Some(url) = &self.database {
             cmd.args(["--database", url, "--peer-addr", "127.0.0.1:0"]);
         }
+        // The metrics listener on a free port, not the default a running server may hold (older
+        // servers ignore the variable).
         cmd.env("WAYPOST_CONTEXT", self.context_path())
+            .env("WAYPOST_METRICS_ADDR", "127.0.0.1:0")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -63,7 +63,7 @@ fn elsewhere_note(v: &Value) {
         .collect();
     if !others.is_empty() {
         eprintln!(
-            "note: {} instance(s) are held by other server replicas and were not reached ({}); \
+            "note: {} instance(s) are held by other server replicas and were not reached ({}): their replica has no --peer-addr or cannot be reached; \
              run the command against their replica",
             others.len(),
             others

@@ -190,6 +190,33 @@ struct RunArgs {
     /// bundle). Default: SQLite in the data dir.
     #[arg(long, env = "WAYPOST_DATABASE_URL", value_name = "URL", value_parser = parse_database, hide_env_values = true)]
     database: Option<crate::server::store::Location>,
+    /// Address of the metrics listener (plain HTTP: Prometheus text at /metrics, and /healthz,
+    /// /readyz). `off` disables it. Port 0 picks a free port.
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:9703",
+        env = "WAYPOST_METRICS_ADDR"
+    )]
+    metrics_addr: String,
+    /// Forward every stored log line to an OpenTelemetry collector over OTLP/HTTP (protobuf,
+    /// POST /v1/logs): otlp+http://HOST[:PORT][/PATH] or otlp+https://… (port 4318 by default).
+    /// https trusts WAYPOST_LOG_EXPORT_CA (a PEM file or text), else the system bundle; extra
+    /// headers from WAYPOST_LOG_EXPORT_HEADERS (k=v,k2=v2). Batched, retried with backoff, a
+    /// bounded queue whose overflow drops the oldest lines (counted). Default (or empty): off.
+    #[arg(long, value_name = "URL", env = "WAYPOST_LOG_EXPORT", value_parser = parse_log_export)]
+    log_export: Option<String>,
+}
+
+/// `--log-export`: checked here, with its `WAYPOST_LOG_EXPORT_*` settings, so a mistake stops
+/// the start before anything else (exit 2); the server builds the exporter from them again.
+fn parse_log_export(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new()); // off, e.g. `Environment=WAYPOST_LOG_EXPORT=` in a unit file
+    }
+    crate::server::service::export::Settings::new(s, |k| std::env::var(k).ok())
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e:#}"))
 }
 
 fn parse_database(s: &str) -> Result<crate::server::store::Location, String> {
@@ -321,6 +348,8 @@ pub fn main() -> i32 {
             ingress_redirect_https: a.ingress_redirect_https,
             peer_addr: a.peer_addr,
             database: a.database,
+            metrics_addr: Some(a.metrics_addr).filter(|a| a != "off"),
+            log_export: a.log_export.filter(|u| !u.is_empty()),
         })
         .map(|()| 0),
         Cmd::Server(ServerCmd::Backup(a)) => backup::run(a).map(|()| 0),

@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// Ingress (URL service) address for the server started when none answers.
     #[arg(long, default_value = "127.0.0.1:9080")]
     ingress_addr: String,
+    /// Metrics listener address (or `off`) for the server started when none answers (default:
+    /// the server's own, WAYPOST_METRICS_ADDR, else 127.0.0.1:9703).
+    #[arg(long, value_name = "ADDR|off")]
+    metrics_addr: Option<String>,
     /// The command to run under the entrypoint.
     #[arg(required = true, last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -108,6 +112,21 @@ async fn up(a: UpArgs, app: String, entrypoint: &Path) -> Result<std::process::C
         "waypost:   waypost config set --app {app} KEY=VALUE   # restarts it with the new env"
     );
     eprintln!("waypost:   waypost exec --app {app} -t -i -- sh    # a shell next to it");
+    // The web console is served by the API listener (transport/api/console.rs).
+    let token_file = a.data_dir.join(crate::server::ADMIN_TOKEN_FILE);
+    let ctx_path = context::path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "the CLI context file".to_string());
+    eprintln!("waypost: the web console: https://{}/", client.addr());
+    eprintln!(
+        "waypost:   sign in with the admin token ({}{ctx_path}); the browser warns about the \
+         certificate at first: the server's own CA signed it",
+        if token_file.exists() {
+            format!("in {} or `admin_token` in ", token_file.display())
+        } else {
+            "`admin_token` in ".to_string()
+        },
+    );
 
     let mut cmd = std::process::Command::new(entrypoint);
     cmd.arg("--")
@@ -181,6 +200,11 @@ async fn start_server(a: &UpArgs) -> Result<ApiClient> {
         .arg(&dir)
         .args(["--control-addr", &a.control_addr, "--api-addr", &api_addr])
         .args(["--ingress-addr", &a.ingress_addr])
+        .args(
+            a.metrics_addr
+                .iter()
+                .flat_map(|m| ["--metrics-addr", m.as_str()]),
+        )
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -106,6 +106,10 @@ pub struct Options {
     pub peer_addr: Option<String>,
     /// PostgreSQL shared by replicas; None: SQLite in the data dir.
     pub database: Option<store::Location>,
+    /// Address of the metrics listener (transport/metrics.rs); None: off. Port 0 picks a port.
+    pub metrics_addr: Option<String>,
+    /// `--log-export`: the OTLP/HTTP collector every stored log line is forwarded to; None: off.
+    pub log_export: Option<String>,
 }
 
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
@@ -426,6 +430,15 @@ async fn run_async(opts: Options) -> Result<()> {
         }
         None => None,
     };
+    // Metrics and health checks for Prometheus (transport/metrics.rs): plain HTTP, no token.
+    let metrics_listener = match &opts.metrics_addr {
+        Some(addr) => Some(bind("metrics", addr).await?),
+        None => None,
+    };
+    let metrics_local = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let ingress_tls_local = match &ingress_tls {
         Some((l, _)) => Some(l.local_addr()?),
         None => None,
@@ -447,6 +460,9 @@ async fn run_async(opts: Options) -> Result<()> {
     println!("waypost: ingress listening on {ingress_local}");
     if let Some(addr) = ingress_tls_local {
         println!("waypost: ingress (TLS) listening on {addr}");
+    }
+    if let Some(addr) = metrics_local {
+        println!("waypost: metrics listening on {addr}");
     }
     if minted {
         // Shown once to a person at a terminal; otherwise stdout is a log (journald, a container
@@ -477,6 +493,7 @@ async fn run_async(opts: Options) -> Result<()> {
         "api_addr": api_local.to_string(),
         "ingress_addr": ingress_local.to_string(),
         "ingress_tls_addr": ingress_tls_local.map(|a| a.to_string()),
+        "metrics_addr": metrics_local.map(|a| a.to_string()),
         "version": crate::VERSION,
     });
     let server_json = opts.data_dir.join("server.json");
@@ -503,7 +520,7 @@ async fn run_async(opts: Options) -> Result<()> {
         },
         config: service::config::ConfigService::new(st.clone()),
         urlauth: service::urlauth::UrlAuthService::new(st.clone()),
-        logs: service::logs::LogService::start(&location)?,
+        logs: service::logs::LogService::start_exporting(&location, opts.log_export.as_deref())?,
         replica: membership.id().to_string(),
         peers: transport::peer::Peers::new(&pki)?,
         shutdown: shutdown_rx,
@@ -531,6 +548,13 @@ async fn run_async(opts: Options) -> Result<()> {
             shared.clone(),
             listener,
             tls,
+            done_tx.clone(),
+        ));
+    }
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(transport::metrics::serve(
+            shared.clone(),
+            listener,
             done_tx.clone(),
         ));
     }
@@ -600,9 +624,20 @@ async fn run_async(opts: Options) -> Result<()> {
                             .invalidate(&p[store::urlauth::CHANGED_PREFIX.len()..]);
                         Ok(())
                     }
+                    // Tokens were revoked or deleted on some replica: close what used them here.
+                    service::fanout::Reload::App(p) if p == store::config::TOKENS_CHANGED => {
+                        close_revoked(&shared).await
+                    }
                     service::fanout::Reload::App(app) => shared.config.reload(app).await,
                     service::fanout::Reload::All => {
                         shared.urlauth.invalidate_all();
+                        // Notifications may have been missed while the listener was down.
+                        if let Err(e) = close_revoked(&shared).await {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "checking live connections' tokens failed"
+                            );
+                        }
                         shared.config.reload_all().await
                     }
                 };
@@ -649,5 +684,40 @@ async fn run_async(opts: Options) -> Result<()> {
         }
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Closes the connections held here whose token no longer exists (revoked, or its app deleted,
+/// on another replica: that replica closed its own at once). Expired tokens are left alone, as
+/// on the replica where they expire.
+async fn close_revoked(shared: &Shared) -> Result<()> {
+    let hashes = shared.live.token_hashes();
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let now = util::now_ms();
+    let gone = shared
+        .store
+        .call(move |db| {
+            let mut gone = Vec::new();
+            for h in hashes {
+                if store::lookup_token_at(db, &h, now)? == store::Lookup::Unknown {
+                    gone.push(h);
+                }
+            }
+            Ok(gone)
+        })
+        .await?;
+    for h in gone {
+        let n = shared.live.close_token(
+            &h,
+            "its token was revoked",
+            transport::control::revoked_goodbye,
+        );
+        tracing::info!(
+            connections = n,
+            "closed connections whose token was revoked on another replica"
+        );
+    }
     Ok(())
 }

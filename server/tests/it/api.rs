@@ -329,6 +329,8 @@ fn one_server_per_data_dir() {
             "127.0.0.1:0",
             "--api-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "off",
             "--data-dir",
         ])
         .arg(server.env.data_dir())

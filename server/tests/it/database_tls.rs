@@ -157,6 +157,7 @@ fn refused_start(url: &str, ca: &Path) -> Run {
             .arg(env.data_dir())
             .args(["--control-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
             .args(["--ingress-addr", "127.0.0.1:0", "--database", url])
+            .args(["--metrics-addr", "off"])
             .output()
             .unwrap(),
     );

@@ -473,7 +473,7 @@ fn the_plain_listener_redirects_apps_to_https() {
         .args(["server", "run", "--ingress-redirect-https", "--data-dir"])
         .arg(server.env.root.path().join("other-data"))
         .args(["--api-addr", "127.0.0.1:0", "--control-addr", "127.0.0.1:0"])
-        .args(["--ingress-addr", "127.0.0.1:0"])
+        .args(["--ingress-addr", "127.0.0.1:0", "--metrics-addr", "off"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -491,8 +491,9 @@ fn a_domain_added_on_one_replica_is_served_by_the_other() {
     }
     let pg = Cluster::start();
     let url = pg.create_database();
-    let a = Server::start_in(Env::with_database(&url), TLS);
-    let b = Server::start_in(Env::with_database(&url), TLS);
+    let flags = [TLS, &["--peer-addr", "127.0.0.1:0"]].concat();
+    let a = Server::start_in(Env::with_database(&url), &flags);
+    let b = Server::start_in(Env::with_database(&url), &flags);
     a.create_app("web");
     let ca = UserCa::new(a.env.root.path());
     let (cert, key) = ca.issue("www", &["www.example.test"], -1, 90);
@@ -519,6 +520,42 @@ fn a_domain_added_on_one_replica_is_served_by_the_other() {
         );
         (c.code == 0).then_some(c.out)
     });
+    // An instance held by A, reached over B's HTTPS ingress: the hop keeps "it came over TLS".
+    if let Some(_app) = start_app(&a, "web", &[]) {
+        let ca_pem = a.env.data_dir().join("ca.pem");
+        let c = wait_for("B to reach A's instance over HTTPS", || {
+            let c = curl(
+                &b_addr,
+                "web.localhost",
+                "/headers",
+                &["--cacert", ca_pem.to_str().unwrap()],
+            );
+            (c.code == 0 && c.out.starts_with('{')).then_some(c)
+        });
+        let seen: serde_json::Value = serde_json::from_str(&c.out).unwrap();
+        assert_eq!(seen["x-forwarded-proto"], "https", "{seen}");
+        assert!(seen.get("x-waypost-hop-proto").is_none(), "{seen}");
+        // Over B's plain listener, a visitor cannot claim TLS with the hop's header.
+        let plain = b.stdout();
+        let ingress = plain
+            .lines()
+            .find_map(|l| l.strip_prefix("waypost: ingress listening on "))
+            .unwrap()
+            .to_string();
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-H",
+                "Host: web.localhost",
+                "-H",
+                "x-waypost-hop-proto: https",
+            ])
+            .arg(format!("http://{ingress}/headers"))
+            .output()
+            .unwrap();
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(seen["x-forwarded-proto"], "http", "{seen}");
+    }
     // And forgets it when it is removed on A.
     a.cli(&["domain", "remove", "www.example.test"]).ok();
     wait_for("replica B to drop the domain", || {

@@ -120,6 +120,7 @@ fn a_malformed_peer_addr_is_refused() {
                 .arg(env.data_dir())
                 .args(["--control-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
                 .args(["--ingress-addr", "127.0.0.1:0", "--peer-addr", bad])
+                .args(["--metrics-addr", "off"])
                 .output()
                 .unwrap(),
         );

@@ -158,6 +158,19 @@ fn wait_stored(reader: &Server, writer: &Server, line: &str) {
     }
 }
 
+/// Established TCP connections whose remote end is port `port` on loopback: the client ends of
+/// open connections to a listener there.
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let want = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01"))
+        .count()
+}
+
 /// One plain HTTP/1.1 GET to the app itself (not through waypost), so that it prints
 /// `GET path` on its stdout: a log line on demand.
 fn poke_app(port: u16, path: &str) {
@@ -351,6 +364,18 @@ fn an_instance_held_by_one_replica_is_served_through_the_other() {
     let (status, body, err) = get("/");
     assert_eq!(status, 200, "{body} {err}");
     assert!(body.starts_with("hello hi pid="), "{body}");
+    // Twenty more visitors, one after another: B keeps its hop connection to A open and reuses
+    // it (one or two stay open; negative controls: without the pool none stays open, and a pool
+    // that did not reuse would hold one per request).
+    for _ in 0..20 {
+        assert_eq!(get("/").0, 200);
+    }
+    let hop_port = peer_addr(&a).rsplit_once(':').unwrap().1.parse().unwrap();
+    let open = established_to(hop_port);
+    assert!(
+        (1..=3).contains(&open),
+        "{open} open connections to A's peer port after 21 requests"
+    );
 
     // `config set` through B: A's instance restarts its child with the new value.
     b.cli(&["config", "policy", "--app", "web", "--splay", "0"])

@@ -253,12 +253,17 @@ impl AsService {
             match a.as_str() {
                 // Extra flags from /etc/waypost/server.env; unset here, as systemd drops it.
                 "$WAYPOST_SERVER_ARGS" => {}
-                "--control-addr" | "--api-addr" | "--ingress-addr" => {
+                "--control-addr" | "--api-addr" | "--ingress-addr" | "--metrics-addr" => {
                     it.next();
                     args.extend([a.clone(), "127.0.0.1:0".into()]);
                 }
                 _ => args.push(a.replace("/var/lib/waypost", state_str)),
             }
+        }
+        // The unit leaves the metrics listener at its default port, which tests running in
+        // parallel (or the host) would share.
+        if !args.iter().any(|a| a == "--metrics-addr") {
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
         }
         let ctx = unit_env(unit, "WAYPOST_CONTEXT")
             .unwrap()
@@ -582,22 +587,32 @@ fn scratch_image_serves_an_entrypoint_in_another_container() {
     let data = p.path("data");
     std::fs::create_dir(&data).unwrap();
     let volume = format!("{}:/data:U", data.display());
+    let mut args = vec![
+        "server",
+        "run",
+        "--data-dir",
+        "/data",
+        "--control-addr",
+        "127.0.0.1:0",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--ingress-addr",
+        "127.0.0.1:0",
+    ];
+    // Not the default metrics port, which the host may use; a static build older than the
+    // metrics listener does not know the flag (and listens on no such port).
+    let help = Command::new(&bin)
+        .args(["server", "run", "--help"])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&help.stdout).contains("--metrics-addr") {
+        args.extend(["--metrics-addr", "127.0.0.1:0"]);
+    }
     p.run_detached(
         "srv",
         &["-v", &volume],
         "localhost/waypost-server:test",
-        &[
-            "server",
-            "run",
-            "--data-dir",
-            "/data",
-            "--control-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--ingress-addr",
-            "127.0.0.1:0",
-        ],
+        &args,
     );
     let info: serde_json::Value = wait_for("server.json in the data volume", || {
         if !p.running("srv") {

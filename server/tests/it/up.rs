@@ -138,6 +138,8 @@ fn up_starts_a_server_when_none_answers() {
             "127.0.0.1:0",
             "--ingress-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(&data)

@@ -7,6 +7,7 @@ pub mod domains;
 pub mod labels;
 pub mod logs;
 pub mod members;
+pub mod metrics;
 pub mod sources;
 pub mod template;
 pub mod urlauth;

@@ -27,6 +27,7 @@
 use crate::server::model::config::{
     self as rules, Change, Context, GLOBAL, ScopeConfig, Snapshot, View,
 };
+use crate::server::model::metrics::{AppLabel, metrics};
 use crate::server::model::sources::SourceSpec;
 use crate::server::model::{InstanceId, Labels};
 use crate::server::service::live::Registry;
@@ -301,6 +302,10 @@ impl ConfigService {
             if *version <= t.had || (*missing && (t.had > 0 || *pending)) {
                 continue;
             }
+            metrics()
+                .config_pushes
+                .get_or_create(&AppLabel::new(&t.app))
+                .inc();
             out.push((t.id, t.tx, frame.clone(), *version));
         }
         {

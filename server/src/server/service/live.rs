@@ -131,6 +131,14 @@ impl Registry {
         n
     }
 
+    /// The token hashes the live connections here authenticated with (each once).
+    pub fn token_hashes(&self) -> Vec<String> {
+        let mut hashes: Vec<String> = self.lock().values().map(|e| e.token_hash.clone()).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
     /// Live connections of `app` held here.
     pub fn count_app(&self, app: &str) -> usize {
         self.lock().values().filter(|e| e.app == app).count()
@@ -152,6 +160,19 @@ impl Registry {
             *counts.entry(e.token_hash.clone()).or_insert(0) += 1;
         }
         counts
+    }
+
+    /// Live connections per app, in one pass (the metrics listener's `instances_live`).
+    pub fn app_counts(&self) -> HashMap<String, usize> {
+        let map = self.lock();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for e in map.values() {
+            *counts.entry(&e.app).or_insert(0) += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(a, n)| (a.to_string(), n))
+            .collect()
     }
 
     /// Runs `f` on the entry if it still belongs to `session`.

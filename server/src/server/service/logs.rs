@@ -26,6 +26,8 @@
 use crate::server::model::InstanceId;
 pub use crate::server::model::logs::IntakeStall;
 use crate::server::model::logs::{ChunkBuilder, NewLine, Retention, SourceRow, Usage};
+use crate::server::model::metrics::{AppLabel, AppStream, metrics};
+use crate::server::service::export::{self, ExportStats, Exporter};
 use crate::server::service::mux::Queued;
 use crate::server::store::{self, Backend, Db, Location};
 use crate::util;
@@ -103,6 +105,8 @@ struct Item {
     instance: InstanceId,
     app: String,
     batch: proto::LogBatch,
+    /// When it arrived (ns since the Unix epoch): the exported lines' observed time.
+    received_ns: u64,
     /// The connection to acknowledge on (weak: never keeps a closed connection open).
     ack: mpsc::WeakSender<Queued>,
     _credits: OwnedSemaphorePermit,
@@ -128,6 +132,8 @@ pub struct LogService {
     location: Location,
     /// For the Welcome lookups (short point queries).
     reader: Arc<Mutex<Db>>,
+    /// `--log-export`: where stored lines are forwarded (service/export.rs).
+    export: Option<Exporter>,
 }
 
 impl LogService {
@@ -135,6 +141,19 @@ impl LogService {
     /// the writer thread, and on PostgreSQL the thread that hears of other replicas' commits.
     /// Call from inside the runtime.
     pub fn start(location: &Location) -> Result<LogService> {
+        LogService::start_exporting(location, None)
+    }
+
+    /// [`LogService::start`], and with `log_export` (`--log-export`: an OTLP/HTTP URL) every
+    /// stored line is also forwarded there (service/export.rs). A malformed URL or
+    /// `WAYPOST_LOG_EXPORT_*` setting is an error here, before anything is served.
+    pub fn start_exporting(location: &Location, log_export: Option<&str>) -> Result<LogService> {
+        let export = match log_export {
+            Some(url) => Some(Exporter::start(
+                export::Settings::new(url, |k| std::env::var(k).ok()).context("--log-export")?,
+            )),
+            None => None,
+        };
         let (db, last_id, mut writer, reader) = store::blocking(|| -> Result<_> {
             let db = store::logs::connect_writer(location)?;
             let moved = store::logs::convert_line_rows(&db)?;
@@ -158,17 +177,17 @@ impl LogService {
         let intake = watch::Sender::new(None);
         let writer_intake = intake.clone();
         let writer_location = location.clone();
+        let feed = export.clone().map(Feed::new);
         std::thread::Builder::new()
             .name("waypost-logs".into())
             .spawn(move || {
-                writer.run(
-                    db,
-                    &writer_location,
-                    rx,
-                    committed_tx,
-                    handle,
-                    writer_intake,
-                )
+                let out = Outlets {
+                    committed: committed_tx,
+                    rt: handle,
+                    intake: writer_intake,
+                    feed,
+                };
+                writer.run(db, &writer_location, rx, out)
             })
             .context("starting the log writer thread")?;
         Ok(LogService {
@@ -178,7 +197,13 @@ impl LogService {
             committed,
             location: location.clone(),
             reader: Arc::new(Mutex::new(reader)),
+            export,
         })
+    }
+
+    /// The log exporter's counters; None without `--log-export`.
+    pub fn export_stats(&self) -> Option<ExportStats> {
+        self.export.as_ref().map(Exporter::stats)
     }
 
     /// Some while storing logs fails.
@@ -252,6 +277,9 @@ impl LogService {
         if batch.entries.is_empty() && batch.first_seq == 0 && batch.dropped == 0 {
             return; // nothing to store or acknowledge
         }
+        count_received(app, &batch);
+        // Before any wait for the writer: the moment the server got it.
+        let received_ns = export::now_ns();
         // Sequence numbers are stored as 64-bit signed integers; a batch running past that is
         // not from a real entrypoint (one would need 2^63 lines).
         let end = batch.first_seq.checked_add(batch.entries.len() as u64);
@@ -276,13 +304,197 @@ impl LogService {
             instance: *id,
             app: app.to_string(),
             batch,
+            received_ns,
             ack: conn.downgrade(),
             _credits: credits,
         }));
     }
 }
 
+/// The received-lines metrics of a batch as it arrives (resends after a reconnect included:
+/// this is what the connections carried; `log_lines_stored` counts each line once).
+fn count_received(app: &str, batch: &proto::LogBatch) {
+    let mut lines = [0u64; 3];
+    let mut bytes = 0u64;
+    for e in &batch.entries {
+        // As stored: an unknown stream is stdout.
+        let i = match e.stream {
+            1 | 2 => e.stream as usize,
+            _ => 0,
+        };
+        lines[i] += 1;
+        bytes += e.data.len() as u64;
+    }
+    let m = metrics();
+    for (stream, n) in lines.into_iter().enumerate() {
+        if n > 0 {
+            let stream = crate::server::model::logs::stream_name(stream as i64);
+            m.log_lines_received
+                .get_or_create(&AppStream {
+                    app: app.to_string(),
+                    stream,
+                })
+                .inc_by(n);
+        }
+    }
+    if bytes > 0 {
+        m.log_bytes_received
+            .get_or_create(&AppLabel::new(app))
+            .inc_by(bytes);
+    }
+}
+
 // ---- the writer --------------------------------------------------------------------------------
+
+/// Where the writer's results go.
+struct Outlets {
+    /// The highest committed line id, for followers.
+    committed: watch::Sender<i64>,
+    /// The runtime acks are sent on.
+    rt: tokio::runtime::Handle,
+    /// Whether storing fails (see [`IntakeStall`]).
+    intake: watch::Sender<Option<IntakeStall>>,
+    /// The log exporter, with `--log-export`.
+    feed: Option<Feed>,
+}
+
+/// What a commit stored.
+struct Committed {
+    /// LogAcks to send: (connection, up to).
+    acks: Vec<(mpsc::WeakSender<Queued>, u64)>,
+    /// The highest line id (0: nothing stored).
+    max_id: i64,
+    /// Lines stored per app (markers included).
+    stored: Vec<(String, u64)>,
+    /// Entries the entrypoints reported dropping, per app (each report counted once).
+    reported: Vec<(String, u64)>,
+    /// The stored lines in commit order, for the exporter.
+    stored_lines: Vec<Stored>,
+}
+
+/// A run of stored lines, pointing into the committed items (so the exporter gets their data
+/// without a copy).
+enum Stored {
+    /// The entries of item `item` from `skip` on (those before were already stored).
+    Entries { item: usize, skip: usize },
+    /// A marker before them: `lost` entries never arrived.
+    Gap {
+        item: usize,
+        lost: u64,
+        stream: i32,
+        ts_us: i64,
+    },
+    /// The server's own line about a refused batch of item `item`.
+    Text {
+        item: usize,
+        ts_us: i64,
+        text: String,
+    },
+}
+
+/// The writer's side of the exporter: the resource of each instance (its deployment and host,
+/// read once from its row), and the handle lines are pushed to.
+struct Feed {
+    exporter: Exporter,
+    origins: HashMap<InstanceId, Arc<export::Origin>>,
+}
+
+impl Feed {
+    fn new(exporter: Exporter) -> Feed {
+        Feed {
+            exporter,
+            origins: HashMap::new(),
+        }
+    }
+
+    fn origin(&mut self, db: &Db, item: &Item) -> Arc<export::Origin> {
+        if let Some(o) = self.origins.get(&item.instance) {
+            return o.clone();
+        }
+        if self.origins.len() >= SOURCE_CACHE {
+            self.origins.clear();
+        }
+        let instance = util::hex(&item.instance);
+        // Every instance has its row (written at its Hello, before any batch); a failed read
+        // costs only the attributes, not the lines, and is tried again next time.
+        let (deployment, host, keep) = match store::logs::instance_origin(db, &instance) {
+            Ok(Some((d, h))) => (d, h, true),
+            Ok(None) => (String::new(), String::new(), true),
+            Err(e) => {
+                tracing::debug!(error = format!("{e:#}"), "log export: reading an instance");
+                (String::new(), String::new(), false)
+            }
+        };
+        let o = Arc::new(export::Origin {
+            app: item.app.clone(),
+            deployment,
+            instance,
+            host,
+        });
+        if keep {
+            self.origins.insert(item.instance, o.clone());
+        }
+        o
+    }
+
+    /// Hands a commit's lines to the exporter (never waits).
+    fn send(&mut self, db: &Db, items: &mut [Item], stored: Vec<Stored>) {
+        let lines = export_lines(items, stored, |it| self.origin(db, it));
+        self.exporter.push(lines);
+    }
+}
+
+/// A commit's stored lines as the exporter takes them, in commit order, their data moved out
+/// of the items (which are dropped next).
+fn export_lines(
+    items: &mut [Item],
+    stored: Vec<Stored>,
+    mut origin: impl FnMut(&Item) -> Arc<export::Origin>,
+) -> Vec<export::Line> {
+    let mut lines = Vec::new();
+    for s in stored {
+        match s {
+            Stored::Entries { item, skip } => {
+                let o = origin(&items[item]);
+                let it = &mut items[item];
+                let observed_ns = it.received_ns;
+                lines.extend(it.batch.entries[skip..].iter_mut().map(|e| export::Line {
+                    origin: o.clone(),
+                    stream: e.stream,
+                    time_us: e.timestamp_unix_us,
+                    observed_ns,
+                    data: std::mem::take(&mut e.data),
+                    truncated: e.truncated,
+                    lost: 0,
+                }));
+            }
+            Stored::Gap {
+                item,
+                lost,
+                stream,
+                ts_us,
+            } => lines.push(export::Line {
+                origin: origin(&items[item]),
+                stream,
+                time_us: ts_us,
+                observed_ns: items[item].received_ns,
+                data: Vec::new(),
+                truncated: false,
+                lost,
+            }),
+            Stored::Text { item, ts_us, text } => lines.push(export::Line {
+                origin: origin(&items[item]),
+                stream: LogStream::Entrypoint as i32,
+                time_us: ts_us,
+                observed_ns: items[item].received_ns,
+                data: text.into_bytes(),
+                truncated: false,
+                lost: 0,
+            }),
+        }
+    }
+    lines
+}
 
 /// A source as the writer keeps it.
 #[derive(Clone)]
@@ -385,15 +597,13 @@ impl Writer {
             .unwrap_or((DEFAULT_MAX_LINES, DEFAULT_MAX_BYTES))
     }
 
-    fn run(
-        &mut self,
-        mut db: Db,
-        location: &Location,
-        rx: std_mpsc::Receiver<Msg>,
-        committed: watch::Sender<i64>,
-        rt: tokio::runtime::Handle,
-        intake: watch::Sender<Option<IntakeStall>>,
-    ) {
+    fn run(&mut self, mut db: Db, location: &Location, rx: std_mpsc::Receiver<Msg>, out: Outlets) {
+        let Outlets {
+            committed,
+            rt,
+            intake,
+            mut feed,
+        } = out;
         loop {
             let first = match rx.recv_timeout(PRUNE_EVERY) {
                 Ok(m) => Some(m),
@@ -438,13 +648,28 @@ impl Writer {
                 let mut backoff = Duration::from_millis(100);
                 loop {
                     match self.commit(&db, &items) {
-                        Ok((acks, max_id)) => {
+                        Ok(done) => {
                             if intake.send_replace(None).is_some() {
                                 tracing::info!("storing logs works again; log intake resumed");
                             }
-                            publish(&committed, max_id);
-                            for (weak, up_to) in acks {
+                            publish(&committed, done.max_id);
+                            for (weak, up_to) in done.acks {
                                 send_ack(&rt, weak, up_to);
+                            }
+                            let m = metrics();
+                            for (app, n) in &done.stored {
+                                m.log_lines_stored
+                                    .get_or_create(&AppLabel::new(app))
+                                    .inc_by(*n);
+                            }
+                            for (app, n) in &done.reported {
+                                m.log_lines_dropped
+                                    .get_or_create(&AppLabel::new(app))
+                                    .inc_by(*n);
+                            }
+                            // After the acks: the collector never delays an entrypoint.
+                            if let Some(feed) = &mut feed {
+                                feed.send(&db, &mut items, done.stored_lines);
                             }
                             break;
                         }
@@ -532,23 +757,20 @@ impl Writer {
     }
 
     /// Stores the batches in one transaction, each instance's new lines in as few chunks as
-    /// [`CHUNK_LINES`] and [`CHUNK_BYTES`] allow. Returns the acks to send and the highest line
-    /// id (0: nothing stored).
-    #[allow(clippy::type_complexity)]
-    fn commit(
-        &mut self,
-        db: &Db,
-        items: &[Item],
-    ) -> Result<(Vec<(mpsc::WeakSender<Queued>, u64)>, i64)> {
+    /// [`CHUNK_LINES`] and [`CHUNK_BYTES`] allow. Returns the acks to send, the highest line id
+    /// (0: nothing stored) and what was stored.
+    fn commit(&mut self, db: &Db, items: &[Item]) -> Result<Committed> {
         let mut acks = Vec::with_capacity(items.len());
         let mut touched: HashMap<InstanceId, Source> = HashMap::new();
         let mut usage_delta: HashMap<&str, Usage> = HashMap::new();
+        let mut reported: HashMap<&str, u64> = HashMap::new();
+        let mut stored_lines = Vec::new();
         let mut open = OpenChunks::default();
         let ((), ids) = store::logs::write(db, self.next_id, |tx| {
             if tx.shared() {
                 self.refresh_sources(tx, items)?;
             }
-            for item in items {
+            for (index, item) in items.iter().enumerate() {
                 let mut src = match touched.get(&item.instance) {
                     Some(s) => s.clone(),
                     None => self.source(tx, &item.instance, &item.app)?,
@@ -599,6 +821,11 @@ impl Writer {
                         let u = usage_delta.entry(item.app.as_str()).or_default();
                         u.lines += 1;
                         u.bytes += text.len() as u64;
+                        stored_lines.push(Stored::Text {
+                            item: index,
+                            ts_us: line.ts_us,
+                            text,
+                        });
                         src.refusing = true;
                     } else {
                         tracing::debug!(
@@ -612,6 +839,10 @@ impl Writer {
                     continue;
                 }
                 src.refusing = false;
+                if b.first_seq >= h {
+                    // Not a resend of stored entries: its drop count is news (counted once).
+                    *reported.entry(item.app.as_str()).or_default() += b.dropped;
+                }
                 // Entries below H are already stored (a resend): skip them.
                 let skip = h.saturating_sub(b.first_seq).min(n);
                 let start = b.first_seq + skip;
@@ -640,6 +871,12 @@ impl Writer {
                     src.row.lost += gap;
                     src.row.next_seq = start;
                     u.lines += 1;
+                    stored_lines.push(Stored::Gap {
+                        item: index,
+                        lost: gap,
+                        stream: stream as i32,
+                        ts_us: ts,
+                    });
                     tracing::info!(
                         instance = util::hex(&item.instance),
                         app = item.app,
@@ -665,6 +902,12 @@ impl Writer {
                     u.lines += 1;
                     u.bytes += e.data.len() as u64;
                 }
+                if !new.is_empty() {
+                    stored_lines.push(Stored::Entries {
+                        item: index,
+                        skip: skip as usize,
+                    });
+                }
                 src.row.next_seq = src.row.next_seq.max(b.first_seq + n);
                 src.row.reported = src
                     .row
@@ -683,15 +926,27 @@ impl Writer {
             }
             Ok(())
         })?;
+        let mut stored = Vec::with_capacity(usage_delta.len());
         for (app, d) in usage_delta {
             let u = self.usage.entry(app.to_string()).or_default();
             u.lines += d.lines;
             u.bytes += d.bytes;
+            stored.push((app.to_string(), d.lines));
         }
         self.sources.extend(touched);
         let max_id = if ids.is_empty() { 0 } else { ids.end - 1 };
         self.next_id = ids.end;
-        Ok((acks, max_id))
+        Ok(Committed {
+            acks,
+            max_id,
+            stored,
+            reported: reported
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(app, n)| (app.to_string(), n))
+                .collect(),
+            stored_lines,
+        })
     }
 
     /// Reads the sources of the batches' instances again, in the transaction (so under the
@@ -930,6 +1185,7 @@ mod tests {
                 entries: texts.iter().map(|t| entry(LogStream::Stdout, t)).collect(),
                 dropped: 0,
             },
+            received_ns: 0,
             ack: tx.downgrade(),
             _credits: credits.clone().try_acquire_owned().unwrap(),
         }
@@ -986,7 +1242,7 @@ mod tests {
             .unwrap();
         // Two refused batches in a row: no ack, one notice, H unchanged.
         let huge = 1u64 << 40;
-        let (acks, _) = w
+        let Committed { acks, .. } = w
             .commit(
                 &conn,
                 &[
@@ -1003,13 +1259,13 @@ mod tests {
         };
         assert_eq!(h(&conn), 3);
         // The instance's real next lines are still stored.
-        let (acks, _) = w.commit(&conn, &[item(a, 3, &["l3"], &credits)]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[item(a, 3, &["l3"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 4);
         // A later refusal is noticed again (a new run of them); the writer's cache and the
         // database agree after a restart of the writer.
         drop(w);
         let mut w = Writer::new(&conn).unwrap();
-        let (acks, _) = w
+        let Committed { acks, .. } = w
             .commit(&conn, &[item(a, huge, &["forged3"], &credits)])
             .unwrap();
         assert!(acks.is_empty());
@@ -1043,7 +1299,7 @@ mod tests {
             &credits,
         );
         ok.batch.dropped = 5;
-        let (acks, _) = w.commit(&conn, &[ok]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[ok]).unwrap();
         assert_eq!(acks[0].1, 4 + UNREPORTED_GAP + 6);
     }
 
@@ -1057,7 +1313,7 @@ mod tests {
         w.commit(&conn, &[item(b, 0, &["b0"], &credits)]).unwrap();
         let mut from_a = item(b, 1, &["from a"], &credits);
         from_a.app = "other".into();
-        let (acks, _) = w.commit(&conn, &[from_a]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[from_a]).unwrap();
         assert!(acks.is_empty());
         let n: i64 = store::raw(&conn, |c| {
             c.query_row("SELECT COALESCE(SUM(lines), 0) FROM log_chunks", [], |r| {
@@ -1070,9 +1326,55 @@ mod tests {
         let mut w = Writer::new(&conn).unwrap();
         let mut from_a = item(b, 1, &["from a"], &credits);
         from_a.app = "other".into();
-        assert!(w.commit(&conn, &[from_a]).unwrap().0.is_empty());
-        let (acks, _) = w.commit(&conn, &[item(b, 1, &["b1"], &credits)]).unwrap();
+        assert!(w.commit(&conn, &[from_a]).unwrap().acks.is_empty());
+        let Committed { acks, .. } = w.commit(&conn, &[item(b, 1, &["b1"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 2);
+    }
+
+    #[test]
+    fn the_exporter_gets_each_stored_line_once_in_order() {
+        let (_d, loc) = db();
+        let conn = open(&loc).unwrap();
+        let mut w = Writer::new(&conn).unwrap();
+        let credits = Arc::new(Semaphore::new(100));
+        let a = [4u8; 16];
+        let origin = Arc::new(export::Origin {
+            app: "web".into(),
+            deployment: String::new(),
+            instance: util::hex(&a),
+            host: String::new(),
+        });
+        let mut exported = |items: Vec<Item>| -> Vec<String> {
+            let mut items = items;
+            let done = w.commit(&conn, &items).unwrap();
+            export_lines(&mut items, done.stored_lines, |_| origin.clone())
+                .iter()
+                .map(|l| match l.lost {
+                    0 => String::from_utf8_lossy(&l.data).into_owned(),
+                    n => format!("[{n} lost]"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            exported(vec![item(a, 0, &["l0", "l1"], &credits)]),
+            ["l0", "l1"]
+        );
+        // A resend overlapping what is stored, then a gap, in one commit.
+        assert_eq!(
+            exported(vec![
+                item(a, 1, &["l1", "l2"], &credits),
+                item(a, 5, &["l5"], &credits),
+            ]),
+            ["l2", "[2 lost]", "l5"]
+        );
+        // A pure duplicate: nothing; a refused jump: the server's notice only.
+        assert!(exported(vec![item(a, 0, &["l0"], &credits)]).is_empty());
+        let refused = exported(vec![item(a, 1 << 40, &["forged"], &credits)]);
+        assert_eq!(refused.len(), 1);
+        assert!(
+            refused[0].starts_with("waypost server: refused"),
+            "{refused:?}"
+        );
     }
 
     #[test]
@@ -1082,20 +1384,20 @@ mod tests {
         let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         let a = [1u8; 16];
-        let (acks, _) = w
+        let Committed { acks, .. } = w
             .commit(&conn, &[item(a, 0, &["l0", "l1", "l2"], &credits)])
             .unwrap();
         assert_eq!(acks[0].1, 3);
         // Resent overlap + new: only l3 is new.
-        let (acks, _) = w
+        let Committed { acks, .. } = w
             .commit(&conn, &[item(a, 1, &["l1", "l2", "l3"], &credits)])
             .unwrap();
         assert_eq!(acks[0].1, 4);
         // A gap: 4..7 lost.
-        let (acks, _) = w.commit(&conn, &[item(a, 7, &["l7"], &credits)]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[item(a, 7, &["l7"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 8);
         // A pure duplicate: acked, nothing stored.
-        let (acks, _) = w.commit(&conn, &[item(a, 0, &["l0"], &credits)]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[item(a, 0, &["l0"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 8);
         let rows = all(&conn);
         let texts: Vec<String> = rows
@@ -1109,7 +1411,7 @@ mod tests {
         // Survives a restart of the writer (state from the database).
         drop(w);
         let mut w = Writer::new(&conn).unwrap();
-        let (acks, _) = w.commit(&conn, &[item(a, 8, &["l8"], &credits)]).unwrap();
+        let Committed { acks, .. } = w.commit(&conn, &[item(a, 8, &["l8"], &credits)]).unwrap();
         assert_eq!(acks[0].1, 9);
         let c2 = open(&loc).unwrap();
         assert_eq!(
@@ -1134,7 +1436,7 @@ mod tests {
         // One commit of two instances, one of them past a chunk's line cap.
         let many: Vec<String> = (0..CHUNK_LINES + 10).map(|i| format!("a{i}")).collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        let (_, max_id) = w
+        let Committed { max_id, .. } = w
             .commit(
                 &conn,
                 &[
@@ -1175,11 +1477,11 @@ mod tests {
         let (max, n) = store::logs::lines(&conn, &f, 100, 150, 1000, |_| Ok(())).unwrap();
         assert_eq!((max, n), (150, 50));
         // The next commit's ids follow; a restarted writer continues after them.
-        let (_, max_id) = w.commit(&conn, &[item(b, 2, &["b2"], &credits)]).unwrap();
+        let Committed { max_id, .. } = w.commit(&conn, &[item(b, 2, &["b2"], &credits)]).unwrap();
         assert_eq!(max_id, total + 1);
         drop(w);
         let mut w = Writer::new(&conn).unwrap();
-        let (_, max_id) = w.commit(&conn, &[item(b, 3, &["b3"], &credits)]).unwrap();
+        let Committed { max_id, .. } = w.commit(&conn, &[item(b, 3, &["b3"], &credits)]).unwrap();
         assert_eq!(max_id, total + 2);
         // Pruning to 90% of 1,000 lines: whole chunks go, the oldest one left is trimmed to the
         // line, and the lines left keep their ids.
@@ -1258,17 +1560,25 @@ mod tests {
         let (mut w1, mut w2) = (Writer::new(&c1).unwrap(), Writer::new(&c2).unwrap());
         let credits = Arc::new(Semaphore::new(100));
         let a = [7u8; 16];
-        let (acks, max) = w1
+        let Committed {
+            acks, max_id: max, ..
+        } = w1
             .commit(&c1, &[item(a, 0, &["l0", "l1"], &credits)])
             .unwrap();
         assert_eq!((acks[0].1, max), (2, 2));
-        let (acks, max) = w2.commit(&c2, &[item(a, 2, &["l2"], &credits)]).unwrap();
+        let Committed {
+            acks, max_id: max, ..
+        } = w2.commit(&c2, &[item(a, 2, &["l2"], &credits)]).unwrap();
         assert_eq!((acks[0].1, max), (3, 3));
         // Back on the first: its cached H (2) is stale.
-        let (acks, max) = w1.commit(&c1, &[item(a, 3, &["l3"], &credits)]).unwrap();
+        let Committed {
+            acks, max_id: max, ..
+        } = w1.commit(&c1, &[item(a, 3, &["l3"], &credits)]).unwrap();
         assert_eq!((acks[0].1, max), (4, 4));
         // A late resend through the second (its old connection): duplicates there too.
-        let (acks, max) = w2
+        let Committed {
+            acks, max_id: max, ..
+        } = w2
             .commit(&c2, &[item(a, 1, &["l1", "l2"], &credits)])
             .unwrap();
         assert_eq!((acks[0].1, max), (4, 0));
@@ -1331,7 +1641,7 @@ mod tests {
         let mut w = Writer::new(&conn).unwrap();
         let credits = Arc::new(Semaphore::new(100));
         for (seq, want) in [(0, 2), (2, 4)] {
-            let (_, max) = w
+            let Committed { max_id: max, .. } = w
                 .commit(&conn, &[item([9u8; 16], seq, &["x", "y"], &credits)])
                 .unwrap();
             assert_eq!(max, want);

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod export;
 pub mod fanout;
 pub mod live;
 pub mod logs;

@@ -18,6 +18,8 @@
 //!   consume; shutdown is a half-close; drop aborts what is not finished both ways.
 
 use crate::server::model::InstanceId;
+use crate::server::model::metrics::{AppKind, AppLabel, GaugeGuard, metrics};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
@@ -132,6 +134,9 @@ struct Conn {
     routes: HashMap<Route, Target2>,
     exec_count: usize,
     stream_count: usize,
+    /// This app's series of `exec_sessions`, `tunnel_streams{kind=ingress}` and
+    /// `{kind=port_forward}`, looked up once per connection rather than per session or stream.
+    counted: [Counter; 3],
 }
 
 /// Which feature an instance is picked for.
@@ -257,6 +262,7 @@ impl Mux {
             routes: HashMap::new(),
             exec_count: 0,
             stream_count: 0,
+            counted: counters(app),
         };
         let old = lock(&self.inner).insert(id, conn);
         if let Some(old) = old {
@@ -475,6 +481,12 @@ impl Mux {
         conn.routes
             .insert(Route::Stream(stream), Target2::Stream(state.clone()));
         conn.stream_count += 1;
+        let kind = if target_port == 0 {
+            INGRESS
+        } else {
+            PORT_FORWARD
+        };
+        conn.counted[kind].inc();
         conn.out.data(Kind::StreamOpen(proto::StreamOpen {
             stream,
             target_port: u32::from(target_port),
@@ -487,6 +499,7 @@ impl Mux {
             id: stream,
             state,
             out,
+            _open: GaugeGuard::new(&metrics().tunnel_streams_open),
             guard: RouteGuard {
                 mux: self.clone(),
                 instance: id,
@@ -508,11 +521,13 @@ impl Mux {
         conn.routes
             .insert(Route::Exec(session_id), Target2::Exec(tx));
         conn.exec_count += 1;
+        conn.counted[EXEC].inc();
         Ok(ExecRoute {
             instance: id,
             session: session_id,
             out: conn.out.clone(),
             rx,
+            _open: GaugeGuard::new(&metrics().exec_sessions_open),
             _guard: RouteGuard {
                 mux: self.clone(),
                 instance: id,
@@ -528,6 +543,28 @@ impl Mux {
             remove_route(conn, route);
         }
     }
+}
+
+/// Indices into `Conn::counted`.
+const EXEC: usize = 0;
+const INGRESS: usize = 1;
+const PORT_FORWARD: usize = 2;
+
+fn counters(app: &str) -> [Counter; 3] {
+    let m = metrics();
+    let stream = |kind| {
+        m.tunnel_streams
+            .get_or_create(&AppKind {
+                app: app.to_string(),
+                kind,
+            })
+            .clone()
+    };
+    [
+        m.exec_sessions.get_or_create(&AppLabel::new(app)).clone(),
+        stream("ingress"),
+        stream("port_forward"),
+    ]
 }
 
 fn route_id(r: Route) -> u64 {
@@ -575,6 +612,7 @@ pub struct ExecRoute {
     pub session: u64,
     pub out: Outbox,
     pub rx: mpsc::UnboundedReceiver<Kind>,
+    _open: GaugeGuard,
     _guard: RouteGuard,
 }
 
@@ -710,6 +748,7 @@ pub struct TunnelStream {
     id: u64,
     state: Arc<Mutex<StreamState>>,
     out: Outbox,
+    _open: GaugeGuard,
     guard: RouteGuard,
 }
 

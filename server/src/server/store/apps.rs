@@ -83,6 +83,10 @@ pub fn delete_app(db: &mut Db, app: &str, force: bool) -> Result<DeleteApp> {
             ..Deleted::default()
         };
         d.tokens = count("DELETE FROM tokens WHERE app = ?1 AND kind = 'entrypoint'")?;
+        if d.tokens > 0 {
+            // Other replicas close their connections with them (server/mod.rs).
+            super::config::notify_changed(db, super::config::TOKENS_CHANGED)?;
+        }
         d.instances = count("DELETE FROM instances WHERE app = ?1")?;
         // Logs: in the order the log writer touches them (chunks, sources, usage), so on
         // PostgreSQL a concurrent commit of the writer waits for this one rather than deadlocks.

@@ -21,6 +21,9 @@ use waypost_proto::on_change::Action;
 pub const CONFIG_CHANNEL: &str = "waypost_config";
 /// The payload announcing that the config sources changed (not an app name: those have no '@').
 pub const SOURCES_CHANGED: &str = "@sources";
+/// Payload on [`CONFIG_CHANNEL`]: tokens were deleted (revoked, or their app deleted). Every
+/// replica then closes the connections it holds whose token no longer exists.
+pub const TOKENS_CHANGED: &str = "@tokens";
 
 /// What [`update`] did.
 #[derive(Debug)]

@@ -227,6 +227,17 @@ pub fn source_id(db: &Db, instance_hex: &str) -> Result<Option<i64>> {
     .transpose()
 }
 
+/// The deployment and host name of an instance (from its row in `instances`), if it has one:
+/// what the log exporter (service/export.rs) says about where a line came from.
+pub fn instance_origin(db: &Db, instance_hex: &str) -> Result<Option<(String, String)>> {
+    db.query_opt(
+        "SELECT deployment, hostname FROM instances WHERE id = ?1",
+        args![instance_hex],
+    )?
+    .map(|r| Ok((r.get(0)?, r.get(1)?)))
+    .transpose()
+}
+
 /// Column `i` as bytes, without a copy.
 fn blob(r: &Row, i: usize) -> Result<&[u8]> {
     match r.value(i) {

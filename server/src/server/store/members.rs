@@ -60,6 +60,16 @@ pub fn list_replicas(db: &Db) -> Result<Vec<ReplicaRow>> {
 /// Most [`remote_instances`] returns.
 const REMOTE_LIMIT: i64 = 16;
 
+/// The LIKE pattern for instance ids starting with `prefix` (Some(None): any id). Ids are hex: a
+/// prefix with anything else matches nothing (None), and LIKE wildcards never get in.
+fn id_pattern(prefix: Option<&str>) -> Option<Option<String>> {
+    match prefix {
+        Some(p) if !p.bytes().all(|b| b.is_ascii_hexdigit()) => None,
+        Some(p) => Some(Some(format!("{}%", p.to_ascii_lowercase()))),
+        None => Some(None),
+    }
+}
+
 /// Live instances of `app` (hex id starting with `prefix`, if given: hex digits only) whose
 /// connection is held by a replica other than `me` that was seen at or after `fresh_after` (unix
 /// ms) and has a peer address; the most recently connected first.
@@ -70,11 +80,8 @@ pub fn remote_instances(
     me: &str,
     fresh_after: i64,
 ) -> Result<Vec<RemoteInstance>> {
-    // Ids are hex: a prefix with anything else matches nothing (and LIKE wildcards never get in).
-    let pattern = match prefix {
-        Some(p) if !p.bytes().all(|b| b.is_ascii_hexdigit()) => return Ok(Vec::new()),
-        Some(p) => Some(format!("{}%", p.to_ascii_lowercase())),
-        None => None,
+    let Some(pattern) = id_pattern(prefix) else {
+        return Ok(Vec::new());
     };
     db.query(
         "SELECT i.id, r.id, r.peer_addr FROM instances i JOIN replicas r ON r.id = i.replica
@@ -91,6 +98,32 @@ pub fn remote_instances(
             peer_addr: r.get(2)?,
         })
     })
+    .collect()
+}
+
+/// The replicas (id, peer address) other than `me` that hold live instances of `app` (hex id
+/// starting with `prefix`, if given) and can be reached: beating since `fresh_after`, with a peer
+/// address. For an operation on every such instance (restart, signal), unlike
+/// [`remote_instances`] (one to pick), so no limit but the number of replicas.
+pub fn replicas_holding(
+    db: &Db,
+    app: &str,
+    prefix: Option<&str>,
+    me: &str,
+    fresh_after: i64,
+) -> Result<Vec<(String, String)>> {
+    let Some(pattern) = id_pattern(prefix) else {
+        return Ok(Vec::new());
+    };
+    db.query(
+        "SELECT DISTINCT r.id, r.peer_addr FROM instances i JOIN replicas r ON r.id = i.replica
+         WHERE i.app = ?1 AND i.disconnected_at IS NULL AND r.id <> ?2 AND r.last_seen >= ?3
+           AND r.peer_addr IS NOT NULL AND (CAST(?4 AS TEXT) IS NULL OR i.id LIKE ?4)
+         ORDER BY r.id",
+        args![app, me, fresh_after, pattern],
+    )?
+    .iter()
+    .map(|r| Ok((r.get(0)?, r.get(1)?)))
     .collect()
 }
 

@@ -173,7 +173,19 @@ impl Store {
     /// Runs `f` with a connection, synchronously: the first free one, else waits for one. A
     /// PostgreSQL connection the server closed (a restart, a network cut) is opened anew first,
     /// so a replica catches up by itself when its database comes back.
+    ///
+    /// Timed, by the caller's module, in `waypost_db_statement_duration_seconds` (failures also
+    /// in `waypost_db_errors_total`): see [`op_of`].
     pub fn with<R>(&self, f: impl FnOnce(&mut Db) -> Result<R>) -> Result<R> {
+        let (op, start) = (op_of(&f), std::time::Instant::now());
+        let r = self.with_untimed(f);
+        observe(op, start, r.is_err());
+        r
+    }
+
+    /// [`Store::with`] without the timing (for [`Store::call`], which times its wait for the
+    /// blocking pool too).
+    fn with_untimed<R>(&self, f: impl FnOnce(&mut Db) -> Result<R>) -> Result<R> {
         use std::sync::TryLockError;
         let conns = &self.pool.conns;
         let start = self
@@ -199,16 +211,100 @@ impl Store {
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the connection on the blocking pool. Timed as [`Store::with`] is, from the
+    /// call (the wait for a blocking thread and a free connection included: what the caller
+    /// waits).
     pub async fn call<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Db) -> Result<R> + Send + 'static,
     {
+        let (op, start) = (op_of(&f), std::time::Instant::now());
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.with(f))
+        let r = tokio::task::spawn_blocking(move || this.with_untimed(f))
             .await
-            .context("database task panicked")?
+            .context("database task panicked")
+            .and_then(|r| r);
+        observe(op, start, r.is_err());
+        r
+    }
+}
+
+/// Records one database call in the metrics (model/metrics.rs).
+fn observe(op: &'static str, start: std::time::Instant, failed: bool) {
+    use crate::server::model::metrics::{OpLabel, metrics};
+    let m = metrics();
+    let label = OpLabel { op };
+    m.db_statement_duration_seconds
+        .get_or_create(&label)
+        .observe(start.elapsed().as_secs_f64());
+    if failed {
+        m.db_errors.get_or_create(&label).inc();
+    }
+}
+
+/// The `op` label of a database call: the module of the code that made it, read from the type
+/// name of its closure (`waypost::server::transport::api::list_apps::{{closure}}` →
+/// `transport::api`): the function and any type (`ConfigService`) dropped, `server::` left out.
+/// A slice of the type name, so no allocation; a bounded set (the crate's modules). Type names
+/// are not a stable format, but a different one only makes the label less precise.
+fn op_of<F>(_: &F) -> &'static str {
+    label_of(std::any::type_name::<F>())
+}
+
+fn label_of(name: &'static str) -> &'static str {
+    let name = name.trim_start_matches('<');
+    let name = name.split(" as ").next().unwrap_or(name);
+    let path = name.split("::{{closure}}").next().unwrap_or(name);
+    let path = path.split('<').next().unwrap_or(path);
+    let path = path.strip_prefix("waypost::").unwrap_or(path);
+    let path = path.strip_prefix("server::").unwrap_or(path);
+    // Up to the first type (CamelCase) or the function (the last segment).
+    let (mut end, mut off) = (0, 0);
+    let mut segments = path.split("::").peekable();
+    while let Some(seg) = segments.next() {
+        if segments.peek().is_none() || seg.starts_with(|c: char| c.is_ascii_uppercase()) {
+            break;
+        }
+        end = off + seg.len();
+        off = end + 2;
+    }
+    if end == 0 { "server" } else { &path[..end] }
+}
+
+#[cfg(test)]
+mod op_label_tests {
+    use super::*;
+
+    #[test]
+    fn ops_are_the_callers_module() {
+        // The crate's paths spelled in two pieces: scripts/check-layers.sh reads strings too.
+        macro_rules! path {
+            ($rest:literal) => {
+                concat!("waypost::", $rest)
+            };
+        }
+        assert_eq!(
+            label_of(path!(
+                "server::transport::api::list_apps::{{closure}}::{{closure}}"
+            )),
+            "transport::api"
+        );
+        assert_eq!(
+            label_of(path!(
+                "server::service::config::ConfigService::reload::{{closure}}"
+            )),
+            "service::config"
+        );
+        assert_eq!(label_of(path!("server::run_async::{{closure}}")), "server");
+        assert_eq!(
+            label_of(path!("cli::backup::run::{{closure}}")),
+            "cli::backup"
+        );
+        assert_eq!(label_of(path!("server::store::ping")), "store");
+        // The real thing: a closure made here.
+        let f = |db: &mut Db| ping(db);
+        assert_eq!(op_of(&f), "store::op_label_tests");
     }
 }
 
@@ -669,6 +765,8 @@ pub fn revoke_token(db: &mut Db, id_prefix: &str, now: i64) -> Result<Revoke> {
             }
         }
         db.execute("DELETE FROM tokens WHERE hash = ?1", args![row.hash])?;
+        // Other replicas close their connections with it (server/mod.rs).
+        config::notify_changed(db, config::TOKENS_CHANGED)?;
         Ok(Revoke::Done(row))
     })
 }
@@ -732,6 +830,14 @@ pub fn lookup_token_with_labels(db: &Db, hash: &str) -> Result<Option<(TokenScop
 }
 
 // ---- instances -----------------------------------------------------------------------------
+
+/// Whether the instance id has a row (it connected before, here or to another replica): its
+/// Hello is a reconnect (`waypost_control_reconnects_total`).
+pub fn instance_known(db: &Db, id: &str) -> Result<bool> {
+    Ok(db
+        .query_opt("SELECT 1 FROM instances WHERE id = ?1", args![id])?
+        .is_some())
+}
 
 /// After a crash of the only server (SQLite: one server per data dir), rows still marked live
 /// belong to connections that no longer exist.

@@ -33,6 +33,7 @@
 pub(crate) mod raw;
 
 use crate::server::model::InstanceId;
+use crate::server::model::metrics::{AppLabel, AppStatus, metrics};
 use crate::server::model::urlauth::Decision;
 use crate::server::service::mux::{PickError, StreamProbe};
 use crate::server::store;
@@ -378,6 +379,7 @@ fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
         // The replica-to-replica headers (peer.rs): for this server, never for the app.
         peer::HOP_HEADER,
         peer::HOP_CLIENT_HEADER,
+        peer::HOP_PROTO_HEADER,
     ] {
         h.remove(n);
     }
@@ -398,11 +400,46 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
 }
 
 /// Serves one visitor request (also one that another replica forwarded over the hop: then
-/// `peer` is the visitor and the request is marked [`peer::Hopped`]).
+/// `peer` is the visitor and the request is marked [`peer::Hopped`]), and counts it in the
+/// metrics — where the visitor arrived: a hopped request was counted by the replica it came
+/// from.
 pub(crate) async fn handle(
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let hopped = req.extensions().get::<peer::Hopped>().is_some();
+    let start = std::time::Instant::now();
+    let mut app = None;
+    let resp = serve_request(shared, peer, req, &mut app).await;
+    if !hopped {
+        count_request(app.as_deref().unwrap_or(""), resp.status().as_u16(), start);
+    }
+    resp
+}
+
+/// Counts an ingress request: by app (`""`: the host names no app) and status, and its time
+/// until the response head (`start` to now).
+pub(crate) fn count_request(app: &str, status: u16, start: std::time::Instant) {
+    let m = metrics();
+    let app = AppLabel::new(app);
+    m.ingress_request_duration_seconds
+        .get_or_create(&app)
+        .observe(start.elapsed().as_secs_f64());
+    m.ingress_requests
+        .get_or_create(&AppStatus {
+            app: app.app,
+            status,
+        })
+        .inc();
+}
+
+/// [`handle`] without the counting; sets `app_out` once the host's app is known.
+async fn serve_request(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
+    app_out: &mut Option<String>,
 ) -> Response<Body> {
     let host = match request_host(req.headers(), req.uri()) {
         Ok(h) => h,
@@ -443,6 +480,7 @@ pub(crate) async fn handle(
             );
         }
     };
+    *app_out = Some(app.clone());
     // Access control (`waypost url auth`), checked by the replica the visitor reached: a
     // request hopped from another replica was checked there.
     if req.extensions().get::<peer::Hopped>().is_none() {
@@ -496,6 +534,7 @@ pub(crate) async fn handle(
             if req.extensions().get::<peer::Hopped>().is_none()
                 && let Some(remote) = remote(shared, &app, prefix.as_deref()).await =>
         {
+            metrics().count_hop(&app);
             return match peer::forward_ingress(shared, &remote, peer, req).await {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -831,6 +870,7 @@ mod tests {
             peer::HOP_CLIENT_HEADER,
             HeaderValue::from_static("10.0.0.9:4000"),
         );
+        h.insert(peer::HOP_PROTO_HEADER, HeaderValue::from_static("https"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_headers(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");

@@ -15,14 +15,17 @@
 //! ingress.rs holds: what the fast path does itself is the same as the hyper path does for such a
 //! request (X-Forwarded-For appended, -Proto and -Host set, hop headers stripped both ways, 502
 //! with `x-waypost-error` when the app cannot be reached, 504 after `--ingress-timeout` without a
-//! byte moving, a request that could not be sent on an idle pooled stream sent again on a new one,
-//! no stream kept idle while the instance restarts).
+//! byte moving, a request that could not be sent on an idle pooled stream sent again on a new one
+//! — a non-idempotent one only if the stream never took it —, no stream kept idle while the
+//! instance restarts). Framing is never lost: Content-Length, Transfer-Encoding and Host stay
+//! even when `Connection` lists them, so one message is never read as two.
 //!
 //! Idle upstream streams are pooled per instance here (the hyper path pools hyper connections;
 //! the two do not share), with the same bounds and the same draining rule.
 
 use super::{HostRoute, POOL_IDLE, POOL_PER_INSTANCE, route};
 use crate::server::model::InstanceId;
+use crate::server::model::metrics::{AppLabel, AppStatus, metrics};
 use crate::server::model::urlauth::Decision;
 use crate::server::service::mux::TunnelStream;
 use crate::server::transport::{Shared, serve_http, wait_shutdown};
@@ -187,16 +190,25 @@ fn is_hop(name: &[u8], listed: &[&[u8]]) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
         || name.eq_ignore_ascii_case(super::peer::HOP_HEADER.as_bytes())
         || name.eq_ignore_ascii_case(super::peer::HOP_CLIENT_HEADER.as_bytes())
+        || name.eq_ignore_ascii_case(super::peer::HOP_PROTO_HEADER.as_bytes())
         || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
-/// Names a Connection header lists (hop-by-hop too).
+/// Names a Connection header lists (hop-by-hop too) — except the framing headers
+/// (Content-Length, Transfer-Encoding) and Host: the body is passed on as it was framed, so
+/// removing its framing because `Connection` named it would let the bytes of one request (or
+/// response) be read as two (request smuggling; tests/it/ingress_fastpath.rs).
 fn listed<'a>(hs: &[(&'a [u8], &'a [u8])]) -> Vec<&'a [u8]> {
     hs.iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| v.split(|&b| b == b','))
         .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"content-length")
+                && !t.eq_ignore_ascii_case(b"transfer-encoding")
+                && !t.eq_ignore_ascii_case(b"host")
+        })
         .collect()
 }
 
@@ -208,6 +220,9 @@ struct Request {
     used: usize,
     head: bool,
     close: bool,
+    /// GET, HEAD, OPTIONS, TRACE, PUT, DELETE (RFC 9110 §9.2.2): may be sent again when a pooled
+    /// stream fails before any answer.
+    idempotent: bool,
     app: String,
     instance: InstanceId,
 }
@@ -352,6 +367,10 @@ async fn parse_request(shared: &Arc<Shared>, peer: SocketAddr, buf: &[u8], end: 
         used: end + length,
         head: method == b"HEAD",
         close,
+        idempotent: matches!(
+            method,
+            b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
+        ),
         app,
         instance,
     })
@@ -381,7 +400,13 @@ fn parse_response(head: &[u8], request_head: bool, visitor_close: bool) -> Optio
     let line = head[..nl].strip_suffix(b"\r")?;
     let rest = line.strip_prefix(b"HTTP/1.")?;
     let (minor, rest) = rest.split_first()?;
-    if !matches!(minor, b'0' | b'1') || rest.first() != Some(&b' ') || rest.len() < 4 {
+    // "HTTP/1.x SP 3DIGIT [SP reason]" (RFC 9112 §4): exactly three digits.
+    if !matches!(minor, b'0' | b'1')
+        || rest.first() != Some(&b' ')
+        || rest.len() < 4
+        || !rest[1..4].iter().all(u8::is_ascii_digit)
+        || rest.get(4).is_some_and(|&b| b != b' ')
+    {
         return None;
     }
     let status: u16 = std::str::from_utf8(&rest[1..4]).ok()?.parse().ok()?;
@@ -395,6 +420,10 @@ fn parse_response(head: &[u8], request_head: bool, visitor_close: bool) -> Optio
     let mut upstream_close = *minor == b'0';
     for &(n, v) in &hs {
         if n.eq_ignore_ascii_case(b"content-length") {
+            // 1*DIGIT only (a `+` or a sign would parse as a number).
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
             let l: u64 = std::str::from_utf8(v).ok()?.parse().ok()?;
             if length.replace(l).is_some_and(|p| p != l) {
                 return None;
@@ -527,8 +556,16 @@ async fn fallback(shared: Arc<Shared>, tcp: TcpStream, pre: Vec<u8>, peer: Socke
     }
 }
 
-/// An error page of the ingress (the hyper path's, serialised).
-async fn page_bytes(status: StatusCode, code: &'static str, title: &str, detail: &str) -> Vec<u8> {
+/// An error page of the ingress (the hyper path's, serialised): without its body for a HEAD
+/// request (the Content-Length still the body's, RFC 9110 §9.3.2), and with `connection: close`
+/// when the visitor asked for it.
+async fn page_bytes(
+    req: &Request,
+    status: StatusCode,
+    code: &'static str,
+    title: &str,
+    detail: &str,
+) -> Vec<u8> {
     let resp = super::page(status, code, title, detail);
     let (parts, body) = resp.into_parts();
     let body = body
@@ -548,8 +585,13 @@ async fn page_bytes(status: StatusCode, code: &'static str, title: &str, detail:
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if req.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
     out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-    out.extend_from_slice(&body);
+    if !req.head {
+        out.extend_from_slice(&body);
+    }
     out
 }
 
@@ -565,6 +607,8 @@ pub async fn serve_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         buf: Vec::with_capacity(4096),
         rbuf: Vec::new(),
         out: Vec::new(),
+        answered: None,
+        counted: None,
     };
     let handed = tokio::select! {
         r = conn.run(&shared, peer) => r,
@@ -586,6 +630,49 @@ struct Conn {
     /// The upstream bytes and the visitor-bound bytes of a response, kept between requests.
     rbuf: Vec<u8>,
     out: Vec<u8>,
+    /// The status the current request was answered with, and when its head was ready.
+    answered: Option<(u16, Instant)>,
+    /// The metrics of the app this connection's requests went to, looked up once.
+    counted: Option<AppCounters>,
+}
+
+/// One app's series of the ingress metrics, held by a visitor connection so a request costs no
+/// family lookup (a visitor's requests are for one app, save for a rare change of Host, and use
+/// a handful of statuses).
+struct AppCounters {
+    app: String,
+    duration: prometheus_client::metrics::histogram::Histogram,
+    statuses: Vec<(u16, prometheus_client::metrics::counter::Counter)>,
+}
+
+impl AppCounters {
+    fn new(app: &str) -> Self {
+        AppCounters {
+            app: app.to_string(),
+            duration: metrics()
+                .ingress_request_duration_seconds
+                .get_or_create(&AppLabel::new(app))
+                .clone(),
+            statuses: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, status: u16, took: std::time::Duration) {
+        self.duration.observe(took.as_secs_f64());
+        if let Some((_, c)) = self.statuses.iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let c = metrics()
+            .ingress_requests
+            .get_or_create(&AppStatus {
+                app: self.app.clone(),
+                status,
+            })
+            .clone();
+        c.inc();
+        self.statuses.push((status, c));
+    }
 }
 
 /// What became of one request.
@@ -637,11 +724,17 @@ impl Conn {
         }
     }
 
-    async fn reply(&mut self, bytes: &[u8]) -> Outcome {
+    /// Writes an answer of the ingress's own; `close`: the visitor asked for the connection to
+    /// end after it.
+    async fn reply(&mut self, bytes: &[u8], close: bool) -> Outcome {
         let Some(tcp) = self.tcp.as_mut() else {
             return Outcome::Close;
         };
         match tcp.write_all(bytes).await {
+            Ok(()) if close => {
+                let _ = tcp.shutdown().await;
+                Outcome::Close
+            }
             Ok(()) => Outcome::KeepAlive,
             Err(_) => Outcome::Close,
         }
@@ -649,6 +742,8 @@ impl Conn {
 
     /// Sends `req` to an instance of its app and the response back.
     async fn forward(&mut self, shared: &Arc<Shared>, peer: SocketAddr, req: Request) -> Outcome {
+        let start = Instant::now();
+        self.answered = None;
         let instance = req.instance;
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let mut out = std::mem::take(&mut self.out);
@@ -656,6 +751,13 @@ impl Conn {
         let outcome = self
             .exchange(shared, peer, &req, instance, &mut rbuf, &mut out)
             .await;
+        if let Some((status, head_at)) = self.answered.take() {
+            let counted = match &mut self.counted {
+                Some(c) if c.app == req.app => c,
+                other => other.insert(AppCounters::new(&req.app)),
+            };
+            counted.count(status, head_at.saturating_duration_since(start));
+        }
         // Kept for the next request unless a big response grew them.
         if rbuf.capacity() <= KEEP_BUF && out.capacity() <= KEEP_BUF {
             rbuf.clear();
@@ -685,21 +787,26 @@ impl Conn {
                 None => match shared.mux.open_stream_on(instance, &peer.to_string()) {
                     Some(s) => s,
                     None => {
+                        self.answered = Some((502, Instant::now()));
                         let page = page_bytes(
+                            req,
                             StatusCode::BAD_GATEWAY,
                             "no-instance",
                             "No instance available",
                             &format!("The instance of {app} went away; reload."),
                         )
                         .await;
-                        return self.reply(&page).await;
+                        return self.reply(&page, req.close).await;
                     }
                 },
             };
             let probe = up.probe();
             rbuf.clear();
+            // Whether the request was handed to the stream (the app may have got it).
+            let mut sent = false;
             let result: io::Result<Option<usize>> = async {
                 up.write_all(&req.bytes).await?;
+                sent = true;
                 loop {
                     if let Some(end) = head_end(rbuf) {
                         return Ok(Some(end));
@@ -731,27 +838,34 @@ impl Conn {
                 Ok(Some(end)) => break (up, end),
                 Ok(None) => {
                     tracing::info!(app, stream = up.id(), "the app did not answer in time");
+                    self.answered = Some((504, Instant::now()));
                     let page = page_bytes(
+                        req,
                         StatusCode::GATEWAY_TIMEOUT,
                         "timeout",
                         "The app did not answer",
                         &format!("App {app} did not answer within {timeout:?}."),
                     )
                     .await;
-                    return self.reply(&page).await;
+                    return self.reply(&page, req.close).await;
                 }
-                Err(_) if !fresh && rbuf.is_empty() => continue,
+                // A pooled stream that failed before any answer was most likely closed by the
+                // app while idle: the request again on a new stream — unless the app may have
+                // got it and it is not idempotent (a POST is never sent twice; RFC 9112 §9.3.1).
+                Err(_) if !fresh && rbuf.is_empty() && (!sent || req.idempotent) => continue,
                 Err(e) => {
                     let why = probe.error().unwrap_or_else(|| e.to_string());
                     tracing::debug!(app, stream = up.id(), error = why, "ingress request failed");
+                    self.answered = Some((502, Instant::now()));
                     let page = page_bytes(
+                        req,
                         StatusCode::BAD_GATEWAY,
                         "bad-gateway",
                         "Bad gateway",
                         &format!("App {app} could not be reached: {why}"),
                     )
                     .await;
-                    return self.reply(&page).await;
+                    return self.reply(&page, req.close).await;
                 }
             }
         };
@@ -759,14 +873,16 @@ impl Conn {
         let mut head = head;
         let resp = loop {
             let Some(resp) = parse_response(&rbuf[..head], req.head, req.close) else {
+                self.answered = Some((502, Instant::now()));
                 let page = page_bytes(
+                    req,
                     StatusCode::BAD_GATEWAY,
                     "bad-gateway",
                     "Bad gateway",
                     &format!("App {app} sent a response that is not valid HTTP/1.1."),
                 )
                 .await;
-                return match self.reply(&page).await {
+                return match self.reply(&page, req.close).await {
                     Outcome::KeepAlive if out.is_empty() => Outcome::KeepAlive,
                     _ => Outcome::Close,
                 };
@@ -774,6 +890,7 @@ impl Conn {
             rbuf.drain(..head);
             out.extend_from_slice(&resp.bytes);
             if resp.status >= 200 {
+                self.answered = Some((resp.status, Instant::now()));
                 break resp;
             }
             if resp.status == 101 {
@@ -1016,7 +1133,12 @@ mod tests {
         assert!(headers(b"Bad Name: a\r\n\r\n").is_none());
         assert!(headers(b"X: a\x01\r\n\r\n").is_none());
         let l = listed(&[(&b"Connection"[..], &b"close, X-Private"[..])]);
-        assert!(is_hop(b"x-private", &l) && is_hop(b"TE", &l) && is_hop(b"x-waypost-hop", &l));
+        assert!(
+            is_hop(b"x-private", &l)
+                && is_hop(b"TE", &l)
+                && is_hop(b"x-waypost-hop", &l)
+                && is_hop(b"X-Waypost-Hop-Proto", &l)
+        );
         assert!(!is_hop(b"x-kept", &l));
     }
 }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod control;
 pub mod ingress;
 pub mod ingress_tls;
+pub mod metrics;
 pub mod peer;
 
 use crate::server::service::{config::ConfigService, live, logs::LogService, mux::Mux};

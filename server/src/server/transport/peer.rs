@@ -7,8 +7,9 @@
 //! a replica speaks plain HTTP/1.1:
 //! - API requests (`/v1/...`, the exec and port-forward WebSockets) are served by the same router
 //!   as the API listener, with the caller's `Authorization` forwarded and checked again;
-//! - ingress requests carry `x-waypost-hop: ingress` and `x-waypost-hop-client: IP:PORT` (the
-//!   visitor, for X-Forwarded-For) and are served by the ingress as if they had arrived there.
+//! - ingress requests carry `x-waypost-hop: ingress`, `x-waypost-hop-client: IP:PORT` (the
+//!   visitor, for X-Forwarded-For) and, when the visitor came over HTTPS, `x-waypost-hop-proto:
+//!   https` (for X-Forwarded-Proto), and are served by the ingress as if they had arrived there.
 //!
 //! Every request that arrives over the hop is marked ([`Hopped`]) and served from this replica's
 //! own instances only: one hop, never a loop. Where a request goes: the instance registry in the
@@ -48,6 +49,9 @@ pub const HOP_HEADER: &str = "x-waypost-hop";
 const HOP_INGRESS: &str = "ingress";
 /// The visitor's address on a hopped ingress request (trusted only over the hop).
 pub const HOP_CLIENT_HEADER: &str = "x-waypost-hop-client";
+/// `https` on a hopped ingress request that came to the first replica over its HTTPS ingress, so
+/// the holder tells the app `X-Forwarded-Proto: https` (trusted only over the hop).
+pub const HOP_PROTO_HEADER: &str = "x-waypost-hop-proto";
 
 /// Connecting to a peer (TCP and TLS) may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,16 +60,61 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest WebSocket message relayed (as the exec endpoint's own cap).
 const MAX_MESSAGE: usize = 1 << 20;
 
+/// Idle hop connections kept per peer for forwarded ingress requests.
+const HOP_POOL_PER_PEER: usize = 32;
+/// A pooled hop connection is used again only within this long: under the peer listener's idle
+/// close (`HEADER_READ_TIMEOUT`, 30 s), so a request rarely meets a connection the peer is
+/// closing (and one that does is sent again on a new connection: [`forward_ingress`]).
+const HOP_POOL_IDLE: Duration = Duration::from_secs(20);
+
+type HopSender = hyper::client::conn::http1::SendRequest<Incoming>;
+
 /// The client side of the hop.
 pub struct Peers {
     connector: TlsConnector,
+    /// Ingress hop connections by peer address, newest last: each one carries one request at a
+    /// time and goes back here once the response head arrived (it is busy, not ready, until the
+    /// body has been read).
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<(HopSender, std::time::Instant)>>>,
 }
 
 impl Peers {
     pub fn new(pki: &Pki) -> Result<Peers> {
         Ok(Peers {
             connector: TlsConnector::from(pki::peer_client_config(pki, &[b"http/1.1"])?),
+            idle: Default::default(),
         })
+    }
+
+    /// A pooled connection to `addr` that can take a request now; busy ones stay, closed and
+    /// stale ones are dropped.
+    fn take_idle(&self, addr: &str) -> Option<HopSender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(addr)?;
+        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < HOP_POOL_IDLE);
+        let i = list.iter().rposition(|(s, _)| s.is_ready())?;
+        Some(list.remove(i).0)
+    }
+
+    fn put_idle(&self, addr: &str, sender: HopSender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(addr.to_string()).or_default();
+        if list.len() >= HOP_POOL_PER_PEER {
+            list.remove(0); // the oldest: closes once its response is done
+        }
+        list.push((sender, std::time::Instant::now()));
+    }
+
+    /// A new HTTP/1.1 connection to the peer at `addr`, its driver task spawned.
+    async fn open_hop(&self, addr: &str) -> Result<HopSender> {
+        let tls = self.connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .context("HTTP with the replica")?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
     }
 
     /// A TLS connection to the peer listener at `addr` (HOST:PORT), both ends authenticated.
@@ -146,6 +195,14 @@ pub async fn serve(
                         .get(HOP_HEADER)
                         .is_some_and(|v| v.as_bytes() == HOP_INGRESS.as_bytes());
                     let resp = if is_ingress {
+                        if req
+                            .headers()
+                            .get(HOP_PROTO_HEADER)
+                            .is_some_and(|v| v.as_bytes() == b"https")
+                        {
+                            req.extensions_mut()
+                                .insert(crate::server::transport::ingress_tls::ViaTls);
+                        }
                         let client = req
                             .headers()
                             .get(HOP_CLIENT_HEADER)
@@ -183,27 +240,58 @@ pub async fn forward_ingress(
     client: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Either<Incoming, http_body_util::Full<Bytes>>>> {
-    let tls = shared.peers.connect(&to.peer_addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .context("HTTP with the replica")?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
     let upgrade = req
         .headers()
         .contains_key(hyper::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
+    let via_tls = req
+        .extensions()
+        .get::<crate::server::transport::ingress_tls::ViaTls>()
+        .is_some();
     let h = req.headers_mut();
     h.insert(HOP_HEADER, HeaderValue::from_static(HOP_INGRESS));
+    // Set or removed, never passed on from the visitor.
+    if via_tls {
+        h.insert(HOP_PROTO_HEADER, HeaderValue::from_static("https"));
+    } else {
+        h.remove(HOP_PROTO_HEADER);
+    }
     h.insert(
         HOP_CLIENT_HEADER,
         HeaderValue::from_str(&client.to_string()).context("client address")?,
     );
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .context("the replica dropped the request")?;
+    // A pooled connection first; if the peer closed it before taking the request (hyper hands
+    // the request back unsent), once more on a new one.
+    let (mut resp, sender) = match shared.peers.take_idle(&to.peer_addr) {
+        Some(mut sender) => match sender.try_send_request(req).await {
+            Ok(resp) => (resp, sender),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    let mut sender = shared.peers.open_hop(&to.peer_addr).await?;
+                    let resp = sender
+                        .send_request(req)
+                        .await
+                        .context("the replica dropped the request")?;
+                    (resp, sender)
+                }
+                None => {
+                    return Err(anyhow::Error::new(e.into_error())
+                        .context("the replica dropped the request"));
+                }
+            },
+        },
+        None => {
+            let mut sender = shared.peers.open_hop(&to.peer_addr).await?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .context("the replica dropped the request")?;
+            (resp, sender)
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        shared.peers.put_idle(&to.peer_addr, sender);
+    }
     if let (Some(visitor), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -269,27 +357,57 @@ pub async fn check_port_forward(
     port: u16,
     authorization: Option<&HeaderValue>,
 ) -> Result<(StatusCode, Bytes)> {
+    let path = forward_path(app, port, &to.id);
+    call(
+        shared,
+        &to.peer_addr,
+        hyper::Method::GET,
+        &path,
+        authorization,
+        None,
+    )
+    .await
+}
+
+/// One API request to the replica at `peer_addr` (the caller's Authorization passed on, a JSON
+/// body if given): its status and body (at most [`MAX_MESSAGE`] bytes), as the client should see
+/// them. The other replica serves it from its own instances only (it arrives [`Hopped`]).
+pub async fn call(
+    shared: &Shared,
+    peer_addr: &str,
+    method: hyper::Method,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+    json: Option<&serde_json::Value>,
+) -> Result<(StatusCode, Bytes)> {
     use http_body_util::BodyExt as _;
-    let tls = shared.peers.connect(&to.peer_addr).await?;
+    let tls = shared.peers.connect(peer_addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .context("HTTP with the replica")?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = Request::get(forward_path(app, port, &to.id)).header(
+    let mut req = Request::builder().method(method).uri(path).header(
         hyper::header::HOST,
-        HeaderValue::from_str(&to.peer_addr).context("peer address")?,
+        HeaderValue::from_str(peer_addr).context("peer address")?,
     );
     if let Some(auth) = authorization {
         req = req.header(hyper::header::AUTHORIZATION, auth);
     }
+    let body = match json {
+        Some(v) => {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(serde_json::to_vec(v)?)
+        }
+        None => Bytes::new(),
+    };
     let req = req
-        .body(http_body_util::Empty::<Bytes>::new())
-        .context("building the port-forward check")?;
+        .body(http_body_util::Full::new(body))
+        .context("building the request to the replica")?;
     let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(req))
         .await
-        .map_err(|_| anyhow!("replica {} did not answer in time", to.peer_addr))?
+        .map_err(|_| anyhow!("replica {peer_addr} did not answer in time"))?
         .context("the replica dropped the request")?;
     let status = resp.status();
     let body = http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE)

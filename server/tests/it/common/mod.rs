@@ -294,6 +294,7 @@ impl Env {
             "WAYPOST_DATABASE_CA",
             "WAYPOST_DATABASE_URL",
             "WAYPOST_DATA_DIR",
+            "WAYPOST_METRICS_ADDR",
             "WAYPOST_SERVER",
             "WAYPOST_TOKEN",
             "XDG_CONFIG_HOME",
@@ -380,6 +381,8 @@ pub struct Server {
     child: Option<Child>,
     pub control_addr: String,
     pub api_addr: String,
+    /// The metrics listener's address from server.json (None: `--metrics-addr off`).
+    metrics: Option<String>,
     stdout: PathBuf,
     stderr: PathBuf,
 }
@@ -416,6 +419,12 @@ impl Server {
             } else {
                 &["--ingress-addr", "127.0.0.1:0"][..]
             })
+            // Never the default port: tests run servers in parallel.
+            .args(if extra.contains(&"--metrics-addr") {
+                &[][..]
+            } else {
+                &["--metrics-addr", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(std::fs::File::create(&stdout).unwrap())
@@ -427,6 +436,7 @@ impl Server {
             child: Some(child),
             control_addr: String::new(),
             api_addr: String::new(),
+            metrics: None,
             stdout,
             stderr,
         };
@@ -445,7 +455,15 @@ impl Server {
         });
         server.control_addr = info["control_addr"].as_str().unwrap().to_string();
         server.api_addr = info["api_addr"].as_str().unwrap().to_string();
+        server.metrics = info["metrics_addr"].as_str().map(str::to_string);
         server
+    }
+
+    /// The metrics listener's `ip:port` (panics when it is off).
+    pub fn metrics_addr(&self) -> &str {
+        self.metrics
+            .as_deref()
+            .expect("the server's metrics listener is off")
     }
 
     pub fn pid(&self) -> u32 {

@@ -211,6 +211,7 @@ fn the_default_context_file_is_0600_in_a_0700_directory() {
         .arg(env.data_dir())
         .args(["--control-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
         .args(["--ingress-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(env.database_args())
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(env.root.path().join("server.err")).unwrap())

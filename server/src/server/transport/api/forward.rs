@@ -216,6 +216,7 @@ async fn forward(
         Ok(Err(refused)) => return Some(err(refused.status, &refused.message)),
         Err(e) => return Some(unreachable(e)),
     };
+    crate::server::model::metrics::metrics().count_hop(app);
     tracing::info!(
         app,
         instance = remote.id,

@@ -10,6 +10,7 @@
 pub mod apps;
 pub mod child;
 pub mod config;
+pub mod console;
 pub mod domains;
 pub mod exec;
 pub mod forward;
@@ -126,6 +127,7 @@ pub fn router(shared: AppState) -> Router {
         .nest("/v1", v1)
         .route(HEALTHZ_PATH, get(healthz))
         .route(READYZ_PATH, get(readyz))
+        .merge(console::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -135,6 +137,8 @@ pub fn router(shared: AppState) -> Router {
             shared.clone(),
             require_admin,
         ))
+        // Outside the authentication layer, which reads the console's sessions from it.
+        .layer(axum::Extension(Arc::new(console::Sessions::default())))
         .with_state(shared)
 }
 
@@ -159,11 +163,12 @@ pub const READYZ_PATH: &str = "/readyz";
 /// How long `/readyz` waits for the database.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn healthz() -> Response {
+/// Shared with the metrics listener (transport/metrics.rs), which serves the same two checks.
+pub(crate) async fn healthz() -> Response {
     ([(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response()
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
     let probe = s.store.call(|db| store::ping(db));
     let why = match tokio::time::timeout(READY_TIMEOUT, probe).await {
         Ok(Ok(())) => {
@@ -180,10 +185,16 @@ async fn readyz(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The authentication layer: a bearer admin token, or (for the web console) its session cookie
+/// with the cross-site checks of console.rs; the public routes (CA, health, the console's
+/// sign-in page and static files) need neither.
 async fn require_admin(State(shared): State<AppState>, req: Request, next: Next) -> Response {
     if req.method() == axum::http::Method::GET
         && matches!(req.uri().path(), CA_PATH | HEALTHZ_PATH | READYZ_PATH)
     {
+        return next.run(req).await;
+    }
+    if console::is_public(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
     let token = req
@@ -196,11 +207,9 @@ async fn require_admin(State(shared): State<AppState>, req: Request, next: Next)
         })
         .map(|t| t.trim().to_string());
     let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token (Authorization: Bearer <admin token>)",
-        )
-        .into_response();
+        // No bearer token: the web console's session cookie, if any (console.rs); without one,
+        // 401 (the console's page redirects to its sign-in page instead).
+        return console::authenticate(&shared, req, next).await;
     };
     let hash = auth::hash_token(&token);
     // Looked up on every request (no cache): a revoked or expired token is refused at once.
@@ -245,6 +254,8 @@ async fn get_server(State(s): State<AppState>) -> Json<serde_json::Value> {
         "ingress_tls_addr": s.https.addr,
         "live_instances": s.live.len(),
         "log_intake": logs::intake_json(s.logs.intake_stall().as_ref()),
+        // `--log-export`'s counters {queued, sent, dropped, failed}; null when off.
+        "log_export": s.logs.export_stats(),
     }))
 }
 

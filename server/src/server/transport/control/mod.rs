@@ -18,6 +18,7 @@ pub mod session;
 pub use session::FIRST_FRAME_CAP;
 use session::{Action, Claim, ClaimError, ControlSession, End, REJECT_RETRY_MS, Rejected};
 
+use crate::server::model::metrics::{self, AppLabel, GaugeGuard, metrics};
 use crate::server::model::{Labels, labels};
 use crate::server::service::mux::Queued;
 use crate::server::service::{auth, mux};
@@ -25,9 +26,10 @@ use crate::server::store;
 use crate::server::transport::{Shared, accept};
 use crate::util;
 use anyhow::{Context as _, Result};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
@@ -84,6 +86,8 @@ pub struct FrameReader<R> {
     /// Largest frame body this reader accepts: [`MAX_FRAME`], or less while the peer is not
     /// authenticated (see [`FrameReader::set_cap`]).
     cap: usize,
+    /// Length on the wire (prefix included) of the last frame returned.
+    last_len: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -92,7 +96,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             rd,
             buf: RecvBuf::new(),
             cap: MAX_FRAME,
+            last_len: 0,
         }
+    }
+
+    /// Length on the wire (prefix included) of the frame [`FrameReader::next`] returned last.
+    pub fn last_len(&self) -> usize {
+        self.last_len
     }
 
     /// Limits the frames read from now on to `max_frame` bytes of body (at most [`MAX_FRAME`]):
@@ -107,7 +117,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next(&mut self) -> Result<Option<Frame>> {
         loop {
             // Before every read, so an oversized prefix is refused before its body is read.
+            let before = self.buf.pending();
             if let Some(frame) = self.buf.next_frame(self.cap) {
+                self.last_len = before - self.buf.pending();
                 return Ok(Some(frame?));
             }
             let n = self.rd.read(self.buf.spare(READ_CHUNK)).await?;
@@ -119,6 +131,53 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.buf.filled(n);
         }
+    }
+}
+
+/// Counts a control frame by direction (`in`, `out`) and kind (`waypost_control_frames_total`).
+fn count_frame(direction: &'static str, frame: &Frame) {
+    let kind = frame.kind.as_ref().map_or("none", Kind::name);
+    metrics()
+        .control_frames
+        .get_or_create(&metrics::FrameLabel { direction, kind })
+        .inc();
+}
+
+/// A frame read from an instance: counted, with its bytes on the wire.
+fn count_in(frame: &Frame, len: usize) {
+    count_frame("in", frame);
+    FRAME_BYTES_IN.inc_by(len as u64);
+}
+
+/// `waypost_control_frame_bytes_total` by direction, looked up once (the family is never
+/// cleared, so the handles stay its series).
+static FRAME_BYTES_IN: LazyLock<Counter> = LazyLock::new(|| frame_bytes("in"));
+static FRAME_BYTES_OUT: LazyLock<Counter> = LazyLock::new(|| frame_bytes("out"));
+
+fn frame_bytes(direction: &'static str) -> Counter {
+    metrics()
+        .control_frame_bytes
+        .get_or_create(&metrics::Direction { direction })
+        .clone()
+}
+
+/// A connection's handshake outcome (`waypost_control_handshakes_total`), counted once when
+/// the handshake phase ends, however it ends: the first outcome set, else `closed`.
+struct Handshake(Option<&'static str>);
+
+impl Handshake {
+    fn set(&mut self, result: &'static str) {
+        self.0.get_or_insert(result);
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let result = self.0.unwrap_or("closed");
+        metrics()
+            .control_handshakes
+            .get_or_create(&metrics::ResultLabel { result })
+            .inc();
     }
 }
 
@@ -135,6 +194,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     while let Some(frame) = lanes.next(&mut rx).await {
         out.clear();
         proto::encode(&frame, &mut out)?;
+        count_frame("out", &frame);
         // Let the other tasks that are ready now (ingress requests, exec relays) run first and
         // queue their frames, so a busy connection writes one TLS record for many of them
         // instead of one syscall each. On an idle runtime this returns at once.
@@ -142,10 +202,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Coalesce frames that are already queued, up to a bound, into one TLS write.
         while out.len() < WRITE_BATCH {
             match lanes.try_next(&mut rx) {
-                Some(f) => proto::encode(&f, &mut out)?,
+                Some(f) => {
+                    proto::encode(&f, &mut out)?;
+                    count_frame("out", &f);
+                }
                 None => break,
             }
         }
+        FRAME_BYTES_OUT.inc_by(out.len() as u64);
         wr.write_all(&out).await?;
         wr.flush().await?;
         if out.capacity() > SHRINK_ABOVE {
@@ -272,6 +336,7 @@ pub async fn serve(
         let Some((tcp, peer)) = accept(&listener, &mut shutdown, "control").await else {
             break;
         };
+        metrics().control_connections.inc();
         // Before any TLS work: a client that is not authenticated yet gets a place under the
         // caps or nothing at all.
         let permit = match limits.try_acquire(peer.ip()) {
@@ -282,6 +347,7 @@ pub async fn serve(
                     PreAuthFull::Total => "too many unauthenticated connections",
                 };
                 drop(tcp);
+                drop(Handshake(Some("refused")));
                 tracing::debug!(%peer, reason = why, "refused a control connection");
                 if let Some(n) = limits.note_refused(std::time::Instant::now()) {
                     tracing::warn!(
@@ -301,6 +367,7 @@ pub async fn serve(
         let done = done.clone();
         tokio::spawn(async move {
             let _done = done;
+            let _open = GaugeGuard::new(&metrics().control_connections_open);
             if let Err(e) = connection(&shared, tcp, peer, acceptor, permit).await {
                 tracing::debug!(%peer, error = format!("{e:#}"), "control connection ended");
             }
@@ -327,14 +394,21 @@ async fn connection(
     let mut cs = ControlSession::new(std::time::Instant::now(), nonce, shared.heartbeat);
     // One deadline for the whole unauthenticated phase, from accept to the Hello.
     let preauth_deadline = Instant::from_std(cs.poll_timeout());
+    let mut handshake = Handshake(None);
     let tls = match tokio::time::timeout_at(preauth_deadline, acceptor.accept(tcp)).await {
-        Ok(r) => r.context("TLS handshake")?,
-        Err(_) => anyhow::bail!(
-            "TLS handshake not done within {:?}",
-            session::PREAUTH_TIMEOUT
-        ),
+        Ok(r) => r
+            .inspect_err(|_| handshake.set("tls_error"))
+            .context("TLS handshake")?,
+        Err(_) => {
+            handshake.set("timeout");
+            anyhow::bail!(
+                "TLS handshake not done within {:?}",
+                session::PREAUTH_TIMEOUT
+            )
+        }
     };
     if tls.get_ref().1.alpn_protocol() != Some(proto::ALPN) {
+        handshake.set("tls_error");
         // rustls already refuses a client that offers only other protocols; this catches one
         // that offers none.
         anyhow::bail!("client did not negotiate ALPN waypost/1");
@@ -395,9 +469,17 @@ async fn connection(
                         .map(|k| kick = Some(k));
                     cs.handle_claim(outcome, std::time::Instant::now());
                 }
-                Action::Admitted(a) => break 'hello a,
+                Action::Admitted(a) => {
+                    handshake.set("ok");
+                    break 'hello a;
+                }
                 Action::Reject { frame, why } => {
                     if let Some(Kind::Reject(r)) = &frame.kind {
+                        handshake.set(if r.reason == Reason::BadToken as i32 {
+                            "bad_token"
+                        } else {
+                            "rejected"
+                        });
                         let reason = Reason::try_from(r.reason)
                             .map(|r| r.as_str_name())
                             .unwrap_or("?");
@@ -434,7 +516,11 @@ async fn connection(
                     }
                     return Ok(());
                 }
-                Action::Close(End::Failed(why)) => anyhow::bail!(why),
+                Action::Close(End::Failed(why)) => {
+                    // The one failure before admission: no Hello in time.
+                    handshake.set("timeout");
+                    anyhow::bail!(why)
+                }
                 Action::Close(_) => return Ok(()),
                 // Not before admission.
                 Action::Reply(_)
@@ -449,6 +535,7 @@ async fn connection(
         tokio::select! {
             r = reader.next() => match r.context("before Hello")? {
                 Some(frame) => {
+                    count_in(&frame, reader.last_len());
                     if let (None, Some(Kind::Hello(h))) = (&hello_labels, &frame.kind) {
                         hello_labels = Some(h.labels.clone());
                     }
@@ -460,6 +547,7 @@ async fn connection(
             _ = wait_shutdown(shared) => return Ok(()),
         }
     };
+    drop(handshake);
     let kick = kick.context("admitted without a claim")?;
     let session::Admitted {
         id,
@@ -514,11 +602,20 @@ async fn connection(
 
     // ---- session loop ----
     let mut writer_done = false;
+    // The child's start count as last reported (Status.starts), for `child_restarts`.
+    let mut starts = hello.status.as_ref().map_or(0, |s| s.starts);
+    let restarts = metrics()
+        .child_restarts
+        .get_or_create(&AppLabel::new(&app))
+        .clone();
     let end: Result<&'static str> = 'run: loop {
         let deadline = Instant::from_std(cs.poll_timeout());
         tokio::select! {
             r = reader.next() => match r {
-                Ok(Some(frame)) => cs.handle_frame(frame, std::time::Instant::now()),
+                Ok(Some(frame)) => {
+                    count_in(&frame, reader.last_len());
+                    cs.handle_frame(frame, std::time::Instant::now())
+                }
                 Ok(None) => cs.handle_eof(),
                 Err(e) => break Err(e),
             },
@@ -540,6 +637,13 @@ async fn connection(
                     }
                 }
                 Action::Status(s) => {
+                    // A start counted by the entrypoint after the first one seen here: a restart.
+                    if s.starts > starts {
+                        if starts > 0 {
+                            restarts.inc_by(u64::from(s.starts - starts));
+                        }
+                        starts = s.starts;
+                    }
                     // A restarting instance drains: the ingress stops keeping connections to it
                     // idle.
                     let restarting = s.state == proto::status::State::Restarting as i32;
@@ -644,9 +748,11 @@ async fn claim(
     let session = connected.session;
     let replica = shared.replica.clone();
     let instance_labels = instance_labels.clone();
+    let app = connected.app.clone();
     let status = match shared
         .store
         .call(move |c| {
+            let known = store::instance_known(c, &connected.id)?;
             store::upsert_connected_with_labels(
                 c,
                 &connected,
@@ -655,10 +761,19 @@ async fn claim(
                 Some(&replica),
                 now,
             )
+            .map(|r| r.map(|status| (known, status)))
         })
         .await
     {
-        Ok(Ok(status)) => status,
+        Ok(Ok((known, status))) => {
+            if known {
+                metrics()
+                    .control_reconnects
+                    .get_or_create(&AppLabel::new(&app))
+                    .inc();
+            }
+            status
+        }
         Ok(Err(c)) => return Err(ClaimError::Conflict(c)),
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "recording the instance failed");
