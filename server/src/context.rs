@@ -160,6 +160,41 @@ pub fn save_all(all: &Contexts) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Reads the file, lets `change` edit the contexts and writes them back, holding an exclusive
+/// lock (`flock` on `FILE.lock` next to it) from the read to the write: two commands changing
+/// the file at once (a `login` while a server starts and writes its context) each keep the
+/// other's change, where a plain read-modify-write would lose one. `change` returning an error
+/// writes nothing.
+pub fn update<T>(change: impl FnOnce(&mut Contexts) -> Result<T>) -> Result<(T, PathBuf)> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let path = path()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut lock_path = path.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", PathBuf::from(&lock_path).display()))?;
+    // Blocks while another command holds it (each holds it for one read and one write).
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", PathBuf::from(&lock_path).display()))?;
+    let mut all = load_all()?;
+    let out = change(&mut all)?;
+    let written = save_all(&all)?;
+    drop(lock); // the kernel releases the lock with the last descriptor
+    Ok((out, written))
+}
+
 /// Sets context `name` (keeping the others); it becomes current if `make_current`, or if no
 /// context is current yet.
 pub fn save_named(name: &str, ctx: &Context, make_current: bool) -> Result<PathBuf> {
@@ -169,12 +204,14 @@ pub fn save_named(name: &str, ctx: &Context, make_current: bool) -> Result<PathB
              with '-' or '.'"
         );
     }
-    let mut all = load_all()?;
-    all.contexts.insert(name.to_string(), ctx.clone());
-    if make_current || all.current().is_none() {
-        all.current = Some(name.to_string());
-    }
-    save_all(&all)
+    let ((), path) = update(|all| {
+        all.contexts.insert(name.to_string(), ctx.clone());
+        if make_current || all.current().is_none() {
+            all.current = Some(name.to_string());
+        }
+        Ok(())
+    })?;
+    Ok(path)
 }
 
 /// What `waypost server run` writes: context [`DEFAULT`], current unless the user chose

@@ -17,6 +17,11 @@
 //!   write side keep working.
 //! - SIGINT (Ctrl-C), SIGTERM or SIGHUP: the listener and every open connection are closed and it
 //!   exits 0.
+//! - Keep-alive: each connection's WebSocket sends a Ping every [`PING_INTERVAL`] (30 s;
+//!   `WAYPOST_PORT_FORWARD_PING` changes it), so a load balancer or NAT between the CLI and the
+//!   API does not drop an idle connection (a database session left open); when nothing at all
+//!   (not even the Pong) has come back for [`DEAD_AFTER`] intervals, the API is taken for gone
+//!   and that connection is closed with a message, instead of hanging forever.
 
 use super::Target;
 use super::exec::connect;
@@ -53,6 +58,26 @@ const CHUNK: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// After the last byte, how long the close handshake may take before the connection is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an open connection's WebSocket sends a Ping. Under the idle timeouts of common load
+/// balancers (60 s) and NAT tables.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// A connection from which nothing came back for this many ping intervals is given up.
+const DEAD_AFTER: u32 = 3;
+
+/// [`PING_INTERVAL`], or `WAYPOST_PORT_FORWARD_PING` (e.g. `10s`, `500ms`).
+fn ping_interval() -> Result<Duration> {
+    match std::env::var("WAYPOST_PORT_FORWARD_PING") {
+        Ok(v) => {
+            let d = util::parse_duration(&v)
+                .map_err(|e| anyhow!("invalid WAYPOST_PORT_FORWARD_PING {v:?}: {e}"))?;
+            if d < Duration::from_millis(100) {
+                bail!("invalid WAYPOST_PORT_FORWARD_PING {v:?}: at least 100ms");
+            }
+            Ok(d)
+        }
+        Err(_) => Ok(PING_INTERVAL),
+    }
+}
 
 /// `[LOCAL:]REMOTE` as (local, remote); local 0 means a free port.
 fn parse_ports(spec: &str) -> Result<(u16, u16)> {
@@ -97,6 +122,7 @@ pub fn run(a: ForwardArgs) -> Result<i32> {
         }
     }
     let (local, remote) = parse_ports(&a.ports)?;
+    let ping = ping_interval()?;
     let target = super::resolve_target()?;
     // Two workers: each connection moves bytes both ways through TLS, and several may be open.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -104,10 +130,16 @@ pub fn run(a: ForwardArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(forward(target, a, local, remote))
+    rt.block_on(forward(target, a, local, remote, ping))
 }
 
-async fn forward(target: Target, a: ForwardArgs, local: u16, remote: u16) -> Result<i32> {
+async fn forward(
+    target: Target,
+    a: ForwardArgs,
+    local: u16,
+    remote: u16,
+    ping: Duration,
+) -> Result<i32> {
     // Handlers first: from here on these end the forward through our code, cleanly.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -159,7 +191,7 @@ async fn forward(target: Target, a: ForwardArgs, local: u16, remote: u16) -> Res
                     }
                     let (target, path) = (target.clone(), path.clone());
                     conns.spawn(async move {
-                        if let Err(e) = connection(&target, &path, tcp).await {
+                        if let Err(e) = connection(&target, &path, tcp, ping).await {
                             let msg = format!("{e:#}").replace('\n', " ");
                             eprintln!("port-forward: {msg}");
                         }
@@ -186,7 +218,7 @@ async fn forward(target: Target, a: ForwardArgs, local: u16, remote: u16) -> Res
 
 /// Carries one local connection over its own WebSocket until both directions are done, or
 /// either side fails. The error is the line to print (none when the local client left).
-async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
+async fn connection(t: &Target, path: &str, tcp: TcpStream, ping: Duration) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(t, path, "port-forward")).await {
         Ok(ws) => ws.context("cannot open a connection to the instance")?,
@@ -196,8 +228,30 @@ async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
         ),
     };
     let (mut tr, mut tw) = tcp.into_split();
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
+    // Shared by the data direction and the keep-alive (one task: never contended for long).
+    let sink = tokio::sync::Mutex::new(sink);
+    // When the last message (of any kind, Pongs included) came from the API.
+    let heard = std::sync::Mutex::new(tokio::time::Instant::now());
     let result = {
+        // Pings while the connection is open; Err once the API has been silent too long.
+        let keepalive = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+            loop {
+                tick.tick().await;
+                let silent = heard.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                if silent >= ping * DEAD_AFTER {
+                    return Err::<(), _>(anyhow!(
+                        "the connection to the waypost API timed out: no answer for {silent:.1?}"
+                    ));
+                }
+                sink.lock()
+                    .await
+                    .send(Message::Ping(Vec::new().into()))
+                    .await
+                    .map_err(lost)?;
+            }
+        };
         // local → instance; Ok once the local side sent its FIN (passed on as `eof`).
         let up = async {
             let mut buf = vec![0u8; CHUNK];
@@ -205,11 +259,13 @@ async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
                 match tr.read(&mut buf).await {
                     Ok(0) => {
                         let eof = Message::text(json!({"type": "eof"}).to_string());
-                        return sink.send(eof).await.map_err(lost);
+                        return sink.lock().await.send(eof).await.map_err(lost);
                     }
                     Ok(n) => {
                         // Waiting here is the backpressure: the next read only after this went.
-                        sink.send(Message::binary(buf[..n].to_vec()))
+                        sink.lock()
+                            .await
+                            .send(Message::binary(buf[..n].to_vec()))
                             .await
                             .map_err(lost)?;
                     }
@@ -229,6 +285,7 @@ async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
                     Some(Err(e)) => return Err(lost(e)),
                     None => return Err(anyhow!("the server closed the connection")),
                 };
+                *heard.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
                 match m {
                     Message::Binary(b) => {
                         received = true;
@@ -278,7 +335,7 @@ async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
                 }
             }
         };
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, keepalive);
         let mut up_done = false;
         loop {
             tokio::select! {
@@ -287,13 +344,14 @@ async fn connection(t: &Target, path: &str, tcp: TcpStream) -> Result<()> {
                     Err(e) => break Err(e),
                 },
                 r = &mut down => break r,
+                r = &mut keepalive => break r,
             }
         }
     };
     match result {
         Ok(()) => {
             // Answer the server's close so the TLS connection ends cleanly.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.lock().await.close()).await;
             Ok(())
         }
         // The local client's choice: no message. Dropping the WebSocket aborts the stream, so

@@ -124,7 +124,7 @@ pub async fn login(a: LoginArgs) -> Result<()> {
 }
 
 pub fn context(cmd: ContextCmd) -> Result<()> {
-    let mut all = context::load_all()?;
+    let all = context::load_all()?;
     let unknown =
         |name: &str| anyhow!("no context named {name:?} (`waypost context list` shows them)");
     match cmd {
@@ -159,23 +159,27 @@ pub fn context(cmd: ContextCmd) -> Result<()> {
             print_table(&rows);
         }
         ContextCmd::Use { name } => {
-            let addr = all
-                .contexts
-                .get(&name)
-                .ok_or_else(|| unknown(&name))?
-                .api_addr
-                .clone();
-            all.current = Some(name.clone());
-            context::save_all(&all)?;
+            let (addr, _) = context::update(|all| {
+                let addr = all
+                    .contexts
+                    .get(&name)
+                    .ok_or_else(|| unknown(&name))?
+                    .api_addr
+                    .clone();
+                all.current = Some(name.clone());
+                Ok(addr)
+            })?;
             println!("now using context {name} ({addr})");
         }
         ContextCmd::Remove { name } => {
-            all.contexts.remove(&name).ok_or_else(|| unknown(&name))?;
-            let was_current = all.current.as_deref() == Some(name.as_str());
-            if was_current {
-                all.current = None;
-            }
-            context::save_all(&all)?;
+            let (was_current, _) = context::update(|all| {
+                all.contexts.remove(&name).ok_or_else(|| unknown(&name))?;
+                let was_current = all.current.as_deref() == Some(name.as_str());
+                if was_current {
+                    all.current = None;
+                }
+                Ok(was_current)
+            })?;
             if was_current {
                 println!(
                     "removed context {name}, the current one: choose another with `waypost \

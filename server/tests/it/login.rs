@@ -465,3 +465,53 @@ fn tokens_with(server: &Server, token: &str) -> Vec<serde_json::Value> {
     .ok();
     out.json()["tokens"].as_array().unwrap().clone()
 }
+
+/// Logins into one context file at the same time each keep their context: the file is changed
+/// under a lock (negative control: without it, concurrent read-modify-writes lose entries).
+#[test]
+fn concurrent_logins_into_one_context_file_keep_every_context() {
+    let server = Server::start(&[]);
+    let admin = server.admin_token();
+    let ctx = laptop(&server, "shared");
+    let ca = ca_file(&server);
+    let children: Vec<_> = (0..12)
+        .map(|i| {
+            server
+                .env
+                .command()
+                .env("WAYPOST_CONTEXT", &ctx)
+                .args(["login", &server.api_addr, "--token", &admin, "--ca", &ca])
+                .args(["--name", &format!("c{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc = read_json(&ctx);
+    let names: Vec<&str> = doc["contexts"]
+        .as_object()
+        .expect("contexts")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for i in 0..12 {
+        assert!(
+            names.contains(&format!("c{i}").as_str()),
+            "lost c{i}: {names:?}"
+        );
+    }
+    let mode = std::fs::metadata(&ctx).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // The lock file holds nothing and is private too.
+    let lock = std::fs::metadata(format!("{}.lock", ctx.display())).unwrap();
+    assert_eq!((lock.len(), lock.permissions().mode() & 0o777), (0, 0o600));
+}

@@ -93,9 +93,15 @@ fn collect(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
 impl Forward {
     /// `waypost port-forward -a web ARGS...` against `server`, once it printed where it listens.
     fn start(server: &Server, args: &[&str]) -> Forward {
+        Forward::start_env(server, args, &[])
+    }
+
+    /// [`Forward::start`] with extra environment variables for the CLI.
+    fn start_env(server: &Server, args: &[&str], env: &[(&str, &str)]) -> Forward {
         let mut child = server
             .env
             .command()
+            .envs(env.iter().copied())
             .args(["port-forward", "-a", "web"])
             .args(args)
             .stdout(Stdio::piped())
@@ -581,4 +587,75 @@ fn a_forward_through_another_replica_reaches_the_instance() {
             .then_some(())
     });
     assert!(refused.running());
+}
+
+/// Keep-alive: with pings every 300 ms an idle connection stays open across many intervals (the
+/// API answers them), and when the API stops answering (the server is SIGSTOPped: its sockets stay
+/// open, nothing comes back) the connection is given up within a few intervals with a message,
+/// while the forward keeps serving once the server is back. A malformed interval is refused.
+#[test]
+fn pings_keep_an_idle_connection_and_a_silent_api_ends_it() {
+    let server = Server::start(&[]);
+    let Some((_ep, echo_port, _id)) = start_echo(&server, true) else {
+        return;
+    };
+    let r = Run::from_output(
+        server
+            .env
+            .command()
+            .env("WAYPOST_PORT_FORWARD_PING", "soon")
+            .args(["port-forward", "-a", "web", &echo_port.to_string()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("invalid WAYPOST_PORT_FORWARD_PING"),
+        "{}",
+        r.stderr
+    );
+
+    let fwd = Forward::start_env(
+        &server,
+        &[&format!("0:{echo_port}")],
+        &[("WAYPOST_PORT_FORWARD_PING", "300ms")],
+    );
+    let mut c = fwd.connect();
+    c.write_all(b"ping?").unwrap();
+    let mut b = [0u8; 5];
+    c.read_exact(&mut b).unwrap();
+    // Idle for 2 s (more than DEAD_AFTER intervals): still open, still echoing.
+    std::thread::sleep(Duration::from_secs(2));
+    c.write_all(b"still").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still");
+    assert!(!fwd.stderr().contains("timed out"), "{}", fwd.stderr());
+
+    // The API goes silent.
+    let pid = server.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let gone = c.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        gone.is_ok()
+            || gone
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the local connection was closed: {gone:?}"
+    );
+    assert!(waited < Duration::from_secs(15), "closed after {waited:?}");
+    wait_for("the timeout on stderr", || {
+        fwd.stderr()
+            .contains("the connection to the waypost API timed out")
+            .then_some(())
+    });
+    // The server is back: a new connection works.
+    let mut c = fwd.connect();
+    c.write_all(b"again").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"again");
 }
