@@ -206,6 +206,11 @@ struct RunArgs {
     /// bounded queue whose overflow drops the oldest lines (counted). Default (or empty): off.
     #[arg(long, value_name = "URL", env = "WAYPOST_LOG_EXPORT", value_parser = parse_log_export)]
     log_export: Option<String>,
+    /// Worker threads of the server's async runtime (connections, the API, the ingress). Default:
+    /// half the CPUs, at least 1 — moving bytes is mostly waking tasks, and idle workers woken to
+    /// find nothing cost more than they bring; give more to a machine serving many busy instances.
+    #[arg(long, value_name = "N", env = "WAYPOST_SERVER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 /// `--log-export`: checked here, with its `WAYPOST_LOG_EXPORT_*` settings, so a mistake stops
@@ -350,6 +355,7 @@ pub fn main() -> i32 {
             database: a.database,
             metrics_addr: Some(a.metrics_addr).filter(|a| a != "off"),
             log_export: a.log_export.filter(|u| !u.is_empty()),
+            threads: a.threads.map(usize::from),
         })
         .map(|()| 0),
         Cmd::Server(ServerCmd::Backup(a)) => backup::run(a).map(|()| 0),

@@ -110,6 +110,8 @@ pub struct Options {
     pub metrics_addr: Option<String>,
     /// `--log-export`: the OTLP/HTTP collector every stored log line is forwarded to; None: off.
     pub log_export: Option<String>,
+    /// The async runtime's worker threads; None: [`default_threads`].
+    pub threads: Option<usize>,
 }
 
 /// `ip:port` a local client can connect to: an unspecified bind address becomes loopback.
@@ -354,12 +356,27 @@ pub fn run(opts: Options) -> Result<()> {
     // runtime's threads exist.
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(PRIVATE_UMASK));
     init_logging();
+    let threads = opts.threads.unwrap_or_else(default_threads);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .thread_name("waypost-server")
         .build()
         .context("starting the async runtime")?;
+    tracing::debug!(threads, "runtime started");
     rt.block_on(run_async(opts))
+}
+
+/// The runtime's worker threads when `--threads` is not given: half the CPUs, at least one.
+/// The server's work on them is moving bytes (frames, tunnel streams, the ingress) — each task
+/// short, most of the time spent waking the next one — and every extra worker adds wake-ups of
+/// idle workers that find nothing to steal: on 2 CPUs one worker moves ~10% more requests per
+/// second through the ingress for ~12% less CPU per request than two (bench/REPORT.md). The
+/// database, the log writer and password hashing have threads of their own. A dedicated machine
+/// serving many busy instances may want more (`--threads`).
+fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.div_ceil(2)
 }
 
 async fn run_async(opts: Options) -> Result<()> {

@@ -645,3 +645,42 @@ async fn handshakes_reconnects_and_restarts_are_counted() {
     assert_eq!(sum(&s, "waypost_control_connections_open", &[]), 1.0);
     drop(c);
 }
+
+/// `--threads N` (or WAYPOST_SERVER_THREADS) sets the runtime's worker threads, said at debug
+/// level; 0 and non-numbers are refused before anything starts (exit 2).
+#[test]
+fn the_runtime_takes_its_worker_count_from_threads() {
+    for bad in ["0", "many", "-1"] {
+        let env = Env::new();
+        let out = env
+            .command()
+            .args(["server", "run", "--data-dir"])
+            .arg(env.data_dir())
+            .arg(format!("--threads={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--threads {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--threads"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!env.data_dir().exists(), "nothing created");
+    }
+    let mut env = Env::new();
+    env.set_var("RUST_LOG", "waypost=debug");
+    env.set_var("WAYPOST_SERVER_THREADS", "3");
+    let server = Server::start_in(env, &[]);
+    assert!(server.logs().contains("threads=3"), "{}", server.logs());
+    let mut env = Env::new();
+    env.set_var("RUST_LOG", "waypost=debug");
+    let server = Server::start_in(env, &["--threads", "1"]);
+    assert!(server.logs().contains("threads=1"), "{}", server.logs());
+    // The default: half the CPUs, at least one.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut env = Env::new();
+    env.set_var("RUST_LOG", "waypost=debug");
+    let server = Server::start_in(env, &[]);
+    let want = format!("threads={}", cpus.div_ceil(2));
+    assert!(server.logs().contains(&want), "{want}: {}", server.logs());
+}

@@ -296,6 +296,7 @@ impl Env {
             "WAYPOST_DATA_DIR",
             "WAYPOST_METRICS_ADDR",
             "WAYPOST_SERVER",
+            "WAYPOST_SERVER_THREADS",
             "WAYPOST_TOKEN",
             "XDG_CONFIG_HOME",
         ] {
