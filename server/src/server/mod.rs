@@ -372,8 +372,9 @@ pub fn run(opts: Options) -> Result<()> {
 /// short, most of the time spent waking the next one — and every extra worker adds wake-ups of
 /// idle workers that find nothing to steal: on 2 CPUs one worker moves ~10% more requests per
 /// second through the ingress for ~12% less CPU per request than two (bench/REPORT.md). The
-/// database, the log writer and password hashing have threads of their own. A dedicated machine
-/// serving many busy instances may want more (`--threads`).
+/// database, the log writer and password hashing have threads of their own. What one worker costs
+/// is work over every instance at once (TLS for 10,000 config pushes or reconnections): a
+/// machine serving many instances may want more (`--threads`).
 fn default_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     cpus.div_ceil(2)
