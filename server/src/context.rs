@@ -142,22 +142,12 @@ pub fn load_current() -> Result<Option<(String, Context)>> {
     Ok(all.current().map(|(n, c)| (n.to_string(), c.clone())))
 }
 
-/// Writes the file atomically with mode 0600 (it holds admin tokens), creating its directory
-/// (0700) if needed.
-pub fn save_all(all: &Contexts) -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let path = path()?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
+/// Writes the file at `path` atomically with mode 0600 (it holds admin tokens); its directory
+/// exists ([`update`] made it).
+fn save_all(path: &std::path::Path, all: &Contexts) -> Result<()> {
     let mut json = serde_json::to_vec_pretty(&all.to_json())?;
     json.push(b'\n');
-    crate::util::write_atomic(&path, &json, 0o600)?;
-    Ok(path)
+    crate::util::write_atomic(path, &json, 0o600)
 }
 
 /// Reads the file, lets `change` edit the contexts and writes them back, holding an exclusive
@@ -166,14 +156,10 @@ pub fn save_all(all: &Contexts) -> Result<PathBuf> {
 /// other's change, where a plain read-modify-write would lose one. `change` returning an error
 /// writes nothing.
 pub fn update<T>(change: impl FnOnce(&mut Contexts) -> Result<T>) -> Result<(T, PathBuf)> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = path()?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        crate::util::create_private_dir(dir)?;
     }
     let mut lock_path = path.clone().into_os_string();
     lock_path.push(".lock");
@@ -190,9 +176,9 @@ pub fn update<T>(change: impl FnOnce(&mut Contexts) -> Result<T>) -> Result<(T, 
         .with_context(|| format!("locking {}", PathBuf::from(&lock_path).display()))?;
     let mut all = load_all()?;
     let out = change(&mut all)?;
-    let written = save_all(&all)?;
+    save_all(&path, &all)?;
     drop(lock); // the kernel releases the lock with the last descriptor
-    Ok((out, written))
+    Ok((out, path))
 }
 
 /// Sets context `name` (keeping the others); it becomes current if `make_current`, or if no

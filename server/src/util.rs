@@ -97,6 +97,16 @@ pub fn sanitize_label(s: &str) -> Option<String> {
 
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename) with
 /// the given permission bits, so readers never see a half-written file.
+/// Creates `dir` and its missing parents, owner-only (0700) where they are new.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let dir = path

@@ -177,14 +177,8 @@ async fn reachable_server() -> Result<Option<ApiClient>> {
 }
 
 async fn start_server(a: &UpArgs) -> Result<ApiClient> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let dir = &a.data_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
+    util::create_private_dir(&a.data_dir)?;
+    let dir = a.data_dir.canonicalize()?;
     let log_path = dir.join("server.log");
     let api_addr = a
         .api_addr

@@ -709,7 +709,7 @@ async fn run_async(opts: Options) -> Result<()> {
 /// on another replica: that replica closed its own at once). Expired tokens are left alone, as
 /// on the replica where they expire.
 async fn close_revoked(shared: &Shared) -> Result<()> {
-    let hashes = shared.live.token_hashes();
+    let hashes: Vec<String> = shared.live.token_counts().into_keys().collect();
     if hashes.is_empty() {
         return Ok(());
     }

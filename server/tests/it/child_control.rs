@@ -220,12 +220,12 @@ fn restart_signal_and_revocation_reach_an_instance_held_by_the_other_replica() {
         .env("WAYPOST_STARTUP_TIMEOUT", "20s")
         .spawn()
         .unwrap();
-    let id2 = wait_for("the second instance on A", || {
+    wait_for("the second instance on A", || {
         ep2.file("starts")?;
         a.instances(false)
             .into_iter()
             .find(|i| i["live"] == true)
-            .and_then(|i| i["id"].as_str().map(str::to_string))
+            .map(|_| ())
     });
     b.cli(&["app", "delete", "web", "--force"]).ok();
     // (The instance rows went with the app: A's log says what A did.)
@@ -237,7 +237,7 @@ fn restart_signal_and_revocation_reach_an_instance_held_by_the_other_replica() {
             .then_some(())
     });
     assert!(
-        !id2.is_empty() && ep2.stderr().contains("revoked") || ep2.stderr().contains("refused"),
+        ep2.stderr().contains("revoked") || ep2.stderr().contains("refused"),
         "the entrypoint was told: {}",
         ep2.stderr()
     );

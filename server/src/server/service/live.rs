@@ -131,14 +131,6 @@ impl Registry {
         n
     }
 
-    /// The token hashes the live connections here authenticated with (each once).
-    pub fn token_hashes(&self) -> Vec<String> {
-        let mut hashes: Vec<String> = self.lock().values().map(|e| e.token_hash.clone()).collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        hashes
-    }
-
     /// Live connections of `app` held here.
     pub fn count_app(&self, app: &str) -> usize {
         self.lock().values().filter(|e| e.app == app).count()

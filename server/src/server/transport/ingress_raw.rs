@@ -740,6 +740,20 @@ impl Conn {
         }
     }
 
+    /// Answers `req` with an error page of the ingress, recorded as its status.
+    async fn error_page(
+        &mut self,
+        req: &Request,
+        status: StatusCode,
+        code: &'static str,
+        title: &str,
+        detail: &str,
+    ) -> Outcome {
+        self.answered = Some((status.as_u16(), Instant::now()));
+        let page = page_bytes(req, status, code, title, detail).await;
+        self.reply(&page, req.close).await
+    }
+
     /// Sends `req` to an instance of its app and the response back.
     async fn forward(&mut self, shared: &Arc<Shared>, peer: SocketAddr, req: Request) -> Outcome {
         let start = Instant::now();
@@ -787,16 +801,16 @@ impl Conn {
                 None => match shared.mux.open_stream_on(instance, &peer.to_string()) {
                     Some(s) => s,
                     None => {
-                        self.answered = Some((502, Instant::now()));
-                        let page = page_bytes(
-                            req,
-                            StatusCode::BAD_GATEWAY,
-                            "no-instance",
-                            "No instance available",
-                            &format!("The instance of {app} went away; reload."),
-                        )
-                        .await;
-                        return self.reply(&page, req.close).await;
+                        let detail = format!("The instance of {app} went away; reload.");
+                        return self
+                            .error_page(
+                                req,
+                                StatusCode::BAD_GATEWAY,
+                                "no-instance",
+                                "No instance available",
+                                &detail,
+                            )
+                            .await;
                     }
                 },
             };
@@ -838,16 +852,15 @@ impl Conn {
                 Ok(Some(end)) => break (up, end),
                 Ok(None) => {
                     tracing::info!(app, stream = up.id(), "the app did not answer in time");
-                    self.answered = Some((504, Instant::now()));
-                    let page = page_bytes(
-                        req,
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        "The app did not answer",
-                        &format!("App {app} did not answer within {timeout:?}."),
-                    )
-                    .await;
-                    return self.reply(&page, req.close).await;
+                    return self
+                        .error_page(
+                            req,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            "The app did not answer",
+                            &format!("App {app} did not answer within {timeout:?}."),
+                        )
+                        .await;
                 }
                 // A pooled stream that failed before any answer was most likely closed by the
                 // app while idle: the request again on a new stream — unless the app may have
@@ -856,16 +869,15 @@ impl Conn {
                 Err(e) => {
                     let why = probe.error().unwrap_or_else(|| e.to_string());
                     tracing::debug!(app, stream = up.id(), error = why, "ingress request failed");
-                    self.answered = Some((502, Instant::now()));
-                    let page = page_bytes(
-                        req,
-                        StatusCode::BAD_GATEWAY,
-                        "bad-gateway",
-                        "Bad gateway",
-                        &format!("App {app} could not be reached: {why}"),
-                    )
-                    .await;
-                    return self.reply(&page, req.close).await;
+                    return self
+                        .error_page(
+                            req,
+                            StatusCode::BAD_GATEWAY,
+                            "bad-gateway",
+                            "Bad gateway",
+                            &format!("App {app} could not be reached: {why}"),
+                        )
+                        .await;
                 }
             }
         };
@@ -873,16 +885,17 @@ impl Conn {
         let mut head = head;
         let resp = loop {
             let Some(resp) = parse_response(&rbuf[..head], req.head, req.close) else {
-                self.answered = Some((502, Instant::now()));
-                let page = page_bytes(
-                    req,
-                    StatusCode::BAD_GATEWAY,
-                    "bad-gateway",
-                    "Bad gateway",
-                    &format!("App {app} sent a response that is not valid HTTP/1.1."),
-                )
-                .await;
-                return match self.reply(&page, req.close).await {
+                let detail = format!("App {app} sent a response that is not valid HTTP/1.1.");
+                let answered = self
+                    .error_page(
+                        req,
+                        StatusCode::BAD_GATEWAY,
+                        "bad-gateway",
+                        "Bad gateway",
+                        &detail,
+                    )
+                    .await;
+                return match answered {
                     Outcome::KeepAlive if out.is_empty() => Outcome::KeepAlive,
                     _ => Outcome::Close,
                 };

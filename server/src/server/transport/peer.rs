@@ -262,31 +262,27 @@ pub async fn forward_ingress(
     );
     // A pooled connection first; if the peer closed it before taking the request (hyper hands
     // the request back unsent), once more on a new one.
-    let (mut resp, sender) = match shared.peers.take_idle(&to.peer_addr) {
-        Some(mut sender) => match sender.try_send_request(req).await {
-            Ok(resp) => (resp, sender),
+    let mut req = Some(req);
+    let mut pooled = shared.peers.take_idle(&to.peer_addr);
+    let (mut resp, sender) = loop {
+        let from_pool = pooled.is_some();
+        let mut sender = match pooled.take() {
+            Some(s) => s,
+            None => shared.peers.open_hop(&to.peer_addr).await?,
+        };
+        match sender
+            .try_send_request(req.take().expect("a request to send"))
+            .await
+        {
+            Ok(resp) => break (resp, sender),
             Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    let mut sender = shared.peers.open_hop(&to.peer_addr).await?;
-                    let resp = sender
-                        .send_request(req)
-                        .await
-                        .context("the replica dropped the request")?;
-                    (resp, sender)
-                }
-                None => {
+                // Unsent on a pooled connection: once more, on a new one.
+                Some(unsent) if from_pool => req = Some(unsent),
+                _ => {
                     return Err(anyhow::Error::new(e.into_error())
                         .context("the replica dropped the request"));
                 }
             },
-        },
-        None => {
-            let mut sender = shared.peers.open_hop(&to.peer_addr).await?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .context("the replica dropped the request")?;
-            (resp, sender)
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
